@@ -1,0 +1,3 @@
+from lors_convert.cli import main
+
+main()

@@ -1,0 +1,421 @@
+"""Reading checkpoints lazily (safetensors, sharded, HF directories, torch pickles) and writing safetensors atomically.
+
+Safetensors is read and written with a few lines of our own rather than the `safetensors` package so that
+a tensor is read with one `pread` (no whole-file mmap whose touched pages count towards resident memory),
+every header field is checked before use, and output can be streamed shard by shard.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from lors_convert import LorsError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces too
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LorsError(f"unknown floating dtype {name!r} (try float32, float16 or bfloat16)")
+    return dtype
+
+
+@dataclass
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class TensorSource:
+    """A checkpoint opened lazily: names, shapes and dtypes are known up front, data is read by `get`."""
+
+    path: Path
+    files: list[Path]
+    info: dict[str, TensorInfo]
+    read: Callable[[str], torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int, int]], dict[str, str], int]:
+    """Parse and validate a safetensors header: {name: (info, start, end)}, metadata, data offset."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LorsError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise LorsError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise LorsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LorsError(f"{path}: corrupt safetensors header (metadata must map strings to strings)")
+    tensors, spans = {}, []
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            start, end = entry["data_offsets"]
+            ok = all(type(d) is int and d >= 0 for d in (*shape, start, end))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise LorsError(f"{path}: corrupt safetensors header (bad entry for {name!r})")
+        info = TensorInfo(shape, dtype)
+        if end - start != info.numel * dtype.itemsize:
+            raise LorsError(f"{path}: corrupt safetensors header ({name!r}: offsets disagree with shape and dtype)")
+        tensors[name] = (info, start, end)
+        spans.append((start, end))
+    data_size = size - 8 - n
+    covered = 0
+    for start, end in sorted(spans):
+        if start != covered:
+            raise LorsError(f"{path}: corrupt safetensors header (tensor data overlaps or leaves a hole)")
+        covered = end
+    if covered != data_size:
+        raise LorsError(f"{path}: truncated or padded safetensors file ({data_size} data bytes, header says {covered})")
+    return tensors, metadata, 8 + n
+
+
+def read_tensor_bytes(path: Path, offset: int, nbytes: int, info: TensorInfo) -> torch.Tensor:
+    buf = bytearray(nbytes)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(buf) != nbytes:
+            raise LorsError(f"{path}: file changed or truncated while reading")
+    if nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+
+
+def open_safetensors_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
+    where, info, metadata = {}, {}, {}
+    for file in files:
+        tensors, meta, data_offset = read_safetensors_header(file)
+        metadata = metadata or meta
+        for name, (tinfo, start, end) in tensors.items():
+            if weight_map is not None and weight_map.get(name) != file.name:
+                continue
+            if name in info:
+                raise LorsError(f"{path}: tensor {name!r} appears in two shards")
+            info[name] = tinfo
+            where[name] = (file, data_offset + start, end - start)
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(info))
+        if missing:
+            raise LorsError(f"{path}: the index lists {missing[0]!r} but its shard does not hold it")
+
+    def read(name: str) -> torch.Tensor:
+        file, offset, nbytes = where[name]
+        return read_tensor_bytes(file, offset, nbytes, info[name])
+
+    return TensorSource(path, files, info, read, metadata)
+
+
+# ---------------------------------------------------------------- torch pickles
+
+
+def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    """Find the state dict inside the usual containers and flatten nested dicts with dots."""
+    for _ in range(4):
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in ("state_dict", "model_state_dict", "model", "module", "net")
+                          if isinstance(obj.get(k), dict)), None)
+            if inner is not None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, dict):
+        raise LorsError(f"{path}: no state dict found (the file holds a {type(obj).__name__})")
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, d: dict) -> None:
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, torch.Tensor):
+                flat[name] = value
+            elif isinstance(value, dict):
+                walk(name + ".", value)
+
+    walk("", obj)
+    if not flat:
+        raise LorsError(f"{path}: no tensors found in the file")
+    if all(k.startswith("module.") for k in flat):
+        flat = {k.removeprefix("module."): v for k, v in flat.items()}
+    return flat
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a pickle that would import or call anything is refused unrun."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global|function) ([\w.]+(?: [\w.]+)?)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise LorsError(f"{path}: refusing to unpickle: the file would import or run code{what}; "
+                        "only tensors and plain containers are loaded") from None
+    except (RuntimeError, EOFError, ValueError, OSError, struct.error) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+    return _unwrap_state_dict(obj, path)
+
+
+def open_pickle_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
+    if len(files) == 1:
+        state = {k: v for k, v in load_pickle_state_dict(files[0]).items()}
+        info = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
+        return TensorSource(path, files, info, lambda name: state[name])
+    # Sharded .bin: headers come only from loading, so read each shard once for names, then keep one open.
+    info, where = {}, {}
+    for file in files:
+        for k, v in load_pickle_state_dict(file).items():
+            if weight_map is None or weight_map.get(k) == file.name:
+                info[k] = TensorInfo(tuple(v.shape), v.dtype)
+                where[k] = file
+    current: dict = {"file": None, "state": None}
+
+    def read(name: str) -> torch.Tensor:
+        if current["file"] != where[name]:
+            current["file"], current["state"] = where[name], load_pickle_state_dict(where[name])
+        return current["state"][name]
+
+    return TensorSource(path, files, info, read)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise LorsError(f"{index}: not a valid shard index (expected a JSON object with a weight_map)") from None
+    files = []
+    for name in sorted(set(weight_map.values())):
+        file = index.parent / name
+        if Path(name).name != name or not file.is_file():
+            raise LorsError(f"{index}: shard {name!r} is missing")
+        files.append(file)
+    return files, weight_map
+
+
+def open_checkpoint(path: str | Path) -> TensorSource:
+    """Open any supported checkpoint lazily."""
+    path = Path(path)
+    if not path.exists():
+        index = Path(f"{path}.index.json")
+        if path.suffix == ".safetensors" and index.is_file():
+            return open_checkpoint(index)
+        raise LorsError(f"{path}: no such file or directory")
+    if path.is_dir():
+        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                     "pytorch_model.bin"):
+            if (path / name).is_file():
+                return open_checkpoint(path / name)
+        weights = sorted(path.glob("*.safetensors"))
+        if len(weights) == 1:
+            return open_checkpoint(weights[0])
+        raise LorsError(f"{path}: no model weights in this directory (looked for model.safetensors, "
+                        "pytorch_model.bin and their .index.json)")
+    name = path.name
+    if name.endswith(".index.json"):
+        files, weight_map = _read_index(path)
+        if all(f.suffix == ".safetensors" for f in files):
+            return open_safetensors_files(path, files, weight_map)
+        return open_pickle_files(path, files, weight_map)
+    if name.endswith(".safetensors"):
+        return open_safetensors_files(path, [path])
+    if name.endswith(PICKLE_SUFFIXES):
+        return open_pickle_files(path, [path])
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+        return open_pickle_files(path, [path])
+    return open_safetensors_files(path, [path])
+
+
+def sha256_files(files: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().contiguous().cpu()
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size()) if tensor.numel() else b""
+
+
+def _copy_into(dst, src_path: Path) -> None:
+    with open(src_path, "rb") as src:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+
+
+class SafetensorsWriter:
+    """Streams tensors into safetensors shards; nothing appears under the final names until `commit`.
+
+    Tensor data goes to temporary files beside the output as it arrives (so memory stays at one tensor);
+    `commit` writes each shard as header + data under a temporary name and renames it into place, the
+    index last. Any failure or interrupt before that removes every temporary file.
+    """
+
+    def __init__(self, path: Path, shard_size: int):
+        self.path, self.shard_size = Path(path), shard_size
+        self.tmp_prefix = f".{self.path.name}.tmp{os.getpid()}"
+        self.shards: list[dict] = []
+        self.temp_files: list[Path] = []
+        self._new_shard()
+
+    def _new_shard(self) -> None:
+        data_path = self.path.parent / f"{self.tmp_prefix}.data{len(self.shards)}"
+        self.temp_files.append(data_path)
+        self.shards.append({"data": data_path, "file": open(data_path, "wb"), "entries": {}, "size": 0})
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor)
+        shard = self.shards[-1]
+        if shard["size"] and shard["size"] + len(data) > self.shard_size:
+            self._new_shard()
+            shard = self.shards[-1]
+        shard["entries"][name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                  "data_offsets": [shard["size"], shard["size"] + len(data)]}
+        shard["file"].write(data)
+        shard["size"] += len(data)
+
+    def output_files(self) -> list[Path]:
+        n = len(self.shards)
+        if n == 1:
+            return [self.path]
+        stem = self.path.name.removesuffix(".safetensors")
+        return [self.path.parent / f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+    def commit(self, metadata: dict[str, str]) -> list[Path]:
+        finals = self.output_files()
+        staged = []
+        for shard, final in zip(self.shards, finals):
+            shard["file"].close()
+            header = {"__metadata__": metadata, **dict(sorted(shard["entries"].items()))}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            tmp = self.path.parent / f"{self.tmp_prefix}.{final.name}"
+            self.temp_files.append(tmp)
+            with open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                _copy_into(f, shard["data"])
+                f.flush()
+                os.fsync(f.fileno())
+            staged.append((tmp, final))
+        if len(finals) > 1:
+            weight_map = {name: final.name for shard, final in zip(self.shards, finals) for name in shard["entries"]}
+            index = {"metadata": {**metadata, "total_size": str(sum(s["size"] for s in self.shards))},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            tmp = self.path.parent / f"{self.tmp_prefix}.index"
+            self.temp_files.append(tmp)
+            tmp.write_text(json.dumps(index, indent=2))
+            staged.append((tmp, index_path(self.path)))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        self.cleanup()
+        return [final for _, final in staged]
+
+    def cleanup(self) -> None:
+        for shard in self.shards:
+            shard["file"].close()
+        for tmp in self.temp_files:
+            tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def index_path(path: Path) -> Path:
+    return Path(f"{path}.index.json")
+
+
+def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
+    """Refuse writing onto the input, into a missing folder, or over an existing output without --force."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise LorsError(f"{output}: the folder {output.parent} does not exist")
+    if output.suffix != ".safetensors":
+        raise LorsError(f"{output}: the output must end in .safetensors")
+    resolved = {Path(p).resolve() for p in inputs}
+    for candidate in (output, index_path(output)):
+        if candidate.resolve() in resolved:
+            raise LorsError(f"{output}: refusing to write onto the input")
+        if candidate.exists() and not force:
+            raise LorsError(f"{candidate}: already exists (use --force to overwrite)")
+
+
+def parse_size(text: str) -> int:
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", text.lower())
+    if not found:
+        raise LorsError(f"cannot read size {text!r} (try 5GB, 500MB or a number of bytes)")
+    number, unit = float(found.group(1)), found.group(2).rstrip("b")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    size = int(number * scale)
+    if size <= 0:
+        raise LorsError(f"shard size must be positive, got {text!r}")
+    return size

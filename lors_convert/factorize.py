@@ -1,0 +1,134 @@
+"""The math: shared matrix, residual spectra, truncated factors, rank allocation.
+
+All matrices are the stored 2-D view of a weight (rows = dim 0, cols = the rest). Factors follow the
+LoRA convention: B is rows x r, A is r x cols, and the residual is approximated by B @ A.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+OVERSAMPLE = 10
+POWER_ITERS = 4
+
+
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1).float()
+
+
+def seed_for(name: str, seed: int = 0) -> int:
+    """A per-matrix seed that depends on the tensor's name, not on processing order."""
+    return zlib.crc32(name.encode()) ^ seed
+
+
+def _gram(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Gram matrix of the smaller side (float32 product, float64 result) and whether it is rows x rows."""
+    if matrix.shape[0] <= matrix.shape[1]:
+        return (matrix @ matrix.T).double(), True
+    return (matrix.T @ matrix).double(), False
+
+
+def spectrum(matrix: torch.Tensor) -> torch.Tensor:
+    """Squared singular values, descending, in float64 (eigenvalues of the smaller Gram matrix)."""
+    gram, _ = _gram(matrix)
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def _balanced(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given left @ right with orthonormal `left`, move the square root of each component's norm onto B."""
+    return left * scale, right / scale[:, None]
+
+
+def _gram_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors through an eigendecomposition of the smaller Gram matrix (exact projection)."""
+    gram, rows_side = _gram(matrix)
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank].float()
+    scale = values.clamp_min(values[0].item() * 1e-12 + 1e-30).sqrt().sqrt().float()
+    if rows_side:  # matrix ~ U U^T matrix, U = vectors (rows x r)
+        return _balanced(vectors, vectors.T @ matrix, scale)
+    b, a = _balanced(vectors, (matrix @ vectors).T, scale)  # matrix ~ (matrix V) V^T
+    return a.T, b.T
+
+
+def randomized_factors(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded randomized SVD (Halko et al.) with power iterations and re-orthonormalisation."""
+    rows, cols = matrix.shape
+    width = min(rank + OVERSAMPLE, rows, cols)
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.randn(cols, width, generator=generator).to(matrix.device)
+    basis = torch.linalg.qr(matrix @ probe).Q
+    for _ in range(POWER_ITERS):
+        basis = torch.linalg.qr(matrix.T @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    u, s, vh = basis @ u[:, :rank], s[:rank], vh[:rank]
+    root = s.clamp_min(s[0].item() * 1e-12 + 1e-30).sqrt()
+    return u * root, vh * root[:, None]
+
+
+def use_randomized(rows: int, cols: int, rank: int) -> bool:
+    """Cost model (flops): randomized ~ (2q+2)·2·m·n·k + QR, Gram route ~ 2·m²·n + ~30·m³ (float64 eigh)."""
+    small, large, width = min(rows, cols), max(rows, cols), rank + OVERSAMPLE
+    randomized = (2 * POWER_ITERS + 2) * (2 * small * large * width + 4 * large * width * width)
+    exact = 2 * small * small * large + 30 * small ** 3
+    return width < small and randomized < exact
+
+
+def low_rank(matrix: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors (B, A) with B @ A ≈ matrix, singular values split evenly between B and A."""
+    rows, cols = matrix.shape
+    rank = min(rank, rows, cols)
+    if rank == 0 or not matrix.any():
+        return matrix.new_zeros(rows, rank), matrix.new_zeros(rank, cols)
+    if use_randomized(rows, cols, rank):
+        return randomized_factors(matrix, rank, seed)
+    return _gram_factors(matrix, rank)
+
+
+def energy_rank(sq_values: torch.Tensor, energy: float) -> int:
+    """Smallest rank that keeps fraction `energy` of the total squared singular values."""
+    total = sq_values.sum().item()
+    if total <= 0:
+        return 0
+    kept = torch.cumsum(sq_values, 0) / total
+    return min(int((kept < energy - 1e-12).sum().item()) + 1, len(sq_values))
+
+
+def allocate_ranks(spectra: list[list[torch.Tensor]], norms_sq: list[float], costs: list[int],
+                   budget: int) -> list[list[int]]:
+    """Greedy allocation of rank units across all groups and layers under a parameter budget.
+
+    Each rank unit of layer j in group g removes sq_value / ‖W_g‖² from the objective Σ_g relative
+    squared error and costs rows + cols parameters. Within a layer the gains fall with the index, so
+    taking units by gain per parameter in one sorted pass is the greedy optimum (a fractional knapsack).
+    """
+    gains, owners = [], []
+    for g, layers in enumerate(spectra):
+        for j, sq in enumerate(layers):
+            gains.append(sq / max(norms_sq[g], 1e-30) / costs[g])
+            owners.append(torch.full((len(sq),), g * 1_000_003 + j, dtype=torch.int64))
+    ranks = [[0] * len(layers) for layers in spectra]
+    if not gains or budget <= 0:
+        return ranks
+    gain = torch.cat(gains)
+    owner = torch.cat(owners)
+    cost = torch.cat([torch.full((len(sq),), costs[g], dtype=torch.int64)
+                      for g, layers in enumerate(spectra) for sq in layers])
+    order = torch.sort(gain, descending=True, stable=True).indices
+    spent = torch.cumsum(cost[order], 0)
+    taken = order[(spent <= budget) & (gain[order] > 0)]
+    for key in owner[taken].tolist():
+        ranks[key // 1_000_003][key % 1_000_003] += 1
+    return ranks
+
+
+def lors_params(rows: int, cols: int, ranks: list[int], shared: bool = True) -> int:
+    return (rows * cols if shared else 0) + sum(ranks) * (rows + cols)
+
+
+def rel_error(err_sq: float, norm_sq: float) -> float:
+    return math.sqrt(err_sq / norm_sq) if norm_sq > 0 else math.sqrt(err_sq)
