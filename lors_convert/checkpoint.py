@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -193,21 +194,23 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: a pickle that would import or call anything is refused unrun."""
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about pickle protocols it does not expect
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        found = re.search(r"(?:GLOBAL|global|function) ([\w.]+(?: [\w.]+)?)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise LorsError(f"{path}: refusing to unpickle: the file would import or run code{what}; "
-                        "only tensors and plain containers are loaded") from None
-    except (RuntimeError, EOFError, ValueError, OSError, struct.error) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            why = f"it would import {found.group(1)}" if found else "it is not a plain tensor checkpoint"
+            raise LorsError(f"{path}: refusing to unpickle: {why}; only tensors and plain containers are "
+                            "loaded, nothing in the file was run") from None
+        except (RuntimeError, EOFError, ValueError, OSError, struct.error) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
     return _unwrap_state_dict(obj, path)
 
 

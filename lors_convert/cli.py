@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-import click
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -97,7 +96,7 @@ def convert(
 
 @app.command()
 def report(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
-           as_json: bool = AsJson) -> None:
+           as_json: bool = AsJson, quiet: bool = Quiet) -> None:
     """Per-group ranks, parameters saved and reconstruction error of a LORS checkpoint."""
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
@@ -110,7 +109,7 @@ def inspect(model: Path = typer.Argument(..., help="A checkpoint to look at.", s
             rank: List[int] = typer.Option([8, 16, 32, 64, 128], "--rank", "-r", help="Ranks to show."),
             include: List[str] = typer.Option([], "--include", help="Only groups matching this glob."),
             exclude: List[str] = typer.Option([], "--exclude", help="Skip groups matching this glob."),
-            as_json: bool = AsJson) -> None:
+            as_json: bool = AsJson, quiet: bool = Quiet) -> None:
     """The stacked groups that would be factored and what each rank would save. Writes nothing."""
     from lors_convert.checkpoint import open_checkpoint
     from lors_convert.report import inspect_data, print_inspect
@@ -163,15 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h", "--version"):
         args.insert(0, "convert")
     try:
-        app(args=args, prog_name="lors-convert", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        code = app(args=args, prog_name="lors-convert", standalone_mode=False)
+    except typer.TyperException as e:  # usage errors from typer's click
+        stderr.print(f"[red]error:[/red] {escape(e.format_message())}  (see lors-convert --help)", soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        stderr.print("interrupted: nothing was written")
-        sys.exit(130)
     except LorsError as e:
         if debug:
             raise
@@ -180,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # an unexpected failure is still one line unless --debug
         if debug:
             raise
-        stderr.print(f"[red]error:[/red] {e.__class__.__name__}: {escape(str(e))} (run with --debug for the traceback)",
-                     soft_wrap=True)
+        stderr.print(f"[red]error:[/red] {e.__class__.__name__}: {escape(str(e))} (run with --debug for the "
+                     "traceback)", soft_wrap=True)
         sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C into exit code 130 once `with` blocks have removed temporary files
+        stderr.print("interrupted: nothing was written")
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -45,7 +45,7 @@ def build_report(source: TensorSource, meta: dict) -> dict:
         "kept_dense": kept,
         "stacked": {"dense_params": stacked_dense, "lors_params": stacked_lors,
                     "reduction": 1 - stacked_lors / stacked_dense if stacked_dense else 0.0,
-                    "rel_error": _pooled_error(meta["groups"])},
+                    "rel_error": _pooled_error(meta["groups"], kept_params)},
         "total": {"dense_params": dense_total, "lors_params": stored,
                   "reduction": 1 - stored / dense_total if dense_total else 0.0},
         "bytes": {"before": meta["source"]["bytes"], "after": after},
@@ -59,12 +59,10 @@ def _kept_stack_names(meta: dict, source: TensorSource) -> list[str]:
             if k["template"].format(i=i) in source.info]
 
 
-def _pooled_error(groups: list[dict]) -> float | None:
-    """Parameter-weighted RMS of the groups' relative errors (None when nothing was factored)."""
-    if not groups:
-        return None
-    weight = sum(g["dense_params"] for g in groups)
-    return (sum(g["rel_error"] ** 2 * g["dense_params"] for g in groups) / weight) ** 0.5
+def _pooled_error(groups: list[dict], kept_params: int) -> float:
+    """Parameter-weighted RMS of the groups' relative errors; groups kept dense count with error 0."""
+    weight = sum(g["dense_params"] for g in groups) + kept_params
+    return (sum(g["rel_error"] ** 2 * g["dense_params"] for g in groups) / weight) ** 0.5 if weight else 0.0
 
 
 def human(n: float) -> str:
@@ -98,9 +96,8 @@ def print_report(report: dict, as_json: bool = False) -> None:
         table.add_row(k["template"], str(len(k["layers"])), "", "dense", "", "", "0.0%", "0", style="dim")
     s, t, b = report["stacked"], report["total"], report["bytes"]
     table.add_section()
-    stacked_error = "" if s["rel_error"] is None else f"{s['rel_error']:.4f}"
     table.add_row("stacked total", "", "", "", human(s["dense_params"]), human(s["lors_params"]),
-                  f"{s['reduction']:.1%}", stacked_error, style="bold")
+                  f"{s['reduction']:.1%}", f"{s['rel_error']:.4f}", style="bold")
     table.add_row("whole checkpoint", "", "", "", human(t["dense_params"]), human(t["lors_params"]),
                   f"{t['reduction']:.1%}", "", style="bold")
     stdout.print(table)
