@@ -1,0 +1,121 @@
+"""Getting an architecture to run: a Hugging Face model directory (the only place that imports transformers)
+or any PyTorch model through `--model-factory package.module:function`. Always offline."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lors_convert import LorsError
+from lors_convert.checkpoint import open_checkpoint
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise LorsError("Hugging Face models need transformers: pip install 'lors-convert[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def is_causal_lm(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text())
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+
+
+def hf_architecture(folder: Path) -> nn.Module:
+    """The model class named by config.json, with random weights (nothing is downloaded)."""
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    auto = transformers.AutoModelForCausalLM if is_causal_lm(folder) else transformers.AutoModel
+    return auto.from_config(config)
+
+
+def load_tokenizer(folder: Path):
+    return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def factory_architecture(spec: str) -> nn.Module:
+    """`package.module:function` returning an nn.Module (weights are loaded afterwards)."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise LorsError(f"--model-factory must look like package.module:function, got {spec!r}")
+    try:
+        factory: Callable[[], nn.Module] = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise LorsError(f"--model-factory {spec}: {e}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise LorsError(f"--model-factory {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Load weights strictly, except for buffers the class does not persist (e.g. BERT's position_ids)."""
+    not_persisted = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in state.items() if k not in not_persisted}
+    prefix = getattr(model, "base_model_prefix", "")
+    expected = set(model.state_dict())
+    if prefix and not set(state) & expected:  # a bare encoder checkpoint loaded into a model with a prefix
+        state = {f"{prefix}.{k}": v for k, v in state.items()}
+    missing, unexpected = expected - set(state), set(state) - expected
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if missing - tied or unexpected:
+        example = sorted(missing - tied or unexpected)[0]
+        raise LorsError(f"{where}: weights do not fit the architecture ({len(missing - tied)} missing, "
+                        f"{len(unexpected)} unexpected, e.g. {example!r})")
+    model.load_state_dict(state, strict=False)
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
+    """The dense original: a Hugging Face directory, or a checkpoint plus --model-factory."""
+    source_path = Path(source_path)
+    if factory:
+        model = factory_architecture(factory)
+    elif is_hf_dir(source_path):
+        model = hf_architecture(source_path)
+    elif is_hf_dir(source_path.parent):
+        model = hf_architecture(source_path.parent)
+    else:
+        raise LorsError(f"{source_path}: cannot tell the architecture; give a Hugging Face model directory "
+                        "or --model-factory package.module:function")
+    source = open_checkpoint(source_path)
+    return load_state(model, {name: source.get(name) for name in source.info}, str(source_path))
+
+
+def architecture_dir(source_path: Path) -> Path | None:
+    """The Hugging Face directory that describes a checkpoint, if any."""
+    source_path = Path(source_path)
+    for folder in (source_path, source_path.parent):
+        if is_hf_dir(folder):
+            return folder
+    return None
+
+
+def read_lines(files: list[Path]) -> list[str]:
+    """Text examples, one per non-empty line."""
+    lines = []
+    for file in files:
+        try:
+            lines += [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise LorsError(f"{file}: cannot read text ({e.__class__.__name__})") from None
+    if not lines:
+        raise LorsError(f"no text in {', '.join(map(str, files))}")
+    return lines
