@@ -71,7 +71,19 @@ def convert(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of the output [default: the "
                                         "source's]."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Shard the output above this size."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD."),
+    shared: str = typer.Option("auto", "--shared", help="Shared matrix per group: mean, refit (alternating "
+                               "least squares), none (per-layer low rank only), or auto (per group, whichever "
+                               "of mean and none leaves the lower error at the same budget)."),
+    calibrate: List[Path] = typer.Option([], "--calibrate", help="Text file(s), one example per line (tensor "
+                                         "file(s) for --model-factory): factor to keep each layer's outputs on "
+                                         "these inputs, not its weights."),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration sequences."),
+    calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration sequence."),
+    damping: float = typer.Option(0.01, "--damping", help="Calibration damping λ, relative to the mean input "
+                                  "energy: the objective is ‖(W − Ŵ)X‖² + λ‖W − Ŵ‖²."),
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", help="package.module:function building "
+                                                "the model, for checkpoints without a config.json."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD and of calibration sampling."),
     force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
@@ -80,8 +92,10 @@ def convert(
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
 
-    settings = Settings(rank=rank, reduction=reduction, energy=energy, include=include, exclude=exclude,
-                        dtype=parse_dtype(dtype) if dtype else None, seed=seed)
+    settings = Settings(rank=rank, reduction=reduction, energy=energy, shared=shared, include=include,
+                        exclude=exclude, dtype=parse_dtype(dtype) if dtype else None, seed=seed,
+                        calibrate=calibrate, calib_samples=calib_samples, calib_max_length=calib_max_length,
+                        damping=damping, model_factory=model_factory)
     settings.validate()
     size = parse_size(shard_size)
     source = open_checkpoint(model)

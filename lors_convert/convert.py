@@ -2,12 +2,15 @@
 
 Streaming: each group's mean is accumulated layer by layer, each residual is factored as it is read,
 and factors go straight to the writer, so memory holds a few matrices plus the shared ones.
+
+Every matrix is handled in out x in orientation (a GPT-2 Conv1D weight is transposed on the way in and
+its factors on the way out), so that calibration can weight the input side: the objective of layer i is
+‖(W_i − Ŵ_i) K_i^{1/2}‖_F with K_i = C_i + λI when calibrated and K_i = I otherwise.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,12 +20,14 @@ import torch
 from lors_convert import LorsError, __version__
 from lors_convert.checkpoint import (SafetensorsWriter, TensorSource, check_output_path, dtype_name,
                                      sha256_files)
-from lors_convert.factorize import (allocate_ranks, as_matrix, energy_rank, lors_params, low_rank, rel_error,
-                                    seed_for, spectrum)
+from lors_convert.factorize import (allocate_ranks, as_matrix, energy_rank, lors_params, metric_energy,
+                                    metric_low_rank, metric_spectrum, rel_error, seed_for)
 from lors_convert.lors_format import FORMAT_VERSION, METADATA_KEY, factor_keys, shared_key
 from lors_convert.stacks import Stack, find_stacks
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
+SHARED_CHOICES = ("auto", "mean", "refit", "none")
+REFIT_MAX_ITERS, REFIT_TOL = 50, 1e-6
 
 
 @dataclass
@@ -30,10 +35,16 @@ class Settings:
     rank: int | None = None
     reduction: float | None = None
     energy: float | None = None
+    shared: str = "auto"
     dtype: torch.dtype | None = None
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
+    calibrate: list[Path] = field(default_factory=list)
+    calib_samples: int = 256
+    calib_max_length: int = 128
+    damping: float = 0.01
+    model_factory: str | None = None
 
     def validate(self) -> None:
         chosen = [n for n, v in (("--rank", self.rank), ("--reduction", self.reduction),
@@ -48,23 +59,45 @@ class Settings:
             raise LorsError(f"--reduction must be in [0, 1), got {self.reduction}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise LorsError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.shared not in SHARED_CHOICES:
+            raise LorsError(f"--shared must be one of {', '.join(SHARED_CHOICES)}, got {self.shared!r}")
+        if self.calib_samples < 1 or self.calib_max_length < 1:
+            raise LorsError("--calib-samples and --calib-max-length must be at least 1")
+        if not 0 <= self.damping:
+            raise LorsError(f"--damping must be 0 or more, got {self.damping}")
 
     def as_json(self) -> dict:
-        return {"rank": self.rank, "reduction": self.reduction, "energy": self.energy, "shared": "mean",
+        calibration = ({"calibrate": [str(p) for p in self.calibrate], "calib_samples": self.calib_samples,
+                        "calib_max_length": self.calib_max_length, "damping": self.damping}
+                       if self.calibrate else {})
+        return {"rank": self.rank, "reduction": self.reduction, "energy": self.energy, "shared": self.shared,
                 "dtype": dtype_name(self.dtype) if self.dtype else None, "include": self.include,
-                "exclude": self.exclude, "seed": self.seed}
+                "exclude": self.exclude, "seed": self.seed, **calibration}
+
+
+@dataclass
+class Group:
+    """One stack on its way through the pipeline."""
+
+    stack: Stack
+    transposed: bool = False  # stored as in x out (Conv1D)
+    metrics: list[torch.Tensor] | None = None  # K_i = C_i + λI per layer (float64), when calibrated
+    covariances: list[torch.Tensor] | None = None  # C_i, for reporting the output error
+    shared: bool = True
+    shared_matrix: torch.Tensor | None = None  # float32, out x in, already rounded to the storage dtype
+    ranks: list[int] = field(default_factory=list)
+    spectra: list[torch.Tensor] = field(default_factory=list)
+    spectra_unshared: list[torch.Tensor] = field(default_factory=list)
+    norm_sq: float = 0.0
+
+    @property
+    def out_in(self) -> tuple[int, int]:
+        rows, cols = self.stack.rows, self.stack.cols
+        return (cols, rows) if self.transposed else (rows, cols)
 
 
 def no_progress(description: str, total: int) -> Callable[[], None]:
     return lambda: None
-
-
-def mean_matrix(source: TensorSource, stack: Stack, out_dtype: torch.dtype) -> torch.Tensor:
-    """The shared matrix, rounded to the storage dtype (residuals are taken against what is stored)."""
-    total = torch.zeros(stack.rows, stack.cols)
-    for name in stack.names:
-        total += as_matrix(source.get(name))
-    return (total / len(stack.names)).to(out_dtype)
 
 
 def check_finite(matrix: torch.Tensor, name: str) -> None:
@@ -72,38 +105,162 @@ def check_finite(matrix: torch.Tensor, name: str) -> None:
         raise LorsError(f"{name}: weights contain NaN or Inf; refusing to factor them")
 
 
-def plan_ranks(source: TensorSource, stacks: list[Stack], shared: list[torch.Tensor], settings: Settings,
-               progress: Progress) -> list[list[int]]:
-    """Ranks per group and layer for --rank, --energy or --reduction (the last two need spectra)."""
-    if settings.rank is not None:
-        return [[min(settings.rank, s.rows, s.cols)] * len(s.layers) for s in stacks]
-    advance = progress("spectra", sum(len(s.layers) for s in stacks))
-    spectra, norms_sq = [], []
-    for stack, s_matrix in zip(stacks, shared):
-        layer_spectra, norm_sq = [], 0.0
-        for name in stack.names:
-            weight = as_matrix(source.get(name))
-            check_finite(weight, name)
-            norm_sq += weight.square().sum().item()
-            layer_spectra.append(spectrum(weight - s_matrix.float()))
+def read_matrix(source: TensorSource, group: Group, i: int) -> torch.Tensor:
+    name = group.stack.names[i]
+    matrix = as_matrix(source.get(name))
+    check_finite(matrix, name)
+    return matrix.T if group.transposed else matrix
+
+
+def metric(group: Group, i: int) -> torch.Tensor | None:
+    return group.metrics[i] if group.metrics is not None else None
+
+
+# ---------------------------------------------------------------- planning
+
+
+def mean_matrix(source: TensorSource, group: Group, out_dtype: torch.dtype) -> torch.Tensor:
+    """The shared matrix, rounded to the storage dtype (residuals are taken against what is stored)."""
+    total = None
+    for i in range(len(group.stack.names)):
+        matrix = read_matrix(source, group, i)
+        total = matrix if total is None else total + matrix
+    return (total / len(group.stack.names)).to(out_dtype).float()
+
+
+def measure(source: TensorSource, groups: list[Group], unshared: bool, advance: Callable[[], None]) -> None:
+    """Spectra of each layer's (weighted) residual, and of the layer itself when the unshared form is considered."""
+    for group in groups:
+        for i in range(len(group.stack.names)):
+            matrix, k = read_matrix(source, group, i), metric(group, i)
+            group.norm_sq += metric_energy(matrix, k)
+            if group.shared:
+                group.spectra.append(metric_spectrum(matrix - group.shared_matrix, k))
+            if unshared:
+                group.spectra_unshared.append(metric_spectrum(matrix, k))
             advance()
-        spectra.append(layer_spectra)
-        norms_sq.append(norm_sq)
-    if settings.energy is not None:
-        return [[energy_rank(sq, settings.energy) for sq in layers] for layers in spectra]
-    dense = sum(s.dense_params for s in stacks)
-    shared_cost = sum(s.rows * s.cols for s in stacks)
-    budget = int((1 - settings.reduction) * dense) - shared_cost
-    if budget < 0:
-        raise LorsError(f"--reduction {settings.reduction:g} is out of reach: the shared matrices alone keep "
-                        f"{shared_cost / dense:.1%} of the stacked parameters, so at most "
-                        f"{1 - shared_cost / dense:.3f} can be removed")
-    return allocate_ranks(spectra, norms_sq, [s.rows + s.cols for s in stacks], budget)
+
+
+def tail(spectra: list[torch.Tensor], ranks: list[int]) -> float:
+    """The objective left after truncating each layer at its rank (the sum of the dropped sq. singular values)."""
+    return sum(sq[r:].sum().item() for sq, r in zip(spectra, ranks))
+
+
+def plan_ranks(source: TensorSource, groups: list[Group], settings: Settings, progress: Progress) -> None:
+    """Choose, per group, shared or not and the rank of every layer."""
+    rows_cols = [g.out_in for g in groups]
+    auto = settings.shared == "auto"
+    if settings.rank is not None and not auto:
+        for group, (rows, cols) in zip(groups, rows_cols):
+            group.ranks = [min(settings.rank, rows, cols)] * len(group.stack.names)
+        return
+    measure(source, groups, auto or settings.shared == "none",
+            progress("spectra", sum(len(g.stack.names) for g in groups)))
+    costs = [rows + cols for rows, cols in rows_cols]
+    if settings.rank is not None:
+        ranks = [[min(settings.rank, rows, cols)] * len(g.stack.names) for g, (rows, cols) in zip(groups, rows_cols)]
+    elif settings.energy is not None:
+        ranks = [[energy_rank(sq, settings.energy) for sq in (g.spectra or g.spectra_unshared)] for g in groups]
+    else:
+        dense = sum(g.stack.dense_params for g in groups)
+        shared_cost = sum(rows * cols for g, (rows, cols) in zip(groups, rows_cols) if g.shared)
+        budget = int((1 - settings.reduction) * dense) - shared_cost
+        if budget < 0 and auto:  # sharing alone is over budget: store every group unshared
+            for group in groups:
+                group.shared = False
+            budget = int((1 - settings.reduction) * dense)
+        if budget < 0:
+            raise LorsError(f"--reduction {settings.reduction:g} is out of reach: the shared matrices alone keep "
+                            f"{shared_cost / dense:.1%} of the stacked parameters, so at most "
+                            f"{1 - shared_cost / dense:.3f} can be removed (or use --shared none)")
+        ranks = allocate_ranks([g.spectra if g.shared else g.spectra_unshared for g in groups],
+                               [g.norm_sq for g in groups], costs, budget)
+    for group, group_ranks, cost, (rows, cols) in zip(groups, ranks, costs, rows_cols):
+        group.ranks = group_ranks
+        if auto and group.shared:
+            # The same parameter budget without a shared matrix buys rows*cols/(rows+cols) more rank units.
+            budget = lors_params(rows, cols, group_ranks)
+            unshared = allocate_ranks([group.spectra_unshared], [group.norm_sq], [cost], budget)[0]
+            if tail(group.spectra_unshared, unshared) < tail(group.spectra, group_ranks):
+                group.shared, group.ranks, group.shared_matrix = False, unshared, None
+
+
+def refit_shared(source: TensorSource, group: Group, out_dtype: torch.dtype, seed: int) -> list[float]:
+    """Alternate (a) factoring residuals with S fixed and (b) the closed-form S, while the objective falls.
+
+    J(S) = Σ_i tr((D_i − S) K_i (D_i − S)ᵀ) with D_i = W_i − B_i A_i is quadratic in S: with P = Σ D_i K_i,
+    Q = Σ K_i (K_i = I in weight space), J(S) = Σ tr(D_i K_i D_iᵀ) − 2⟨P, S⟩ + ⟨S Q, S⟩ and S* = P Q⁻¹.
+    Returns the objective after every half-step; the S kept is the one with the lowest objective.
+    """
+    layers = len(group.stack.names)
+    history, best = [], (float("inf"), group.shared_matrix)
+    current = group.shared_matrix
+    for _ in range(REFIT_MAX_ITERS):
+        constant, p_acc, q_acc = 0.0, 0.0, 0.0
+        for i in range(layers):
+            matrix, k = read_matrix(source, group, i), metric(group, i)
+            b, a = metric_low_rank(matrix - current, k, group.ranks[i], seed_for(group.stack.names[i], seed))
+            rest = (matrix - b.to(out_dtype).float() @ a.to(out_dtype).float()).double()
+            weighted_rest = rest if k is None else rest @ k
+            constant += (weighted_rest * rest).sum().item()
+            p_acc = p_acc + weighted_rest
+            q_acc = q_acc + (0 if k is None else k)
+
+        def objective(s: torch.Tensor) -> float:
+            s = s.double()
+            quad = (s.square().sum() * layers) if group.metrics is None else ((s @ q_acc) * s).sum()
+            return constant - 2 * (p_acc * s).sum().item() + quad.item()
+
+        after_factoring = objective(current)
+        history.append(after_factoring)
+        if after_factoring < best[0]:
+            best = (after_factoring, current)
+        if len(history) > 1 and after_factoring > history[-2] * (1 + 1e-9):
+            break  # an inexact factor step raised the objective: keep the best S seen
+        solved = p_acc / layers if group.metrics is None else torch.linalg.solve(q_acc, p_acc.T).T
+        candidate = solved.to(out_dtype).float()
+        after_solve = objective(candidate)
+        if after_solve > after_factoring:  # storage rounding can undo a tiny gain
+            break
+        history.append(after_solve)
+        converged = after_factoring - after_solve <= REFIT_TOL * max(after_factoring, 1e-30)
+        current = candidate
+        if converged:
+            break
+    group.shared_matrix = best[1]
+    return history
+
+
+# ---------------------------------------------------------------- writing
 
 
 def source_description(source: TensorSource) -> dict:
     return {"path": str(source.path.resolve()), "files": [f.name for f in source.files], "bytes": source.nbytes,
             "sha256": sha256_files(source.files)}
+
+
+def calibrate_groups(source: TensorSource, groups: list[Group], settings: Settings) -> dict:
+    from lors_convert.calibrate import collect, tensor_batches, text_batches
+    from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
+
+    model = dense_model(source.path, settings.model_factory)
+    if settings.model_factory:
+        batches = tensor_batches(settings.calibrate, settings.calib_samples)
+    else:
+        tokenizer = load_tokenizer(architecture_dir(source.path))
+        batches = text_batches(tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length,
+                               settings.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    calibration = collect(model, [g.stack for g in groups], batches, device)
+    del model
+    for group in groups:
+        if all(name in calibration.covariances for name in group.stack.names):
+            group.transposed = group.stack.names[0] in calibration.transposed
+            group.covariances = [calibration.covariances.pop(name) for name in group.stack.names]
+            group.metrics = [c + settings.damping * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
+                             for c in group.covariances]
+    return {"samples": len(batches), "tokens": calibration.tokens,
+            "groups": sum(g.metrics is not None for g in groups)}
 
 
 def convert(source: TensorSource, output: Path, settings: Settings, *, shard_size: int = 5 * 10**9,
@@ -115,23 +272,31 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
     if not stacks:
         raise LorsError(f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
                         "whose names differ only in a layer index)")
-    out_dtype = lambda dtype: settings.dtype or dtype  # noqa: E731
-    advance = progress("shared matrices", sum(len(s.layers) for s in stacks))
-    shared = []
-    for stack in stacks:
-        shared.append(mean_matrix(source, stack, out_dtype(stack.dtype)))
-        for _ in stack.names:
-            advance()
-        check_finite(shared[-1].float(), stack.template)
-    ranks = plan_ranks(source, stacks, shared, settings, progress)
+    groups = [Group(stack, shared=settings.shared != "none") for stack in stacks]
     meta = {"format_version": FORMAT_VERSION, "tool": f"lors-convert {__version__}",
             "source": source_description(source), "settings": settings.as_json(),
             "groups": [], "kept_dense": [], "dtypes": {}, "warnings": warnings}
+    if settings.calibrate:
+        meta["calibration"] = calibrate_groups(source, groups, settings)
+    out_dtype = lambda g: settings.dtype or g.stack.dtype  # noqa: E731
+    advance = progress("shared matrices", sum(len(g.stack.names) for g in groups if g.shared))
+    for group in groups:
+        if group.shared:
+            group.shared_matrix = mean_matrix(source, group, out_dtype(group))
+            for _ in group.stack.names:
+                advance()
+    plan_ranks(source, groups, settings, progress)
+    if settings.shared == "refit":
+        advance = progress("refitting S", len(groups))
+        for group in groups:
+            refit_shared(source, group, out_dtype(group), settings.seed)
+            advance()
     stacked_names = set()
     with SafetensorsWriter(output, shard_size) as writer:
-        advance = progress("factoring", sum(len(s.layers) for s in stacks))
-        for stack, s_matrix, group_ranks in zip(stacks, shared, ranks):
-            stored = lors_params(stack.rows, stack.cols, group_ranks)
+        advance = progress("factoring", sum(len(g.stack.names) for g in groups))
+        for group in groups:
+            stack = group.stack
+            stored = lors_params(*group.out_in, group.ranks, group.shared)
             if stored >= stack.dense_params:
                 meta["kept_dense"].append({"template": stack.template, "layers": stack.layers,
                                            "reason": f"LORS would store {stored:,} numbers, dense {stack.dense_params:,}"})
@@ -139,8 +304,8 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
                     advance()
                 continue
             stacked_names.update(stack.names)
-            meta["groups"].append(factor_group(source, stack, s_matrix, group_ranks, writer, settings, advance))
-        for name, info in source.info.items():
+            meta["groups"].append(write_group(source, group, writer, out_dtype(group), settings.seed, advance))
+        for name in source.info:
             if name in stacked_names:
                 continue
             tensor = source.get(name)
@@ -152,25 +317,37 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
     return files, meta
 
 
-def factor_group(source: TensorSource, stack: Stack, s_matrix: torch.Tensor, ranks: list[int],
-                 writer: SafetensorsWriter, settings: Settings, advance: Callable[[], None]) -> dict:
-    writer.add(shared_key(stack.template), s_matrix.reshape(stack.shape))
-    shared_f32 = s_matrix.float()
-    err_sq_total, norm_sq_total, layer_errors = 0.0, 0.0, []
-    for name, rank in zip(stack.names, ranks):
-        weight = as_matrix(source.get(name))
-        check_finite(weight, name)
-        b, a = low_rank(weight - shared_f32, rank, seed_for(name, settings.seed))
-        b, a = b.to(s_matrix.dtype), a.to(s_matrix.dtype)
-        err_sq = (weight - shared_f32 - b.float() @ a.float()).square().sum().item()
-        norm_sq = weight.square().sum().item()
-        err_sq_total, norm_sq_total = err_sq_total + err_sq, norm_sq_total + norm_sq
-        layer_errors.append(round(rel_error(err_sq, norm_sq), 6))
+def write_group(source: TensorSource, group: Group, writer: SafetensorsWriter, out_dtype: torch.dtype, seed: int,
+                advance: Callable[[], None]) -> dict:
+    stack = group.stack
+    shared = group.shared_matrix if group.shared else torch.zeros(group.out_in)
+    if group.shared:
+        writer.add(shared_key(stack.template), (shared.T if group.transposed else shared).to(out_dtype)
+                   .reshape(stack.shape))
+    err_sq, norm_sq, out_err_sq, out_norm_sq, layer_errors = 0.0, 0.0, 0.0, 0.0, []
+    for i, (name, rank) in enumerate(zip(stack.names, group.ranks)):
+        matrix = read_matrix(source, group, i)
+        b, a = metric_low_rank(matrix - shared, metric(group, i), rank, seed_for(name, seed))
+        b, a = b.to(out_dtype), a.to(out_dtype)
+        error = matrix - shared - b.float() @ a.float()
+        layer_err_sq, layer_norm_sq = error.square().sum().item(), matrix.square().sum().item()
+        err_sq, norm_sq = err_sq + layer_err_sq, norm_sq + layer_norm_sq
+        layer_errors.append(round(rel_error(layer_err_sq, layer_norm_sq), 6))
+        if group.covariances is not None:
+            covariance = group.covariances[i]
+            out_err_sq += metric_energy(error, covariance)
+            out_norm_sq += metric_energy(matrix, covariance)
         a_key, b_key = factor_keys(name)
-        writer.add(a_key, a)
-        writer.add(b_key, b)
+        if group.transposed:  # stored W is Wᵀ: (B A)ᵀ = Aᵀ Bᵀ
+            a, b = b.T, a.T
+        writer.add(a_key, a.contiguous())
+        writer.add(b_key, b.contiguous())
         advance()
-    return {"template": stack.template, "layers": stack.layers, "names": stack.names,
-            "shape": list(stack.shape), "dtype": dtype_name(stack.dtype), "ranks": ranks,
-            "dense_params": stack.dense_params, "lors_params": lors_params(stack.rows, stack.cols, ranks),
-            "rel_error": rel_error(err_sq_total, norm_sq_total), "layer_errors": layer_errors}
+    entry = {"template": stack.template, "layers": stack.layers, "names": stack.names,
+             "shape": list(stack.shape), "dtype": dtype_name(stack.dtype), "shared": group.shared,
+             "ranks": group.ranks, "dense_params": stack.dense_params,
+             "lors_params": lors_params(*group.out_in, group.ranks, group.shared),
+             "rel_error": rel_error(err_sq, norm_sq), "layer_errors": layer_errors}
+    if group.covariances is not None:
+        entry["output_error"] = rel_error(out_err_sq, out_norm_sq)
+    return entry

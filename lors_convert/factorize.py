@@ -132,3 +132,51 @@ def lors_params(rows: int, cols: int, ranks: list[int], shared: bool = True) -> 
 
 def rel_error(err_sq: float, norm_sq: float) -> float:
     return math.sqrt(err_sq / norm_sq) if norm_sq > 0 else math.sqrt(err_sq)
+
+
+# ---------------------------------------------------------------- calibrated (metric-weighted) factoring
+# With K = C + λI from calibration, the objective of a layer is ‖(R − B A) K^{1/2}‖² = tr(E K Eᵀ). Its best
+# rank-r solution projects R onto the top left singular vectors of R K^{1/2}, found from the smaller of
+# R K Rᵀ (rows x rows, no square root needed) and K^{1/2} RᵀR K^{1/2} (cols x cols).
+
+
+def metric_energy(matrix: torch.Tensor, metric: torch.Tensor | None) -> float:
+    if metric is None:
+        return matrix.square().sum().item()
+    return ((matrix.double() @ metric) * matrix.double()).sum().item()
+
+
+def _sqrt_psd(metric: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(metric)
+    return ((vectors * values.clamp_min(0).sqrt()) @ vectors.T).float()
+
+
+def _metric_gram(matrix: torch.Tensor, metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Gram matrix of R K^{1/2} on its smaller side, and R K^{1/2} when that side is the columns."""
+    if matrix.shape[0] <= matrix.shape[1]:
+        return (matrix @ metric.float() @ matrix.T).double(), None
+    weighted = matrix @ _sqrt_psd(metric)
+    return (weighted.T @ weighted).double(), weighted
+
+
+def metric_spectrum(matrix: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+    if metric is None:
+        return spectrum(matrix)
+    gram, _ = _metric_gram(matrix, metric)
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def metric_low_rank(matrix: torch.Tensor, metric: torch.Tensor | None, rank: int,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r (B, A) minimising ‖(R − B A) K^{1/2}‖ (plain `low_rank` without a metric)."""
+    if metric is None:
+        return low_rank(matrix, rank, seed)
+    rank = min(rank, *matrix.shape)
+    if rank == 0 or not matrix.any():
+        return matrix.new_zeros(matrix.shape[0], rank), matrix.new_zeros(rank, matrix.shape[1])
+    gram, weighted = _metric_gram(matrix, metric)
+    vectors = torch.linalg.eigh(gram).eigenvectors.flip(1)[:, :rank].float()
+    basis = vectors if weighted is None else torch.linalg.qr(weighted @ vectors).Q
+    a = basis.T @ matrix
+    scale = a.norm(dim=1).clamp_min(1e-30).sqrt()
+    return basis * scale, a / scale[:, None]

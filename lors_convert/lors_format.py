@@ -50,7 +50,7 @@ def check_consistency(source: TensorSource, meta: dict, path: str | Path) -> Non
     try:
         for group in meta["groups"]:
             rows, cols = group["shape"][0], math.prod(group["shape"][1:])
-            expected = {shared_key(group["template"]): tuple(group["shape"])}
+            expected = {shared_key(group["template"]): tuple(group["shape"])} if is_shared(group) else {}
             for name, rank in zip(group["names"], group["ranks"], strict=True):
                 a_key, b_key = factor_keys(name)
                 expected[a_key], expected[b_key] = (rank, cols), (rows, rank)
@@ -64,10 +64,16 @@ def check_consistency(source: TensorSource, meta: dict, path: str | Path) -> Non
         raise LorsError(f"{path}: corrupt LORS metadata (groups malformed)") from None
 
 
+def is_shared(group: dict) -> bool:
+    """Groups converted with --shared none store no shared matrix (W_i ≈ B_i A_i)."""
+    return group.get("shared", True)
+
+
 def factor_keys_of(meta: dict) -> set[str]:
     keys = set()
     for group in meta["groups"]:
-        keys.add(shared_key(group["template"]))
+        if is_shared(group):
+            keys.add(shared_key(group["template"]))
         for name in group["names"]:
             keys.update(factor_keys(name))
     return keys
@@ -76,7 +82,8 @@ def factor_keys_of(meta: dict) -> set[str]:
 def reconstruct(source: TensorSource, group: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """Dense float32 weights of one group, layer by layer: S + B_i A_i in the original shape."""
     shape = tuple(group["shape"])
-    shared = source.get(shared_key(group["template"])).float().reshape(shape[0], -1)
+    shared = (source.get(shared_key(group["template"])).float().reshape(shape[0], -1) if is_shared(group)
+              else torch.zeros(shape[0], math.prod(shape[1:])))
     for name in group["names"]:
         a_key, b_key = factor_keys(name)
         weight = shared + source.get(b_key).float() @ source.get(a_key).float()

@@ -25,7 +25,7 @@ def rank_summary(ranks: list[int]) -> dict:
 def build_report(source: TensorSource, meta: dict) -> dict:
     """Report data: per group and in total, counted from the tensors actually stored."""
     stored = sum(info.numel for info in source.info.values())
-    groups = [{"template": g["template"], "layers": g["layers"], "shape": g["shape"],
+    groups = [{"template": g["template"], "layers": g["layers"], "shape": g["shape"], "shared": g.get("shared", True),
                "ranks": rank_summary(g["ranks"]), "dense_params": g["dense_params"],
                "lors_params": g["lors_params"], "saved": 1 - g["lors_params"] / g["dense_params"],
                "rel_error": g["rel_error"], **({"output_error": g["output_error"]} if "output_error" in g else {})}
@@ -84,25 +84,25 @@ def print_report(report: dict, as_json: bool = False) -> None:
         print(json.dumps(report, indent=2))
         return
     table = Table(title=f"LORS: {report['file']}", title_justify="left")
-    for column in ("group", "layers", "shape", "rank min/med/max", "dense", "LORS", "saved", "rel. error"):
+    for column in ("group", "layers", "shape", "S", "rank min/med/max", "dense", "LORS", "saved", "rel. error"):
         table.add_column(column, justify="left" if column == "group" else "right", no_wrap=True)
     for g in report["groups"]:
         r = g["ranks"]
         error = f"{g['rel_error']:.4f}" + (f" (out {g['output_error']:.4f})" if "output_error" in g else "")
         table.add_row(g["template"], str(len(g["layers"])), "×".join(map(str, g["shape"])),
-                      f"{r['min']}/{r['median']:g}/{r['max']}", human(g["dense_params"]), human(g["lors_params"]),
+                      "yes" if g["shared"] else "no", f"{r['min']}/{r['median']:g}/{r['max']}", human(g["dense_params"]), human(g["lors_params"]),
                       f"{g['saved']:.1%}", error)
     for k in report["kept_dense"]:
-        table.add_row(k["template"], str(len(k["layers"])), "", "dense", "", "", "0.0%", "0", style="dim")
+        table.add_row(k["template"], str(len(k["layers"])), "", "", "dense", "", "", "0.0%", "0", style="dim")
     s, t, b = report["stacked"], report["total"], report["bytes"]
     table.add_section()
-    table.add_row("stacked total", "", "", "", human(s["dense_params"]), human(s["lors_params"]),
+    table.add_row("stacked total", "", "", "", "", human(s["dense_params"]), human(s["lors_params"]),
                   f"{s['reduction']:.1%}", f"{s['rel_error']:.4f}", style="bold")
-    table.add_row("whole checkpoint", "", "", "", human(t["dense_params"]), human(t["lors_params"]),
+    table.add_row("whole checkpoint", "", "", "", "", human(t["dense_params"]), human(t["lors_params"]),
                   f"{t['reduction']:.1%}", "", style="bold")
     stdout.print(table)
     stdout.print(f"file size: {human_bytes(b['before'])} -> {human_bytes(b['after'])}"
-                 f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group")
+                 f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix")
     for k in report["kept_dense"]:
         stdout.print(f"[dim]kept dense: {escape(k['template'])}: {escape(k['reason'])}[/dim]")
     for warning in report["warnings"]:

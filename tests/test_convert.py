@@ -44,7 +44,7 @@ def test_safetensors_input_default_output_and_accounting(tmp_path, cli):
     assert report["stacked"]["lors_params"] <= 0.5 * report["stacked"]["dense_params"]
     for g in report["groups"]:
         rows, cols = g["shape"][0], math.prod(g["shape"][1:])
-        assert g["lors_params"] == rows * cols + sum(g["ranks"]["per_layer"]) * (rows + cols)
+        assert g["lors_params"] == rows * cols * g["shared"] + sum(g["ranks"]["per_layer"]) * (rows + cols)
     assert report["bytes"]["after"] == out.stat().st_size
 
 
@@ -174,7 +174,7 @@ def test_conv_kernels_and_one_d_tensors(tmp_path, cli):
     sd = {f"stages.{i}.conv.weight": torch.randn(8, 4, 3, 3) for i in range(3)}
     sd.update({f"stages.{i}.bn.weight": torch.randn(8) for i in range(3)})
     save_file(sd, tmp_path / "c.safetensors")
-    report = convert_json(cli, tmp_path / "c.safetensors", "--rank", "2")
+    report = convert_json(cli, tmp_path / "c.safetensors", "--rank", "2", "--shared", "mean")
     assert [g["template"] for g in report["groups"]] == ["stages.{i}.conv.weight"]
     assert report["groups"][0]["shape"] == [8, 4, 3, 3]
     source, _ = read_lors(tmp_path / "c.lors.safetensors")
@@ -201,7 +201,7 @@ def test_exact_recovery_of_shared_plus_low_rank(tmp_path, cli):
 def test_rank_options(tmp_path, cli):
     save_file(bert(layers=4), tmp_path / "m.safetensors")
     path = tmp_path / "m.safetensors"
-    fixed = convert_json(cli, path, "--rank", "5")
+    fixed = convert_json(cli, path, "--rank", "5", "--shared", "mean")
     assert all(g["ranks"]["per_layer"] == [5] * 4 for g in fixed["groups"])
     decaying = {f"blocks.{i}.w": w for i, w in enumerate(low_rank_stack(layers=6, rows=48, cols=64, rank=8,
                                                                           centred=False))}
@@ -221,9 +221,10 @@ def test_rank_options(tmp_path, cli):
 def test_reduction_allocation_beats_uniform_rank(tmp_path, cli):
     """Same budget: the allocated ranks give a lower total relative squared error than a uniform rank."""
     save_file(bert(layers=4), tmp_path / "m.safetensors")
-    uniform = convert_json(cli, tmp_path / "m.safetensors", "--rank", "6")
+    uniform = convert_json(cli, tmp_path / "m.safetensors", "--rank", "6", "--shared", "mean")
     target = uniform["stacked"]["reduction"]
-    allocated = convert_json(cli, tmp_path / "m.safetensors", "--reduction", f"{target - 1e-4:.6f}", "--force")
+    allocated = convert_json(cli, tmp_path / "m.safetensors", "--reduction", f"{target - 1e-4:.6f}", "--force",
+                             "--shared", "mean")
     assert allocated["stacked"]["lors_params"] <= uniform["stacked"]["lors_params"]
     objective = lambda r: sum(g["rel_error"] ** 2 for g in r["groups"])  # noqa: E731
     assert objective(allocated) <= objective(uniform) + 1e-9
@@ -233,7 +234,7 @@ def test_group_that_cannot_shrink_stays_dense(tmp_path, cli):
     sd = {f"layers.{i}.w": torch.randn(4, 6) for i in range(2)}
     sd.update({f"layers.{i}.big": torch.randn(32, 32) for i in range(4)})
     save_file(sd, tmp_path / "m.safetensors")
-    report = convert_json(cli, tmp_path / "m.safetensors", "--rank", "4")
+    report = convert_json(cli, tmp_path / "m.safetensors", "--rank", "4", "--shared", "mean")
     assert [k["template"] for k in report["kept_dense"]] == ["layers.{i}.w"]
     assert report["total"]["lors_params"] == stored_numbers(tmp_path / "m.lors.safetensors")
     assert report["total"]["lors_params"] < report["total"]["dense_params"]
@@ -265,7 +266,8 @@ def test_refusals_leave_nothing(tmp_path, cli):
         ([tmp_path / "m.safetensors", "-o", tmp_path / "missing" / "x.safetensors"], "does not exist"),
         ([tmp_path / "m.safetensors", "--rank", "-1"], "--rank"),
         ([tmp_path / "m.safetensors", "--reduction", "1.0"], "--reduction"),
-        ([tmp_path / "m.safetensors", "--reduction", "0.99"], "out of reach"),
+        ([tmp_path / "m.safetensors", "--reduction", "0.99", "--shared", "mean"], "out of reach"),
+        ([tmp_path / "m.safetensors", "--shared", "median"], "--shared"),
         ([tmp_path / "m.safetensors", "--rank", "2", "--energy", "0.5"], "choose one"),
         ([tmp_path / "nope.safetensors"], "no such file"),
     ]
