@@ -48,6 +48,8 @@ class Settings:
             raise LorsError(f"--reduction must be in [0, 1), got {self.reduction}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise LorsError(f"--energy must be in (0, 1], got {self.energy}")
+        if not 0 <= self.seed < 2**32:
+            raise LorsError(f"--seed must be in [0, 2**32), got {self.seed}")
 
     def as_json(self) -> dict:
         return {"rank": self.rank, "reduction": self.reduction, "energy": self.energy, "shared": "mean",
@@ -67,9 +69,13 @@ def mean_matrix(source: TensorSource, stack: Stack, out_dtype: torch.dtype) -> t
     return (total / len(stack.names)).to(out_dtype)
 
 
+LARGEST = 1e15  # beyond this, sums of squares in float32 arithmetic can overflow
+
+
 def check_finite(matrix: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(matrix).all():
-        raise LorsError(f"{name}: weights contain NaN or Inf; refusing to factor them")
+    if not torch.isfinite(matrix).all() or matrix.abs().max() > LARGEST:
+        raise LorsError(f"{name}: weights contain NaN or Inf (or magnitudes above {LARGEST:g}); "
+                        "refusing to factor them")
 
 
 def plan_ranks(source: TensorSource, stacks: list[Stack], shared: list[torch.Tensor], settings: Settings,
@@ -110,7 +116,7 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
             force: bool = False, progress: Progress = no_progress) -> tuple[list[Path], dict]:
     """Write the LORS checkpoint; returns the files written and the LORS metadata."""
     settings.validate()
-    check_output_path(output, source.files, force)
+    check_output_path(output, [source.path, *source.files], force)
     stacks, warnings = find_stacks(source.info, settings.include, settings.exclude)
     if not stacks:
         raise LorsError(f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
@@ -162,6 +168,9 @@ def factor_group(source: TensorSource, stack: Stack, s_matrix: torch.Tensor, ran
         check_finite(weight, name)
         b, a = low_rank(weight - shared_f32, rank, seed_for(name, settings.seed))
         b, a = b.to(s_matrix.dtype), a.to(s_matrix.dtype)
+        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            raise LorsError(f"{name}: its low-rank factors overflow {dtype_name(s_matrix.dtype)}; "
+                            "choose a wider --dtype")
         err_sq = (weight - shared_f32 - b.float() @ a.float()).square().sum().item()
         norm_sq = weight.square().sum().item()
         err_sq_total, norm_sq_total = err_sq_total + err_sq, norm_sq_total + norm_sq
