@@ -495,3 +495,49 @@ def test_damaged_lors_checkpoints(tmp_path, cli, command, damage):
         assert cli(*LORS_COMMANDS[command](lors, tmp_path), "--quiet").code == 0
         return
     assert_refused(cli, tmp_path, LORS_COMMANDS[command](lors, tmp_path), message)
+
+
+# ---------------------------------------------------------------- verify
+
+
+def test_verify_accepts_a_sound_checkpoint(tmp_path, cli):
+    save_file(small(), tmp_path / "m.safetensors")
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.safetensors"
+        assert cli(tmp_path / "m.safetensors", "-o", out, "--dtype", dtype, "--quiet").code == 0
+        result = cli("verify", out, "--source", tmp_path / "m.safetensors", "--json")
+        assert result.code == 0, result.err
+        assert result.json()["ok"] and result.json()["problems"] == []
+
+
+def nan_in(key: str):
+    return lambda t: t[key].view(-1).__setitem__(0, float("nan"))
+
+
+VERIFY_DAMAGE = {
+    "NaN in two factors": ({"change_tensors": lambda t: (nan_in(FACTOR)(t), nan_in(FACTOR[:-1] + "B")(t))},
+                           ["holds NaN or Inf", "holds NaN or Inf"], False),
+    "recorded lors_params wrong": ({"change_meta": meta_edit(lambda m: m["groups"][1].__setitem__(
+        "lors_params", m["groups"][1]["lors_params"] + 1))}, ["recorded lors_params"], False),
+    "recorded dense_params wrong": ({"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__(
+        "dense_params", 7))}, ["recorded dense_params"], False),
+    "factor changed slightly": ({"change_tensors": lambda t: t[FACTOR].mul_(2)}, ["relative error is"], True),
+    "recorded error wrong": ({"change_meta": meta_edit(lambda m: m["groups"][2].__setitem__(
+        "rel_error", m["groups"][2]["rel_error"] * 0.9))}, ["relative error is"], True),
+    "sha256 differs": ({"change_meta": meta_edit(lambda m: m["source"].__setitem__("sha256", "0" * 64))},
+                       ["sha256 differs"], True),
+}
+
+
+@pytest.mark.parametrize("damage", list(VERIFY_DAMAGE))
+def test_verify_lists_each_problem(tmp_path, cli, damage):
+    lors = lors_file(tmp_path, cli)
+    change, expected, needs_source = VERIFY_DAMAGE[damage]
+    assert cli("verify", lors, "--source", tmp_path / "m.safetensors").code == 0
+    rewrite(lors, **change)
+    if needs_source:
+        assert cli("verify", lors).code == 0  # only the source shows the problem
+    result = cli("verify", lors, "--source", tmp_path / "m.safetensors")
+    lines = result.err.strip().splitlines()
+    assert result.code == 1 and len(lines) == len(expected), result.err
+    assert all(e in line for e, line in zip(expected, lines)), result.err
