@@ -87,7 +87,7 @@ def schema_problem(meta: dict) -> str | None:
                 and getattr(torch, g["dtype"]).is_floating_point):
             return f"{g['template']}: shape or dtype malformed"
         if not (_ints([g.get("dense_params"), g.get("lors_params")], low=1)
-                and type(g.get("rel_error")) in (int, float)):
+                and type(g.get("rel_error")) in (int, float) and 0 <= g["rel_error"] < 1e100):
             return f"{g['template']}: parameter counts or error malformed"
     for k in meta["kept_dense"]:
         if not (isinstance(k, dict) and isinstance(k.get("template"), str) and _ints(k.get("layers"))

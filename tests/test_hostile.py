@@ -466,6 +466,8 @@ DAMAGED_LORS = {
                                   "corrupt LORS"),
     "ranks shorter than the layers": ({"change_meta": meta_edit(lambda m: m["groups"][0]["ranks"].pop())},
                                       "corrupt LORS"),
+    "recorded error huge (found by fuzzing)": (
+        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("rel_error", 1e308))}, "corrupt LORS"),
     "zero dense params": ({"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dense_params", 0))},
                           "corrupt LORS"),
     "kept_dense template with a format field": ({"change_meta": meta_edit(lambda m: m["kept_dense"].append(
