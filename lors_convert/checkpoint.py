@@ -7,7 +7,9 @@ every header field is checked before use, and output can be streamed shard by sh
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import glob
 import hashlib
 import json
 import math
@@ -28,7 +30,7 @@ DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
+    "C64": torch.complex64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces too
@@ -41,7 +43,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in DTYPE_NAMES:
         raise LorsError(f"unknown floating dtype {name!r} (try float32, float16 or bfloat16)")
     return dtype
 
@@ -90,7 +92,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise LorsError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -180,6 +182,9 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
         for key, value in d.items():
             name = f"{prefix}{key}"
             if isinstance(value, torch.Tensor):
+                if value.layout != torch.strided or value.device.type != "cpu" or value.dtype not in DTYPE_NAMES:
+                    raise LorsError(f"{path}: tensor {name!r} is a {value.layout} {value.dtype} tensor on "
+                                    f"{value.device}; only dense tensors of safetensors dtypes are read")
                 flat[name] = value
             elif isinstance(value, dict):
                 walk(name + ".", value)
@@ -208,7 +213,7 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
             why = f"it would import {found.group(1)}" if found else "it is not a plain tensor checkpoint"
             raise LorsError(f"{path}: refusing to unpickle: {why}; only tensors and plain containers are "
                             "loaded, nothing in the file was run") from None
-        except (RuntimeError, EOFError, ValueError, OSError, struct.error) as e:
+        except Exception as e:  # whatever torch's parser trips over in a damaged file
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
     return _unwrap_state_dict(obj, path)
@@ -243,7 +248,7 @@ def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AssertionError):
         raise LorsError(f"{index}: not a valid shard index (expected a JSON object with a weight_map)") from None
     files = []
     for name in sorted(set(weight_map.values())):
@@ -374,14 +379,22 @@ class SafetensorsWriter:
             self.temp_files.append(tmp)
             tmp.write_text(json.dumps(index, indent=2))
             staged.append((tmp, index_path(self.path)))
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        renamed = []
+        try:
+            for tmp, final in staged:
+                os.replace(tmp, final)
+                renamed.append(final)
+        except BaseException:  # an interrupt between renames must not leave some shards without their index
+            for final in renamed:
+                final.unlink(missing_ok=True)
+            raise
         self.cleanup()
-        return [final for _, final in staged]
+        return renamed
 
     def cleanup(self) -> None:
         for shard in self.shards:
-            shard["file"].close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                shard["file"].close()
         for tmp in self.temp_files:
             tmp.unlink(missing_ok=True)
 
@@ -404,9 +417,12 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
     if output.suffix != ".safetensors":
         raise LorsError(f"{output}: the output must end in .safetensors")
     resolved = {Path(p).resolve() for p in inputs}
-    for candidate in (output, index_path(output)):
+    shards = output.parent.glob(f"{glob.escape(output.name.removesuffix('.safetensors'))}-*-of-*.safetensors")
+    for candidate in (output, index_path(output), *sorted(shards)):
         if candidate.resolve() in resolved:
             raise LorsError(f"{output}: refusing to write onto the input")
+        if candidate.is_dir():
+            raise LorsError(f"{candidate}: is a folder")
         if candidate.exists() and not force:
             raise LorsError(f"{candidate}: already exists (use --force to overwrite)")
 

@@ -20,7 +20,7 @@ app = typer.Typer(
          "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
          "Add --debug anywhere to see tracebacks.",
 )
-COMMANDS = {"convert", "report", "inspect", "expand"}
+COMMANDS = {"convert", "report", "inspect", "expand", "verify"}
 
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 Force = typer.Option(False, "--force", "-f", help="Overwrite an existing output.")
@@ -150,7 +150,7 @@ def expand(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
 
     size = parse_size(shard_size)
     source, meta = read_lors(lors)
-    check_output_path(output, source.files, force)
+    check_output_path(output, [source.path, *source.files], force)
     with progress_bars(quiet) as progress, SafetensorsWriter(output, size) as writer:
         advance = progress("expanding", len(source.info))
         for name, tensor in expand_tensors(source, meta):
@@ -158,6 +158,27 @@ def expand(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
             advance()
         files = writer.commit({"format": "pt"})
     stderr.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+@app.command()
+def verify(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+           source: Optional[Path] = typer.Option(None, "--source", help="The checkpoint it was converted from: "
+                                                 "check its sha256 and recompute each group's error."),
+           as_json: bool = AsJson, quiet: bool = Quiet) -> None:
+    """Check a LORS checkpoint: factors, shapes, finite values, counts; with --source, hash and errors."""
+    import json
+
+    from lors_convert.verify import verify as run_verify
+
+    result = run_verify(lors, source)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    for problem in result["problems"]:
+        stderr.print(f"[red]problem:[/red] {escape(problem)}", soft_wrap=True)
+    if not result["ok"]:
+        raise typer.Exit(1)
+    if not as_json:
+        stderr.print(f"ok: {result['groups']} groups consistent" + (", source and errors match" if source else ""))
 
 
 def default_output(model: Path) -> Path:

@@ -65,6 +65,8 @@ class Settings:
             raise LorsError("--calib-samples and --calib-max-length must be at least 1")
         if not 0 <= self.damping:
             raise LorsError(f"--damping must be 0 or more, got {self.damping}")
+        if not 0 <= self.seed < 2**32:
+            raise LorsError(f"--seed must be in [0, 2**32), got {self.seed}")
 
     def as_json(self) -> dict:
         calibration = ({"calibrate": [str(p) for p in self.calibrate], "calib_samples": self.calib_samples,
@@ -100,9 +102,13 @@ def no_progress(description: str, total: int) -> Callable[[], None]:
     return lambda: None
 
 
+LARGEST = 1e15  # beyond this, sums of squares in float32 arithmetic can overflow
+
+
 def check_finite(matrix: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(matrix).all():
-        raise LorsError(f"{name}: weights contain NaN or Inf; refusing to factor them")
+    if not torch.isfinite(matrix).all() or matrix.abs().max() > LARGEST:
+        raise LorsError(f"{name}: weights contain NaN or Inf (or magnitudes above {LARGEST:g}); "
+                        "refusing to factor them")
 
 
 def read_matrix(source: TensorSource, group: Group, i: int) -> torch.Tensor:
@@ -267,7 +273,7 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
             force: bool = False, progress: Progress = no_progress) -> tuple[list[Path], dict]:
     """Write the LORS checkpoint; returns the files written and the LORS metadata."""
     settings.validate()
-    check_output_path(output, source.files, force)
+    check_output_path(output, [source.path, *source.files], force)
     stacks, warnings = find_stacks(source.info, settings.include, settings.exclude)
     if not stacks:
         raise LorsError(f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
@@ -329,6 +335,8 @@ def write_group(source: TensorSource, group: Group, writer: SafetensorsWriter, o
         matrix = read_matrix(source, group, i)
         b, a = metric_low_rank(matrix - shared, metric(group, i), rank, seed_for(name, seed))
         b, a = b.to(out_dtype), a.to(out_dtype)
+        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            raise LorsError(f"{name}: its low-rank factors overflow {dtype_name(out_dtype)}; choose a wider --dtype")
         error = matrix - shared - b.float() @ a.float()
         layer_err_sq, layer_norm_sq = error.square().sum().item(), matrix.square().sum().item()
         err_sq, norm_sq = err_sq + layer_err_sq, norm_sq + layer_norm_sq

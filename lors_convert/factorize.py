@@ -103,27 +103,46 @@ def allocate_ranks(spectra: list[list[torch.Tensor]], norms_sq: list[float], cos
     """Greedy allocation of rank units across all groups and layers under a parameter budget.
 
     Each rank unit of layer j in group g removes sq_value / ‖W_g‖² from the objective Σ_g relative
-    squared error and costs rows + cols parameters. Within a layer the gains fall with the index, so
-    taking units by gain per parameter in one sorted pass is the greedy optimum (a fractional knapsack).
+    squared error and costs rows + cols parameters. Units are taken by gain per parameter, each one that
+    still fits (within a layer the gains fall and the costs are equal, so a layer's units are taken in
+    order). Greedy knapsack can lose to a uniform rank when costs differ, so the better of the two is kept.
     """
+    ranks = [[0] * len(layers) for layers in spectra]
     gains, owners = [], []
     for g, layers in enumerate(spectra):
         for j, sq in enumerate(layers):
             gains.append(sq / max(norms_sq[g], 1e-30) / costs[g])
-            owners.append(torch.full((len(sq),), g * 1_000_003 + j, dtype=torch.int64))
-    ranks = [[0] * len(layers) for layers in spectra]
+            owners.extend([(g, j, costs[g])] * len(sq))
     if not gains or budget <= 0:
         return ranks
     gain = torch.cat(gains)
-    owner = torch.cat(owners)
-    cost = torch.cat([torch.full((len(sq),), costs[g], dtype=torch.int64)
-                      for g, layers in enumerate(spectra) for sq in layers])
-    order = torch.sort(gain, descending=True, stable=True).indices
-    spent = torch.cumsum(cost[order], 0)
-    taken = order[(spent <= budget) & (gain[order] > 0)]
-    for key in owner[taken].tolist():
-        ranks[key // 1_000_003][key % 1_000_003] += 1
-    return ranks
+    left = budget
+    for unit in torch.sort(gain, descending=True, stable=True).indices.tolist():
+        g, j, cost = owners[unit]
+        if gain[unit] <= 0:
+            break
+        if cost <= left:
+            left -= cost
+            ranks[g][j] += 1
+    uniform = uniform_ranks(spectra, costs, budget)
+    return min((ranks, uniform), key=lambda r: residual_error(spectra, norms_sq, r))
+
+
+def uniform_ranks(spectra: list[list[torch.Tensor]], costs: list[int], budget: int) -> list[list[int]]:
+    """The largest single rank (capped by each layer's size) whose total cost fits the budget."""
+    best = [[0] * len(layers) for layers in spectra]
+    for rank in range(1, max((len(sq) for layers in spectra for sq in layers), default=0) + 1):
+        ranks = [[min(rank, len(sq)) for sq in layers] for layers in spectra]
+        if sum(c * sum(r) for c, r in zip(costs, ranks)) > budget:
+            break
+        best = ranks
+    return best
+
+
+def residual_error(spectra: list[list[torch.Tensor]], norms_sq: list[float], ranks: list[list[int]]) -> float:
+    """The allocation objective: Σ_g (energy the ranks leave out of group g) / ‖W_g‖²."""
+    return sum(sum(sq[r:].sum().item() for sq, r in zip(layers, group_ranks)) / max(norm_sq, 1e-30)
+               for layers, norm_sq, group_ranks in zip(spectra, norms_sq, ranks))
 
 
 def lors_params(rows: int, cols: int, ranks: list[int], shared: bool = True) -> int:

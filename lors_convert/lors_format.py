@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource, open_checkpoint
+from lors_convert.checkpoint import DTYPE_NAMES, TensorSource, open_checkpoint
 
 FORMAT_VERSION = 1
 METADATA_KEY = "lors"
@@ -25,43 +25,95 @@ def factor_keys(name: str) -> tuple[str, str]:
     return f"{name}.lora_A", f"{name}.lora_B"
 
 
-def read_lors(path: str | Path) -> tuple[TensorSource, dict]:
-    """Open a LORS checkpoint and return it with its parsed, version-checked description."""
+def read_lors(path: str | Path, check: bool = True) -> tuple[TensorSource, dict]:
+    """Open a LORS checkpoint and return it with its parsed, version-checked description (and, with `check`,
+    refuse it when a factor is missing or misshapen)."""
     source = open_checkpoint(path)
     raw = source.metadata.get(METADATA_KEY)
     if raw is None and source.path.name.endswith(".index.json"):
-        raw = json.loads(source.path.read_text()).get("metadata", {}).get(METADATA_KEY)
+        index_meta = json.loads(source.path.read_text()).get("metadata")
+        raw = index_meta.get(METADATA_KEY) if isinstance(index_meta, dict) else None
     if raw is None:
         raise LorsError(f"{path}: not a LORS checkpoint (no '{METADATA_KEY}' metadata; convert it first)")
     try:
         meta = json.loads(raw)
         version = meta["format_version"]
-    except (json.JSONDecodeError, TypeError, KeyError):
+    except (json.JSONDecodeError, RecursionError, TypeError, KeyError):
         raise LorsError(f"{path}: corrupt LORS metadata") from None
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:
+        raise LorsError(f"{path}: corrupt LORS metadata (format_version {version!r})")
+    if version > FORMAT_VERSION:
         raise LorsError(f"{path}: LORS format_version {version} is newer than this tool reads "
                         f"({FORMAT_VERSION}); upgrade lors-convert")
-    check_consistency(source, meta, path)
+    problem = schema_problem(meta)
+    if problem:
+        raise LorsError(f"{path}: corrupt LORS metadata ({problem})")
+    problems = consistency_problems(source, meta) if check else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LorsError(f"{path}: damaged LORS checkpoint: {problems[0]}{more}")
     return source, meta
 
 
-def check_consistency(source: TensorSource, meta: dict, path: str | Path) -> None:
-    """Every factor the metadata names is present with the shape it implies."""
-    try:
-        for group in meta["groups"]:
-            rows, cols = group["shape"][0], math.prod(group["shape"][1:])
-            expected = {shared_key(group["template"]): tuple(group["shape"])} if is_shared(group) else {}
-            for name, rank in zip(group["names"], group["ranks"], strict=True):
-                a_key, b_key = factor_keys(name)
-                expected[a_key], expected[b_key] = (rank, cols), (rows, rank)
-            for key, shape in expected.items():
-                if key not in source.info:
-                    raise LorsError(f"{path}: damaged LORS checkpoint: tensor {key!r} is missing")
-                if source.info[key].shape != shape:
-                    raise LorsError(f"{path}: damaged LORS checkpoint: {key!r} has shape "
-                                    f"{list(source.info[key].shape)}, the metadata implies {list(shape)}")
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise LorsError(f"{path}: corrupt LORS metadata (groups malformed)") from None
+def _ints(value, n: int | None = None, low: int = 0) -> bool:
+    return (isinstance(value, list) and all(type(x) is int and x >= low for x in value)
+            and (n is None or len(value) == n))
+
+
+def _is_dtype_name(name) -> bool:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES
+
+
+def schema_problem(meta: dict) -> str | None:
+    """What is wrong with the fields report and expand rely on, or None."""
+    for key, kind in (("groups", list), ("kept_dense", list), ("source", dict), ("settings", dict),
+                      ("dtypes", dict)):
+        if not isinstance(meta.get(key, {} if key == "dtypes" else None), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if not (isinstance(meta["source"].get("path"), str) and type(meta["source"].get("bytes")) is int):
+        return "'source' needs a path and a byte count"
+    if not all(_is_dtype_name(v) for v in meta.get("dtypes", {}).values()):
+        return "'dtypes' names something that is not a dtype"
+    for g in meta["groups"]:
+        if not (isinstance(g, dict) and isinstance(g.get("template"), str) and "{i}" in g["template"]
+                and _ints(g.get("layers")) and g["layers"]):
+            return "a group needs a template with {i} and its layers"
+        n = len(g["layers"])
+        if not (isinstance(g.get("names"), list) and len(g["names"]) == n
+                and all(isinstance(name, str) for name in g["names"]) and _ints(g.get("ranks"), n)):
+            return f"{g['template']}: names and ranks must list each of its {n} layers"
+        if not (_ints(g.get("shape"), low=1) and len(g["shape"]) >= 2 and _is_dtype_name(g.get("dtype"))
+                and getattr(torch, g["dtype"]).is_floating_point):
+            return f"{g['template']}: shape or dtype malformed"
+        if not (_ints([g.get("dense_params"), g.get("lors_params")], low=1)
+                and type(g.get("rel_error")) in (int, float) and 0 <= g["rel_error"] < 1e100):
+            return f"{g['template']}: parameter counts or error malformed"
+        if type(g.get("shared", True)) is not bool:
+            return f"{g['template']}: 'shared' must be true or false"
+    for k in meta["kept_dense"]:
+        if not (isinstance(k, dict) and isinstance(k.get("template"), str) and _ints(k.get("layers"))
+                and isinstance(k.get("reason"), str)):
+            return "a kept_dense entry needs a template, layers and a reason"
+    return None
+
+
+def consistency_problems(source: TensorSource, meta: dict) -> list[str]:
+    """Every factor the metadata names must be present with the shape it implies (schema already checked)."""
+    problems = []
+    for group in meta["groups"]:
+        rows, cols = group["shape"][0], math.prod(group["shape"][1:])
+        expected = {shared_key(group["template"]): tuple(group["shape"])} if is_shared(group) else {}
+        for name, rank in zip(group["names"], group["ranks"], strict=True):
+            a_key, b_key = factor_keys(name)
+            expected[a_key], expected[b_key] = (rank, cols), (rows, rank)
+        for key, shape in expected.items():
+            if key not in source.info:
+                problems.append(f"tensor {key!r} is missing")
+            elif source.info[key].shape != shape:
+                problems.append(f"{key!r} has shape {list(source.info[key].shape)}, the metadata implies "
+                                f"{list(shape)}")
+    return problems
 
 
 def is_shared(group: dict) -> bool:

@@ -55,8 +55,8 @@ def build_report(source: TensorSource, meta: dict) -> dict:
 
 def _kept_stack_names(meta: dict, source: TensorSource) -> list[str]:
     """Names of stacked tensors that stayed dense (their templates filled with each layer index)."""
-    return [k["template"].format(i=i) for k in meta["kept_dense"] for i in k["layers"]
-            if k["template"].format(i=i) in source.info]
+    names = (k["template"].replace("{i}", str(i)) for k in meta["kept_dense"] for i in k["layers"])
+    return [name for name in names if name in source.info]
 
 
 def _pooled_error(groups: list[dict], kept_params: int) -> float:
@@ -80,6 +80,8 @@ def human_bytes(n: float) -> str:
 
 
 def print_report(report: dict, as_json: bool = False) -> None:
+    for warning in report["warnings"]:
+        stderr.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -105,8 +107,6 @@ def print_report(report: dict, as_json: bool = False) -> None:
                  f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix")
     for k in report["kept_dense"]:
         stdout.print(f"[dim]kept dense: {escape(k['template'])}: {escape(k['reason'])}[/dim]")
-    for warning in report["warnings"]:
-        stderr.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def inspect_data(source: TensorSource, stacks: list[Stack], warnings: list[str], ranks: list[int]) -> dict:

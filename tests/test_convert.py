@@ -296,7 +296,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, cli, monkeypatch):
     import lors_convert.convert as convert_module
 
     calls = {"n": 0}
-    real = convert_module.low_rank
+    real = convert_module.metric_low_rank
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -304,7 +304,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, cli, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "low_rank", interrupted)
+    monkeypatch.setattr(convert_module, "metric_low_rank", interrupted)
     result = cli(tmp_path / "m.safetensors", "--quiet", "--rank", "2")
     assert result.code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

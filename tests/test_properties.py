@@ -1,0 +1,101 @@
+"""Properties of the math in factorize.py, checked by hypothesis on small random matrices and spectra."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lors_convert.factorize import allocate_ranks, low_rank, lors_params, spectrum
+
+FAST = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def matrices(draw, max_side: int = 12) -> torch.Tensor:
+    rows, cols = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    seed = draw(st.integers(0, 2**31))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    matrix = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scale
+    if draw(st.booleans()):  # a low-rank matrix: repeated and zero singular values
+        k = draw(st.integers(0, min(rows, cols)))
+        matrix = matrix[:, :k] @ torch.randn(k, cols, generator=torch.Generator().manual_seed(seed + 1))
+    return matrix
+
+
+def error_sq(matrix: torch.Tensor, rank: int) -> float:
+    b, a = low_rank(matrix, rank)
+    assert b.shape == (matrix.shape[0], min(rank, *matrix.shape)) and a.shape == (b.shape[1], matrix.shape[1])
+    return (matrix - b @ a).double().square().sum().item()
+
+
+@FAST
+@given(matrices())
+def test_error_never_rises_with_rank_and_matches_the_spectrum_tail(matrix):
+    total = matrix.double().square().sum().item()
+    tail = spectrum(matrix)
+    errors = [error_sq(matrix, r) for r in range(min(matrix.shape) + 1)]
+    tol = 1e-5 * total + 1e-30
+    for r, err in enumerate(errors):
+        assert abs(err - tail[r:].sum().item()) <= tol  # Eckart–Young: the best rank-r error
+        if r:
+            assert err <= errors[r - 1] + tol
+
+
+@FAST
+@given(matrices())
+def test_exact_at_full_rank(matrix):
+    b, a = low_rank(matrix, min(matrix.shape))
+    assert torch.allclose(b @ a, matrix, rtol=1e-4, atol=1e-5 * matrix.abs().max().item())
+
+
+@FAST
+@given(st.integers(1, 40), st.integers(1, 40), st.lists(st.integers(0, 50), min_size=1, max_size=6))
+def test_parameter_accounting_is_exact(rows, cols, ranks):
+    matrix = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 41 + cols))
+    factors = [low_rank(matrix, r) for r in ranks]
+    stored = rows * cols + sum(b.numel() + a.numel() for b, a in factors)
+    assert lors_params(rows, cols, [b.shape[1] for b, _ in factors]) == stored
+    assert lors_params(rows, cols, ranks, shared=False) == sum(ranks) * (rows + cols)
+
+
+@st.composite
+def allocation_problems(draw):
+    """Groups of layers with descending squared spectra, their norms and per-unit costs."""
+    spectra, norms, costs = [], [], []
+    for _ in range(draw(st.integers(1, 4))):
+        side = draw(st.integers(1, 6))
+        costs.append(draw(st.integers(2 * side, 6 * side)))
+        layers = [torch.tensor(sorted(draw(st.lists(st.floats(0, 100), min_size=side, max_size=side)),
+                                      reverse=True), dtype=torch.float64)
+                  for _ in range(draw(st.integers(1, 4)))]
+        spectra.append(layers)
+        norms.append(sum(s.sum().item() for s in layers) + draw(st.floats(0.1, 100)))
+    return spectra, norms, costs
+
+
+def objective(spectra, norms, ranks) -> float:
+    """Σ over groups of the relative squared error that the chosen ranks leave."""
+    return sum(sum(sq[r:].sum().item() for sq, r in zip(layers, group_ranks)) / norm
+               for layers, norm, group_ranks in zip(spectra, norms, ranks))
+
+
+def cost(costs, ranks) -> int:
+    return sum(c * sum(group_ranks) for c, group_ranks in zip(costs, ranks))
+
+
+@settings(max_examples=150, deadline=None)
+@given(allocation_problems(), st.integers(-5, 500))
+def test_allocation_stays_within_budget(problem, budget):
+    spectra, norms, costs = problem
+    ranks = allocate_ranks(spectra, norms, costs, budget)
+    assert cost(costs, ranks) <= max(budget, 0)
+    assert all(0 <= r <= len(sq) for layers, rs in zip(spectra, ranks) for sq, r in zip(layers, rs))
+
+
+@settings(max_examples=150, deadline=None)
+@given(allocation_problems(), st.integers(0, 6))
+def test_allocation_is_never_worse_than_uniform_of_the_same_cost(problem, rank):
+    spectra, norms, costs = problem
+    uniform = [[min(rank, len(sq)) for sq in layers] for layers in spectra]
+    ranks = allocate_ranks(spectra, norms, costs, cost(costs, uniform))
+    assert objective(spectra, norms, ranks) <= objective(spectra, norms, uniform) + 1e-9

@@ -1,0 +1,76 @@
+"""Determinism (same input and settings, byte-identical output) and the full-rank round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import bert, rand
+from lors_convert.checkpoint import SafetensorsWriter, open_checkpoint
+from lors_convert.convert import Group, mean_matrix, write_group
+from lors_convert.factorize import use_randomized
+from lors_convert.lors_format import FORMAT_VERSION, METADATA_KEY, expand, read_lors
+from lors_convert.stacks import find_stacks
+
+
+@pytest.mark.parametrize("options", [["--rank", "4"], ["--reduction", "0.5"], ["--energy", "0.8"],
+                                     ["--rank", "3", "--dtype", "bfloat16", "--shard-size", "30kB"]])
+def test_same_input_and_settings_give_identical_bytes(tmp_path, cli, options):
+    sd = {f"layers.{i}.w": rand(128, 96, seed=i) for i in range(3)}  # large enough for the randomized SVD
+    assert use_randomized(128, 96, 4)
+    sd.update(bert(layers=2, hidden=16, inter=32))
+    save_file(sd, tmp_path / "m.safetensors")
+    outputs = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        assert cli(tmp_path / "m.safetensors", "-o", folder / "o.safetensors", "--quiet", *options).code == 0
+        outputs.append({p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+    assert outputs[0] == outputs[1]
+
+
+def full_rank_lors(source_path, out):
+    """Convert through the library at full rank on the factored path (the CLI keeps such groups dense,
+    since full-rank factors are never smaller than the dense layers)."""
+    source = open_checkpoint(source_path)
+    stacks, _ = find_stacks(source.info)
+    meta = {"format_version": FORMAT_VERSION, "source": {"path": str(source_path), "bytes": 0},
+            "settings": {}, "kept_dense": [], "dtypes": {}, "groups": []}
+    with SafetensorsWriter(out, 10**9) as writer:
+        for stack in stacks:
+            group = Group(stack, ranks=[min(stack.rows, stack.cols)] * len(stack.layers))
+            group.shared_matrix = mean_matrix(source, group, stack.dtype)
+            meta["groups"].append(write_group(source, group, writer, stack.dtype, 0, lambda: None))
+        for name in source.info:
+            if not any(name in s.names for s in stacks):
+                writer.add(name, source.get(name))
+        writer.commit({"format": "pt", METADATA_KEY: json.dumps(meta)})
+    return meta
+
+
+def test_expand_of_full_rank_convert_is_the_input(tmp_path):
+    sd = {f"tall.{i}.w": rand(40, 12, seed=i) for i in range(3)}
+    sd.update({f"wide.{i}.w": rand(12, 40, seed=10 + i) * 100 for i in range(3)})
+    sd.update({f"conv.{i}.w": rand(8, 3, 3, 3, seed=20 + i) for i in range(2)})
+    sd.update({f"conv.{i}.b": rand(8, seed=30 + i) for i in range(2)})
+    save_file(sd, tmp_path / "m.safetensors")
+    meta = full_rank_lors(tmp_path / "m.safetensors", tmp_path / "m.lors.safetensors")
+    assert len(meta["groups"]) == 3 and all(g["rel_error"] < 1e-6 for g in meta["groups"])
+    dense = dict(expand(*read_lors(tmp_path / "m.lors.safetensors")))
+    assert set(dense) == set(sd)
+    for name, tensor in sd.items():
+        assert dense[name].dtype == tensor.dtype and dense[name].shape == tensor.shape
+        torch.testing.assert_close(dense[name], tensor, rtol=1e-5, atol=1e-6 * tensor.abs().max().item())
+
+
+def test_cli_expand_gives_back_what_the_report_promises(tmp_path, cli):
+    save_file(bert(layers=4, hidden=16, inter=32), tmp_path / "m.safetensors")
+    assert cli(tmp_path / "m.safetensors", "--quiet", "--rank", "16").code == 0  # full rank for 16 x 16
+    assert cli("expand", tmp_path / "m.lors.safetensors", "-o", tmp_path / "d.safetensors", "--quiet").code == 0
+    original, dense = load_file(tmp_path / "m.safetensors"), load_file(tmp_path / "d.safetensors")
+    assert original.keys() == dense.keys()
+    for name in original:
+        torch.testing.assert_close(dense[name], original[name], rtol=1e-5, atol=1e-6)
