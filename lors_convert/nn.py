@@ -151,8 +151,8 @@ def lors_state(model: nn.Module, source: TensorSource, meta: dict) -> dict[str, 
             out[a_key], out[b_key] = module.lora_A.detach().to(dtype), module.lora_B.detach().to(dtype)
         out[shared_key(group["template"])] = module.shared.detach().reshape(shape).to(dtype)
     for name, info in source.info.items():
-        if name not in out:
-            out[name] = state[prefix + name].detach().to(info.dtype)
+        if name not in out:  # a buffer the class does not persist (BERT's position_ids) stays as it was
+            out[name] = state[prefix + name].detach().to(info.dtype) if prefix + name in state else source.get(name)
     return out
 
 
