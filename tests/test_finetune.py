@@ -252,6 +252,7 @@ def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(tmp
 # ---------------------------------------------------------------- the real model
 
 
+@pytest.mark.slow
 def test_minilm_end_to_end(tmp_path, cli, minilm):
     lors = tmp_path / "minilm.lors.safetensors"
     assert cli(minilm, "-o", lors, "--rank", "32", "--quiet", "--json").code == 0
