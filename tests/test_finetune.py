@@ -1,0 +1,270 @@
+"""Runtime LORS modules, fine-tuning, DDP, resume and eval, through the real CLI on tiny random HF models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+from lors_convert.evaluate import layer_outputs, load_pair  # noqa: E402
+from lors_convert.finetune import stacked_layer_paths, step_loss  # noqa: E402
+from lors_convert.hf import hf_architecture, load_state  # noqa: E402
+from lors_convert.lors_format import read_lors  # noqa: E402
+from lors_convert.nn import LorsLinear, lors_groups, merge_lors, to_lors  # noqa: E402
+
+WORDS = ("the a function module returns value list string object class method file error type data name "
+         "python call argument default new time number line code example set dictionary key").split()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(kind: str):
+    common = dict(vocab_size=len(WORDS) + 4, initializer_range=0.2)  # large weights: layers matter
+    if kind == "bert":
+        return transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=64, **common)
+    if kind == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
+    return transformers.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                                    **common)
+
+
+def make_model_dir(folder: Path, kind: str) -> Path:
+    """A tiny random model saved with save_pretrained, with a word-level tokenizer (no network)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    config = tiny_config(kind)
+    model = transformers.BertModel(config) if kind == "bert" else transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
+                                         pad_token="[PAD]").save_pretrained(folder)
+    return folder
+
+
+def text_file(path: Path, lines: int = 120, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(4, 20))) for _ in range(lines)) + "\n")
+    return path
+
+
+@pytest.fixture
+def converted(tmp_path, cli):
+    """(model dir, LORS file, report) of a tiny model converted at rank 4."""
+    def make(kind: str, *options: str):
+        folder = make_model_dir(tmp_path / kind, kind)
+        out = tmp_path / f"{kind}.lors.safetensors"
+        options = options or ("--rank", "4")
+        result = cli(folder, "-o", out, "--quiet", "--json", *options,
+                     *(() if "--shared" in options else ("--shared", "mean")))
+        assert result.code == 0, result.err
+        return folder, out, result.json()
+    return make
+
+
+def finetune_args(lors: Path, data: Path, out: Path, *extra: str) -> list:
+    return ["finetune", lors, "-d", data, "-o", out, "--steps", "6", "--batch-size", "8", "--lr", "1e-3",
+            "--warmup", "1", "--eval-examples", "16", "--max-length", "32", "--quiet", "--json", *extra]
+
+
+def random_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, len(WORDS) + 4, (3, 17), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- runtime modules
+
+
+@pytest.mark.parametrize("kind,shared", [("bert", "mean"), ("gpt2", "mean"), ("llama", "mean"), ("llama", "none")])
+def test_lors_model_equals_expanded_dense_model_and_counts_as_the_report(tmp_path, cli, converted, kind, shared):
+    folder, lors, report = converted(kind, "--rank", "4", "--shared", shared)
+    assert cli("expand", lors, "-o", tmp_path / "dense.safetensors", "--quiet").code == 0
+    dense = load_state(hf_architecture(folder), load_file(tmp_path / "dense.safetensors"), "expanded")
+    source, meta = read_lors(lors)
+    model = to_lors(hf_architecture(folder), source, meta)
+
+    assert sum(p.numel() for p in model.parameters()) == report["total"]["lors_params"]
+    groups = lors_groups(model)
+    assert len(groups) == (len(report["groups"]) if shared == "mean" else 0)
+    assert all(len(modules) == 3 for modules in groups.values())  # one shared Parameter per group of 3 layers
+    assert all(m.transposed == (kind == "gpt2") for m in model.modules() if isinstance(m, LorsLinear))
+    assert sum(isinstance(m, LorsLinear) for m in model.modules()) == 3 * len(report["groups"])
+
+    ids = random_ids()
+    with torch.no_grad():
+        expected = dense(ids)[0]
+        got = model(ids)[0]
+        assert (got - expected).norm() <= 1e-5 * expected.norm()
+        merged = merge_lors(model)
+        assert not any(isinstance(m, LorsLinear) for m in merged.modules())
+        assert (merged(ids)[0] - expected).norm() <= 1e-5 * expected.norm()
+    assert set(merged.state_dict()) == set(dense.state_dict())
+
+
+def test_shared_parameter_gets_the_gradient_of_all_its_layers(tmp_path, converted):
+    folder, lors, _ = converted("bert")
+    pair = load_pair(lors)
+    paths = stacked_layer_paths(pair.teacher, pair.meta)
+    merged = merge_lors(copy.deepcopy(pair.student))
+    batch = {"input_ids": random_ids()}
+    step_loss(pair.student, pair.teacher, batch, paths, "distill").backward()
+    step_loss(merged, pair.teacher, batch, paths, "distill").backward()
+    for modules in lors_groups(pair.student).values():
+        shared = modules[0].shared
+        # dL/dS = Σ_i dL/dW_i over the layers sharing S (each W_i = S + B_i A_i)
+        paths_of = {id(m): p for p, m in pair.student.named_modules()}
+        expected = sum(merged.get_submodule(paths_of[id(m)]).weight.grad for m in modules)
+        assert torch.allclose(shared.grad, expected, rtol=1e-4, atol=1e-7)
+        for m in modules:
+            w_grad = merged.get_submodule(paths_of[id(m)]).weight.grad
+            assert torch.allclose(m.lora_B.grad, w_grad @ m.lora_A.detach().T, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_lowers_the_loss_and_trains_exactly_the_lors_and_unshared_parameters(tmp_path, cli, converted):
+    folder, lors, _ = converted("bert", "--rank", "1")
+    data = text_file(tmp_path / "train.txt")
+    result = cli(*finetune_args(lors, data, tmp_path / "ft.safetensors"))
+    assert result.code == 0, result.err
+    assert set(result.json()) == {"before", "after"}
+    out_source, out_meta = read_lors(tmp_path / "ft.safetensors")
+    ft = out_meta["finetune"]
+    assert ft["loss_last"] < ft["loss_first"]
+    assert ft["frozen"] == ["pooler.dense.weight", "pooler.dense.bias"]
+    assert [g["ranks"] for g in out_meta["groups"]] == [g["ranks"] for g in read_lors(lors)[1]["groups"]]
+    old, new = load_file(lors), load_file(tmp_path / "ft.safetensors")
+    assert set(old) == set(new)
+    unchanged = {k for k in old if torch.equal(old[k], new[k])}
+    assert unchanged == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert not (tmp_path / "ft.safetensors.train-state.pt").exists()
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path, cli, converted, monkeypatch):
+    folder, lors, _ = converted("bert")
+    data = text_file(tmp_path / "train.txt")
+    assert cli(*finetune_args(lors, data, tmp_path / "straight.safetensors", "--save-every", "3")).code == 0
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def interrupted_step(self, *args, **kwargs):  # Ctrl-C during the 5th optimizer step
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    out = tmp_path / "resumed.safetensors"
+    assert cli(*finetune_args(lors, data, out, "--save-every", "3")).code != 0
+    assert not out.exists() and Path(f"{out}.train-state.pt").is_file()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+
+    refused = cli(*finetune_args(lors, data, out, "--save-every", "3", "--lr", "2e-3", "--resume"))
+    assert refused.code == 1 and "other settings (lr)" in refused.err
+    result = cli(*finetune_args(lors, data, out, "--save-every", "3", "--resume"))
+    assert result.code == 0, result.err
+    assert read_lors(out)[1]["finetune"]["resumed_at"] == 3
+    straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_objective_lm_and_lm_metrics_on_a_causal_model(tmp_path, cli, converted):
+    folder, lors, _ = converted("llama")
+    data = text_file(tmp_path / "train.txt")
+    result = cli(*finetune_args(lors, data, tmp_path / "lm.safetensors", "--objective", "lm", "--lr", "1e-2"))
+    assert result.code == 0, result.err
+    before, after = result.json()["before"], result.json()["after"]
+    assert {"cos", "top10", "ppl_teacher", "ppl_student", "kl"} <= set(after)
+    assert after["ppl_student"] < before["ppl_student"] and after["ppl_teacher"] == before["ppl_teacher"]
+    assert read_lors(tmp_path / "lm.safetensors")[1]["finetune"]["settings"]["objective"] == "lm"
+
+
+def test_eval_and_teacher_mismatch(tmp_path, cli, converted):
+    folder, lors, _ = converted("gpt2")
+    data = text_file(tmp_path / "held_out.txt", lines=30, seed=1)
+    result = cli("eval", lors, "-d", data, "--json")
+    assert result.code == 0, result.err
+    metrics = result.json()
+    assert metrics["examples"] == 30 and 0 < metrics["cos"] <= 1 and 0 <= metrics["top10"] <= 1
+    assert metrics["kl"] > 0 and metrics["ppl_student"] > 1
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in folder.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    weights = load_file(other / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.weight"] *= 3
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    refused = cli("eval", lors, "-d", data, "--teacher", other)
+    assert refused.code == 1 and "--allow-teacher-mismatch" in refused.err and "\n" not in refused.err.strip()
+    allowed = cli("eval", lors, "-d", data, "--teacher", other, "--allow-teacher-mismatch", "--json")
+    assert allowed.code == 0 and "warning" in allowed.err
+    assert allowed.json()["cos"] != metrics["cos"]
+
+
+def test_factory_model_with_tensor_data(tmp_path, cli):
+    from factory_models import stacked_mlp
+
+    torch.manual_seed(0)
+    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
+    assert cli(tmp_path / "mlp.safetensors", "--rank", "2", "--shared", "mean", "--quiet", "--json").code == 0
+    save_file({"x": torch.randn(60, 5, 16)}, tmp_path / "inputs.safetensors")
+    lors = tmp_path / "mlp.lors.safetensors"
+    no_factory = cli("eval", lors, "-d", tmp_path / "inputs.safetensors")
+    assert no_factory.code == 1 and "--model-factory" in no_factory.err
+    result = cli(*finetune_args(lors, tmp_path / "inputs.safetensors", tmp_path / "ft.safetensors",
+                                "--model-factory", "factory_models:stacked_mlp"))
+    assert result.code == 0, result.err
+    assert result.json()["after"]["cos"] > result.json()["before"]["cos"]
+
+
+# ---------------------------------------------------------------- multi-process
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(tmp_path, converted):
+    folder, lors, _ = converted("bert")
+    data = text_file(tmp_path / "train.txt")
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    args = [str(a) for a in finetune_args(lors, data, out, "--batch-size", "4", "--nproc-per-node", "2")]
+    done = subprocess.run([sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = dict(line.split(": parameter digest ") for line in done.stderr.splitlines() if "digest" in line)
+    assert set(digests) == {"rank 0", "rank 1"} and len(set(digests.values())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ddp", ".ddp"))) == ["ddp.safetensors"]
+    meta = read_lors(out)[1]["finetune"]
+    assert meta["world_size"] == 2 and meta["loss_last"] < meta["loss_first"]
+    assert json.loads(done.stdout)["after"]["cos"] > json.loads(done.stdout)["before"]["cos"]
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_minilm_end_to_end(tmp_path, cli, minilm):
+    lors = tmp_path / "minilm.lors.safetensors"
+    assert cli(minilm, "-o", lors, "--rank", "32", "--quiet", "--json").code == 0
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(f"Sentence number {i} talks about {w} and {v}." for i, (w, v) in
+                              enumerate(zip(WORDS, reversed(WORDS)))))
+    result = cli(*finetune_args(lors, data, tmp_path / "ft.safetensors", "--steps", "4", "--lr", "1e-3"))
+    assert result.code == 0, result.err
+    before, after = result.json()["before"], result.json()["after"]
+    assert after["cos"] > before["cos"]
+    evaluated = cli("eval", tmp_path / "ft.safetensors", "-d", data, "--json")
+    assert evaluated.code == 0 and evaluated.json()["examples"] == data.read_text().count("\n") + 1
