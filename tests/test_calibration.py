@@ -1,0 +1,162 @@
+"""Conversion that keeps the function: refit of the shared matrix, unshared groups, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import low_rank_stack, rand
+from lors_convert.checkpoint import open_checkpoint
+from lors_convert.convert import Group, mean_matrix, refit_shared
+from lors_convert.factorize import metric_low_rank
+from lors_convert.lors_format import expand, read_lors
+from lors_convert.stacks import find_stacks
+
+
+def convert_json(cli, *args) -> dict:
+    result = cli(*args, "--quiet", "--json")
+    assert result.code == 0, result.err
+    return result.json()
+
+
+def test_refit_recovers_shared_plus_low_rank_that_does_not_average_to_zero(tmp_path, cli):
+    shared = rand(48, 64, seed=1)
+    layers = [shared + rand(48, 4, seed=2 + i) @ rand(4, 64, seed=20 + i) * 10 for i in range(6)]
+    save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
+    mean = convert_json(cli, tmp_path / "m.safetensors", "--rank", "4", "--shared", "mean")
+    refit = convert_json(cli, tmp_path / "m.safetensors", "--rank", "4", "--shared", "refit", "-o",
+                         tmp_path / "r.safetensors")
+    assert mean["groups"][0]["rel_error"] > 0.2  # the mean alone leaves a large error
+    assert refit["groups"][0]["rel_error"] <= 1e-4
+    source, meta = read_lors(tmp_path / "r.safetensors")
+    for name, weight in expand(source, meta):
+        i = int(name.split(".")[1])
+        assert (weight - layers[i]).norm() <= 1e-4 * layers[i].norm()
+
+
+def refit_group(tmp_path, metrics: bool) -> tuple[list[float], float]:
+    layers = [w + 0.3 * rand(24, 32, seed=50 + i) for i, w in
+              enumerate(low_rank_stack(layers=5, rows=24, cols=32, rank=3, centred=False))]
+    save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
+    source = open_checkpoint(tmp_path / "m.safetensors")
+    stacks, _ = find_stacks(source.info)
+    group = Group(stacks[0], ranks=[2, 3, 1, 0, 3])
+    if metrics:
+        inputs = [rand(40, 32, seed=80 + i) @ torch.diag(torch.linspace(0.1, 3, 32)) for i in range(5)]
+        group.metrics = [(x.T @ x).double() + 0.01 * torch.eye(32, dtype=torch.float64) for x in inputs]
+    group.shared_matrix = mean_matrix(source, group, torch.float32)
+    history = refit_shared(source, group, torch.float32, seed=0)
+    final = 0.0
+    for i, weight in enumerate(layers):
+        residual = weight - group.shared_matrix
+        k = group.metrics[i] if metrics else None
+        b, a = metric_low_rank(residual, k, group.ranks[i])
+        error = (residual - b @ a).double()
+        final += ((error @ k) * error).sum().item() if metrics else error.square().sum().item()
+    return history, final
+
+
+@pytest.mark.parametrize("metrics", [False, True], ids=["weight space", "calibrated"])
+def test_refit_never_raises_the_objective(tmp_path, metrics):
+    history, final = refit_group(tmp_path, metrics)
+    assert len(history) >= 3
+    for before, after in zip(history, history[1:]):
+        assert after <= before * (1 + 1e-7)
+    assert history[-1] < 0.9 * history[0]  # and it does improve on the mean
+    assert final <= history[0]
+
+
+def test_shared_none_and_auto(tmp_path, cli):
+    # Two groups: one whose layers share a big common part (sharing pays), one of independent layers.
+    sd = {f"layers.{i}.common": w for i, w in enumerate(low_rank_stack(layers=6, rows=32, cols=32, rank=2,
+                                                                             centred=False))}
+    sd.update({f"layers.{i}.independent": rand(32, 32, seed=300 + i) for i in range(6)})
+    save_file(sd, tmp_path / "m.safetensors")
+    none = convert_json(cli, tmp_path / "m.safetensors", "--shared", "none", "--reduction", "0.5")
+    assert not any(g["shared"] for g in none["groups"])
+    source, _ = read_lors(tmp_path / "m.lors.safetensors")
+    assert not any("lors_shared" in name for name in source.info)
+    auto = convert_json(cli, tmp_path / "m.safetensors", "--reduction", "0.5", "--force")
+    mean = convert_json(cli, tmp_path / "m.safetensors", "--reduction", "0.5", "--shared", "mean", "--force")
+    shared = {g["template"]: g["shared"] for g in auto["groups"]}
+    assert shared == {"layers.{i}.common": True, "layers.{i}.independent": False}
+    objective = lambda r: sum(g["rel_error"] ** 2 for g in r["groups"])  # noqa: E731
+    assert objective(auto) <= objective(mean) + 1e-9
+    assert objective(auto) <= objective(none) + 1e-9
+    assert auto["stacked"]["reduction"] >= 0.5
+
+
+def hf_dir(tmp_path, kind):
+    from test_finetune import make_model_dir, text_file
+
+    return make_model_dir(tmp_path / kind, kind), text_file(tmp_path / "calib.txt", lines=64)
+
+
+def output_error_on(folder, lors, texts) -> float:
+    """‖y_student − y_teacher‖ / ‖y_teacher‖ of every stacked layer's output, layer inputs from the teacher."""
+    from lors_convert.hf import dense_model, load_state, load_tokenizer
+
+    teacher = dense_model(folder)
+    source, meta = read_lors(lors)
+    student = load_state(dense_model(folder), dict(expand(source, meta)), "student")
+    tokenizer = load_tokenizer(folder)
+    err = norm = 0.0
+    for group in meta["groups"]:
+        for name in group["names"]:
+            path = name.removesuffix(".weight")
+            t_mod, s_mod = teacher.get_submodule(path), student.get_submodule(path)
+            for text in texts:
+                captured = {}
+                hook = t_mod.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+                with torch.no_grad():
+                    teacher(**tokenizer(text, return_tensors="pt"))
+                hook.remove()
+                y_t, y_s = t_mod(captured["x"]), s_mod(captured["x"])
+                err += (y_s - y_t).square().sum().item()
+                norm += y_t.square().sum().item()
+    return (err / norm) ** 0.5
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_calibration_lowers_the_output_error(tmp_path, cli, kind):
+    pytest.importorskip("transformers")
+    folder, calib = hf_dir(tmp_path, kind)
+    plain = convert_json(cli, folder, "--rank", "2", "--shared", "mean", "-o", tmp_path / "plain.safetensors")
+    calibrated = convert_json(cli, folder, "--rank", "2", "--shared", "mean", "--calibrate", calib,
+                              "--calib-samples", "32", "-o", tmp_path / "cal.safetensors")
+    assert all("output_error" in g for g in calibrated["groups"])
+    assert len(calibrated["groups"]) == len(plain["groups"])
+    texts = calib.read_text().splitlines()[:12]
+    plain_err = output_error_on(folder, tmp_path / "plain.safetensors", texts)
+    calibrated_err = output_error_on(folder, tmp_path / "cal.safetensors", texts)
+    assert calibrated_err < plain_err
+    # Weight error is what calibration trades away: it is larger, which shows the objective changed.
+    assert calibrated["stacked"]["rel_error"] > plain["stacked"]["rel_error"]
+
+
+def test_calibration_needs_an_architecture(tmp_path, cli):
+    layers = low_rank_stack(layers=3, rows=8, cols=8, rank=1)
+    save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
+    (tmp_path / "c.txt").write_text("some text\n")
+    result = cli(tmp_path / "m.safetensors", "--calibrate", tmp_path / "c.txt", "--quiet")
+    assert result.code == 1 and "--model-factory" in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "m.safetensors"]
+
+
+def test_calibrated_minilm_is_never_worse_than_plain(tmp_path, cli, minilm):
+    pytest.importorskip("transformers")
+    from lors_convert.evaluate import Examples, fidelity, load_pair
+
+    lines = [line for line in (minilm / "README.md").read_text().splitlines() if len(line) > 40]
+    calib, held_out = tmp_path / "calib.txt", lines[-40:]
+    calib.write_text("\n".join(lines[:-40]))
+    plain = tmp_path / "plain.safetensors"
+    convert_json(cli, minilm, "--shared", "mean", "-o", plain)
+    calibrated = tmp_path / "cal.safetensors"
+    convert_json(cli, minilm, "--calibrate", calib, "--calib-samples", "64", "-o", calibrated)
+    scores = {}
+    for name, lors in (("plain", plain), ("calibrated", calibrated)):
+        pair = load_pair(lors, minilm)
+        scores[name] = fidelity(pair.student, pair.teacher, Examples(texts=held_out), pair.tokenizer)["cos"]
+    assert scores["calibrated"] >= scores["plain"]
