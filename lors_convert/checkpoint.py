@@ -7,7 +7,6 @@ every header field is checked before use, and output can be streamed shard by sh
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -301,9 +300,10 @@ def sha256_files(files: Iterable[Path]) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    tensor = tensor.detach().contiguous().cpu()
-    return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size()) if tensor.numel() else b""
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (a byte view of its storage: no second model-sized buffer)."""
+    tensor = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
 
 
 def _copy_into(dst, src_path: Path) -> None:

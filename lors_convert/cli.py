@@ -72,16 +72,20 @@ def convert(
                                         "source's]."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Shard the output above this size."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD."),
+    device: Optional[str] = typer.Option(None, "--device", help="Factor on this device, one group resident "
+                                         "[default: cuda when available, else cpu]."),
     force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
     from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size
     from lors_convert.convert import Settings, convert as run_convert
+    from lors_convert.factorize import check_device
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
 
     settings = Settings(rank=rank, reduction=reduction, energy=energy, include=include, exclude=exclude,
-                        dtype=parse_dtype(dtype) if dtype else None, seed=seed)
+                        dtype=parse_dtype(dtype) if dtype else None, seed=seed,
+                        device=check_device(device))
     settings.validate()
     size = parse_size(shard_size)
     source = open_checkpoint(model)

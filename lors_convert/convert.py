@@ -34,6 +34,7 @@ class Settings:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
+    device: str = "cpu"  # where matrices are factored; not part of the output's description
 
     def validate(self) -> None:
         chosen = [n for n, v in (("--rank", self.rank), ("--reduction", self.reduction),
@@ -59,12 +60,12 @@ def no_progress(description: str, total: int) -> Callable[[], None]:
     return lambda: None
 
 
-def mean_matrix(source: TensorSource, stack: Stack, out_dtype: torch.dtype) -> torch.Tensor:
-    """The shared matrix, rounded to the storage dtype (residuals are taken against what is stored)."""
-    total = torch.zeros(stack.rows, stack.cols)
+def mean_matrix(source: TensorSource, stack: Stack, out_dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The shared matrix, rounded to the storage dtype (residuals are taken against what is stored); on the CPU."""
+    total = torch.zeros(stack.rows, stack.cols, device=device)
     for name in stack.names:
-        total += as_matrix(source.get(name))
-    return (total / len(stack.names)).to(out_dtype)
+        total += as_matrix(source.get(name), device)
+    return (total / len(stack.names)).to("cpu", out_dtype)
 
 
 def check_finite(matrix: torch.Tensor, name: str) -> None:
@@ -80,12 +81,12 @@ def plan_ranks(source: TensorSource, stacks: list[Stack], shared: list[torch.Ten
     advance = progress("spectra", sum(len(s.layers) for s in stacks))
     spectra, norms_sq = [], []
     for stack, s_matrix in zip(stacks, shared):
-        layer_spectra, norm_sq = [], 0.0
+        layer_spectra, norm_sq, shared_f32 = [], 0.0, as_matrix(s_matrix, settings.device)
         for name in stack.names:
-            weight = as_matrix(source.get(name))
+            weight = as_matrix(source.get(name), settings.device)
             check_finite(weight, name)
             norm_sq += weight.square().sum().item()
-            layer_spectra.append(spectrum(weight - s_matrix.float()))
+            layer_spectra.append(spectrum(weight - shared_f32).cpu())
             advance()
         spectra.append(layer_spectra)
         norms_sq.append(norm_sq)
@@ -119,7 +120,7 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
     advance = progress("shared matrices", sum(len(s.layers) for s in stacks))
     shared = []
     for stack in stacks:
-        shared.append(mean_matrix(source, stack, out_dtype(stack.dtype)))
+        shared.append(mean_matrix(source, stack, out_dtype(stack.dtype), settings.device))
         for _ in stack.names:
             advance()
         check_finite(shared[-1].float(), stack.template)
@@ -155,15 +156,17 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
 def factor_group(source: TensorSource, stack: Stack, s_matrix: torch.Tensor, ranks: list[int],
                  writer: SafetensorsWriter, settings: Settings, advance: Callable[[], None]) -> dict:
     writer.add(shared_key(stack.template), s_matrix.reshape(stack.shape))
-    shared_f32 = s_matrix.float()
+    shared_f32 = as_matrix(s_matrix, settings.device)
     err_sq_total, norm_sq_total, layer_errors = 0.0, 0.0, []
     for name, rank in zip(stack.names, ranks):
-        weight = as_matrix(source.get(name))
+        weight = as_matrix(source.get(name), settings.device)
         check_finite(weight, name)
-        b, a = low_rank(weight - shared_f32, rank, seed_for(name, settings.seed))
+        norm_sq = torch.linalg.vector_norm(weight).item() ** 2
+        residual = weight - shared_f32  # not in place: `weight` may be the source's own tensor
+        del weight
+        b, a = low_rank(residual, rank, seed_for(name, settings.seed))
         b, a = b.to(s_matrix.dtype), a.to(s_matrix.dtype)
-        err_sq = (weight - shared_f32 - b.float() @ a.float()).square().sum().item()
-        norm_sq = weight.square().sum().item()
+        err_sq = torch.linalg.vector_norm(residual.addmm_(b.float(), a.float(), alpha=-1)).item() ** 2
         err_sq_total, norm_sq_total = err_sq_total + err_sq, norm_sq_total + norm_sq
         layer_errors.append(round(rel_error(err_sq, norm_sq), 6))
         a_key, b_key = factor_keys(name)

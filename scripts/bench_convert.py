@@ -27,7 +27,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.e
 def timed(cmd: list[str]) -> tuple[float, float]:
     """Run a command; returns (wall seconds, peak RSS in MB) of that process alone."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=ENV)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
