@@ -77,7 +77,7 @@ def convert(
     force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
-    from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size
+    from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size, return_freed_memory
     from lors_convert.convert import Settings, convert as run_convert
     from lors_convert.factorize import check_device
     from lors_convert.lors_format import read_lors
@@ -91,6 +91,7 @@ def convert(
     source = open_checkpoint(model)
     if output is None:
         output = default_output(model)
+    return_freed_memory()
     with progress_bars(quiet) as progress:
         files, _ = run_convert(source, output, settings, shard_size=size, force=force, progress=progress)
     print_report(build_report(*read_lors(files[-1])), as_json)
