@@ -59,7 +59,7 @@ def naive(checkpoint: Path, rank: int, device: str, out: Path) -> None:
             b, a = (u[:, :rank] * root).to(stack.dtype), (vh[:rank] * root[:, None]).to(stack.dtype)
             error = weight - shared.float() - b.float() @ a.float()
             errors.append((error.norm() / weight.norm()).item())
-            result[name + ".lora_A"], result[name + ".lora_B"] = a.cpu(), b.cpu()
+            result[name + ".lora_A"], result[name + ".lora_B"] = a.cpu().contiguous(), b.cpu().contiguous()
     save_file(result, out / "naive.safetensors")
     (out / "naive.json").write_text(json.dumps({"layer_errors": errors}))
 
