@@ -92,23 +92,28 @@ def convert(
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help="package.module:function building "
                                                 "the model, for checkpoints without a config.json."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD and of calibration sampling."),
+    device: Optional[str] = typer.Option(None, "--device", help="Factor on this device, one group resident "
+                                         "[default: cuda when available, else cpu]."),
     force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
-    from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size
+    from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size, return_freed_memory
     from lors_convert.convert import Settings, convert as run_convert
+    from lors_convert.factorize import check_device
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
 
     settings = Settings(rank=rank, reduction=reduction, energy=energy, shared=shared, include=include,
                         exclude=exclude, dtype=parse_dtype(dtype) if dtype else None, seed=seed,
                         calibrate=calibrate, calib_samples=calib_samples, calib_max_length=calib_max_length,
-                        damping=damping, model_factory=model_factory)
+                        damping=damping, model_factory=model_factory,
+                        device=check_device(device))
     settings.validate()
     size = parse_size(shard_size)
     source = open_checkpoint(model)
     if output is None:
         output = default_output(model)
+    return_freed_memory()
     with progress_bars(quiet) as progress:
         files, _ = run_convert(source, output, settings, shard_size=size, force=force, progress=progress)
     print_report(build_report(*read_lors(files[-1])), as_json)

@@ -45,6 +45,7 @@ class Settings:
     calib_max_length: int = 128
     damping: float = 0.01
     model_factory: str | None = None
+    device: str = "cpu"  # where matrices are factored; not part of the output's description
 
     def validate(self) -> None:
         chosen = [n for n, v in (("--rank", self.rank), ("--reduction", self.reduction),
@@ -82,6 +83,7 @@ class Group:
     """One stack on its way through the pipeline."""
 
     stack: Stack
+    device: str = "cpu"
     transposed: bool = False  # stored as in x out (Conv1D)
     metrics: list[torch.Tensor] | None = None  # K_i = C_i + λI per layer (float64), when calibrated
     covariances: list[torch.Tensor] | None = None  # C_i, for reporting the output error
@@ -113,7 +115,7 @@ def check_finite(matrix: torch.Tensor, name: str) -> None:
 
 def read_matrix(source: TensorSource, group: Group, i: int) -> torch.Tensor:
     name = group.stack.names[i]
-    matrix = as_matrix(source.get(name))
+    matrix = as_matrix(source.get(name), group.device)
     check_finite(matrix, name)
     return matrix.T if group.transposed else matrix
 
@@ -141,9 +143,9 @@ def measure(source: TensorSource, groups: list[Group], unshared: bool, advance: 
             matrix, k = read_matrix(source, group, i), metric(group, i)
             group.norm_sq += metric_energy(matrix, k)
             if group.shared:
-                group.spectra.append(metric_spectrum(matrix - group.shared_matrix, k))
+                group.spectra.append(metric_spectrum(matrix - group.shared_matrix, k).cpu())
             if unshared:
-                group.spectra_unshared.append(metric_spectrum(matrix, k))
+                group.spectra_unshared.append(metric_spectrum(matrix, k).cpu())
             advance()
 
 
@@ -263,8 +265,8 @@ def calibrate_groups(source: TensorSource, groups: list[Group], settings: Settin
         if all(name in calibration.covariances for name in group.stack.names):
             group.transposed = group.stack.names[0] in calibration.transposed
             group.covariances = [calibration.covariances.pop(name) for name in group.stack.names]
-            group.metrics = [c + settings.damping * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
-                             for c in group.covariances]
+            group.metrics = [(c + settings.damping * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype))
+                             .to(group.device) for c in group.covariances]
     return {"samples": len(batches), "tokens": calibration.tokens,
             "groups": sum(g.metrics is not None for g in groups)}
 
@@ -278,7 +280,7 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
     if not stacks:
         raise LorsError(f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
                         "whose names differ only in a layer index)")
-    groups = [Group(stack, shared=settings.shared != "none") for stack in stacks]
+    groups = [Group(stack, settings.device, shared=settings.shared != "none") for stack in stacks]
     meta = {"format_version": FORMAT_VERSION, "tool": f"lors-convert {__version__}",
             "source": source_description(source), "settings": settings.as_json(),
             "groups": [], "kept_dense": [], "dtypes": {}, "warnings": warnings}
@@ -326,7 +328,7 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
 def write_group(source: TensorSource, group: Group, writer: SafetensorsWriter, out_dtype: torch.dtype, seed: int,
                 advance: Callable[[], None]) -> dict:
     stack = group.stack
-    shared = group.shared_matrix if group.shared else torch.zeros(group.out_in)
+    shared = group.shared_matrix if group.shared else torch.zeros(group.out_in, device=group.device)
     if group.shared:
         writer.add(shared_key(stack.template), (shared.T if group.transposed else shared).to(out_dtype)
                    .reshape(stack.shape))
@@ -342,7 +344,7 @@ def write_group(source: TensorSource, group: Group, writer: SafetensorsWriter, o
         err_sq, norm_sq = err_sq + layer_err_sq, norm_sq + layer_norm_sq
         layer_errors.append(round(rel_error(layer_err_sq, layer_norm_sq), 6))
         if group.covariances is not None:
-            covariance = group.covariances[i]
+            covariance = group.covariances[i].to(group.device)
             out_err_sq += metric_energy(error, covariance)
             out_norm_sq += metric_energy(matrix, covariance)
         a_key, b_key = factor_keys(name)

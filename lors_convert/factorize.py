@@ -11,12 +11,33 @@ import zlib
 
 import torch
 
+from lors_convert import LorsError
+
 OVERSAMPLE = 10
 POWER_ITERS = 4
+CHOLQR_COST, SVD_COST, EIGH_COST = 8, 20, 30  # see use_randomized
+RANDOMIZED_CALLS_COST = 2e7  # ~1 ms of the ~40 small kernel calls, which decide for tiny matrices
 
 
-def as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], -1).float()
+def as_matrix(weight: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """The float32 2-D view on `device` (moved before widening: half the bytes cross the bus)."""
+    return weight.reshape(weight.shape[0], -1).to(device).float()
+
+
+def check_device(device: str | None) -> str:
+    """The device to factor on: `None` means cuda when available; an unusable choice is a user error."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise LorsError(f"--device {device}: not a device (try cpu or cuda)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise LorsError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                        "no usable GPU); use --device cpu")
+    if parsed.type not in ("cpu", "cuda"):
+        raise LorsError(f"--device {device}: only cpu and cuda are supported")
+    return device
 
 
 def seed_for(name: str, seed: int = 0) -> int:
@@ -54,16 +75,30 @@ def _gram_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return a.T, b.T
 
 
+def orthonormal(block: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of a tall block's columns by Cholesky-QR, twice (CholeskyQR2).
+
+    LAPACK's Householder QR on a tall thin float32 block runs 10-15x slower than this on CPU
+    (docs/svd-cost-model.md); a rank-deficient block, where Cholesky fails, falls back to it.
+    """
+    basis = block.double()
+    for _ in range(2):
+        upper, info = torch.linalg.cholesky_ex(basis.T @ basis, upper=True)
+        if info.item():
+            return torch.linalg.qr(block).Q
+        basis = torch.linalg.solve_triangular(upper, basis, upper=True, left=False)
+    return basis.float()
+
+
 def randomized_factors(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded randomized SVD (Halko et al.) with power iterations and re-orthonormalisation."""
+    """Seeded randomized SVD (Halko et al.) with power iterations, re-orthonormalised at each step."""
     rows, cols = matrix.shape
     width = min(rank + OVERSAMPLE, rows, cols)
     generator = torch.Generator().manual_seed(seed)
     probe = torch.randn(cols, width, generator=generator).to(matrix.device)
-    basis = torch.linalg.qr(matrix @ probe).Q
+    basis = orthonormal(matrix @ probe)
     for _ in range(POWER_ITERS):
-        basis = torch.linalg.qr(matrix.T @ basis).Q
-        basis = torch.linalg.qr(matrix @ basis).Q
+        basis = orthonormal(matrix @ orthonormal(matrix.T @ basis))
     u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
     u, s, vh = basis @ u[:, :rank], s[:rank], vh[:rank]
     root = s.clamp_min(s[0].item() * 1e-12 + 1e-30).sqrt()
@@ -71,10 +106,16 @@ def randomized_factors(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torc
 
 
 def use_randomized(rows: int, cols: int, rank: int) -> bool:
-    """Cost model (flops): randomized ~ (2q+2)·2·m·n·k + QR, Gram route ~ 2·m²·n + ~30·m³ (float64 eigh)."""
+    """Cost model in float32 GEMM flop-equivalents, constants measured on a 2-core CPU (docs/svd-cost-model.md).
+
+    Randomized: 2q+2 products with the matrix, 2q+1 CholeskyQR2 on tall blocks (float64, two passes), a small
+    SVD, and the fixed cost of its many calls. Exact: the Gram product plus a float64 eigendecomposition, which costs ~EIGH_COST·small³.
+    """
     small, large, width = min(rows, cols), max(rows, cols), rank + OVERSAMPLE
-    randomized = (2 * POWER_ITERS + 2) * (2 * small * large * width + 4 * large * width * width)
-    exact = 2 * small * small * large + 30 * small ** 3
+    products = (2 * POWER_ITERS + 2) * 2 * small * large * width
+    orthonormalise = (2 * POWER_ITERS + 1) * CHOLQR_COST * large * width ** 2
+    randomized = products + orthonormalise + SVD_COST * small * width ** 2 + RANDOMIZED_CALLS_COST
+    exact = small * small * large + EIGH_COST * small ** 3
     return width < small and randomized < exact
 
 

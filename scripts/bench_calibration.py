@@ -1,0 +1,124 @@
+"""Zero-shot fidelity of all-MiniLM-L6-v2 converted by each method at 30/50/70% fewer stacked parameters,
+and what the same fine-tuning budget reaches from each 50% starting point.
+
+    python scripts/bench_calibration.py [--model DIR] [--data FILE] [--finetune-minutes 1] [--out FILE.json]
+
+Calibration uses the first --calib-lines lines of --data (pydocs_en.txt); fidelity (eval's cos and top10)
+is measured on the last --eval-lines lines (never seen by calibration or fine-tuning) and on text of another
+kind (package descriptions, as in bench_finetune.py). Fine-tuning trains on the lines in between.
+Prints a markdown table; CUDA is used for calibration, evaluation and fine-tuning when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_finetune import minilm_dir, package_prose  # noqa: E402
+from lors_convert.checkpoint import open_checkpoint  # noqa: E402
+from lors_convert.convert import Settings, convert  # noqa: E402
+from lors_convert.evaluate import Examples, fidelity, load_pair  # noqa: E402
+from lors_convert.finetune import FinetuneSettings, finetune, setup_device  # noqa: E402
+
+METHODS = {  # name -> (shared, calibrated)
+    "mean + SVD (plain)": ("mean", False),
+    "per-layer SVD, no sharing": ("none", False),
+    "auto, weight space": ("auto", False),
+    "refit, weight space": ("refit", False),
+    "mean, calibrated": ("mean", True),
+    "refit, calibrated": ("refit", True),
+    "auto, calibrated (recommended)": ("auto", True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pydocs_en.txt")
+    parser.add_argument("--reductions", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--calib-lines", type=int, default=3000)
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--eval-lines", type=int, default=512)
+    parser.add_argument("--finetune-minutes", type=float, default=0.0, help="per 50%% starting point; 0: skip")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    model = args.model or minilm_dir()
+    device = setup_device(1)
+    work = Path(tempfile.mkdtemp(prefix="bench_calibration_"))
+    lines = [line for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    calib, train = work / "calib.txt", work / "train.txt"
+    calib.write_text("\n".join(lines[:args.calib_lines]))
+    train.write_text("\n".join(lines[args.calib_lines:-args.eval_lines]))
+    held_out, other = Examples(texts=lines[-args.eval_lines:]), Examples(texts=package_prose())
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; calibration "
+          f"{args.calib_lines} lines ({args.calib_samples} sampled), held-out {len(held_out)} lines, other text "
+          f"{len(other)} lines")
+
+    def measure(lors: Path) -> dict:
+        pair = load_pair(lors, model)
+        student, teacher = pair.student.to(device), pair.teacher.to(device)
+        scores = {}
+        for label, examples in (("pydocs", held_out), ("other", other)):
+            result = fidelity(student, teacher, examples, pair.tokenizer, device=device)
+            scores[label] = {"cos": result["cos"], "top10": result["top10"]}
+        return scores
+
+    rows = []
+    for reduction in args.reductions:
+        for method in args.methods:
+            shared, calibrated = METHODS[method]
+            out = work / f"{shared}-{calibrated}-{reduction}.safetensors"
+            settings = Settings(reduction=reduction, shared=shared, calibrate=[calib] if calibrated else [],
+                                calib_samples=args.calib_samples)
+            start = time.perf_counter()
+            convert(open_checkpoint(model), out, settings)
+            seconds = time.perf_counter() - start
+            row = {"method": method, "reduction": reduction, "convert_s": seconds, **measure(out), "lors": str(out)}
+            rows.append(row)
+            print(f"{reduction:.0%} {method:32} cos {row['pydocs']['cos']:.4f} top10 {row['pydocs']['top10']:.4f} "
+                  f"| other cos {row['other']['cos']:.4f} top10 {row['other']['top10']:.4f} | {seconds:.1f} s",
+                  flush=True)
+    if args.finetune_minutes > 0:
+        for row in [r for r in rows if r["reduction"] == 0.5]:
+            pair = load_pair(Path(row["lors"]), model)
+            probe = FinetuneSettings(steps=1, batch_size=32, eval_examples=32)
+            start = time.perf_counter()
+            finetune(Path(row["lors"]), [train], work / "probe.safetensors", probe, teacher=model, quiet=True,
+                     force=True, log=lambda *a: None)
+            step_s = max((time.perf_counter() - start) / 4, 1e-3)  # a step plus loading and two evaluations
+            steps = max(10, int(args.finetune_minutes * 60 / step_s))
+            settings = FinetuneSettings(steps=steps, batch_size=32, warmup=max(1, steps // 10), eval_examples=32)
+            tuned = work / f"tuned-{Path(row['lors']).name}"
+            start = time.perf_counter()
+            finetune(Path(row["lors"]), [train], tuned, settings, teacher=model, quiet=True, force=True,
+                     log=lambda *a: None)
+            row["finetune"] = {"steps": steps, "seconds": time.perf_counter() - start, **measure(tuned)}
+            del pair
+            print(f"fine-tuned {row['method']:32} {steps} steps: cos {row['finetune']['pydocs']['cos']:.4f}",
+                  flush=True)
+
+    print("\n| reduction | method | cos | top10 | cos (other text) | top10 (other text) | convert s |"
+          + (" cos after fine-tune |" if args.finetune_minutes > 0 else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.finetune_minutes > 0 else ""))
+    for r in rows:
+        tuned = (f" {r['finetune']['pydocs']['cos']:.3f} ({r['finetune']['steps']} steps) |"
+                 if "finetune" in r else (" |" if args.finetune_minutes > 0 else ""))
+        print(f"| {r['reduction']:.0%} | {r['method']} | {r['pydocs']['cos']:.3f} | {r['pydocs']['top10']:.3f} | "
+              f"{r['other']['cos']:.3f} | {r['other']['top10']:.3f} | {r['convert_s']:.1f} |{tuned}")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
