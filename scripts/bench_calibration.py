@@ -80,7 +80,7 @@ def main() -> None:
             shared, calibrated = METHODS[method]
             out = work / f"{shared}-{calibrated}-{reduction}.safetensors"
             settings = Settings(reduction=reduction, shared=shared, calibrate=[calib] if calibrated else [],
-                                calib_samples=args.calib_samples)
+                                calib_samples=args.calib_samples, device=device.type)
             start = time.perf_counter()
             convert(open_checkpoint(model), out, settings)
             seconds = time.perf_counter() - start

@@ -106,7 +106,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         wall, rss = timed([python, "-m", "lors_convert", "convert", str(checkpoint), "-o", str(out / "model.lors.safetensors"),
-                           "--rank", str(args.rank), "--device", device, "--quiet", "--json"])
+                           "--rank", str(args.rank), "--shared", "mean", "--device", device, "--quiet", "--json"])
         files = [f for f in out.iterdir()]
         hashes.append(sha256_of(files))
         if attempt == 1:

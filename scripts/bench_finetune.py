@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-examples", type=int, default=512)
     parser.add_argument("--timing-steps", type=int, default=5)
+    parser.add_argument("--shared", default="auto", help="conversion's --shared [auto]")
+    parser.add_argument("--calibrate-lines", type=int, default=0, help="calibrate the conversion on the first N "
+                        "lines of --data and fine-tune on the rest (0: weight-space conversion on all of it)")
     args = parser.parse_args()
     model_dir = args.model or minilm_dir()
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
@@ -94,12 +97,20 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
 
-    lors = args.lors
+    lors, data = args.lors, args.data
+    if args.calibrate_lines:
+        lines = [line for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        calib, data = work / "calib.txt", work / "train.txt"
+        calib.write_text("\n".join(lines[:args.calibrate_lines]))
+        data.write_text("\n".join(lines[args.calibrate_lines:]))
     if lors is None:
         lors = work / "minilm.lors.safetensors"
         start = time.perf_counter()
-        convert(open_checkpoint(model_dir), lors, Settings(reduction=0.5))
-        print(f"converted {model_dir} at 50% in {time.perf_counter() - start:.1f} s")
+        settings = Settings(reduction=0.5, shared=args.shared, calibrate=[calib] if args.calibrate_lines else [])
+        convert(open_checkpoint(model_dir), lors, settings)
+        print(f"converted {model_dir} at 50% (--shared {args.shared}"
+              f"{f', calibrated on {args.calibrate_lines} lines' if args.calibrate_lines else ''}) in "
+              f"{time.perf_counter() - start:.1f} s")
     report = build_report(*read_lors(lors))
     print(f"stacked parameters {report['stacked']['dense_params']:,} -> {report['stacked']['lors_params']:,} "
           f"({report['stacked']['reduction']:.1%} fewer); whole model {report['total']['dense_params']:,} -> "
@@ -107,7 +118,7 @@ def main() -> None:
 
     pair = load_pair(lors, model_dir)
     student, teacher = pair.student.to(device), pair.teacher.to(device)
-    examples = load_examples([args.data], pair.tokenizer)
+    examples = load_examples([data], pair.tokenizer)
     train, _ = split_examples(examples, args.eval_examples, seed=0)
     batch = train.batch(list(range(args.batch_size)), pair.tokenizer, args.max_length, device)
     paths = stacked_layer_paths(teacher, pair.meta)
@@ -121,7 +132,7 @@ def main() -> None:
     settings = FinetuneSettings(steps=steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                                 warmup=max(1, min(100, steps // 10)), eval_examples=args.eval_examples)
     out = work / "minilm.finetuned.lors.safetensors"
-    results = finetune(lors, [args.data], out, settings, teacher=model_dir)
+    results = finetune(lors, [data], out, settings, teacher=model_dir)
     tuned = load_pair(out, model_dir)
     other_after = fidelity(tuned.student.to(device), tuned.teacher.to(device), other, tuned.tokenizer,
                            max_length=args.max_length, device=device)
