@@ -58,7 +58,11 @@ def world() -> tuple[int, int]:
 
 def setup_device(world_size: int) -> torch.device:
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise LorsError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; use at most "
+                            "that many processes per node (or CUDA_VISIBLE_DEVICES= to train on the CPU)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -211,7 +215,7 @@ def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: 
         group["layer_errors"] = []
         for name in group["names"]:
             a_key, b_key = factor_keys(name)
-            original = teacher_state[prefix + name].float().reshape(shared.shape)
+            original = teacher_state[prefix + name].float().cpu().reshape(shared.shape)
             err = (original - shared - tensors[b_key].float() @ tensors[a_key].float()).square().sum().item()
             norm = original.square().sum().item()
             err_total, norm_total = err_total + err, norm_total + norm

@@ -152,12 +152,13 @@ def lors_state(model: nn.Module, source: TensorSource, meta: dict) -> dict[str, 
         for name in group["names"]:
             module = model.get_submodule(prefix + name.removesuffix(".weight"))
             a_key, b_key = factor_keys(name)
-            out[a_key], out[b_key] = module.lora_A.detach().to(dtype), module.lora_B.detach().to(dtype)
+            out[a_key], out[b_key] = module.lora_A.detach().cpu().to(dtype), module.lora_B.detach().cpu().to(dtype)
         if module.shared is not None:
-            out[shared_key(group["template"])] = module.shared.detach().reshape(shape).to(dtype)
+            out[shared_key(group["template"])] = module.shared.detach().cpu().reshape(shape).to(dtype)
     for name, info in source.info.items():
         if name not in out:  # a buffer the class does not persist (BERT's position_ids) stays as it was
-            out[name] = state[prefix + name].detach().to(info.dtype) if prefix + name in state else source.get(name)
+            out[name] = (state[prefix + name].detach().cpu().to(info.dtype) if prefix + name in state
+                         else source.get(name))
     return out
 
 

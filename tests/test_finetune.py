@@ -239,7 +239,7 @@ def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(tmp
     data = text_file(tmp_path / "train.txt")
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, even on a one-GPU machine
     args = [str(a) for a in finetune_args(lors, data, out, "--batch-size", "4", "--nproc-per-node", "2")]
     done = subprocess.run([sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True, env=env,
                           timeout=300)
