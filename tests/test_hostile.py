@@ -481,7 +481,14 @@ LORS_COMMANDS = {
     "report --json": lambda lors, tmp: ["report", lors, "--json"],
     "expand": lambda lors, tmp: ["expand", lors, "-o", tmp / "dense.safetensors"],
     "verify": lambda lors, tmp: ["verify", lors],
+    "eval": lambda lors, tmp: ["eval", lors, "-d", text_data(tmp)],
+    "finetune": lambda lors, tmp: ["finetune", lors, "-d", text_data(tmp), "-o", tmp / "ft.safetensors"],
 }
+
+
+def text_data(folder: Path) -> Path:
+    (folder / "data.txt").write_text("one line of text\nanother line\n")
+    return folder / "data.txt"
 
 
 @pytest.mark.parametrize("command", list(LORS_COMMANDS))
@@ -494,6 +501,8 @@ def test_damaged_lors_checkpoints(tmp_path, cli, command, damage):
     else:
         rewrite(lors, **change)
     if message is None:  # damage that is harmless: the command still works
+        if command in ("eval", "finetune"):
+            pytest.skip("a sound checkpoint: running it needs an architecture, which this random one lacks")
         assert cli(*LORS_COMMANDS[command](lors, tmp_path), "--quiet").code == 0
         return
     assert_refused(cli, tmp_path, LORS_COMMANDS[command](lors, tmp_path), message)

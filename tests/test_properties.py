@@ -99,3 +99,29 @@ def test_allocation_is_never_worse_than_uniform_of_the_same_cost(problem, rank):
     uniform = [[min(rank, len(sq)) for sq in layers] for layers in spectra]
     ranks = allocate_ranks(spectra, norms, costs, cost(costs, uniform))
     assert objective(spectra, norms, ranks) <= objective(spectra, norms, uniform) + 1e-9
+
+
+@FAST
+@given(st.integers(2, 5), st.integers(2, 10), st.integers(2, 10), st.integers(0, 2**31), st.booleans(),
+       st.data())
+def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, data):
+    from pathlib import Path
+
+    from lors_convert.checkpoint import TensorInfo, TensorSource
+    from lors_convert.convert import Group, mean_matrix, refit_shared
+    from lors_convert.stacks import Stack
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = {f"layers.{i}.w": torch.randn(rows, cols, generator=generator) for i in range(layers)}
+    source = TensorSource(Path("memory"), [], {n: TensorInfo((rows, cols), torch.float32) for n in weights},
+                          weights.__getitem__)
+    ranks = data.draw(st.lists(st.integers(0, min(rows, cols)), min_size=layers, max_size=layers))
+    group = Group(Stack("layers.{i}.w", list(range(layers)), list(weights), (rows, cols), torch.float32),
+                  ranks=ranks)
+    if calibrated:
+        inputs = [torch.randn(3 * cols, cols, generator=generator) for _ in range(layers)]
+        group.metrics = [(x.T @ x).double() + 0.01 * torch.eye(cols, dtype=torch.float64) for x in inputs]
+    group.shared_matrix = mean_matrix(source, group, torch.float32)
+    history = refit_shared(source, group, torch.float32, seed=0)
+    for before, after in zip(history, history[1:]):
+        assert after <= before * (1 + 1e-6) + 1e-9
