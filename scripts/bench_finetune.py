@@ -25,7 +25,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from bench_lors_forward import mean_seconds  # noqa: E402
 from lors_convert.checkpoint import open_checkpoint  # noqa: E402
 from lors_convert.convert import Settings, convert  # noqa: E402
 from lors_convert.evaluate import Examples, fidelity, load_examples, load_pair, split_examples  # noqa: E402
@@ -64,16 +66,7 @@ def step_seconds(student, teacher, batch, paths, device, repeats: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    return mean_seconds(step, device, repeats, warmup=2)
 
 
 def main() -> None:

@@ -27,13 +27,9 @@ def dense(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
-def seconds(fn, args, device, repeats, autocast):
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = fn(*args)
-        out.float().square().mean().backward()
-
-    for _ in range(3):
+def mean_seconds(step, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Mean wall time of `step()` after warm-up, synchronising CUDA around the timed region."""
+    for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -43,6 +39,15 @@ def seconds(fn, args, device, repeats, autocast):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats
+
+
+def seconds(fn, args, device, repeats, autocast):
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*args)
+        out.float().square().mean().backward()
+
+    return mean_seconds(step, device, repeats)
 
 
 def main() -> None:
