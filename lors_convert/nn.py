@@ -160,13 +160,3 @@ def lors_state(model: nn.Module, source: TensorSource, meta: dict) -> dict[str, 
             out[name] = (state[prefix + name].detach().cpu().to(info.dtype) if prefix + name in state
                          else source.get(name))
     return out
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Distinct numbers the model holds (a shared Parameter counts once), as in the report's total."""
-    return sum(p.numel() for p in model.parameters()) + sum(math.prod(b.shape) for b in persistent_buffers(model))
-
-
-def persistent_buffers(model: nn.Module) -> list[torch.Tensor]:
-    keys = set(model.state_dict())
-    return [b for name, b in model.named_buffers() if name in keys]
