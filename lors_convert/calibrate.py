@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
+from lors_convert.nn import is_conv1d, is_swappable, state_prefix
 from lors_convert.stacks import Stack
 
 
@@ -21,22 +22,15 @@ class Calibration:
     tokens: int
 
 
-def _module_for(model: nn.Module, name: str) -> tuple[nn.Module | None, bool]:
-    """The Linear (or Conv1D) module whose `.weight` is this tensor, and whether its layout is in x out."""
+def _module_for(model: nn.Module, name: str, prefix: str) -> nn.Module | None:
+    """The Linear (or GPT-2 Conv1D) module whose `.weight` is this tensor, if any."""
     if not name.endswith(".weight"):
-        return None, False
-    path = name.removesuffix(".weight")
-    prefix = getattr(model, "base_model_prefix", "")
-    for candidate in (path, f"{prefix}.{path}" if prefix else None):
-        try:
-            module = model.get_submodule(candidate) if candidate else None
-        except AttributeError:
-            continue
-        if isinstance(module, nn.Linear):
-            return module, False
-        if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: y = x @ W + b, W is in x out
-            return module, True
-    return None, False
+        return None
+    try:
+        module = model.get_submodule(prefix + name.removesuffix(".weight"))
+    except AttributeError:
+        return None
+    return module if is_swappable(module) else None
 
 
 def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> list[dict]:
@@ -77,13 +71,14 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
             covariances[name] = covariances.get(name, 0) + (x.T @ x).double()  # float64 across batches
         return hook
 
+    prefix = state_prefix(model, [name for stack in stacks for name in stack.names])
     for stack in stacks:
-        found = [_module_for(model, name) for name in stack.names]
-        if any(module is None for module, _ in found):
+        found = [_module_for(model, name, prefix) for name in stack.names]
+        if any(module is None for module in found):
             continue  # calibrate whole groups only; this one stays in weight space
-        for name, (module, is_transposed) in zip(stack.names, found):
+        for name, module in zip(stack.names, found):
             hooks.append(module.register_forward_pre_hook(accumulate(name)))
-            if is_transposed:
+            if is_conv1d(module):  # y = x @ W + b: the input side is dim 0
                 transposed.add(name)
     if not hooks:
         raise LorsError("calibration found no stacked nn.Linear layers in the model to measure")
