@@ -210,6 +210,9 @@ def test_eval_and_teacher_mismatch(tmp_path, cli, converted):
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     refused = cli("eval", lors, "-d", data, "--teacher", other)
     assert refused.code == 1 and "--allow-teacher-mismatch" in refused.err and "\n" not in refused.err.strip()
+    refused = cli(*finetune_args(lors, data, tmp_path / "ft.safetensors", "--teacher", other))
+    assert refused.code == 1 and "--allow-teacher-mismatch" in refused.err and "\n" not in refused.err.strip()
+    assert not list(tmp_path.glob("*ft.safetensors*"))
     allowed = cli("eval", lors, "-d", data, "--teacher", other, "--allow-teacher-mismatch", "--json")
     assert allowed.code == 0 and "warning" in allowed.err
     assert allowed.json()["cos"] != metrics["cos"]
