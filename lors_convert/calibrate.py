@@ -22,6 +22,10 @@ class Calibration:
     tokens: int
 
 
+class _Stop(Exception):
+    """Raised by a hook once every module of interest has seen its input: the rest of the forward is not needed."""
+
+
 def _module_for(model: nn.Module, name: str, prefix: str) -> nn.Module | None:
     """The Linear (or GPT-2 Conv1D) module whose `.weight` is this tensor, if any."""
     if not name.endswith(".weight"):
@@ -60,15 +64,103 @@ def run_model(model: nn.Module, batch: dict):
     return model(**batch) if len(batch) > 1 or "input_ids" in batch else model(*batch.values())
 
 
+FLUSH_BYTES = 2**23  # inputs buffered per module before one product: big enough for an efficient matmul
+
+
+class Moments:
+    """Streaming Σ XᵀY per name: products in float32 over blocks of rows (one sequence alone is too short for an
+    efficient matmul), sums in float64."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        pending = self.pending.setdefault(name, [])
+        pending.append((x, y))
+        if sum(x.numel() for x, _ in pending) * 4 >= FLUSH_BYTES:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        pairs = self.pending.pop(name, [])
+        if not pairs:
+            return
+        xs = torch.cat([x for x, _ in pairs])
+        ys = xs if all(x is y for x, y in pairs) else torch.cat([y for _, y in pairs])
+        product = (xs.T @ ys).double()
+        self.sums[name] = self.sums[name].add_(product) if name in self.sums else product
+
+    def result(self) -> dict[str, torch.Tensor]:
+        for name in list(self.pending):
+            self._flush(name)
+        return {name: total.cpu() for name, total in self.sums.items()}
+
+
+def _flat_input(args: tuple) -> torch.Tensor:
+    # A copy: the model may later change its activations in place, and these are kept for a while.
+    return args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32, copy=True)
+
+
+def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
+    """Forward pre-hooks calling record(name, inputs) on the modules holding `names`; _Stop after the last one."""
+    prefix, fired = state_prefix(model, names), set()
+
+    def hook_for(name: str):
+        def hook(module, args):
+            record(name, _flat_input(args))
+            fired.add(name)
+            if len(fired) == len(names):
+                fired.clear()
+                raise _Stop
+        return hook
+
+    return [_module_for(model, name, prefix).register_forward_pre_hook(hook_for(name)) for name in names]
+
+
+def _run_until_seen(model: nn.Module, batch: dict) -> None:
+    try:
+        run_model(model, batch)
+    except _Stop:
+        pass
+
+
+@torch.no_grad()
+def collect_pair(original: nn.Module, converted: nn.Module, names: list[str], batches: list[dict],
+                 device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """For `names` (Linear/Conv1D weights), run both models on the same batches, each only as far as those
+    modules, and return C = X̂ᵀX̂ and G = X̂ᵀX per name (float64, CPU), where X are the inputs in the original
+    model and X̂ those in the converted one."""
+    original_inputs: dict[str, torch.Tensor] = {}
+    covariances, cross = Moments(), Moments()
+
+    def keep(name: str, x: torch.Tensor) -> None:
+        original_inputs[name] = x
+
+    def accumulate(name: str, x_hat: torch.Tensor) -> None:
+        covariances.add(name, x_hat, x_hat)
+        cross.add(name, x_hat, original_inputs.pop(name))
+
+    hooks = _hook_inputs(original, names, keep) + _hook_inputs(converted, names, accumulate)
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            _run_until_seen(original, batch)
+            _run_until_seen(converted, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return covariances.result(), cross.result()
+
+
 @torch.no_grad()
 def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: torch.device) -> Calibration:
     """Hook every stacked Linear/Conv1D, run the batches, and return C_i per tensor name."""
-    covariances, transposed, hooks = {}, set(), []
+    covariances, transposed, hooks = Moments(), set(), []
 
     def accumulate(name: str):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            covariances[name] = covariances.get(name, 0) + (x.T @ x).double()  # float64 across batches
+            x = _flat_input(args)
+            covariances.add(name, x, x)
         return hook
 
     prefix = state_prefix(model, [name for stack in stacks for name in stack.names])
@@ -92,4 +184,4 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
     finally:
         for hook in hooks:
             hook.remove()
-    return Calibration({k: v.cpu() for k, v in covariances.items()}, transposed, tokens)
+    return Calibration(covariances.result(), transposed, tokens)

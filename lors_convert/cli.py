@@ -89,6 +89,9 @@ def convert(
     calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration sequence."),
     damping: float = typer.Option(0.01, "--damping", help="Calibration damping λ, relative to the mean input "
                                   "energy: the objective is ‖(W − Ŵ)X‖² + λ‖W − Ŵ‖²."),
+    sequential: bool = typer.Option(False, "--sequential", help="With --calibrate: factor layer after layer, "
+                                    "each on the inputs produced by the already converted layers before it, "
+                                    "correcting their error (one more pass over the samples per layer)."),
     model_factory: Optional[str] = typer.Option(None, "--model-factory", help="package.module:function building "
                                                 "the model, for checkpoints without a config.json."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD and of calibration sampling."),
@@ -106,7 +109,7 @@ def convert(
     settings = Settings(rank=rank, reduction=reduction, energy=energy, shared=shared, include=include,
                         exclude=exclude, dtype=parse_dtype(dtype) if dtype else None, seed=seed,
                         calibrate=calibrate, calib_samples=calib_samples, calib_max_length=calib_max_length,
-                        damping=damping, model_factory=model_factory,
+                        damping=damping, sequential=sequential, model_factory=model_factory,
                         device=check_device(device))
     settings.validate()
     size = parse_size(shard_size)

@@ -30,14 +30,15 @@ from lors_convert.convert import Settings, convert  # noqa: E402
 from lors_convert.evaluate import Examples, fidelity, load_pair  # noqa: E402
 from lors_convert.finetune import FinetuneSettings, finetune, setup_device  # noqa: E402
 
-METHODS = {  # name -> (shared, calibrated)
-    "mean + SVD (plain)": ("mean", False),
-    "per-layer SVD, no sharing": ("none", False),
-    "auto, weight space": ("auto", False),
-    "refit, weight space": ("refit", False),
-    "mean, calibrated": ("mean", True),
-    "refit, calibrated": ("refit", True),
-    "auto, calibrated (recommended)": ("auto", True),
+METHODS = {  # name -> (shared, calibrated, sequential)
+    "mean + SVD (plain)": ("mean", False, False),
+    "per-layer SVD, no sharing": ("none", False, False),
+    "auto, weight space": ("auto", False, False),
+    "refit, weight space": ("refit", False, False),
+    "mean, calibrated": ("mean", True, False),
+    "refit, calibrated": ("refit", True, False),
+    "auto, calibrated (recommended)": ("auto", True, False),
+    "auto, calibrated, sequential": ("auto", True, True),
 }
 
 
@@ -77,10 +78,10 @@ def main() -> None:
     rows = []
     for reduction in args.reductions:
         for method in args.methods:
-            shared, calibrated = METHODS[method]
-            out = work / f"{shared}-{calibrated}-{reduction}.safetensors"
+            shared, calibrated, sequential = METHODS[method]
+            out = work / f"{shared}-{calibrated}-{sequential}-{reduction}.safetensors"
             settings = Settings(reduction=reduction, shared=shared, calibrate=[calib] if calibrated else [],
-                                calib_samples=args.calib_samples, device=device.type)
+                                calib_samples=args.calib_samples, sequential=sequential, device=device.type)
             start = time.perf_counter()
             convert(open_checkpoint(model), out, settings)
             seconds = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,7 +11,7 @@ from conftest import low_rank_stack, rand
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import Group, mean_matrix, refit_shared
 from lors_convert.factorize import metric_low_rank
-from lors_convert.lors_format import expand, read_lors
+from lors_convert.lors_format import expand, factor_keys, read_lors
 from lors_convert.stacks import find_stacks
 
 
@@ -160,3 +161,57 @@ def test_calibrated_minilm_is_never_worse_than_plain(tmp_path, cli, minilm):
         pair = load_pair(lors, minilm)
         scores[name] = fidelity(pair.student, pair.teacher, Examples(texts=held_out), pair.tokenizer)["cos"]
     assert scores["calibrated"] >= scores["plain"]
+
+
+def factor_products(lors) -> dict[str, torch.Tensor]:
+    source, meta = read_lors(lors)
+    products = {}
+    for group in meta["groups"]:
+        for name in group["names"]:
+            a_key, b_key = factor_keys(name)
+            products[name] = source.get(b_key).float() @ source.get(a_key).float()
+    return products
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_sequential_keeps_the_first_layer_and_corrects_the_later_ones(tmp_path, cli, kind):
+    pytest.importorskip("transformers")
+    folder, calib = hf_dir(tmp_path, kind)
+    common = ["--rank", "2", "--shared", "mean", "--calibrate", calib, "--calib-samples", "32"]
+    convert_json(cli, folder, *common, "-o", tmp_path / "cal.safetensors")
+    report = convert_json(cli, folder, *common, "--sequential", "-o", tmp_path / "seq.safetensors")
+    assert report["settings"]["sequential"] is True
+    once, sequential = factor_products(tmp_path / "cal.safetensors"), factor_products(tmp_path / "seq.safetensors")
+    assert once.keys() == sequential.keys()
+    first = [name for name in once if ".0." in name]
+    later = [name for name in once if ".0." not in name]
+    assert first and later
+    for name in first:  # nothing before layer 0 changed: the same inputs, the same factors
+        torch.testing.assert_close(sequential[name], once[name], rtol=1e-4, atol=1e-5)
+    assert all(not torch.allclose(sequential[name], once[name], rtol=1e-3, atol=1e-4) for name in later)
+
+
+def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):
+    pytest.importorskip("transformers")
+    from lors_convert.calibrate import collect, collect_pair, text_batches
+    from lors_convert.hf import dense_model, load_tokenizer
+
+    folder, calib = hf_dir(tmp_path, "bert")
+    model = dense_model(folder)
+    batches = text_batches(load_tokenizer(folder), [calib], 16, 32, seed=0)
+    stacks, _ = find_stacks(open_checkpoint(folder).info)
+    names = [stack.names[1] for stack in stacks]  # the modules of layer 1 only
+    covariances, cross = collect_pair(model, copy.deepcopy(model), names, batches, torch.device("cpu"))
+    full = collect(model, stacks, batches, torch.device("cpu")).covariances
+    assert covariances.keys() == cross.keys() == set(names)
+    for name in names:
+        torch.testing.assert_close(covariances[name], full[name])
+        torch.testing.assert_close(cross[name], full[name])
+
+
+def test_sequential_needs_calibration(tmp_path, cli):
+    layers = low_rank_stack(layers=3, rows=8, cols=8, rank=1)
+    save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
+    result = cli(tmp_path / "m.safetensors", "--sequential", "--quiet")
+    assert result.code == 1 and "--sequential needs --calibrate" in result.err
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
