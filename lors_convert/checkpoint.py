@@ -7,6 +7,7 @@ every header field is checked before use, and output can be streamed shard by sh
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import glob
@@ -18,10 +19,11 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -336,13 +338,29 @@ def open_checkpoint(path: str | Path) -> TensorSource:
     return open_safetensors_files(path, [path])
 
 
-def sha256_files(files: Iterable[Path]) -> str:
+def sha256_files(files: Iterable[Path], stop: threading.Event | None = None) -> str:
+    """The hex sha256 of the files' bytes in order ('' when `stop` is set before the end)."""
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:
             while chunk := f.read(1 << 24):
+                if stop is not None and stop.is_set():
+                    return ""
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def hashing_in_background(files: list[Path]) -> Iterator[Callable[[], str]]:
+    """Hash the files in a thread while the caller works (hashlib releases the GIL on large chunks); yields a
+    function that waits for the hex digest. Leaving the block early stops the thread at its next chunk."""
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(sha256_files, files, stop)
+        try:
+            yield future.result
+        finally:
+            stop.set()
 
 
 # ---------------------------------------------------------------- writing

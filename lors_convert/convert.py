@@ -20,7 +20,7 @@ import torch
 
 from lors_convert import LorsError, __version__
 from lors_convert.checkpoint import (SafetensorsWriter, TensorSource, check_output_path, dtype_name,
-                                     sha256_files)
+                                     hashing_in_background)
 from lors_convert.factorize import (allocate_ranks, as_matrix, energy_rank, lors_params, metric_energy,
                                     metric_low_rank, metric_spectrum, rel_error, seed_for)
 from lors_convert.lors_format import FORMAT_VERSION, METADATA_KEY, factor_keys, shared_key
@@ -103,8 +103,9 @@ class Group:
     norm_sq: float = 0.0
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # from --sequential
 
-    def shared_or_zeros(self) -> torch.Tensor:
-        return self.shared_matrix if self.shared else torch.zeros(self.out_in, device=self.device)
+    def residual(self, matrix: torch.Tensor) -> torch.Tensor:
+        """W − S as a new tensor (a copy of W when unshared), so callers may change it in place."""
+        return matrix - self.shared_matrix if self.shared else matrix.clone()
 
     @property
     def kept_dense(self) -> bool:
@@ -123,8 +124,13 @@ def no_progress(description: str, total: int) -> Callable[[], None]:
 LARGEST = 1e15  # beyond this, sums of squares in float32 arithmetic can overflow
 
 
+def squared_norm(matrix: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(matrix).item() ** 2
+
+
 def check_finite(matrix: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(matrix).all() or matrix.abs().max() > LARGEST:
+    low, high = torch.aminmax(matrix)  # one pass; NaN propagates and fails both comparisons
+    if not (-LARGEST <= low.item() and high.item() <= LARGEST):
         raise LorsError(f"{name}: weights contain NaN or Inf (or magnitudes above {LARGEST:g}); "
                         "refusing to factor them")
 
@@ -148,7 +154,7 @@ def mean_matrix(source: TensorSource, group: Group, out_dtype: torch.dtype) -> t
     total = None
     for i in range(len(group.stack.names)):
         matrix = read_matrix(source, group, i)
-        total = matrix if total is None else total + matrix
+        total = matrix.clone() if total is None else total.add_(matrix)  # a copy: the first may be the source's
     return (total / len(group.stack.names)).to(out_dtype).float()
 
 
@@ -260,7 +266,7 @@ def refit_shared(source: TensorSource, group: Group, out_dtype: torch.dtype, see
 
 def source_description(source: TensorSource) -> dict:
     return {"path": str(source.path.resolve()), "files": [f.name for f in source.files], "bytes": source.nbytes,
-            "sha256": sha256_files(source.files)}
+            "sha256": None}  # filled in at the end: the hash is computed in the background
 
 
 def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict]]:
@@ -332,10 +338,12 @@ def sequential_factors(source: TensorSource, groups: list[Group], settings: Sett
             weights = read_matrix(source, group, i).cpu().double()
             ridge = damped(covariance, SEQUENTIAL_RIDGE)
             target = torch.linalg.solve(ridge, weights @ (cross[name].T + ridge - covariance), left=False)
-            b, a = factor_layer(group, i, target.float().to(group.device), k.to(group.device), out_dtype(group),
-                                settings.seed)
+            b, a = factor_layer(group, i, group.residual(target.float().to(group.device)), k.to(group.device),
+                                out_dtype(group), settings.seed)
             group.factors[i] = (b, a)
-            approx = group.shared_or_zeros() + b.float() @ a.float()
+            approx = b.float() @ a.float()
+            if group.shared:
+                approx += group.shared_matrix
             module = converted.get_submodule(prefix + name.removesuffix(".weight"))
             with torch.no_grad():
                 module.weight.copy_(approx.T if group.transposed else approx)
@@ -351,60 +359,62 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
     if not stacks:
         raise LorsError(f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
                         "whose names differ only in a layer index)")
-    groups = [Group(stack, settings.device, shared=settings.shared != "none") for stack in stacks]
-    meta = {"format_version": FORMAT_VERSION, "tool": f"lors-convert {__version__}",
-            "source": source_description(source), "settings": settings.as_json(),
-            "groups": [], "kept_dense": [], "dtypes": {}, "warnings": warnings}
-    if settings.calibrate:
-        meta["calibration"] = calibrate_groups(source, groups, settings)
-    out_dtype = lambda g: settings.dtype or g.stack.dtype  # noqa: E731
-    advance = progress("shared matrices", sum(len(g.stack.names) for g in groups if g.shared))
-    for group in groups:
-        if group.shared:
-            group.shared_matrix = mean_matrix(source, group, out_dtype(group))
-            for _ in group.stack.names:
-                advance()
-    plan_ranks(source, groups, settings, progress)
-    if settings.shared == "refit":
-        advance = progress("refitting S", len(groups))
+    with hashing_in_background(source.files) as source_sha256:  # overlaps the work below
+        groups = [Group(stack, settings.device, shared=settings.shared != "none") for stack in stacks]
+        meta = {"format_version": FORMAT_VERSION, "tool": f"lors-convert {__version__}",
+                "source": source_description(source), "settings": settings.as_json(),
+                "groups": [], "kept_dense": [], "dtypes": {}, "warnings": warnings}
+        if settings.calibrate:
+            meta["calibration"] = calibrate_groups(source, groups, settings)
+        out_dtype = lambda g: settings.dtype or g.stack.dtype  # noqa: E731
+        advance = progress("shared matrices", sum(len(g.stack.names) for g in groups if g.shared))
         for group in groups:
-            refit_shared(source, group, out_dtype(group), settings.seed)
-            advance()
-    if settings.sequential:
-        sequential_factors(source, groups, settings, out_dtype,
-                           progress("sequential", sum(len(g.stack.names) for g in groups
-                                                      if g.metrics is not None and not g.kept_dense)))
-    stacked_names = set()
-    with SafetensorsWriter(output, shard_size) as writer:
-        advance = progress("factoring", sum(len(g.stack.names) for g in groups))
-        for group in groups:
-            stack = group.stack
-            if group.kept_dense:
-                stored = lors_params(*group.out_in, group.ranks, group.shared)
-                meta["kept_dense"].append({"template": stack.template, "layers": stack.layers,
-                                           "reason": f"LORS would store {stored:,} numbers, dense {stack.dense_params:,}"})
-                for _ in stack.names:
+            if group.shared:
+                group.shared_matrix = mean_matrix(source, group, out_dtype(group))
+                for _ in group.stack.names:
                     advance()
-                continue
-            stacked_names.update(stack.names)
-            meta["groups"].append(write_group(source, group, writer, out_dtype(group), settings.seed, advance))
-        for name in source.info:
-            if name in stacked_names:
-                continue
-            tensor = source.get(name)
-            if settings.dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != settings.dtype:
-                meta["dtypes"][name] = dtype_name(tensor.dtype)
-                tensor = tensor.to(settings.dtype)
-            writer.add(name, tensor)
-        files = writer.commit({"format": "pt", METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+        plan_ranks(source, groups, settings, progress)
+        if settings.shared == "refit":
+            advance = progress("refitting S", len(groups))
+            for group in groups:
+                refit_shared(source, group, out_dtype(group), settings.seed)
+                advance()
+        if settings.sequential:
+            sequential_factors(source, groups, settings, out_dtype,
+                               progress("sequential", sum(len(g.stack.names) for g in groups
+                                                          if g.metrics is not None and not g.kept_dense)))
+        stacked_names = set()
+        with SafetensorsWriter(output, shard_size) as writer:
+            advance = progress("factoring", sum(len(g.stack.names) for g in groups))
+            for group in groups:
+                stack = group.stack
+                if group.kept_dense:
+                    stored = lors_params(*group.out_in, group.ranks, group.shared)
+                    meta["kept_dense"].append({"template": stack.template, "layers": stack.layers,
+                                               "reason": f"LORS would store {stored:,} numbers, dense {stack.dense_params:,}"})
+                    for _ in stack.names:
+                        advance()
+                    continue
+                stacked_names.update(stack.names)
+                meta["groups"].append(write_group(source, group, writer, out_dtype(group), settings.seed, advance))
+            for name in source.info:
+                if name in stacked_names:
+                    continue
+                tensor = source.get(name)
+                if settings.dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != settings.dtype:
+                    meta["dtypes"][name] = dtype_name(tensor.dtype)
+                    tensor = tensor.to(settings.dtype)
+                writer.add(name, tensor)
+            meta["source"]["sha256"] = source_sha256()
+            files = writer.commit({"format": "pt", METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
     return files, meta
 
 
-def factor_layer(group: Group, i: int, target: torch.Tensor, k: torch.Tensor | None, out_dtype: torch.dtype,
+def factor_layer(group: Group, i: int, residual: torch.Tensor, k: torch.Tensor | None, out_dtype: torch.dtype,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer i's residual factors (B, A) against `target`, rounded to the storage dtype."""
+    """Layer i's factors (B, A) of its residual, rounded to the storage dtype."""
     name = group.stack.names[i]
-    b, a = metric_low_rank(target - group.shared_or_zeros(), k, group.ranks[i], seed_for(name, seed))
+    b, a = metric_low_rank(residual, k, group.ranks[i], seed_for(name, seed))
     b, a = b.to(out_dtype), a.to(out_dtype)
     if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
         raise LorsError(f"{name}: its low-rank factors overflow {dtype_name(out_dtype)}; choose a wider --dtype")
@@ -413,23 +423,26 @@ def factor_layer(group: Group, i: int, target: torch.Tensor, k: torch.Tensor | N
 
 def write_group(source: TensorSource, group: Group, writer: SafetensorsWriter, out_dtype: torch.dtype, seed: int,
                 advance: Callable[[], None]) -> dict:
-    stack = group.stack
-    shared = group.shared_or_zeros()
+    stack, shared = group.stack, group.shared_matrix
     if group.shared:
         writer.add(shared_key(stack.template), (shared.T if group.transposed else shared).to(out_dtype)
                    .reshape(stack.shape))
     err_sq, norm_sq, out_err_sq, out_norm_sq, layer_errors = 0.0, 0.0, 0.0, 0.0, []
     for i, name in enumerate(stack.names):
         matrix = read_matrix(source, group, i)
-        b, a = group.factors.pop(i, None) or factor_layer(group, i, matrix, metric(group, i), out_dtype, seed)
-        error = matrix - shared - b.float() @ a.float()
-        layer_err_sq, layer_norm_sq = error.square().sum().item(), matrix.square().sum().item()
+        layer_norm_sq = squared_norm(matrix)
+        covariance = group.covariances[i].to(group.device) if group.covariances is not None else None
+        if covariance is not None:
+            out_norm_sq += metric_energy(matrix, covariance)
+        residual = group.residual(matrix)
+        del matrix
+        b, a = group.factors.pop(i, None) or factor_layer(group, i, residual, metric(group, i), out_dtype, seed)
+        error = residual.addmm_(b.float(), a.float(), alpha=-1)  # in place: one full-size buffer per layer
+        layer_err_sq = squared_norm(error)
         err_sq, norm_sq = err_sq + layer_err_sq, norm_sq + layer_norm_sq
         layer_errors.append(round(rel_error(layer_err_sq, layer_norm_sq), 6))
-        if group.covariances is not None:
-            covariance = group.covariances[i].to(group.device)
+        if covariance is not None:
             out_err_sq += metric_energy(error, covariance)
-            out_norm_sq += metric_energy(matrix, covariance)
         a_key, b_key = factor_keys(name)
         if group.transposed:  # stored W is Wᵀ: (B A)ᵀ = Aᵀ Bᵀ
             a, b = b.T, a.T

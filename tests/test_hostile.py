@@ -386,7 +386,7 @@ def raise_on_call(real, n: int = 1):
 
 INTERRUPTS = {
     "reading the header": (checkpoint, "read_safetensors_header", 1, ["--rank", "2"]),
-    "hashing the source": (convert_module, "sha256_files", 1, ["--rank", "2"]),
+    "hashing the source": (checkpoint, "sha256_files", 1, ["--rank", "2"]),
     "the shared matrices": (convert_module, "mean_matrix", 2, ["--rank", "2"]),
     "the spectra": (convert_module, "metric_spectrum", 4, ["--reduction", "0.4"]),
     "factoring": (convert_module, "metric_low_rank", 5, ["--rank", "2"]),
