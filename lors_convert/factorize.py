@@ -14,7 +14,7 @@ import torch
 from lors_convert import LorsError
 
 OVERSAMPLE = 20
-POWER_ITERS = 2
+POWER_ITERS = 3
 CHOLQR_COST, EIGH_COST = 8, 30  # see use_randomized
 RANDOMIZED_CALLS_COST = 2e7  # ~1 ms of the ~40 small kernel calls, which decide for tiny matrices
 
