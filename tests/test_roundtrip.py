@@ -19,8 +19,8 @@ from lors_convert.stacks import find_stacks
 @pytest.mark.parametrize("options", [["--rank", "4"], ["--reduction", "0.5"], ["--energy", "0.8"],
                                      ["--rank", "3", "--dtype", "bfloat16", "--shard-size", "30kB"]])
 def test_same_input_and_settings_give_identical_bytes(tmp_path, cli, options):
-    sd = {f"layers.{i}.w": rand(128, 96, seed=i) for i in range(3)}  # large enough for the randomized SVD
-    assert use_randomized(128, 96, 4)
+    sd = {f"layers.{i}.w": rand(256, 192, seed=i) for i in range(3)}  # large enough for the randomized SVD
+    assert use_randomized(256, 192, 4)
     sd.update(bert(layers=2, hidden=16, inter=32))
     save_file(sd, tmp_path / "m.safetensors")
     outputs = []
