@@ -22,7 +22,7 @@ from lors_convert import LorsError, __version__
 from lors_convert.checkpoint import (SafetensorsWriter, TensorSource, check_output_path, dtype_name,
                                      hashing_in_background)
 from lors_convert.factorize import (allocate_ranks, as_matrix, energy_rank, lors_params, metric_energy,
-                                    metric_low_rank, metric_spectrum, rel_error, seed_for)
+                                    metric_low_rank, metric_spectrum, rel_error, seed_for, tail)
 from lors_convert.lors_format import FORMAT_VERSION, METADATA_KEY, factor_keys, shared_key
 from lors_convert.stacks import Stack, find_stacks
 
@@ -171,11 +171,6 @@ def measure(source: TensorSource, groups: list[Group], unshared: bool, advance: 
             advance()
 
 
-def tail(spectra: list[torch.Tensor], ranks: list[int]) -> float:
-    """The objective left after truncating each layer at its rank (the sum of the dropped sq. singular values)."""
-    return sum(sq[r:].sum().item() for sq, r in zip(spectra, ranks))
-
-
 def plan_ranks(source: TensorSource, groups: list[Group], settings: Settings, progress: Progress) -> None:
     """Choose, per group, shared or not and the rank of every layer."""
     rows_cols = [g.out_in for g in groups]
@@ -291,12 +286,10 @@ def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
 
 
-def calibrate_groups(source: TensorSource, groups: list[Group], settings: Settings) -> dict:
+def calibrate_groups(model: torch.nn.Module, batches: list[dict], groups: list[Group], settings: Settings) -> dict:
     from lors_convert.calibrate import collect
 
-    model, batches = calibration_inputs(source, settings)
     calibration = collect(model, [g.stack for g in groups], batches, compute_device())
-    del model
     for group in groups:
         if all(name in calibration.covariances for name in group.stack.names):
             group.transposed = group.stack.names[0] in calibration.transposed
@@ -306,8 +299,8 @@ def calibrate_groups(source: TensorSource, groups: list[Group], settings: Settin
             "groups": sum(g.metrics is not None for g in groups)}
 
 
-def sequential_factors(source: TensorSource, groups: list[Group], settings: Settings,
-                       out_dtype: Callable[[Group], torch.dtype], advance: Callable[[], None]) -> None:
+def sequential_factors(source: TensorSource, original: torch.nn.Module, batches: list[dict], groups: list[Group],
+                       settings: Settings, out_dtype: Callable[[Group], torch.dtype], progress: Progress) -> None:
     """--sequential: factor the calibrated layers in layer-index order, each against the inputs it receives once
     the layers before it are converted, so their errors are corrected instead of compounded.
 
@@ -318,12 +311,11 @@ def sequential_factors(source: TensorSource, groups: list[Group], settings: Sett
     from lors_convert.calibrate import collect_pair
     from lors_convert.nn import state_prefix
 
-    original, batches = calibration_inputs(source, settings)
     device = compute_device()
-    original.to(device).eval()
-    converted = copy.deepcopy(original)
+    converted = copy.deepcopy(original)  # collect() already moved the original to the device
     prefix = state_prefix(converted, [n for g in groups for n in g.stack.names])
     todo = [g for g in groups if g.metrics is not None and not g.kept_dense]
+    advance = progress("sequential", sum(len(g.stack.names) for g in todo))
     for layer in sorted({index for g in todo for index in g.stack.layers}):
         here = [(g, i) for g in todo for i, index in enumerate(g.stack.layers) if index == layer]
         covariances, cross = collect_pair(original, converted, [g.stack.names[i] for g, i in here], batches,
@@ -365,7 +357,10 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
                 "source": source_description(source), "settings": settings.as_json(),
                 "groups": [], "kept_dense": [], "dtypes": {}, "warnings": warnings}
         if settings.calibrate:
-            meta["calibration"] = calibrate_groups(source, groups, settings)
+            model, batches = calibration_inputs(source, settings)
+            meta["calibration"] = calibrate_groups(model, batches, groups, settings)
+            if not settings.sequential:
+                del model  # not needed again: free it before factoring
         out_dtype = lambda g: settings.dtype or g.stack.dtype  # noqa: E731
         advance = progress("shared matrices", sum(len(g.stack.names) for g in groups if g.shared))
         for group in groups:
@@ -380,9 +375,8 @@ def convert(source: TensorSource, output: Path, settings: Settings, *, shard_siz
                 refit_shared(source, group, out_dtype(group), settings.seed)
                 advance()
         if settings.sequential:
-            sequential_factors(source, groups, settings, out_dtype,
-                               progress("sequential", sum(len(g.stack.names) for g in groups
-                                                          if g.metrics is not None and not g.kept_dense)))
+            sequential_factors(source, model, batches, groups, settings, out_dtype, progress)
+            del model
         stacked_names = set()
         with SafetensorsWriter(output, shard_size) as writer:
             advance = progress("factoring", sum(len(g.stack.names) for g in groups))

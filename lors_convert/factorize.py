@@ -190,9 +190,14 @@ def uniform_ranks(spectra: list[list[torch.Tensor]], costs: list[int], budget: i
     return best
 
 
+def tail(spectra: list[torch.Tensor], ranks: list[int]) -> float:
+    """The objective left after truncating each layer at its rank (the sum of the dropped sq. singular values)."""
+    return sum(sq[r:].sum().item() for sq, r in zip(spectra, ranks))
+
+
 def residual_error(spectra: list[list[torch.Tensor]], norms_sq: list[float], ranks: list[list[int]]) -> float:
     """The allocation objective: Σ_g (energy the ranks leave out of group g) / ‖W_g‖²."""
-    return sum(sum(sq[r:].sum().item() for sq, r in zip(layers, group_ranks)) / max(norm_sq, 1e-30)
+    return sum(tail(layers, group_ranks) / max(norm_sq, 1e-30)
                for layers, norm_sq, group_ranks in zip(spectra, norms_sq, ranks))
 
 

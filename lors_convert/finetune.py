@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.evaluate import (Examples, Pair, fidelity, layer_outputs, load_examples, load_pair, run,
+from lors_convert.evaluate import (Pair, fidelity, layer_outputs, load_examples, load_pair, run,
                                    split_examples, token_kl, token_log_probs)
 
 OBJECTIVES = ("distill", "lm")
@@ -200,8 +200,7 @@ def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: 
     import json
 
     from lors_convert.checkpoint import SafetensorsWriter, check_output_path
-    from lors_convert.factorize import rel_error
-    from lors_convert.lors_format import METADATA_KEY, factor_keys, is_shared, shared_key
+    from lors_convert.lors_format import METADATA_KEY, reconstruction_errors
     from lors_convert.nn import lors_state, state_prefix
 
     tensors = lors_state(pair.student, pair.source, pair.meta)
@@ -209,18 +208,9 @@ def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: 
     teacher_state = pair.teacher.state_dict()
     prefix = state_prefix(pair.teacher, list(pair.source.info))
     for group in meta["groups"]:  # the weights moved: report their distance to the originals again
-        shared = (tensors[shared_key(group["template"])].float().reshape(group["shape"][0], -1) if is_shared(group)
-                  else torch.zeros(group["shape"][0], math.prod(group["shape"][1:])))
-        err_total = norm_total = 0.0
-        group["layer_errors"] = []
-        for name in group["names"]:
-            a_key, b_key = factor_keys(name)
-            original = teacher_state[prefix + name].float().cpu().reshape(shared.shape)
-            err = (original - shared - tensors[b_key].float() @ tensors[a_key].float()).square().sum().item()
-            norm = original.square().sum().item()
-            err_total, norm_total = err_total + err, norm_total + norm
-            group["layer_errors"].append(round(rel_error(err, norm), 6))
-        group["rel_error"] = rel_error(err_total, norm_total)
+        group["rel_error"], layer_errors = reconstruction_errors(tensors, group,
+                                                                 lambda name: teacher_state[prefix + name].cpu())
+        group["layer_errors"] = [round(e, 6) for e in layer_errors]
     meta["finetune"] = {"tool": f"lors-convert {__version__}", "from": str(pair.source.path.resolve()),
                         "teacher": str(pair.teacher_path.resolve()), "teacher_sha256": pair.teacher_sha256,
                         "settings": asdict(settings), **results}

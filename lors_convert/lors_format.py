@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import DTYPE_NAMES, TensorSource, open_checkpoint
+from lors_convert.factorize import rel_error
 
 FORMAT_VERSION = 1
 METADATA_KEY = "lors"
@@ -131,8 +132,9 @@ def factor_keys_of(meta: dict) -> set[str]:
     return keys
 
 
-def reconstruct(source: TensorSource, group: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dense float32 weights of one group, layer by layer: S + B_i A_i in the original shape."""
+def reconstruct(source: TensorSource | dict[str, torch.Tensor], group: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dense float32 weights of one group, layer by layer: S + B_i A_i in the original shape (from a LORS file,
+    or from its tensors in a dict)."""
     shape = tuple(group["shape"])
     shared = (source.get(shared_key(group["template"])).float().reshape(shape[0], -1) if is_shared(group)
               else torch.zeros(shape[0], math.prod(shape[1:])))
@@ -140,6 +142,19 @@ def reconstruct(source: TensorSource, group: dict) -> Iterator[tuple[str, torch.
         a_key, b_key = factor_keys(name)
         weight = shared + source.get(b_key).float() @ source.get(a_key).float()
         yield name, weight.reshape(shape)
+
+
+def reconstruction_errors(lors: TensorSource | dict[str, torch.Tensor], group: dict,
+                          original: Callable[[str], torch.Tensor]) -> tuple[float, list[float]]:
+    """The group's relative error ‖W − Ŵ‖_F / ‖W‖_F against the original weights, and each layer's."""
+    err_total = norm_total = 0.0
+    layer_errors = []
+    for name, weight in reconstruct(lors, group):
+        dense = original(name).float().reshape(weight.shape)
+        err, norm = (dense - weight).square().sum().item(), dense.square().sum().item()
+        err_total, norm_total = err_total + err, norm_total + norm
+        layer_errors.append(rel_error(err, norm))
+    return rel_error(err_total, norm_total), layer_errors
 
 
 def expand(source: TensorSource, meta: dict) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from lors_convert.checkpoint import TensorSource, open_checkpoint, sha256_files
-from lors_convert.factorize import as_matrix, rel_error
-from lors_convert.lors_format import consistency_problems, factor_keys, is_shared, read_lors, reconstruct, shared_key
+from lors_convert.lors_format import (consistency_problems, factor_keys, is_shared, read_lors,
+                                      reconstruction_errors, shared_key)
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -50,12 +50,7 @@ def source_problems(lors: TensorSource, meta: dict, source_path: Path) -> list[s
         if missing:
             problems.append(f"{g['template']}: the source has no {missing[0]!r} of shape {g['shape']}")
             continue
-        err_sq = norm_sq = 0.0
-        for name, weight in reconstruct(lors, g):
-            original = as_matrix(source.get(name))
-            err_sq += (original - weight.reshape(original.shape)).square().sum().item()
-            norm_sq += original.square().sum().item()
-        error = rel_error(err_sq, norm_sq)
+        error, _ = reconstruction_errors(lors, g, source.get)
         allowed = tolerance(lors.info[factor_keys(g["names"][0])[0]].dtype)
         if not abs(error - g["rel_error"]) <= allowed:
             problems.append(f"{g['template']}: relative error is {error:.6g}, recorded {g['rel_error']:.6g} "

@@ -92,7 +92,6 @@ def main() -> None:
                   flush=True)
     if args.finetune_minutes > 0:
         for row in [r for r in rows if r["reduction"] == 0.5]:
-            pair = load_pair(Path(row["lors"]), model)
             probe = FinetuneSettings(steps=1, batch_size=32, eval_examples=32)
             start = time.perf_counter()
             finetune(Path(row["lors"]), [train], work / "probe.safetensors", probe, teacher=model, quiet=True,
@@ -105,7 +104,6 @@ def main() -> None:
             finetune(Path(row["lors"]), [train], tuned, settings, teacher=model, quiet=True, force=True,
                      log=lambda *a: None)
             row["finetune"] = {"steps": steps, "seconds": time.perf_counter() - start, **measure(tuned)}
-            del pair
             print(f"fine-tuned {row['method']:32} {steps} steps: cos {row['finetune']['pydocs']['cos']:.4f}",
                   flush=True)
 

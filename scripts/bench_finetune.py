@@ -133,7 +133,7 @@ def main() -> None:
     before, after = results["eval_before"], results["eval_after"]
     print(f"\n{'':34} {'before':>8} {'after':>8}")
     for label, b, a in ((f"cos, held-out pydocs ({before['examples']})", before["cos"], after["cos"]),
-                        (f"top10, held-out pydocs", before["top10"], after["top10"]),
+                        ("top10, held-out pydocs", before["top10"], after["top10"]),
                         (f"cos, package prose ({other_before['examples']})", other_before["cos"], other_after["cos"]),
                         ("top10, package prose", other_before["top10"], other_after["top10"])):
         print(f"{label:34} {b:>8.4f} {a:>8.4f}")

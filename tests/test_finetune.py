@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from lors_convert.evaluate import layer_outputs, load_pair  # noqa: E402
+from lors_convert.evaluate import load_pair  # noqa: E402
 from lors_convert.finetune import stacked_layer_paths, step_loss  # noqa: E402
 from lors_convert.hf import hf_architecture, load_state  # noqa: E402
 from lors_convert.lors_format import read_lors  # noqa: E402
