@@ -372,42 +372,77 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
 
 
-def _copy_into(dst, src_path: Path) -> None:
-    with open(src_path, "rb") as src:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
+Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]  # (name, dtype, shape) in the order tensors are added
+
+
+def header_json(entries: dict, metadata: dict[str, str]) -> bytes:
+    return json.dumps({"__metadata__": metadata, **dict(sorted(entries.items()))}, separators=(",", ":")).encode()
+
+
+def header_bytes(entries: dict, metadata: dict[str, str], reserve: int) -> bytes:
+    """A shard's header: the JSON padded with spaces to `reserve` bytes (a multiple of 8)."""
+    raw = header_json(entries, metadata)
+    if len(raw) > reserve:
+        raise RuntimeError(f"safetensors header of {len(raw)} bytes exceeds the {reserve} reserved")
+    return raw + b" " * (reserve - len(raw))
 
 
 class SafetensorsWriter:
-    """Streams tensors into safetensors shards; nothing appears under the final names until `commit`.
+    """Writes declared tensors into safetensors shards; nothing appears under the final names until `commit`.
 
-    Tensor data goes to temporary files beside the output as it arrives (so memory stays at one tensor);
-    `commit` writes each shard as header + data under a temporary name and renames it into place, the
-    index last. Any failure or interrupt before that removes every temporary file.
+    Every name, dtype and shape is declared up front, so each shard's layout is fixed before any data is
+    written: data goes straight to its place in the shard (a temporary name beside the output) and the
+    header, padded to a reserved size, is written last into the space left for it. Extra disk is the output's
+    size, memory one tensor. `commit` renames each shard into place, the index last; any failure or interrupt
+    before that removes every temporary file.
     """
 
-    def __init__(self, path: Path, shard_size: int):
+    def __init__(self, path: Path, layout: Layout, shard_size: int, metadata_bytes: int):
         self.path, self.shard_size = Path(path), shard_size
         self.tmp_prefix = f".{self.path.name}.tmp{os.getpid()}"
+        seen: set[str] = set()
+        for name, _, _ in layout:
+            if name in seen:
+                raise LorsError(f"{self.path}: two tensors would be written as {name!r}")
+            seen.add(name)
         self.shards: list[dict] = []
-        self.temp_files: list[Path] = []
-        self._new_shard()
+        self.where: dict[str, tuple[dict, int, torch.dtype, tuple[int, ...]]] = {}
+        for name, dtype, shape in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not self.shards or (self.shards[-1]["size"] and self.shards[-1]["size"] + nbytes > shard_size):
+                self.shards.append({"entries": {}, "size": 0, "file": None})
+            shard = self.shards[-1]
+            shard["entries"][name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                                      "data_offsets": [shard["size"], shard["size"] + nbytes]}
+            self.where[name] = (shard, shard["size"], dtype, tuple(shape))
+            shard["size"] += nbytes
+        if not self.shards:
+            self.shards.append({"entries": {}, "size": 0, "file": None})
+        # The header's size bound: the metadata's bound plus the entries (written with the widest offsets).
+        for shard in self.shards:
+            widest = {name: {**entry, "data_offsets": [shard["size"]] * 2} for name, entry in shard["entries"].items()}
+            bound = len(header_json(widest, {})) - len(b"{}") + metadata_bytes
+            shard["reserve"] = bound + (-bound % 8)
+        self.temp_files = [self.path.parent / f"{self.tmp_prefix}.{final.name}" for final in self.output_files()]
+        self.written: set[str] = set()
 
-    def _new_shard(self) -> None:
-        data_path = self.path.parent / f"{self.tmp_prefix}.data{len(self.shards)}"
-        self.temp_files.append(data_path)
-        self.shards.append({"data": data_path, "file": open(data_path, "wb"), "entries": {}, "size": 0})
+    def _file(self, shard: dict):
+        if shard["file"] is None:
+            shard["file"] = open(self.temp_files[self.shards.index(shard)], "wb")
+        return shard["file"]
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor_bytes(tensor)
-        shard = self.shards[-1]
-        if shard["size"] and shard["size"] + len(data) > self.shard_size:
-            self._new_shard()
-            shard = self.shards[-1]
-        shard["entries"][name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                                  "data_offsets": [shard["size"], shard["size"] + len(data)]}
-        shard["file"].write(data)
-        shard["size"] += len(data)
+        if name not in self.where or name in self.written:
+            raise RuntimeError(f"{name!r} was not declared, or is written twice")
+        shard, offset, dtype, shape = self.where[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"{name!r}: declared {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        f = self._file(shard)
+        position = 8 + shard["reserve"] + offset
+        if f.tell() != position:
+            f.seek(position)
+        f.write(tensor_bytes(tensor))
+        self.written.add(name)
 
     def output_files(self) -> list[Path]:
         n = len(self.shards)
@@ -417,20 +452,18 @@ class SafetensorsWriter:
         return [self.path.parent / f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
     def commit(self, metadata: dict[str, str]) -> list[Path]:
+        missing = set(self.where) - self.written
+        if missing:
+            raise RuntimeError(f"{len(missing)} declared tensors were never written, e.g. {sorted(missing)[0]!r}")
         finals = self.output_files()
         staged = []
-        for shard, final in zip(self.shards, finals):
-            shard["file"].close()
-            header = {"__metadata__": metadata, **dict(sorted(shard["entries"].items()))}
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            tmp = self.path.parent / f"{self.tmp_prefix}.{final.name}"
-            self.temp_files.append(tmp)
-            with open(tmp, "wb") as f:
-                f.write(struct.pack("<Q", len(raw)) + raw)
-                _copy_into(f, shard["data"])
-                f.flush()
-                os.fsync(f.fileno())
+        for shard, tmp, final in zip(self.shards, self.temp_files, finals):
+            f = self._file(shard)
+            f.seek(0)
+            f.write(struct.pack("<Q", shard["reserve"]) + header_bytes(shard["entries"], metadata, shard["reserve"]))
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
             staged.append((tmp, final))
         if len(finals) > 1:
             weight_map = {name: final.name for shard, final in zip(self.shards, finals) for name in shard["entries"]}
@@ -450,12 +483,14 @@ class SafetensorsWriter:
                 final.unlink(missing_ok=True)
             raise
         self.cleanup()
+        remove_stale_layouts(self.path, renamed)
         return renamed
 
     def cleanup(self) -> None:
         for shard in self.shards:
-            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
-                shard["file"].close()
+            if shard["file"] is not None:
+                with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                    shard["file"].close()
         for tmp in self.temp_files:
             tmp.unlink(missing_ok=True)
 
@@ -464,6 +499,26 @@ class SafetensorsWriter:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+def metadata_bytes(metadata: dict[str, str]) -> int:
+    """The serialized size of a header's metadata object, for SafetensorsWriter's reservation."""
+    return len(json.dumps(metadata, separators=(",", ":")).encode())
+
+
+def output_layout_files(output: Path) -> list[Path]:
+    """Every file that belongs to a checkpoint written under this name: the single file, shards and index."""
+    stem = glob.escape(output.name.removesuffix(".safetensors"))
+    return [output, index_path(output), *sorted(output.parent.glob(f"{stem}-*-of-*.safetensors"))]
+
+
+def remove_stale_layouts(output: Path, written: list[Path]) -> None:
+    """After a complete write with --force: the single file, shards or index of an earlier layout go, so
+    exactly one checkpoint answers to the output name."""
+    keep = {p.resolve() for p in written}
+    for candidate in output_layout_files(output):
+        if candidate.is_file() and candidate.resolve() not in keep:
+            candidate.unlink()
 
 
 def index_path(path: Path) -> Path:
@@ -478,8 +533,7 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
     if output.suffix != ".safetensors":
         raise LorsError(f"{output}: the output must end in .safetensors")
     resolved = {Path(p).resolve() for p in inputs}
-    shards = output.parent.glob(f"{glob.escape(output.name.removesuffix('.safetensors'))}-*-of-*.safetensors")
-    for candidate in (output, index_path(output), *sorted(shards)):
+    for candidate in output_layout_files(output):
         if candidate.resolve() in resolved:
             raise LorsError(f"{output}: refusing to write onto the input")
         if candidate.is_dir():

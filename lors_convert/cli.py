@@ -119,9 +119,26 @@ def convert(
     return_freed_memory()
     with progress_bars(quiet) as progress:
         files, _ = run_convert(source, output, settings, shard_size=size, force=force, progress=progress)
-    print_report(build_report(*read_lors(files[-1])), as_json)
+    result = build_report(*read_lors(files[-1]))
+    print_report(result, as_json)
     if not as_json:
         stderr.print(f"wrote {', '.join(str(f) for f in files)}")
+        hint = recovery_hint(result, output)
+        if hint:
+            stderr.print(f"[yellow]hint:[/yellow] {escape(hint)}", soft_wrap=True)
+
+
+HIGH_ERROR = 0.3  # stacked rel. error above which conversion alone loses much of a model's function
+
+
+def recovery_hint(result: dict, output: Path) -> str | None:
+    """One line on what recovers the function after a lossy conversion."""
+    error = result["stacked"]["rel_error"]
+    if error <= HIGH_ERROR:
+        return None
+    steps = [] if result["calibrated"] else ["convert again with --calibrate TEXT (factors for the model's real inputs)"]
+    steps.append(f"then `lors-convert finetune {output} --data TEXT -o OUT` (distillation from the original)")
+    return f"relative error {error:.2f} loses much of the model's function; " + ", ".join(steps)
 
 
 @app.command()
@@ -142,12 +159,14 @@ def inspect(model: Path = typer.Argument(..., help="A checkpoint to look at.", s
             as_json: bool = AsJson, quiet: bool = Quiet) -> None:
     """The stacked groups that would be factored and what each rank would save. Writes nothing."""
     from lors_convert.checkpoint import open_checkpoint
+    from lors_convert.lors_format import refuse_lors_input
     from lors_convert.report import inspect_data, print_inspect
     from lors_convert.stacks import find_stacks
 
     if any(r < 0 for r in rank):
         raise LorsError("--rank must be 0 or more")
     source = open_checkpoint(model)
+    refuse_lors_input(source, model)
     stacks, warnings = find_stacks(source.info, include, exclude)
     if not stacks:
         raise LorsError(f"{model}: no stacked layers found")
@@ -161,18 +180,20 @@ def expand(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
            shard_size: str = typer.Option("5GB", "--shard-size", help="Shard the output above this size."),
            force: bool = Force, quiet: bool = Quiet) -> None:
     """Write the dense state dict back (original names, shapes and dtypes)."""
-    from lors_convert.checkpoint import SafetensorsWriter, check_output_path, parse_size
-    from lors_convert.lors_format import expand as expand_tensors, read_lors
+    from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes, parse_size
+    from lors_convert.lors_format import dense_layout, expand as expand_tensors, read_lors
 
     size = parse_size(shard_size)
     source, meta = read_lors(lors)
     check_output_path(output, [source.path, *source.files], force)
-    with progress_bars(quiet) as progress, SafetensorsWriter(output, size) as writer:
-        advance = progress("expanding", len(source.info))
+    layout = dense_layout(source, meta)
+    metadata = {"format": "pt"}
+    with progress_bars(quiet) as progress, SafetensorsWriter(output, layout, size, metadata_bytes(metadata)) as writer:
+        advance = progress("expanding", len(layout))
         for name, tensor in expand_tensors(source, meta):
             writer.add(name, tensor)
             advance()
-        files = writer.commit({"format": "pt"})
+        files = writer.commit(metadata)
     stderr.print(f"wrote {', '.join(str(f) for f in files)}")
 
 

@@ -11,8 +11,7 @@ its factors on the way out), so that calibration can weight the input side: the 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +19,11 @@ import torch
 
 from lors_convert import LorsError, __version__
 from lors_convert.checkpoint import (SafetensorsWriter, TensorSource, check_output_path, dtype_name,
-                                     hashing_in_background)
-from lors_convert.factorize import (allocate_ranks, as_matrix, energy_rank, lors_params, metric_energy,
-                                    metric_low_rank, metric_spectrum, rel_error, seed_for, tail)
-from lors_convert.lors_format import FORMAT_VERSION, METADATA_KEY, factor_keys, shared_key
+                                     hashing_in_background, metadata_bytes)
+from lors_convert.factorize import (allocate_ranks, as_matrix, capped, energy_rank, head_spectrum, lors_params,
+                                    metric_energy, metric_low_rank, metric_spectrum, rel_error, seed_for, tail)
+from lors_convert.lors_format import (SHARED_SEGMENT, GroupMeta, KeptDense, LorsMeta, SourceMeta,
+                                      factor_keys, header_metadata, is_lors_key, refuse_lors_input, shared_key)
 from lors_convert.stacks import Stack, find_stacks
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
@@ -86,35 +86,50 @@ class Settings:
                 "exclude": self.exclude, "seed": self.seed, **calibration}
 
 
-@dataclass
-class Group:
-    """One stack on its way through the pipeline."""
+@dataclass(frozen=True)
+class GroupPlan:
+    """What conversion does with one stack, decided before anything is written. Planning returns new plans
+    (dataclasses.replace) phase by phase; the writer only reads them."""
 
     stack: Stack
+    dtype: torch.dtype  # storage dtype of S and the factors
     device: str = "cpu"
     transposed: bool = False  # stored as in x out (Conv1D)
-    metrics: list[torch.Tensor] | None = None  # K_i = C_i + λI per layer (float64), when calibrated
-    covariances: list[torch.Tensor] | None = None  # C_i, for reporting the output error
+    metrics: tuple[torch.Tensor, ...] | None = None  # K_i = C_i + λI per layer (float64), when calibrated
+    covariances: tuple[torch.Tensor, ...] | None = None  # C_i, for reporting the output error
     shared: bool = True
     shared_matrix: torch.Tensor | None = None  # float32, out x in, already rounded to the storage dtype
-    ranks: list[int] = field(default_factory=list)
-    spectra: list[torch.Tensor] = field(default_factory=list)
-    spectra_unshared: list[torch.Tensor] = field(default_factory=list)
-    norm_sq: float = 0.0
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # from --sequential
-
-    def residual(self, matrix: torch.Tensor) -> torch.Tensor:
-        """W − S as a new tensor (a copy of W when unshared), so callers may change it in place."""
-        return matrix - self.shared_matrix if self.shared else matrix.clone()
-
-    @property
-    def kept_dense(self) -> bool:
-        return lors_params(*self.out_in, self.ranks, self.shared) >= self.stack.dense_params
+    ranks: tuple[int | None, ...] = ()  # None: the layer is stored dense
 
     @property
     def out_in(self) -> tuple[int, int]:
         rows, cols = self.stack.rows, self.stack.cols
         return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def lors_params(self) -> int:
+        return lors_params(*self.out_in, list(self.ranks), self.shared)
+
+    @property
+    def kept_dense(self) -> bool:
+        return self.lors_params >= self.stack.dense_params
+
+    def residual(self, matrix: torch.Tensor) -> torch.Tensor:
+        """W − S as a new tensor (a copy of W when unshared), so callers may change it in place."""
+        return matrix - self.shared_matrix if self.shared else matrix.clone()
+
+    def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """The tensors this group writes, in the order it writes them."""
+        stack = self.stack
+        rows, cols = stack.rows, stack.cols
+        out = [(shared_key(stack.template), self.dtype, stack.shape)] if self.shared else []
+        for name, rank in zip(stack.names, self.ranks):
+            if rank is None:
+                out.append((name, self.dtype, stack.shape))
+            else:
+                a_key, b_key = factor_keys(name)
+                out += [(a_key, self.dtype, (rank, cols)), (b_key, self.dtype, (rows, rank))]
+        return out
 
 
 def no_progress(description: str, total: int) -> Callable[[], None]:
@@ -135,97 +150,135 @@ def check_finite(matrix: torch.Tensor, name: str) -> None:
                         "refusing to factor them")
 
 
-def read_matrix(source: TensorSource, group: Group, i: int) -> torch.Tensor:
-    name = group.stack.names[i]
-    matrix = as_matrix(source.get(name), group.device)
+def read_matrix(source: TensorSource, plan: GroupPlan, i: int) -> torch.Tensor:
+    name = plan.stack.names[i]
+    matrix = as_matrix(source.get(name), plan.device)
     check_finite(matrix, name)
-    return matrix.T if group.transposed else matrix
+    return matrix.T if plan.transposed else matrix
 
 
-def metric(group: Group, i: int) -> torch.Tensor | None:
-    return group.metrics[i] if group.metrics is not None else None
+def metric(plan: GroupPlan, i: int) -> torch.Tensor | None:
+    return plan.metrics[i] if plan.metrics is not None else None
 
 
-# ---------------------------------------------------------------- planning
-
-
-def mean_matrix(source: TensorSource, group: Group, out_dtype: torch.dtype) -> torch.Tensor:
+def mean_matrix(source: TensorSource, plan: GroupPlan) -> torch.Tensor:
     """The shared matrix, rounded to the storage dtype (residuals are taken against what is stored)."""
     total = None
-    for i in range(len(group.stack.names)):
-        matrix = read_matrix(source, group, i)
+    for i in range(len(plan.stack.names)):
+        matrix = read_matrix(source, plan, i)
         total = matrix.clone() if total is None else total.add_(matrix)  # a copy: the first may be the source's
-    return (total / len(group.stack.names)).to(out_dtype).float()
+    return (total / len(plan.stack.names)).to(plan.dtype).float()
 
 
-def measure(source: TensorSource, groups: list[Group], unshared: bool, advance: Callable[[], None]) -> None:
-    """Spectra of each layer's (weighted) residual, and of the layer itself when the unshared form is considered."""
-    for group in groups:
-        for i in range(len(group.stack.names)):
-            matrix, k = read_matrix(source, group, i), metric(group, i)
-            group.norm_sq += metric_energy(matrix, k)
-            if group.shared:
-                group.spectra.append(metric_spectrum(matrix - group.shared_matrix, k).cpu())
+@dataclass
+class Spectra:
+    """Per layer: squared singular values of the (weighted) residual around S and of the layer itself."""
+
+    shared: list[torch.Tensor] = field(default_factory=list)
+    unshared: list[torch.Tensor] = field(default_factory=list)
+    norm_sq: float = 0.0
+
+
+def measure(source: TensorSource, plans: list[GroupPlan], unshared: bool, heads: list[tuple[int, int]] | None,
+            seed: int, advance: Callable[[], None]) -> list[Spectra]:
+    """Spectra of each layer's (weighted) residual, and of the layer itself when the unshared form is considered.
+    With `heads` ((shared count, unshared count) per group), only that many leading values are needed, so large
+    uncalibrated layers are estimated (factorize.head_spectrum) instead of decomposed in full."""
+    measured = []
+    for g, plan in enumerate(plans):
+        result = Spectra()
+        for i, name in enumerate(plan.stack.names):
+            matrix, k = read_matrix(source, plan, i), metric(plan, i)
+            result.norm_sq += metric_energy(matrix, k)
+
+            def values(m: torch.Tensor, count: int) -> torch.Tensor:
+                if heads is None or k is not None:
+                    return metric_spectrum(m, k).cpu()
+                return head_spectrum(m, count, seed_for(name, seed)).cpu()
+
+            if plan.shared:
+                result.shared.append(values(matrix - plan.shared_matrix, heads[g][0] if heads else 0))
             if unshared:
-                group.spectra_unshared.append(metric_spectrum(matrix, k).cpu())
+                result.unshared.append(values(matrix, heads[g][1] if heads else 0))
             advance()
+        measured.append(result)
+    return measured
 
 
-def plan_ranks(source: TensorSource, groups: list[Group], settings: Settings, progress: Progress) -> None:
-    """Choose, per group, shared or not and the rank of every layer."""
-    rows_cols = [g.out_in for g in groups]
+def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
+               progress: Progress) -> list[GroupPlan]:
+    """Choose, per group, shared or not and the rank of every layer (None: stored dense).
+
+    --rank N gives every layer rank N (dense where N is past its break-even rank); --energy the smallest rank
+    keeping that energy; --reduction allocates a budget. Under `auto`, a group keeps S only where S leaves less
+    error than the same numbers spent on rank without it.
+    """
+    shapes = [p.out_in for p in plans]
     auto = settings.shared == "auto"
+    layer_count = [len(p.stack.names) for p in plans]
     if settings.rank is not None and not auto:
-        for group, (rows, cols) in zip(groups, rows_cols):
-            group.ranks = [min(settings.rank, rows, cols)] * len(group.stack.names)
-        return
-    measure(source, groups, auto or settings.shared == "none",
-            progress("spectra", sum(len(g.stack.names) for g in groups)))
-    costs = [rows + cols for rows, cols in rows_cols]
+        return [replace(p, ranks=tuple(capped(min(settings.rank, *shape), *shape) for _ in p.stack.names))
+                for p, shape in zip(plans, shapes)]
+    heads = None
+    if settings.rank is not None:  # auto compares rank N with S against rank N + (S's numbers) without it
+        extra = [rows * cols // (n * (rows + cols)) for (rows, cols), n in zip(shapes, layer_count)]
+        heads = [(settings.rank + 1, settings.rank + e + 1) for e in extra]
+    measured = measure(source, plans, auto or settings.shared == "none", heads, settings.seed,
+                       progress("spectra", sum(layer_count)))
+    spectra = [m.shared if p.shared else m.unshared for p, m in zip(plans, measured)]
+    norms = [m.norm_sq for m in measured]
     if settings.rank is not None:
-        ranks = [[min(settings.rank, rows, cols)] * len(g.stack.names) for g, (rows, cols) in zip(groups, rows_cols)]
+        ranks = [[capped(min(settings.rank, *shape), *shape)] * n for shape, n in zip(shapes, layer_count)]
     elif settings.energy is not None:
-        ranks = [[energy_rank(sq, settings.energy) for sq in (g.spectra or g.spectra_unshared)] for g in groups]
+        ranks = [[capped(energy_rank(sq, settings.energy), *shape) for sq in layers]
+                 for layers, shape in zip(spectra, shapes)]
     else:
-        dense = sum(g.stack.dense_params for g in groups)
-        shared_cost = sum(rows * cols for g, (rows, cols) in zip(groups, rows_cols) if g.shared)
+        dense = sum(p.stack.dense_params for p in plans)
+        shared_cost = sum(rows * cols for p, (rows, cols) in zip(plans, shapes) if p.shared)
         budget = int((1 - settings.reduction) * dense) - shared_cost
         if budget < 0 and auto:  # sharing alone is over budget: store every group unshared
-            for group in groups:
-                group.shared = False
+            plans = [replace(p, shared=False, shared_matrix=None) for p in plans]
+            spectra = [m.unshared for m in measured]
             budget = int((1 - settings.reduction) * dense)
         if budget < 0:
             raise LorsError(f"--reduction {settings.reduction:g} is out of reach: the shared matrices alone keep "
                             f"{shared_cost / dense:.1%} of the stacked parameters, so at most "
                             f"{1 - shared_cost / dense:.3f} can be removed (or use --shared none)")
-        ranks = allocate_ranks([g.spectra if g.shared else g.spectra_unshared for g in groups],
-                               [g.norm_sq for g in groups], costs, budget)
-    for group, group_ranks, cost, (rows, cols) in zip(groups, ranks, costs, rows_cols):
-        group.ranks = group_ranks
-        if auto and group.shared:
-            # The same parameter budget without a shared matrix buys rows*cols/(rows+cols) more rank units.
-            budget = lors_params(rows, cols, group_ranks)
-            unshared = allocate_ranks([group.spectra_unshared], [group.norm_sq], [cost], budget)[0]
-            if tail(group.spectra_unshared, unshared) < tail(group.spectra, group_ranks):
-                group.shared, group.ranks, group.shared_matrix = False, unshared, None
+        ranks = allocate_ranks(spectra, norms, shapes, budget)
+    planned = []
+    for g, (plan, group_ranks, shape, m) in enumerate(zip(plans, ranks, shapes, measured)):
+        plan = replace(plan, ranks=tuple(group_ranks))
+        if auto and plan.shared:
+            # What S's numbers buy as rank instead: the group's budget spent without a shared matrix (for --rank,
+            # spread evenly: rank N + S's numbers per layer, whose spectra were measured that far).
+            if settings.rank is None:
+                unshared = allocate_ranks([m.unshared], [m.norm_sq], [shape], plan.lors_params)[0]
+            else:
+                unshared = [capped(min(settings.rank + extra[g], *shape), *shape)] * layer_count[g]
+            if tail(m.unshared, unshared) < tail(m.shared, group_ranks):
+                kept = unshared if settings.rank is None else group_ranks
+                plan = replace(plan, shared=False, shared_matrix=None, ranks=tuple(kept))
+        planned.append(plan)
+    return planned
 
 
-def refit_shared(source: TensorSource, group: Group, out_dtype: torch.dtype, seed: int) -> list[float]:
+def refit_shared(source: TensorSource, plan: GroupPlan, seed: int) -> tuple[GroupPlan, list[float]]:
     """Alternate (a) factoring residuals with S fixed and (b) the closed-form S, while the objective falls.
 
     J(S) = Σ_i tr((D_i − S) K_i (D_i − S)ᵀ) with D_i = W_i − B_i A_i is quadratic in S: with P = Σ D_i K_i,
     Q = Σ K_i (K_i = I in weight space), J(S) = Σ tr(D_i K_i D_iᵀ) − 2⟨P, S⟩ + ⟨S Q, S⟩ and S* = P Q⁻¹.
-    Returns the objective after every half-step; the S kept is the one with the lowest objective.
+    Returns the plan with the S of lowest objective, and the objective after every half-step. Layers stored
+    dense are exact whatever S is, so they do not enter J.
     """
-    layers = len(group.stack.names)
-    history, best = [], (float("inf"), group.shared_matrix)
-    current = group.shared_matrix
-    for _ in range(REFIT_MAX_ITERS):
+    factored = [i for i, r in enumerate(plan.ranks) if r is not None]
+    history, best = [], (float("inf"), plan.shared_matrix)
+    current = plan.shared_matrix
+    for _ in range(REFIT_MAX_ITERS if factored else 0):
         constant, p_acc, q_acc = 0.0, 0.0, 0.0
-        for i in range(layers):
-            matrix, k = read_matrix(source, group, i), metric(group, i)
-            b, a = metric_low_rank(matrix - current, k, group.ranks[i], seed_for(group.stack.names[i], seed))
-            rest = (matrix - b.to(out_dtype).float() @ a.to(out_dtype).float()).double()
+        for i in factored:
+            matrix, k = read_matrix(source, plan, i), metric(plan, i)
+            b, a = metric_low_rank(matrix - current, k, plan.ranks[i], seed_for(plan.stack.names[i], seed))
+            rest = (matrix - b.to(plan.dtype).float() @ a.to(plan.dtype).float()).double()
             weighted_rest = rest if k is None else rest @ k
             constant += (weighted_rest * rest).sum().item()
             p_acc = p_acc + weighted_rest
@@ -233,7 +286,7 @@ def refit_shared(source: TensorSource, group: Group, out_dtype: torch.dtype, see
 
         def objective(s: torch.Tensor) -> float:
             s = s.double()
-            quad = (s.square().sum() * layers) if group.metrics is None else ((s @ q_acc) * s).sum()
+            quad = (s.square().sum() * len(factored)) if plan.metrics is None else ((s @ q_acc) * s).sum()
             return constant - 2 * (p_acc * s).sum().item() + quad.item()
 
         after_factoring = objective(current)
@@ -242,8 +295,8 @@ def refit_shared(source: TensorSource, group: Group, out_dtype: torch.dtype, see
             best = (after_factoring, current)
         if len(history) > 1 and after_factoring > history[-2] * (1 + 1e-9):
             break  # an inexact factor step raised the objective: keep the best S seen
-        solved = p_acc / layers if group.metrics is None else torch.linalg.solve(q_acc, p_acc.T).T
-        candidate = solved.to(out_dtype).float()
+        solved = p_acc / len(factored) if plan.metrics is None else torch.linalg.solve(q_acc, p_acc.T).T
+        candidate = solved.to(plan.dtype).float()
         after_solve = objective(candidate)
         if after_solve > after_factoring:  # storage rounding can undo a tiny gain
             break
@@ -252,16 +305,10 @@ def refit_shared(source: TensorSource, group: Group, out_dtype: torch.dtype, see
         current = candidate
         if converged:
             break
-    group.shared_matrix = best[1]
-    return history
+    return replace(plan, shared_matrix=best[1]), history
 
 
-# ---------------------------------------------------------------- writing
-
-
-def source_description(source: TensorSource) -> dict:
-    return {"path": str(source.path.resolve()), "files": [f.name for f in source.files], "bytes": source.nbytes,
-            "sha256": None}  # filled in at the end: the hash is computed in the background
+# ---------------------------------------------------------------- calibration
 
 
 def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict]]:
@@ -286,23 +333,27 @@ def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
 
 
-def calibrate_groups(model: torch.nn.Module, batches: list[dict], groups: list[Group], settings: Settings) -> dict:
+def calibrate_plans(model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan],
+                    settings: Settings) -> tuple[list[GroupPlan], dict]:
     from lors_convert.calibrate import collect
 
-    calibration = collect(model, [g.stack for g in groups], batches, compute_device())
-    for group in groups:
-        if all(name in calibration.covariances for name in group.stack.names):
-            group.transposed = group.stack.names[0] in calibration.transposed
-            group.covariances = [calibration.covariances.pop(name) for name in group.stack.names]
-            group.metrics = [damped(c, settings.damping).to(group.device) for c in group.covariances]
-    return {"samples": len(batches), "tokens": calibration.tokens,
-            "groups": sum(g.metrics is not None for g in groups)}
+    calibration = collect(model, [p.stack for p in plans], batches, compute_device())
+    calibrated = []
+    for plan in plans:
+        if all(name in calibration.covariances for name in plan.stack.names):
+            covariances = tuple(calibration.covariances.pop(name) for name in plan.stack.names)
+            plan = replace(plan, transposed=plan.stack.names[0] in calibration.transposed, covariances=covariances,
+                           metrics=tuple(damped(c, settings.damping).to(plan.device) for c in covariances))
+        calibrated.append(plan)
+    return calibrated, {"samples": len(batches), "tokens": calibration.tokens,
+                        "groups": sum(p.metrics is not None for p in calibrated)}
 
 
-def sequential_factors(source: TensorSource, original: torch.nn.Module, batches: list[dict], groups: list[Group],
-                       settings: Settings, out_dtype: Callable[[Group], torch.dtype], progress: Progress) -> None:
+def sequential_factors(source: TensorSource, original: torch.nn.Module, batches: list[dict], plans: list[GroupPlan],
+                       settings: Settings, progress: Progress) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """--sequential: factor the calibrated layers in layer-index order, each against the inputs it receives once
-    the layers before it are converted, so their errors are corrected instead of compounded.
+    the layers before it are converted, so their errors are corrected instead of compounded. Returns the
+    factors (B, A) by tensor name, for the writer.
 
     With X the layer's inputs in the original model and X̂ those in the converted one, the target
     T = W (XᵀX̂ + μI)(X̂ᵀX̂ + μI)⁻¹ is the ridge regression of the original outputs X Wᵀ on X̂ (T = W when nothing
@@ -313,141 +364,194 @@ def sequential_factors(source: TensorSource, original: torch.nn.Module, batches:
 
     device = compute_device()
     converted = copy.deepcopy(original)  # collect() already moved the original to the device
-    prefix = state_prefix(converted, [n for g in groups for n in g.stack.names])
-    todo = [g for g in groups if g.metrics is not None and not g.kept_dense]
-    advance = progress("sequential", sum(len(g.stack.names) for g in todo))
-    for layer in sorted({index for g in todo for index in g.stack.layers}):
-        here = [(g, i) for g in todo for i, index in enumerate(g.stack.layers) if index == layer]
-        covariances, cross = collect_pair(original, converted, [g.stack.names[i] for g, i in here], batches,
+    prefix = state_prefix(converted, [n for p in plans for n in p.stack.names])
+    todo = [p for p in plans if p.metrics is not None and not p.kept_dense]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    advance = progress("sequential", sum(len(p.stack.names) for p in todo))
+    for layer in sorted({index for p in todo for index in p.stack.layers}):
+        here = [(p, i) for p in todo for i, index in enumerate(p.stack.layers) if index == layer]
+        covariances, cross = collect_pair(original, converted, [p.stack.names[i] for p, i in here], batches,
                                           device)
-        for group, i in here:
-            name = group.stack.names[i]
-            if name not in covariances:  # never reached by the samples: factored like the others at write time
+        for plan, i in here:
+            name = plan.stack.names[i]
+            if name not in covariances or plan.ranks[i] is None:  # never reached, or exact: factored at write time
                 advance()
                 continue
             covariance = covariances[name]
             k = damped(covariance, settings.damping)
-            weights = read_matrix(source, group, i).cpu().double()
+            weights = read_matrix(source, plan, i).cpu().double()
             ridge = damped(covariance, SEQUENTIAL_RIDGE)
             target = torch.linalg.solve(ridge, weights @ (cross[name].T + ridge - covariance), left=False)
-            b, a = factor_layer(group, i, group.residual(target.float().to(group.device)), k.to(group.device),
-                                out_dtype(group), settings.seed)
-            group.factors[i] = (b, a)
+            b, a = factor_layer(plan, i, plan.residual(target.float().to(plan.device)), k.to(plan.device),
+                                settings.seed)
+            factors[name] = (b, a)
             approx = b.float() @ a.float()
-            if group.shared:
-                approx += group.shared_matrix
+            if plan.shared:
+                approx += plan.shared_matrix
             module = converted.get_submodule(prefix + name.removesuffix(".weight"))
             with torch.no_grad():
-                module.weight.copy_(approx.T if group.transposed else approx)
+                module.weight.copy_(approx.T if plan.transposed else approx)
             advance()
+    return factors
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def refuse_unconvertible(source: TensorSource) -> None:
+    """A LORS checkpoint (or LoRA adapters) would be factored again, and its names would collide with ours."""
+    refuse_lors_input(source, source.path)
+    reserved = next((name for name in source.info if is_lors_key(name)), None)
+    if reserved is not None:
+        raise LorsError(f"{source.path}: tensor {reserved!r} uses a name the LORS format reserves ('.lora_A', "
+                        f"'.lora_B' or a '{SHARED_SEGMENT}' segment); rename it before converting")
+
+
+def plan_conversion(source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress
+                    ) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors."""
+    plans = [GroupPlan(stack, settings.dtype or stack.dtype, settings.device, shared=settings.shared != "none")
+             for stack in stacks]
+    calibration, model, batches = None, None, []
+    if settings.calibrate:
+        model, batches = calibration_inputs(source, settings)
+        plans, calibration = calibrate_plans(model, batches, plans, settings)
+        if not settings.sequential:
+            model = None  # not needed again: free it before factoring
+    advance = progress("shared matrices", sum(len(p.stack.names) for p in plans if p.shared))
+    with_mean = []
+    for plan in plans:
+        if plan.shared:
+            plan = replace(plan, shared_matrix=mean_matrix(source, plan))
+            for _ in plan.stack.names:
+                advance()
+        with_mean.append(plan)
+    plans = plan_ranks(source, with_mean, settings, progress)
+    if settings.shared == "refit":
+        advance = progress("refitting S", len(plans))
+        refitted = []
+        for plan in plans:
+            refitted.append(refit_shared(source, plan, settings.seed)[0])
+            advance()
+        plans = refitted
+    factors = sequential_factors(source, model, batches, plans, settings, progress) if settings.sequential else {}
+    return plans, calibration, factors
 
 
 def convert(source: TensorSource, output: Path, settings: Settings, *, shard_size: int = 5 * 10**9,
-            force: bool = False, progress: Progress = no_progress) -> tuple[list[Path], dict]:
-    """Write the LORS checkpoint; returns the files written and the LORS metadata."""
+            force: bool = False, progress: Progress = no_progress) -> tuple[list[Path], LorsMeta]:
+    """Write the LORS checkpoint; returns the files written and its description."""
     settings.validate()
+    refuse_unconvertible(source)
     check_output_path(output, [source.path, *source.files], force)
     stacks, warnings = find_stacks(source.info, settings.include, settings.exclude)
     if not stacks:
         raise LorsError(f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
                         "whose names differ only in a layer index)")
     with hashing_in_background(source.files) as source_sha256:  # overlaps the work below
-        groups = [Group(stack, settings.device, shared=settings.shared != "none") for stack in stacks]
-        meta = {"format_version": FORMAT_VERSION, "tool": f"lors-convert {__version__}",
-                "source": source_description(source), "settings": settings.as_json(),
-                "groups": [], "kept_dense": [], "dtypes": {}, "warnings": warnings}
-        if settings.calibrate:
-            model, batches = calibration_inputs(source, settings)
-            meta["calibration"] = calibrate_groups(model, batches, groups, settings)
-            if not settings.sequential:
-                del model  # not needed again: free it before factoring
-        out_dtype = lambda g: settings.dtype or g.stack.dtype  # noqa: E731
-        advance = progress("shared matrices", sum(len(g.stack.names) for g in groups if g.shared))
-        for group in groups:
-            if group.shared:
-                group.shared_matrix = mean_matrix(source, group, out_dtype(group))
-                for _ in group.stack.names:
-                    advance()
-        plan_ranks(source, groups, settings, progress)
-        if settings.shared == "refit":
-            advance = progress("refitting S", len(groups))
-            for group in groups:
-                refit_shared(source, group, out_dtype(group), settings.seed)
-                advance()
-        if settings.sequential:
-            sequential_factors(source, model, batches, groups, settings, out_dtype, progress)
-            del model
-        stacked_names = set()
-        with SafetensorsWriter(output, shard_size) as writer:
-            advance = progress("factoring", sum(len(g.stack.names) for g in groups))
-            for group in groups:
-                stack = group.stack
-                if group.kept_dense:
-                    stored = lors_params(*group.out_in, group.ranks, group.shared)
-                    meta["kept_dense"].append({"template": stack.template, "layers": stack.layers,
-                                               "reason": f"LORS would store {stored:,} numbers, dense {stack.dense_params:,}"})
-                    for _ in stack.names:
-                        advance()
-                    continue
-                stacked_names.update(stack.names)
-                meta["groups"].append(write_group(source, group, writer, out_dtype(group), settings.seed, advance))
-            for name in source.info:
-                if name in stacked_names:
-                    continue
-                tensor = source.get(name)
-                if settings.dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != settings.dtype:
-                    meta["dtypes"][name] = dtype_name(tensor.dtype)
-                    tensor = tensor.to(settings.dtype)
-                writer.add(name, tensor)
-            meta["source"]["sha256"] = source_sha256()
-            files = writer.commit({"format": "pt", METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
-    return files, meta
+        plans, calibration, factors = plan_conversion(source, stacks, settings, progress)
+        factored = [p for p in plans if not p.kept_dense]
+        kept = [KeptDense(p.stack.template, p.stack.layers, f"LORS would store {p.lors_params:,} numbers, dense "
+                          f"{p.stack.dense_params:,}") for p in plans if p.kept_dense]
+        meta = LorsMeta(source=SourceMeta(str(source.path.resolve()), [f.name for f in source.files], source.nbytes),
+                        settings=settings.as_json(), groups=[], kept_dense=kept, warnings=warnings,
+                        calibration=calibration, tool=f"lors-convert {__version__}")
+        return write_lors(source, output, factored, meta, settings.dtype, shard_size, factors, settings.seed,
+                          source_sha256, progress)
 
 
-def factor_layer(group: Group, i: int, residual: torch.Tensor, k: torch.Tensor | None, out_dtype: torch.dtype,
+def kept_tensors(source: TensorSource, plans: list[GroupPlan], dtype: torch.dtype | None
+                 ) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
+    """The layout of every tensor copied as it is (not factored), and the original dtypes --dtype changed."""
+    factored = {name for plan in plans for name in plan.stack.names}
+    layout, changed = [], {}
+    for name, info in source.info.items():
+        if name in factored:
+            continue
+        if dtype is not None and info.dtype.is_floating_point and info.dtype != dtype:
+            changed[name] = dtype_name(info.dtype)
+        layout.append((name, dtype if name in changed else info.dtype, info.shape))
+    return layout, changed
+
+
+def write_lors(source: TensorSource, output: Path, plans: list[GroupPlan], meta: LorsMeta,
+               dtype: torch.dtype | None, shard_size: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               seed: int, source_sha256: Callable[[], str], progress: Progress) -> tuple[list[Path], LorsMeta]:
+    """Stream the planned groups and the kept tensors into the output; the header (with the errors measured
+    on the way and the source's hash) is written last into space reserved for it."""
+    kept_layout, changed = kept_tensors(source, plans, dtype)
+    layout = [entry for plan in plans for entry in plan.layout()] + kept_layout
+    placeholder = replace(meta, dtypes=changed, groups=[group_entry(p, WIDEST_FLOAT, [WIDEST_FLOAT] * len(p.ranks),
+                                                                    WIDEST_FLOAT if p.covariances else None)
+                                                        for p in plans],
+                          source=replace(meta.source, sha256="0" * 64))
+    with SafetensorsWriter(output, layout, shard_size, metadata_bytes(header_metadata(placeholder))) as writer:
+        advance = progress("factoring", sum(len(p.stack.names) for p in plans))
+        groups = [write_group(source, plan, writer, factors, seed, advance) for plan in plans]
+        for name, out_dtype, _ in kept_layout:
+            writer.add(name, source.get(name).to(out_dtype))
+        meta = replace(meta, dtypes=changed, groups=groups, source=replace(meta.source, sha256=source_sha256()))
+        return writer.commit(header_metadata(meta)), meta
+
+
+WIDEST_FLOAT = 2.2250738585072014e-308  # a float with the longest JSON form an error can take: reserves room
+
+
+def factor_layer(plan: GroupPlan, i: int, residual: torch.Tensor, k: torch.Tensor | None,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer i's factors (B, A) of its residual, rounded to the storage dtype."""
-    name = group.stack.names[i]
-    b, a = metric_low_rank(residual, k, group.ranks[i], seed_for(name, seed))
-    b, a = b.to(out_dtype), a.to(out_dtype)
+    name = plan.stack.names[i]
+    b, a = metric_low_rank(residual, k, plan.ranks[i], seed_for(name, seed))
+    b, a = b.to(plan.dtype), a.to(plan.dtype)
     if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
-        raise LorsError(f"{name}: its low-rank factors overflow {dtype_name(out_dtype)}; choose a wider --dtype")
+        raise LorsError(f"{name}: its low-rank factors overflow {dtype_name(plan.dtype)}; choose a wider --dtype")
     return b, a
 
 
-def write_group(source: TensorSource, group: Group, writer: SafetensorsWriter, out_dtype: torch.dtype, seed: int,
-                advance: Callable[[], None]) -> dict:
-    stack, shared = group.stack, group.shared_matrix
-    if group.shared:
-        writer.add(shared_key(stack.template), (shared.T if group.transposed else shared).to(out_dtype)
+def group_entry(plan: GroupPlan, rel_err: float, layer_errors: list[float], output_error: float | None) -> GroupMeta:
+    stack = plan.stack
+    return GroupMeta(template=stack.template, layers=stack.layers, names=stack.names, shape=list(stack.shape),
+                     dtype=dtype_name(stack.dtype), ranks=list(plan.ranks), dense_params=stack.dense_params,
+                     lors_params=plan.lors_params, rel_error=rel_err, shared=plan.shared,
+                     layer_errors=layer_errors, output_error=output_error)
+
+
+def write_group(source: TensorSource, plan: GroupPlan, writer: SafetensorsWriter,
+                factors: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
+                advance: Callable[[], None]) -> GroupMeta:
+    """Write one group's tensors in `plan.layout()` order and measure what they lose."""
+    stack = plan.stack
+    if plan.shared:
+        shared = plan.shared_matrix
+        writer.add(shared_key(stack.template), (shared.T if plan.transposed else shared).to(plan.dtype)
                    .reshape(stack.shape))
     err_sq, norm_sq, out_err_sq, out_norm_sq, layer_errors = 0.0, 0.0, 0.0, 0.0, []
     for i, name in enumerate(stack.names):
-        matrix = read_matrix(source, group, i)
+        matrix = read_matrix(source, plan, i)
         layer_norm_sq = squared_norm(matrix)
-        covariance = group.covariances[i].to(group.device) if group.covariances is not None else None
+        covariance = plan.covariances[i].to(plan.device) if plan.covariances is not None else None
         if covariance is not None:
             out_norm_sq += metric_energy(matrix, covariance)
-        residual = group.residual(matrix)
-        del matrix
-        b, a = group.factors.pop(i, None) or factor_layer(group, i, residual, metric(group, i), out_dtype, seed)
-        error = residual.addmm_(b.float(), a.float(), alpha=-1)  # in place: one full-size buffer per layer
+        if plan.ranks[i] is None:  # stored dense: only rounding to the storage dtype is lost
+            stored = (matrix.T if plan.transposed else matrix).reshape(stack.shape).to(plan.dtype)
+            writer.add(name, stored.cpu())
+            stored_matrix = as_matrix(stored, plan.device)
+            error = matrix - (stored_matrix.T if plan.transposed else stored_matrix)
+        else:
+            residual = plan.residual(matrix)
+            del matrix
+            b, a = factors.get(name) or factor_layer(plan, i, residual, metric(plan, i), seed)
+            error = residual.addmm_(b.float(), a.float(), alpha=-1)  # in place: one full-size buffer per layer
+            a_key, b_key = factor_keys(name)
+            if plan.transposed:  # stored W is Wᵀ: (B A)ᵀ = Aᵀ Bᵀ
+                a, b = b.T, a.T
+            writer.add(a_key, a.contiguous())
+            writer.add(b_key, b.contiguous())
         layer_err_sq = squared_norm(error)
         err_sq, norm_sq = err_sq + layer_err_sq, norm_sq + layer_norm_sq
         layer_errors.append(round(rel_error(layer_err_sq, layer_norm_sq), 6))
         if covariance is not None:
             out_err_sq += metric_energy(error, covariance)
-        a_key, b_key = factor_keys(name)
-        if group.transposed:  # stored W is Wᵀ: (B A)ᵀ = Aᵀ Bᵀ
-            a, b = b.T, a.T
-        writer.add(a_key, a.contiguous())
-        writer.add(b_key, b.contiguous())
         advance()
-    entry = {"template": stack.template, "layers": stack.layers, "names": stack.names,
-             "shape": list(stack.shape), "dtype": dtype_name(stack.dtype), "shared": group.shared,
-             "ranks": group.ranks, "dense_params": stack.dense_params,
-             "lors_params": lors_params(*group.out_in, group.ranks, group.shared),
-             "rel_error": rel_error(err_sq, norm_sq), "layer_errors": layer_errors}
-    if group.covariances is not None:
-        entry["output_error"] = rel_error(out_err_sq, out_norm_sq)
-    return entry
+    output_error = rel_error(out_err_sq, out_norm_sq) if plan.covariances is not None else None
+    return group_entry(plan, rel_error(err_sq, norm_sq), layer_errors, output_error)

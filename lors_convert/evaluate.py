@@ -14,7 +14,7 @@ from torch import nn
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import open_checkpoint, sha256_files
-from lors_convert.lors_format import read_lors
+from lors_convert.lors_format import LorsMeta, read_lors
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -25,13 +25,13 @@ class Pair:
     teacher: nn.Module
     tokenizer: object | None
     source: object  # the LORS TensorSource
-    meta: dict
+    meta: LorsMeta
     teacher_path: Path
     teacher_sha256: str
 
 
-def teacher_path_of(meta: dict, teacher: Path | None) -> Path:
-    path = Path(teacher) if teacher else Path(meta["source"]["path"])
+def teacher_path_of(meta: LorsMeta, teacher: Path | None) -> Path:
+    path = Path(teacher) if teacher else Path(meta.source.path)
     if not path.exists():
         raise LorsError(f"teacher {path} not found; give the dense original with --teacher PATH")
     return path
@@ -46,9 +46,9 @@ def load_pair(lors: Path, teacher: Path | None = None, factory: str | None = Non
     source, meta = read_lors(lors)
     path = teacher_path_of(meta, teacher)
     digest = sha256_files(open_checkpoint(path).files)
-    if digest != meta["source"]["sha256"]:
+    if digest != meta.source.sha256:
         message = (f"teacher {path} is not the checkpoint this LORS file was converted from (sha256 "
-                   f"{digest[:12]}…, recorded {meta['source']['sha256'][:12]}…)")
+                   f"{digest[:12]}…, recorded {(meta.source.sha256 or 'none')[:12]}…)")
         if not allow_teacher_mismatch:
             raise LorsError(message + "; pass --allow-teacher-mismatch to distil from it anyway")
         warn(f"warning: {message}")

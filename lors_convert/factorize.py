@@ -113,6 +113,20 @@ def randomized_factors(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torc
     return basis @ b, a
 
 
+def head_spectrum(matrix: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """The `count` largest squared singular values followed by the rest of the energy as one entry, so that
+    `tail(…)` at any rank up to `count` is right. Exact when that is cheaper, else a randomized estimate
+    (one power iteration: it only has to rank choices, not build factors)."""
+    rows, cols = matrix.shape
+    if not use_randomized(rows, cols, count):
+        return spectrum(matrix)
+    probe = torch.randn(cols, min(count + OVERSAMPLE, rows, cols), generator=torch.Generator().manual_seed(seed))
+    basis = orthonormal(matrix @ orthonormal(matrix.T @ orthonormal(matrix @ probe.to(matrix.device))))
+    head = spectrum(basis.T @ matrix)[:count]
+    rest = max(matrix.double().square().sum().item() - head.sum().item(), 0.0)
+    return torch.cat([head, head.new_tensor([rest])])
+
+
 def use_randomized(rows: int, cols: int, rank: int) -> bool:
     """Cost model in float32 GEMM flop-equivalents, constants measured on a 2-core CPU (docs/svd-cost-model.md).
 
@@ -149,60 +163,95 @@ def energy_rank(sq_values: torch.Tensor, energy: float) -> int:
     return min(int((kept < energy - 1e-12).sum().item()) + 1, len(sq_values))
 
 
-def allocate_ranks(spectra: list[list[torch.Tensor]], norms_sq: list[float], costs: list[int],
-                   budget: int) -> list[list[int]]:
+def break_even_cap(rows: int, cols: int) -> int:
+    """The largest rank whose factors cost fewer numbers than the dense matrix: r (rows + cols) < rows · cols."""
+    return (rows * cols - 1) // (rows + cols)
+
+
+def capped(rank: int, rows: int, cols: int) -> int | None:
+    """A rank, or None (store the layer dense) where its factors would cost as much as the matrix."""
+    return rank if rank <= break_even_cap(rows, cols) else None
+
+
+def allocate_ranks(spectra: list[list[torch.Tensor]], norms_sq: list[float], shapes: list[tuple[int, int]],
+                   budget: int) -> list[list[int | None]]:
     """Greedy allocation of rank units across all groups and layers under a parameter budget.
 
     Each rank unit of layer j in group g removes sq_value / ‖W_g‖² from the objective Σ_g relative
     squared error and costs rows + cols parameters. Units are taken by gain per parameter, each one that
     still fits (within a layer the gains fall and the costs are equal, so a layer's units are taken in
-    order). Greedy knapsack can lose to a uniform rank when costs differ, so the better of the two is kept.
+    order). No layer goes past its break-even rank; budget left over then stores the capped layers that gain
+    most per number dense (error 0). Greedy knapsack can lose to a uniform rank when costs differ, so the
+    better of the two is kept. None in the result means: store the layer dense.
     """
-    ranks = [[0] * len(layers) for layers in spectra]
+    ranks: list[list[int | None]] = [[0] * len(layers) for layers in spectra]
+    costs = [rows + cols for rows, cols in shapes]
+    caps = [break_even_cap(rows, cols) for rows, cols in shapes]
     gains, owners = [], []
     for g, layers in enumerate(spectra):
         for j, sq in enumerate(layers):
-            gains.append(sq / max(norms_sq[g], 1e-30) / costs[g])
-            owners.extend([(g, j, costs[g])] * len(sq))
+            gains.append(sq[:caps[g]] / max(norms_sq[g], 1e-30) / costs[g])
+            owners.extend([(g, j)] * len(gains[-1]))
     if not gains or budget <= 0:
         return ranks
     gain = torch.cat(gains)
     left = budget
     for unit in torch.sort(gain, descending=True, stable=True).indices.tolist():
-        g, j, cost = owners[unit]
+        g, j = owners[unit]
         if gain[unit] <= 0:
             break
-        if cost <= left:
-            left -= cost
+        if costs[g] <= left:
+            left -= costs[g]
             ranks[g][j] += 1
-    uniform = uniform_ranks(spectra, costs, budget)
+    _store_dense_where_it_fits(spectra, norms_sq, shapes, ranks, left)
+    uniform = uniform_ranks(spectra, shapes, budget)
     return min((ranks, uniform), key=lambda r: residual_error(spectra, norms_sq, r))
 
 
-def uniform_ranks(spectra: list[list[torch.Tensor]], costs: list[int], budget: int) -> list[list[int]]:
-    """The largest single rank (capped by each layer's size) whose total cost fits the budget."""
+def _store_dense_where_it_fits(spectra: list[list[torch.Tensor]], norms_sq: list[float],
+                               shapes: list[tuple[int, int]], ranks: list[list[int | None]], left: int) -> None:
+    """Spend what the budget has left on layers at their break-even rank: dense, they lose nothing."""
+    options = []
+    for g, (layers, (rows, cols)) in enumerate(zip(spectra, shapes)):
+        cap = break_even_cap(rows, cols)
+        for j, sq in enumerate(layers):
+            if ranks[g][j] == cap and sq[cap:].sum().item() > 0:
+                extra = rows * cols - cap * (rows + cols)
+                options.append((sq[cap:].sum().item() / max(norms_sq[g], 1e-30) / extra, extra, g, j))
+    for _, extra, g, j in sorted(options, reverse=True):
+        if extra <= left:
+            left -= extra
+            ranks[g][j] = None
+
+
+def uniform_ranks(spectra: list[list[torch.Tensor]], shapes: list[tuple[int, int]],
+                  budget: int) -> list[list[int]]:
+    """The largest single rank (capped by each layer's size and break-even rank) whose total cost fits."""
     best = [[0] * len(layers) for layers in spectra]
-    for rank in range(1, max((len(sq) for layers in spectra for sq in layers), default=0) + 1):
-        ranks = [[min(rank, len(sq)) for sq in layers] for layers in spectra]
-        if sum(c * sum(r) for c, r in zip(costs, ranks)) > budget:
+    caps = [break_even_cap(rows, cols) for rows, cols in shapes]
+    for rank in range(1, max(caps, default=0) + 1):
+        ranks = [[min(rank, cap, len(sq)) for sq in layers] for layers, cap in zip(spectra, caps)]
+        if sum((rows + cols) * sum(r) for (rows, cols), r in zip(shapes, ranks)) > budget:
             break
         best = ranks
     return best
 
 
-def tail(spectra: list[torch.Tensor], ranks: list[int]) -> float:
-    """The objective left after truncating each layer at its rank (the sum of the dropped sq. singular values)."""
-    return sum(sq[r:].sum().item() for sq, r in zip(spectra, ranks))
+def tail(spectra: list[torch.Tensor], ranks: list[int | None]) -> float:
+    """The objective left after truncating each layer at its rank (the sum of the dropped sq. singular values;
+    nothing for a layer stored dense)."""
+    return sum(sq[r:].sum().item() for sq, r in zip(spectra, ranks) if r is not None)
 
 
-def residual_error(spectra: list[list[torch.Tensor]], norms_sq: list[float], ranks: list[list[int]]) -> float:
+def residual_error(spectra: list[list[torch.Tensor]], norms_sq: list[float], ranks: list[list[int | None]]) -> float:
     """The allocation objective: Σ_g (energy the ranks leave out of group g) / ‖W_g‖²."""
     return sum(tail(layers, group_ranks) / max(norm_sq, 1e-30)
                for layers, norm_sq, group_ranks in zip(spectra, norms_sq, ranks))
 
 
-def lors_params(rows: int, cols: int, ranks: list[int], shared: bool = True) -> int:
-    return (rows * cols if shared else 0) + sum(ranks) * (rows + cols)
+def lors_params(rows: int, cols: int, ranks: list[int | None], shared: bool = True) -> int:
+    """Numbers stored for a group: S (if shared), the factors, and the layers stored dense."""
+    return (rows * cols if shared else 0) + sum(rows * cols if r is None else r * (rows + cols) for r in ranks)
 
 
 def rel_error(err_sq: float, norm_sq: float) -> float:

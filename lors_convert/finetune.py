@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from lors_convert import LorsError, __version__
 from lors_convert.evaluate import (Pair, fidelity, layer_outputs, load_examples, load_pair, run,
                                    split_examples, token_kl, token_log_probs)
+from lors_convert.lors_format import LorsMeta
 
 OBJECTIVES = ("distill", "lm")
 
@@ -78,13 +79,13 @@ def autocast(device: torch.device):
 # ---------------------------------------------------------------- the loss
 
 
-def stacked_layer_paths(model: nn.Module, meta: dict) -> list[str]:
+def stacked_layer_paths(model: nn.Module, meta: LorsMeta) -> list[str]:
     """Module paths (in the dense model) of the blocks holding stacked layers: `encoder.layer.3` for
     template `encoder.layer.{i}.…`."""
     from lors_convert.nn import state_prefix
 
-    prefix = state_prefix(model, [n for g in meta["groups"] for n in g["names"]])
-    paths = {prefix + g["template"].split("{i}")[0] + str(i) for g in meta["groups"] for i in g["layers"]}
+    prefix = state_prefix(model, [n for g in meta.groups for n in g.names])
+    paths = {prefix + g.template.split("{i}")[0] + str(i) for g in meta.groups for i in g.layers}
     return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
 
 
@@ -197,28 +198,35 @@ def load_state(path: Path, student: nn.Module, optimizer, scheduler, fingerprint
 
 def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: dict, force: bool) -> list[Path]:
     """The fine-tuned LORS checkpoint: same names, ranks and dtypes, with the fine-tune recorded."""
-    import json
-
-    from lors_convert.checkpoint import SafetensorsWriter, check_output_path
-    from lors_convert.lors_format import METADATA_KEY, reconstruction_errors
+    from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes
+    from lors_convert.lors_format import header_metadata, reconstruction_errors
     from lors_convert.nn import lors_state, state_prefix
 
     tensors = lors_state(pair.student, pair.source, pair.meta)
-    meta = json.loads(json.dumps(pair.meta))
     teacher_state = pair.teacher.state_dict()
     prefix = state_prefix(pair.teacher, list(pair.source.info))
-    for group in meta["groups"]:  # the weights moved: report their distance to the originals again
-        group["rel_error"], layer_errors = reconstruction_errors(tensors, group,
-                                                                 lambda name: teacher_state[prefix + name].cpu())
-        group["layer_errors"] = [round(e, 6) for e in layer_errors]
-    meta["finetune"] = {"tool": f"lors-convert {__version__}", "from": str(pair.source.path.resolve()),
-                        "teacher": str(pair.teacher_path.resolve()), "teacher_sha256": pair.teacher_sha256,
-                        "settings": asdict(settings), **results}
-    check_output_path(output, pair.source.files, force)
-    with SafetensorsWriter(output, 5 * 10**9) as writer:
+    groups = []
+    for group in pair.meta.groups:  # the weights moved: report their distance to the originals again
+        error, layer_errors = reconstruction_errors(tensors, group, lambda name: teacher_state[prefix + name].cpu())
+        groups.append(replace(group, rel_error=error, layer_errors=[round(e, 6) for e in layer_errors]))
+    meta = replace(pair.meta, groups=groups, finetune={
+        "tool": f"lors-convert {__version__}", "from": str(pair.source.path.resolve()),
+        "teacher": str(pair.teacher_path.resolve()), "teacher_sha256": pair.teacher_sha256,
+        "settings": asdict(settings), **results})
+    check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
+    metadata = header_metadata(meta)
+    layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
+    with SafetensorsWriter(output, layout, 5 * 10**9, metadata_bytes(metadata)) as writer:
         for name in sorted(tensors):
             writer.add(name, tensors[name])
-        return writer.commit({"format": "pt", METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+        return writer.commit(metadata)
+
+
+def teacher_files(pair: Pair) -> list[Path]:
+    """The teacher's weight files (and its folder's), which an output must never overwrite."""
+    from lors_convert.checkpoint import open_checkpoint
+
+    return open_checkpoint(pair.teacher_path).files
 
 
 # ---------------------------------------------------------------- the loop
@@ -252,7 +260,7 @@ def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSetti
     rank, world_size = world()
     say = log if rank == 0 else (lambda *a: None)
     pair = load_pair(lors, teacher, factory, allow_teacher_mismatch, warn=say)
-    check_output_path(output, pair.source.files, force)
+    check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
     device = setup_device(world_size)
     torch.manual_seed(settings.seed)
     examples = load_examples(data, pair.tokenizer)
@@ -269,7 +277,7 @@ def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSetti
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup, settings.steps))
-    fingerprint = {**asdict(settings), "lors_sha256": hashlib.sha256(str(pair.meta).encode()).hexdigest(),
+    fingerprint = {**asdict(settings), "lors_sha256": hashlib.sha256(pair.meta.to_json().encode()).hexdigest(),
                    "world_size": world_size, "examples": len(examples)}
     start = load_state(state_path(output), student, optimizer, scheduler, fingerprint) if resume else 0
     trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student

@@ -6,7 +6,6 @@ Plain PyTorch; the model comes from `hf.py` (or --model-factory) with the dense 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ from torch import nn
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import TensorSource
-from lors_convert.lors_format import expand, factor_keys, is_shared, shared_key
+from lors_convert.lors_format import LorsMeta, expand, factor_keys, shared_key
 
 
 class LorsLinear(nn.Module):
@@ -88,18 +87,18 @@ def state_prefix(model: nn.Module, names: list[str]) -> str:
     raise LorsError("the checkpoint's tensor names do not match the architecture's")
 
 
-def to_lors(model: nn.Module, source: TensorSource, meta: dict) -> nn.Module:
+def to_lors(model: nn.Module, source: TensorSource, meta: LorsMeta) -> nn.Module:
     """Load a LORS checkpoint into a dense-architecture model: stacked modules become LorsLinear sharing one
     float32 Parameter per group; every other tensor is loaded by name. Returns the model (changed in place)."""
     from lors_convert.hf import load_state
 
     load_state(model, {name: tensor.float() for name, tensor in expand(source, meta)}, str(source.path))
     prefix = state_prefix(model, list(source.info))
-    for group in meta["groups"]:
-        rows, cols = group["shape"][0], math.prod(group["shape"][1:])
-        shared = (nn.Parameter(source.get(shared_key(group["template"])).float().reshape(rows, cols))
-                  if is_shared(group) else None)
-        for name in group["names"]:
+    for group in meta.groups:
+        rows, cols = group.rows_cols
+        shared = (nn.Parameter(source.get(shared_key(group.template)).float().reshape(rows, cols))
+                  if group.shared else None)
+        for name, _ in group.factored():  # layers stored dense stay plain modules
             path, dense = module_of(name, model, prefix)
             if dense.weight.shape != (rows, cols):
                 raise LorsError(f"{name}: the module's weight is {list(dense.weight.shape)}, the group's "
@@ -141,20 +140,19 @@ def lors_groups(model: nn.Module) -> dict[int, list[LorsLinear]]:
     return groups
 
 
-def lors_state(model: nn.Module, source: TensorSource, meta: dict) -> dict[str, torch.Tensor]:
+def lors_state(model: nn.Module, source: TensorSource, meta: LorsMeta) -> dict[str, torch.Tensor]:
     """The model's weights under the LORS checkpoint's names and dtypes (the inverse of `to_lors`)."""
     prefix = state_prefix(model, list(source.info))
     state = model.state_dict()
     out = {}
-    for group in meta["groups"]:
-        dtype = getattr(torch, group["dtype"])
-        shape = group["shape"]
-        for name in group["names"]:
+    for group in meta.groups:
+        dtype = getattr(torch, group.dtype)
+        for name, _ in group.factored():
             module = model.get_submodule(prefix + name.removesuffix(".weight"))
             a_key, b_key = factor_keys(name)
             out[a_key], out[b_key] = module.lora_A.detach().cpu().to(dtype), module.lora_B.detach().cpu().to(dtype)
-        if module.shared is not None:
-            out[shared_key(group["template"])] = module.shared.detach().cpu().reshape(shape).to(dtype)
+            if module.shared is not None:
+                out[shared_key(group.template)] = module.shared.detach().cpu().reshape(group.shape).to(dtype)
     for name, info in source.info.items():
         if name not in out:  # a buffer the class does not persist (BERT's position_ids) stays as it was
             out[name] = (state[prefix + name].detach().cpu().to(info.dtype) if prefix + name in state

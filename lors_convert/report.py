@@ -11,58 +11,64 @@ from rich.markup import escape
 from rich.table import Table
 
 from lors_convert.checkpoint import TensorSource
-from lors_convert.factorize import lors_params
+from lors_convert.factorize import capped, lors_params
+from lors_convert.lors_format import GroupMeta, LorsMeta
 from lors_convert.stacks import Stack
 
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, highlight=False)
 
 
-def rank_summary(ranks: list[int]) -> dict:
-    return {"min": min(ranks), "median": statistics.median(ranks), "max": max(ranks), "per_layer": ranks}
+def rank_summary(ranks: list[int | None]) -> dict:
+    """min/median/max over the factored layers; `dense` counts the layers stored dense (rank null)."""
+    factored = [r for r in ranks if r is not None]
+    return {"min": min(factored, default=0), "median": statistics.median(factored) if factored else 0,
+            "max": max(factored, default=0), "dense": len(ranks) - len(factored), "per_layer": ranks}
 
 
-def build_report(source: TensorSource, meta: dict) -> dict:
+def build_report(source: TensorSource, meta: LorsMeta) -> dict:
     """Report data: per group and in total, counted from the tensors actually stored."""
     stored = sum(info.numel for info in source.info.values())
-    groups = [{"template": g["template"], "layers": g["layers"], "shape": g["shape"], "shared": g.get("shared", True),
-               "ranks": rank_summary(g["ranks"]), "dense_params": g["dense_params"],
-               "lors_params": g["lors_params"], "saved": 1 - g["lors_params"] / g["dense_params"],
-               "rel_error": g["rel_error"], **({"output_error": g["output_error"]} if "output_error" in g else {})}
-              for g in meta["groups"]]
+    groups = [{"template": g.template, "layers": g.layers, "shape": g.shape, "shared": g.shared,
+               "ranks": rank_summary(g.ranks), "dense_params": g.dense_params, "lors_params": g.lors_params,
+               "saved": 1 - g.lors_params / g.dense_params, "rel_error": g.rel_error,
+               **({"output_error": g.output_error} if g.output_error is not None else {})}
+              for g in meta.groups]
     factored_dense = sum(g["dense_params"] for g in groups)
     factored_lors = sum(g["lors_params"] for g in groups)
-    kept = [{"template": k["template"], "layers": k["layers"], "reason": k["reason"]} for k in meta["kept_dense"]]
+    kept = [{"template": k.template, "layers": k.layers, "reason": k.reason} for k in meta.kept_dense]
     kept_params = sum(source.info[n].numel for n in _kept_stack_names(meta, source))
     stacked_dense, stacked_lors = factored_dense + kept_params, factored_lors + kept_params
     dense_total = stored - factored_lors + factored_dense
     after = sum(f.stat().st_size for f in source.files)
     return {
         "file": str(source.path),
-        "source": meta["source"]["path"],
-        "settings": meta["settings"],
+        "source": meta.source.path,
+        "settings": meta.settings,
+        "calibrated": meta.calibration is not None,
+        "finetuned": meta.finetune is not None,
         "groups": groups,
         "kept_dense": kept,
         "stacked": {"dense_params": stacked_dense, "lors_params": stacked_lors,
                     "reduction": 1 - stacked_lors / stacked_dense if stacked_dense else 0.0,
-                    "rel_error": _pooled_error(meta["groups"], kept_params)},
+                    "rel_error": _pooled_error(meta.groups, kept_params)},
         "total": {"dense_params": dense_total, "lors_params": stored,
                   "reduction": 1 - stored / dense_total if dense_total else 0.0},
-        "bytes": {"before": meta["source"]["bytes"], "after": after},
-        "warnings": meta.get("warnings", []),
+        "bytes": {"before": meta.source.bytes, "after": after},
+        "warnings": meta.warnings,
     }
 
 
-def _kept_stack_names(meta: dict, source: TensorSource) -> list[str]:
+def _kept_stack_names(meta: LorsMeta, source: TensorSource) -> list[str]:
     """Names of stacked tensors that stayed dense (their templates filled with each layer index)."""
-    names = (k["template"].replace("{i}", str(i)) for k in meta["kept_dense"] for i in k["layers"])
+    names = (k.template.replace("{i}", str(i)) for k in meta.kept_dense for i in k.layers)
     return [name for name in names if name in source.info]
 
 
-def _pooled_error(groups: list[dict], kept_params: int) -> float:
+def _pooled_error(groups: list[GroupMeta], kept_params: int) -> float:
     """Parameter-weighted RMS of the groups' relative errors; groups kept dense count with error 0."""
-    weight = sum(g["dense_params"] for g in groups) + kept_params
-    return (sum(g["rel_error"] ** 2 * g["dense_params"] for g in groups) / weight) ** 0.5 if weight else 0.0
+    weight = sum(g.dense_params for g in groups) + kept_params
+    return (sum(g.rel_error ** 2 * g.dense_params for g in groups) / weight) ** 0.5 if weight else 0.0
 
 
 def human(n: float) -> str:
@@ -91,11 +97,14 @@ def print_report(report: dict, as_json: bool = False) -> None:
     for g in report["groups"]:
         r = g["ranks"]
         error = f"{g['rel_error']:.4f}" + (f" (out {g['output_error']:.4f})" if "output_error" in g else "")
+        ranks = f"{r['min']}/{r['median']:g}/{r['max']}" if r["dense"] < len(g["layers"]) else ""
+        ranks += f" +{r['dense']} dense" if r["dense"] else ""
         table.add_row(g["template"], str(len(g["layers"])), "×".join(map(str, g["shape"])),
-                      "yes" if g["shared"] else "no", f"{r['min']}/{r['median']:g}/{r['max']}", human(g["dense_params"]), human(g["lors_params"]),
+                      "yes" if g["shared"] else "no", ranks.strip(), human(g["dense_params"]), human(g["lors_params"]),
                       f"{g['saved']:.1%}", error)
     for k in report["kept_dense"]:
-        table.add_row(k["template"], str(len(k["layers"])), "", "", "dense", "", "", "0.0%", "0", style="dim")
+        table.add_row(k["template"], str(len(k["layers"])), "", "", "kept dense", "", "", "not factored", "-",
+                      style="dim")
     s, t, b = report["stacked"], report["total"], report["bytes"]
     table.add_section()
     table.add_row("stacked total", "", "", "", "", human(s["dense_params"]), human(s["lors_params"]),
@@ -104,7 +113,8 @@ def print_report(report: dict, as_json: bool = False) -> None:
                   f"{t['reduction']:.1%}", "", style="bold")
     stdout.print(table)
     stdout.print(f"file size: {human_bytes(b['before'])} -> {human_bytes(b['after'])}"
-                 f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix")
+                 f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix; "
+                 "dense: layers stored whole (their factors would cost as much)")
     for k in report["kept_dense"]:
         stdout.print(f"[dim]kept dense: {escape(k['template'])}: {escape(k['reason'])}[/dim]")
 
@@ -117,7 +127,7 @@ def inspect_data(source: TensorSource, stacks: list[Stack], warnings: list[str],
     for s in stacks:
         per_rank = {}
         for r in ranks:
-            stored = lors_params(s.rows, s.cols, [min(r, s.rows, s.cols)] * len(s.layers))
+            stored = lors_params(s.rows, s.cols, [capped(min(r, s.rows, s.cols), s.rows, s.cols)] * len(s.layers))
             per_rank[str(r)] = min(stored, s.dense_params)
         groups.append({"template": s.template, "layers": s.layers, "shape": list(s.shape),
                        "dtype": str(s.dtype).removeprefix("torch."), "dense_params": s.dense_params,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from lors_convert.checkpoint import TensorSource, open_checkpoint, sha256_files
-from lors_convert.lors_format import (consistency_problems, factor_keys, is_shared, read_lors,
-                                      reconstruction_errors, shared_key)
+from lors_convert.lors_format import LorsMeta, consistency_problems, read_lors, reconstruction_errors
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -18,7 +16,7 @@ def tolerance(dtype: torch.dtype) -> float:
     return max(1e-5, torch.finfo(dtype).eps)
 
 
-def internal_problems(lors: TensorSource, meta: dict) -> list[str]:
+def internal_problems(lors: TensorSource, meta: LorsMeta) -> list[str]:
     """Factors present with the implied shapes, finite values, and parameter counts that add up."""
     problems = consistency_problems(lors, meta)
     if problems:
@@ -27,33 +25,32 @@ def internal_problems(lors: TensorSource, meta: dict) -> list[str]:
         tensor = lors.get(name)
         if (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all():
             problems.append(f"{name!r} holds NaN or Inf")
-    for g in meta["groups"]:
-        rows, cols = g["shape"][0], math.prod(g["shape"][1:])
-        stored = (lors.info[shared_key(g["template"])].numel if is_shared(g) else 0) + sum(
-            lors.info[key].numel for name in g["names"] for key in factor_keys(name))
-        for what, recorded, actual in (("lors_params", g["lors_params"], stored),
-                                       ("dense_params", g["dense_params"], len(g["layers"]) * rows * cols)):
+    for g in meta.groups:
+        rows, cols = g.rows_cols
+        stored = sum(lors.info[key].numel for key in g.stored_shapes())
+        for what, recorded, actual in (("lors_params", g.lors_params, stored),
+                                       ("dense_params", g.dense_params, len(g.layers) * rows * cols)):
             if recorded != actual:
-                problems.append(f"{g['template']}: recorded {what} {recorded:,}, the tensors hold {actual:,}")
+                problems.append(f"{g.template}: recorded {what} {recorded:,}, the tensors hold {actual:,}")
     return problems
 
 
-def source_problems(lors: TensorSource, meta: dict, source_path: Path) -> list[str]:
+def source_problems(lors: TensorSource, meta: LorsMeta, source_path: Path) -> list[str]:
     """The source is the one converted (sha256) and each group's error recomputed matches the recorded one."""
     source = open_checkpoint(source_path)
-    recorded_sha = meta["source"].get("sha256")
+    recorded_sha = meta.source.sha256
     if sha256_files(source.files) != recorded_sha:
         return [f"{source_path}: sha256 differs from the one recorded ({recorded_sha}): not the converted source"]
     problems = []
-    for g in meta["groups"]:
-        missing = [n for n in g["names"] if n not in source.info or list(source.info[n].shape) != g["shape"]]
+    for g in meta.groups:
+        missing = [n for n in g.names if n not in source.info or list(source.info[n].shape) != g.shape]
         if missing:
-            problems.append(f"{g['template']}: the source has no {missing[0]!r} of shape {g['shape']}")
+            problems.append(f"{g.template}: the source has no {missing[0]!r} of shape {g.shape}")
             continue
         error, _ = reconstruction_errors(lors, g, source.get)
-        allowed = tolerance(lors.info[factor_keys(g["names"][0])[0]].dtype)
-        if not abs(error - g["rel_error"]) <= allowed:
-            problems.append(f"{g['template']}: relative error is {error:.6g}, recorded {g['rel_error']:.6g} "
+        allowed = tolerance(lors.info[next(iter(g.stored_shapes()))].dtype)
+        if not abs(error - g.rel_error) <= allowed:
+            problems.append(f"{g.template}: relative error is {error:.6g}, recorded {g.rel_error:.6g} "
                             f"(tolerance {allowed:.1g})")
     return problems
 
@@ -65,4 +62,4 @@ def verify(lors_path: Path, source_path: Path | None = None) -> dict:
     if source_path is not None and not problems:
         problems += source_problems(lors, meta, source_path)
     return {"file": str(lors_path), "source": str(source_path) if source_path else None,
-            "groups": len(meta["groups"]), "ok": not problems, "problems": problems}
+            "groups": len(meta.groups), "ok": not problems, "problems": problems}

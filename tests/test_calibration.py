@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from conftest import low_rank_stack, rand
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.convert import Group, mean_matrix, refit_shared
+from lors_convert.convert import GroupPlan, mean_matrix, refit_shared
 from lors_convert.factorize import metric_low_rank
 from lors_convert.lors_format import expand, factor_keys, read_lors
 from lors_convert.stacks import find_stacks
@@ -42,12 +44,13 @@ def refit_group(tmp_path, metrics: bool) -> tuple[list[float], float]:
     save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
     source = open_checkpoint(tmp_path / "m.safetensors")
     stacks, _ = find_stacks(source.info)
-    group = Group(stacks[0], ranks=[2, 3, 1, 0, 3])
+    group = GroupPlan(stacks[0], torch.float32, ranks=(2, 3, 1, 0, 3))
     if metrics:
         inputs = [rand(40, 32, seed=80 + i) @ torch.diag(torch.linspace(0.1, 3, 32)) for i in range(5)]
-        group.metrics = [(x.T @ x).double() + 0.01 * torch.eye(32, dtype=torch.float64) for x in inputs]
-    group.shared_matrix = mean_matrix(source, group, torch.float32)
-    history = refit_shared(source, group, torch.float32, seed=0)
+        group = replace(group, metrics=tuple((x.T @ x).double() + 0.01 * torch.eye(32, dtype=torch.float64)
+                                             for x in inputs))
+    group = replace(group, shared_matrix=mean_matrix(source, group))
+    group, history = refit_shared(source, group, seed=0)
     final = 0.0
     for i, weight in enumerate(layers):
         residual = weight - group.shared_matrix
@@ -103,8 +106,8 @@ def output_error_on(folder, lors, texts) -> float:
     student = load_state(dense_model(folder), dict(expand(source, meta)), "student")
     tokenizer = load_tokenizer(folder)
     err = norm = 0.0
-    for group in meta["groups"]:
-        for name in group["names"]:
+    for group in meta.groups:
+        for name in group.names:
             path = name.removesuffix(".weight")
             t_mod, s_mod = teacher.get_submodule(path), student.get_submodule(path)
             for text in texts:
@@ -166,8 +169,8 @@ def test_calibrated_minilm_is_never_worse_than_plain(tmp_path, cli, minilm):
 def factor_products(lors) -> dict[str, torch.Tensor]:
     source, meta = read_lors(lors)
     products = {}
-    for group in meta["groups"]:
-        for name in group["names"]:
+    for group in meta.groups:
+        for name, _ in group.factored():
             a_key, b_key = factor_keys(name)
             products[name] = source.get(b_key).float() @ source.get(a_key).float()
     return products
@@ -197,8 +200,8 @@ def test_sequential_keeps_the_first_layer_and_corrects_the_later_ones(tmp_path, 
     assert report["settings"]["sequential"] is True
     once, sequential = factor_products(tmp_path / "cal.safetensors"), factor_products(tmp_path / "seq.safetensors")
     assert once.keys() == sequential.keys()
-    groups = read_lors(tmp_path / "seq.safetensors")[1]["groups"]
-    first = [g["names"][g["layers"].index(min(g["layers"]))] for g in groups]
+    groups = read_lors(tmp_path / "seq.safetensors")[1].groups
+    first = [g.names[g.layers.index(min(g.layers))] for g in groups]
     later = [name for name in once if name not in first]
     assert first and later
     for name in first:  # nothing before layer 0 changed: the same inputs, the same factors

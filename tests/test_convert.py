@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import bert, detr, gpt2, llama, low_rank_stack, t5, vit
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.lors_format import read_lors
+from lors_convert.lors_format import FORMAT_VERSION, read_lors
 
 
 def convert_json(cli, *args) -> dict:
@@ -319,7 +319,7 @@ def test_sharded_output_and_determinism(tmp_path, cli):
     assert len(shards) > 1 and not out.exists()
     assert report["total"]["lors_params"] == sum(stored_numbers(tmp_path / s) for s in shards)
     source, meta = read_lors(out)  # the report finds a sharded output by its plain name
-    assert meta["groups"]
+    assert meta.groups
     again = convert_json(cli, tmp_path / "m.safetensors", "-o", tmp_path / "p.safetensors", "--shard-size", "20kB")
     for s in shards:
         assert (tmp_path / s).read_bytes() == (tmp_path / s.replace("o-", "p-")).read_bytes()
@@ -347,8 +347,8 @@ def test_source_metadata_recorded(tmp_path, cli):
     save_file(bert(), tmp_path / "m.safetensors")
     convert_json(cli, tmp_path / "m.safetensors")
     _, meta = read_lors(tmp_path / "m.lors.safetensors")
-    assert meta["source"]["sha256"] == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
-    assert meta["format_version"] == 1 and meta["settings"]["reduction"] == 0.5
+    assert meta.source.sha256 == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
+    assert meta.format_version == FORMAT_VERSION and meta.settings["reduction"] == 0.5
     with safe_open(str(tmp_path / "m.lors.safetensors"), "pt") as f:
         assert f.metadata()["format"] == "pt"
 

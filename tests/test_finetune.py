@@ -142,10 +142,10 @@ def test_finetune_lowers_the_loss_and_trains_exactly_the_lors_and_unshared_param
     assert result.code == 0, result.err
     assert set(result.json()) == {"before", "after"}
     out_source, out_meta = read_lors(tmp_path / "ft.safetensors")
-    ft = out_meta["finetune"]
+    ft = out_meta.finetune
     assert ft["loss_last"] < ft["loss_first"]
     assert ft["frozen"] == ["pooler.dense.weight", "pooler.dense.bias"]
-    assert [g["ranks"] for g in out_meta["groups"]] == [g["ranks"] for g in read_lors(lors)[1]["groups"]]
+    assert [g.ranks for g in out_meta.groups] == [g.ranks for g in read_lors(lors)[1].groups]
     old, new = load_file(lors), load_file(tmp_path / "ft.safetensors")
     assert set(old) == set(new)
     unchanged = {k for k in old if torch.equal(old[k], new[k])}
@@ -176,7 +176,7 @@ def test_resume_continues_where_the_run_stopped(tmp_path, cli, converted, monkey
     assert refused.code == 1 and "other settings (lr)" in refused.err
     result = cli(*finetune_args(lors, data, out, "--save-every", "3", "--resume"))
     assert result.code == 0, result.err
-    assert read_lors(out)[1]["finetune"]["resumed_at"] == 3
+    assert read_lors(out)[1].finetune["resumed_at"] == 3
     straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
@@ -189,7 +189,7 @@ def test_objective_lm_and_lm_metrics_on_a_causal_model(tmp_path, cli, converted)
     before, after = result.json()["before"], result.json()["after"]
     assert {"cos", "top10", "ppl_teacher", "ppl_student", "kl"} <= set(after)
     assert after["ppl_student"] < before["ppl_student"] and after["ppl_teacher"] == before["ppl_teacher"]
-    assert read_lors(tmp_path / "lm.safetensors")[1]["finetune"]["settings"]["objective"] == "lm"
+    assert read_lors(tmp_path / "lm.safetensors")[1].finetune["settings"]["objective"] == "lm"
 
 
 def test_eval_and_teacher_mismatch(tmp_path, cli, converted):
@@ -250,7 +250,7 @@ def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(tmp
     digests = dict(line.split(": parameter digest ") for line in done.stderr.splitlines() if "digest" in line)
     assert set(digests) == {"rank 0", "rank 1"} and len(set(digests.values())) == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ddp", ".ddp"))) == ["ddp.safetensors"]
-    meta = read_lors(out)[1]["finetune"]
+    meta = read_lors(out)[1].finetune
     assert meta["world_size"] == 2 and meta["loss_last"] < meta["loss_first"]
     assert json.loads(done.stdout)["after"]["cos"] > json.loads(done.stdout)["before"]["cos"]
 

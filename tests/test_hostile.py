@@ -20,6 +20,7 @@ from conftest import bert, rand
 import lors_convert.checkpoint as checkpoint
 import lors_convert.convert as convert_module
 import lors_convert.lors_format as lors_format
+from lors_convert.lors_format import FORMAT_VERSION
 
 
 def small() -> dict[str, torch.Tensor]:
@@ -452,7 +453,7 @@ DAMAGED_LORS = {
     "metadata missing": ({"change_meta": lambda m: {"format": "pt"}}, "not a LORS checkpoint"),
     "metadata not JSON": ({"change_meta": lambda m: {**m, "lors": "{\"format_version\": 1, "}}, "corrupt LORS"),
     "metadata a list": ({"change_meta": lambda m: {**m, "lors": "[1, 2]"}}, "corrupt LORS"),
-    "newer format_version": ({"change_meta": meta_edit(lambda m: m.__setitem__("format_version", 2))},
+    "newer format_version": ({"change_meta": meta_edit(lambda m: m.__setitem__("format_version", FORMAT_VERSION + 1))},
                              "newer than this tool reads"),
     "format_version a string": ({"change_meta": meta_edit(lambda m: m.__setitem__("format_version", "1"))},
                                 "corrupt LORS"),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lors_convert.factorize import allocate_ranks, low_rank, lors_params, spectrum
+from lors_convert.factorize import allocate_ranks, capped, low_rank, lors_params, spectrum
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -60,44 +62,46 @@ def test_parameter_accounting_is_exact(rows, cols, ranks):
 
 @st.composite
 def allocation_problems(draw):
-    """Groups of layers with descending squared spectra, their norms and per-unit costs."""
-    spectra, norms, costs = [], [], []
+    """Groups of layers (rows x cols) with descending squared spectra, and their norms."""
+    spectra, norms, shapes = [], [], []
     for _ in range(draw(st.integers(1, 4))):
-        side = draw(st.integers(1, 6))
-        costs.append(draw(st.integers(2 * side, 6 * side)))
-        layers = [torch.tensor(sorted(draw(st.lists(st.floats(0, 100), min_size=side, max_size=side)),
-                                      reverse=True), dtype=torch.float64)
+        rows, cols = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+        shapes.append((rows, cols))
+        layers = [torch.tensor(sorted(draw(st.lists(st.floats(0, 100), min_size=min(rows, cols),
+                                                    max_size=min(rows, cols))), reverse=True), dtype=torch.float64)
                   for _ in range(draw(st.integers(1, 4)))]
         spectra.append(layers)
         norms.append(sum(s.sum().item() for s in layers) + draw(st.floats(0.1, 100)))
-    return spectra, norms, costs
+    return spectra, norms, shapes
 
 
 def objective(spectra, norms, ranks) -> float:
-    """Σ over groups of the relative squared error that the chosen ranks leave."""
-    return sum(sum(sq[r:].sum().item() for sq, r in zip(layers, group_ranks)) / norm
+    """Σ over groups of the relative squared error that the chosen ranks leave (a dense layer leaves none)."""
+    return sum(sum(sq[r:].sum().item() for sq, r in zip(layers, group_ranks) if r is not None) / norm
                for layers, norm, group_ranks in zip(spectra, norms, ranks))
 
 
-def cost(costs, ranks) -> int:
-    return sum(c * sum(group_ranks) for c, group_ranks in zip(costs, ranks))
+def cost(shapes, ranks) -> int:
+    return sum(lors_params(rows, cols, group_ranks, shared=False) for (rows, cols), group_ranks in zip(shapes, ranks))
 
 
 @settings(max_examples=150, deadline=None)
 @given(allocation_problems(), st.integers(-5, 500))
-def test_allocation_stays_within_budget(problem, budget):
-    spectra, norms, costs = problem
-    ranks = allocate_ranks(spectra, norms, costs, budget)
-    assert cost(costs, ranks) <= max(budget, 0)
-    assert all(0 <= r <= len(sq) for layers, rs in zip(spectra, ranks) for sq, r in zip(layers, rs))
+def test_allocation_stays_within_budget_and_below_break_even(problem, budget):
+    spectra, norms, shapes = problem
+    ranks = allocate_ranks(spectra, norms, shapes, budget)
+    assert cost(shapes, ranks) <= max(budget, 0)
+    for (rows, cols), group_ranks in zip(shapes, ranks):
+        # no layer's factors cost as many numbers as the layer itself: past that it is stored dense
+        assert all(r is None or r * (rows + cols) < rows * cols for r in group_ranks)
 
 
 @settings(max_examples=150, deadline=None)
 @given(allocation_problems(), st.integers(0, 6))
 def test_allocation_is_never_worse_than_uniform_of_the_same_cost(problem, rank):
-    spectra, norms, costs = problem
-    uniform = [[min(rank, len(sq)) for sq in layers] for layers in spectra]
-    ranks = allocate_ranks(spectra, norms, costs, cost(costs, uniform))
+    spectra, norms, shapes = problem
+    uniform = [[capped(min(rank, len(sq)), *shape) for sq in layers] for layers, shape in zip(spectra, shapes)]
+    ranks = allocate_ranks(spectra, norms, shapes, cost(shapes, uniform))
     assert objective(spectra, norms, ranks) <= objective(spectra, norms, uniform) + 1e-9
 
 
@@ -108,7 +112,7 @@ def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, 
     from pathlib import Path
 
     from lors_convert.checkpoint import TensorInfo, TensorSource
-    from lors_convert.convert import Group, mean_matrix, refit_shared
+    from lors_convert.convert import GroupPlan, mean_matrix, refit_shared
     from lors_convert.stacks import Stack
 
     generator = torch.Generator().manual_seed(seed)
@@ -116,12 +120,13 @@ def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, 
     source = TensorSource(Path("memory"), [], {n: TensorInfo((rows, cols), torch.float32) for n in weights},
                           weights.__getitem__)
     ranks = data.draw(st.lists(st.integers(0, min(rows, cols)), min_size=layers, max_size=layers))
-    group = Group(Stack("layers.{i}.w", list(range(layers)), list(weights), (rows, cols), torch.float32),
-                  ranks=ranks)
+    group = GroupPlan(Stack("layers.{i}.w", list(range(layers)), list(weights), (rows, cols), torch.float32),
+                      torch.float32, ranks=tuple(ranks))
     if calibrated:
         inputs = [torch.randn(3 * cols, cols, generator=generator) for _ in range(layers)]
-        group.metrics = [(x.T @ x).double() + 0.01 * torch.eye(cols, dtype=torch.float64) for x in inputs]
-    group.shared_matrix = mean_matrix(source, group, torch.float32)
-    history = refit_shared(source, group, torch.float32, seed=0)
+        group = replace(group, metrics=tuple((x.T @ x).double() + 0.01 * torch.eye(cols, dtype=torch.float64)
+                                             for x in inputs))
+    group = replace(group, shared_matrix=mean_matrix(source, group))
+    _, history = refit_shared(source, group, seed=0)
     for before, after in zip(history, history[1:]):
         assert after <= before * (1 + 1e-6) + 1e-9

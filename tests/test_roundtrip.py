@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import bert, rand
-from lors_convert.checkpoint import SafetensorsWriter, open_checkpoint
-from lors_convert.convert import Group, mean_matrix, write_group
+from lors_convert.checkpoint import open_checkpoint
+from lors_convert.convert import GroupPlan, mean_matrix, no_progress, write_lors
 from lors_convert.factorize import use_randomized
-from lors_convert.lors_format import FORMAT_VERSION, METADATA_KEY, expand, read_lors
+from lors_convert.lors_format import LorsMeta, SourceMeta, expand, read_lors
 from lors_convert.stacks import find_stacks
 
 
@@ -32,22 +32,17 @@ def test_same_input_and_settings_give_identical_bytes(tmp_path, cli, options):
     assert outputs[0] == outputs[1]
 
 
-def full_rank_lors(source_path, out):
-    """Convert through the library at full rank on the factored path (the CLI keeps such groups dense,
-    since full-rank factors are never smaller than the dense layers)."""
+def full_rank_lors(source_path, out) -> LorsMeta:
+    """Convert through the library's writer at full rank on the factored path (the planner stores such layers
+    dense, since full-rank factors are never smaller than the dense layers)."""
     source = open_checkpoint(source_path)
     stacks, _ = find_stacks(source.info)
-    meta = {"format_version": FORMAT_VERSION, "source": {"path": str(source_path), "bytes": 0},
-            "settings": {}, "kept_dense": [], "dtypes": {}, "groups": []}
-    with SafetensorsWriter(out, 10**9) as writer:
-        for stack in stacks:
-            group = Group(stack, ranks=[min(stack.rows, stack.cols)] * len(stack.layers))
-            group.shared_matrix = mean_matrix(source, group, stack.dtype)
-            meta["groups"].append(write_group(source, group, writer, stack.dtype, 0, lambda: None))
-        for name in source.info:
-            if not any(name in s.names for s in stacks):
-                writer.add(name, source.get(name))
-        writer.commit({"format": "pt", METADATA_KEY: json.dumps(meta)})
+    plans = []
+    for stack in stacks:
+        plan = GroupPlan(stack, stack.dtype, ranks=(min(stack.rows, stack.cols),) * len(stack.layers))
+        plans.append(replace(plan, shared_matrix=mean_matrix(source, plan)))
+    meta = LorsMeta(source=SourceMeta(str(source_path), [], 0), settings={}, groups=[])
+    files, meta = write_lors(source, out, plans, meta, None, 10**9, {}, 0, lambda: "0" * 64, no_progress)
     return meta
 
 
@@ -58,7 +53,7 @@ def test_expand_of_full_rank_convert_is_the_input(tmp_path):
     sd.update({f"conv.{i}.b": rand(8, seed=30 + i) for i in range(2)})
     save_file(sd, tmp_path / "m.safetensors")
     meta = full_rank_lors(tmp_path / "m.safetensors", tmp_path / "m.lors.safetensors")
-    assert len(meta["groups"]) == 3 and all(g["rel_error"] < 1e-6 for g in meta["groups"])
+    assert len(meta.groups) == 3 and all(g.rel_error < 1e-6 and None not in g.ranks for g in meta.groups)
     dense = dict(expand(*read_lors(tmp_path / "m.lors.safetensors")))
     assert set(dense) == set(sd)
     for name, tensor in sd.items():
