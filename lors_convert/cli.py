@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,27 +13,31 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lors_convert import LorsError, __version__
-from lors_convert.report import stderr
+from lors_convert.console import stderr
 
 app = typer.Typer(
     name="lors-convert", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Shrink models with stacked layers: each group of stacked weights becomes one shared matrix plus a "
          "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
          "Add --debug anywhere to see tracebacks.",
 )
 COMMANDS = {"convert", "report", "inspect", "expand", "verify", "finetune", "eval"}
 
-Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-Force = typer.Option(False, "--force", "-f", help="Overwrite an existing output.")
-AsJson = typer.Option(False, "--json", help="Print JSON to stdout instead of a table.")
-Data = typer.Option(..., "--data", "-d", help="Text files, one example per line (or, with --model-factory, "
-                    ".safetensors/.pt files of input tensors, one row per example). Repeatable.", show_default=False)
-Teacher = typer.Option(None, "--teacher", help="The dense original [default: the source recorded in the LORS "
-                       "metadata].")
-Factory = typer.Option(None, "--model-factory", help="package.module:function returning the architecture as an "
-                       "nn.Module (for checkpoints that are not Hugging Face directories).")
-AllowMismatch = typer.Option(False, "--allow-teacher-mismatch", help="Use a teacher whose sha256 differs from the "
-                             "recorded source.")
+FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
+Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
+Force = typer.Option(False, "--force", "-f", metavar=FLAG, help="Overwrite an existing output (the old "
+                     "checkpoint of that name, single file or shards, is replaced once the new one is complete).")
+AsJson = typer.Option(False, "--json", metavar=FLAG, help="Print JSON to stdout instead of a table.")
+Data = typer.Option(..., "--data", "-d", metavar="FILE", show_default=False,
+                    help="Text files, one example per line (or, with --model-factory, .safetensors/.pt files of "
+                    "input tensors, one row per example). Repeatable.")
+Teacher = typer.Option(None, "--teacher", metavar="PATH", show_default="the source recorded in the LORS metadata",
+                       help="The dense original.")
+Factory = typer.Option(None, "--model-factory", metavar="MODULE:FUNCTION", help="package.module:function returning "
+                       "the architecture as an nn.Module (for checkpoints that are not Hugging Face directories).")
+AllowMismatch = typer.Option(False, "--allow-teacher-mismatch", metavar=FLAG, help="Use a teacher whose sha256 "
+                             "differs from the recorded source.")
 
 
 @contextmanager
@@ -66,37 +71,46 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 def convert(
     model: Path = typer.Argument(..., help="Checkpoint: .safetensors, *.safetensors.index.json, HF directory, "
                                           ".pt/.pth/.bin.", show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .safetensors "
-                                          "[default: <input stem>.lors.safetensors beside the input]."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="The same rank for every layer's residual."),
-    reduction: Optional[float] = typer.Option(None, "--reduction", help="Remove this fraction of the stacked "
-                                              "parameters, ranks allocated to minimise error [default: 0.5]."),
-    energy: Optional[float] = typer.Option(None, "--energy", help="Smallest rank keeping this fraction of each "
-                                           "residual's energy."),
-    include: List[str] = typer.Option([], "--include", help="Only groups whose template matches this glob "
-                                      "(repeatable), e.g. '*.mlp.*'."),
-    exclude: List[str] = typer.Option([], "--exclude", help="Skip groups whose template matches this glob."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of the output [default: the "
-                                        "source's]."),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Shard the output above this size."),
-    shared: str = typer.Option("auto", "--shared", help="Shared matrix per group: mean, refit (alternating "
-                               "least squares), none (per-layer low rank only), or auto (per group, whichever "
-                               "of mean and none leaves the lower error at the same budget)."),
-    calibrate: List[Path] = typer.Option([], "--calibrate", help="Text file(s), one example per line (tensor "
-                                         "file(s) for --model-factory): factor to keep each layer's outputs on "
-                                         "these inputs, not its weights."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE",
+                                          show_default="<input stem>.lors.safetensors beside the input",
+                                          help="Output .safetensors."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", metavar="N", help="Rank N for every converted layer, "
+                                       "whatever --shared is (a layer whose rank-N factors would cost as much as "
+                                       "its dense matrix is stored dense)."),
+    reduction: Optional[float] = typer.Option(None, "--reduction", metavar="F", show_default="0.5",
+                                              help="Remove this fraction of the stacked parameters, ranks allocated "
+                                              "to minimise error."),
+    energy: Optional[float] = typer.Option(None, "--energy", metavar="E", help="Smallest rank keeping this "
+                                           "fraction of each residual's energy."),
+    include: List[str] = typer.Option([], "--include", metavar="GLOB", show_default=False,
+                                      help="Only groups whose template matches this glob (repeatable), e.g. "
+                                      "'*.mlp.*'."),
+    exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", show_default=False,
+                                      help="Skip groups whose template matches this glob (repeatable)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", show_default="the source's",
+                                        help="Storage dtype of the output (float32, float16, bfloat16)."),
+    shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size."),
+    shared: str = typer.Option("auto", "--shared", metavar="auto|mean|refit|none", help="Shared matrix per group: "
+                               "mean, refit (alternating least squares), none (per-layer low rank only), or auto "
+                               "(per group, S only where it leaves less error than the same numbers spent on rank)."),
+    calibrate: List[Path] = typer.Option([], "--calibrate", metavar="FILE", show_default=False,
+                                         help="Text file(s), one example per line (tensor file(s) for "
+                                         "--model-factory): factor to keep each layer's outputs on these inputs, "
+                                         "not its weights."),
     calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration sequences."),
     calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration sequence."),
     damping: float = typer.Option(0.01, "--damping", help="Calibration damping λ, relative to the mean input "
                                   "energy: the objective is ‖(W − Ŵ)X‖² + λ‖W − Ŵ‖²."),
-    sequential: bool = typer.Option(False, "--sequential", help="With --calibrate: factor layer after layer, "
+    sequential: bool = typer.Option(False, "--sequential", metavar=FLAG, help="With --calibrate: factor layer after layer, "
                                     "each on the inputs produced by the already converted layers before it, "
                                     "correcting their error (one more pass over the samples per layer)."),
-    model_factory: Optional[str] = typer.Option(None, "--model-factory", help="package.module:function building "
+    model_factory: Optional[str] = typer.Option(None, "--model-factory", metavar="MODULE:FUNCTION",
+                                                help="package.module:function building "
                                                 "the model, for checkpoints without a config.json."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD and of calibration sampling."),
-    device: Optional[str] = typer.Option(None, "--device", help="Factor on this device, one group resident "
-                                         "[default: cuda when available, else cpu]."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
+                                         show_default="cuda when available, else cpu",
+                                         help="Factor on this device, one group resident."),
     force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
@@ -153,9 +167,12 @@ def report(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
 
 @app.command()
 def inspect(model: Path = typer.Argument(..., help="A checkpoint to look at.", show_default=False),
-            rank: List[int] = typer.Option([8, 16, 32, 64, 128], "--rank", "-r", help="Ranks to show."),
-            include: List[str] = typer.Option([], "--include", help="Only groups matching this glob."),
-            exclude: List[str] = typer.Option([], "--exclude", help="Skip groups matching this glob."),
+            rank: List[int] = typer.Option([8, 16, 32, 64, 128], "--rank", "-r", metavar="N",
+                                           help="Ranks to show (repeatable)."),
+            include: List[str] = typer.Option([], "--include", metavar="GLOB", show_default=False,
+                                              help="Only groups matching this glob."),
+            exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", show_default=False,
+                                              help="Skip groups matching this glob."),
             as_json: bool = AsJson, quiet: bool = Quiet) -> None:
     """The stacked groups that would be factored and what each rank would save. Writes nothing."""
     from lors_convert.checkpoint import open_checkpoint
@@ -175,9 +192,10 @@ def inspect(model: Path = typer.Argument(..., help="A checkpoint to look at.", s
 
 @app.command()
 def expand(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
-           output: Path = typer.Option(..., "--output", "-o", help="Dense output .safetensors.",
+           output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Dense output .safetensors.",
                                        show_default=False),
-           shard_size: str = typer.Option("5GB", "--shard-size", help="Shard the output above this size."),
+           shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE",
+                                          help="Shard the output above this size."),
            force: bool = Force, quiet: bool = Quiet) -> None:
     """Write the dense state dict back (original names, shapes and dtypes)."""
     from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes, parse_size
@@ -199,7 +217,7 @@ def expand(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
 
 @app.command()
 def verify(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
-           source: Optional[Path] = typer.Option(None, "--source", help="The checkpoint it was converted from: "
+           source: Optional[Path] = typer.Option(None, "--source", metavar="PATH", help="The checkpoint it was converted from: "
                                                  "check its sha256 and recompute each group's error."),
            as_json: bool = AsJson, quiet: bool = Quiet) -> None:
     """Check a LORS checkpoint: factors, shapes, finite values, counts; with --source, hash and errors."""
@@ -222,7 +240,8 @@ def verify(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
 def finetune(
     lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
     data: List[Path] = Data,
-    output: Path = typer.Option(..., "--output", "-o", help="Fine-tuned LORS .safetensors.", show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Fine-tuned LORS .safetensors.",
+                                show_default=False),
     teacher: Optional[Path] = Teacher, model_factory: Optional[str] = Factory,
     allow_teacher_mismatch: bool = AllowMismatch,
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
@@ -235,7 +254,7 @@ def finetune(
                                   "loss on the text, causal LMs)."),
     eval_examples: int = typer.Option(256, "--eval-examples", help="Held-out examples (at most a fifth)."),
     save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (0: never)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.train-state.pt."),
+    resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
     nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="Launch this many processes with torchrun "
                                        "(DistributedDataParallel; one per GPU)."),
     force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
@@ -253,7 +272,9 @@ def finetune(
                            log=lambda message: stderr.print(escape(message), soft_wrap=True))
     if "files" not in results:  # not rank 0
         return
-    print_fidelity({"before": results["eval_before"], "after": results["eval_after"]}, as_json)
+    print_fidelity({"before": results["eval_before"], "after": results["eval_after"]}, as_json,
+                   f"fidelity against the teacher on {results['eval_before']['examples']} examples of "
+                   f"{', '.join(f.name for f in data)} held out from training")
     if not as_json:
         stderr.print(f"{results['steps'] - results['resumed_at']} steps in {results['seconds']:.1f} s, "
                      f"{results['tokens_per_s']:,.0f} tokens/s, loss {results['loss_first']:.4f} → "
@@ -298,7 +319,8 @@ def evaluate(
     device = setup_device(1)
     result = fidelity(pair.student.to(device), pair.teacher.to(device), examples, pair.tokenizer,
                       batch_size=batch_size, max_length=max_length, device=device)
-    print_fidelity({"student": result}, as_json)
+    print_fidelity({"student": result}, as_json, f"fidelity against the teacher on {', '.join(f.name for f in data)} "
+                   f"({len(examples)} examples)")
 
 
 def default_output(model: Path) -> Path:
@@ -312,9 +334,24 @@ def default_output(model: Path) -> Path:
 _argv: list[str] | None = None  # the arguments main() was given, for launch_torchrun
 
 
+OPENMP_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def quiet_openmp_default() -> None:
+    """Threads that find no work sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless the user chose.
+
+    With OpenMP's default a conversion ran 15-18x slower while another process kept the cores busy: idle
+    threads spinning at every barrier compete with it. Measured by scripts/bench_busy.py (README). It only takes
+    effect before torch is first imported, which is why no module the CLI imports at start imports torch.
+    """
+    if not any(name in os.environ for name in OPENMP_CHOICES):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `lors-convert MODEL` means convert; user errors print one line."""
     global _argv
+    quiet_openmp_default()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]

@@ -40,7 +40,8 @@ def teacher_path_of(meta: LorsMeta, teacher: Path | None) -> Path:
 def load_pair(lors: Path, teacher: Path | None = None, factory: str | None = None,
               allow_teacher_mismatch: bool = False, warn=print) -> Pair:
     """The LORS student (runtime modules) and the dense teacher, on the CPU in float32."""
-    from lors_convert.hf import architecture_dir, dense_model, factory_architecture, hf_architecture, load_tokenizer
+    from lors_convert.hf import (architecture_dir, dense_model, factory_architecture, has_tokenizer, hf_architecture,
+                                 load_tokenizer)
     from lors_convert.nn import to_lors
 
     source, meta = read_lors(lors)
@@ -58,7 +59,7 @@ def load_pair(lors: Path, teacher: Path | None = None, factory: str | None = Non
                         "--teacher or --model-factory package.module:function")
     student = to_lors(factory_architecture(factory) if factory else hf_architecture(folder), source, meta)
     teacher_model = dense_model(path, factory).requires_grad_(False)
-    tokenizer = load_tokenizer(folder) if factory is None else None
+    tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
     if tokenizer is not None:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -105,8 +106,9 @@ def load_examples(files: list[Path], tokenizer) -> Examples:
         raise LorsError("give at least one --data file")
     if not all(f.name.endswith(TENSOR_SUFFIXES) for f in files):
         if tokenizer is None:
-            raise LorsError("text data needs a tokenizer: a Hugging Face teacher directory (models from "
-                            "--model-factory take .safetensors/.pt files of input tensors)")
+            raise LorsError("text data needs the model's tokenizer, and the teacher's folder has no tokenizer files "
+                            "(tokenizer.json, vocab.txt, …): copy them there, or give .safetensors/.pt files of "
+                            "input tensors")
         return Examples(texts=read_lines(files))
     parts = [load_tensors(f) for f in files]
     keys = sorted(parts[0])
@@ -260,18 +262,19 @@ def fidelity(student: nn.Module, teacher: nn.Module, examples: Examples, tokeniz
     return result
 
 
-def print_fidelity(rows: dict[str, dict], as_json: bool) -> None:
+def print_fidelity(rows: dict[str, dict], as_json: bool, title: str) -> None:
     """One column per evaluated state (e.g. before / after fine-tuning)."""
     import json
 
     from rich.table import Table
 
-    from lors_convert.report import stdout
+    from lors_convert.console import stdout
 
     if as_json:
         print(json.dumps(rows if len(rows) > 1 else next(iter(rows.values())), indent=2))
         return
-    table = Table(title="fidelity against the teacher (held-out examples)")
+    stdout.print(title)
+    table = Table()
     table.add_column("metric")
     for label in rows:
         table.add_column(label, justify="right")

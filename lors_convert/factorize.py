@@ -225,13 +225,13 @@ def _store_dense_where_it_fits(spectra: list[list[torch.Tensor]], norms_sq: list
 
 
 def uniform_ranks(spectra: list[list[torch.Tensor]], shapes: list[tuple[int, int]],
-                  budget: int) -> list[list[int]]:
-    """The largest single rank (capped by each layer's size and break-even rank) whose total cost fits."""
-    best = [[0] * len(layers) for layers in spectra]
-    caps = [break_even_cap(rows, cols) for rows, cols in shapes]
-    for rank in range(1, max(caps, default=0) + 1):
-        ranks = [[min(rank, cap, len(sq)) for sq in layers] for layers, cap in zip(spectra, caps)]
-        if sum((rows + cols) * sum(r) for (rows, cols), r in zip(shapes, ranks)) > budget:
+                  budget: int) -> list[list[int | None]]:
+    """The largest single rank whose total cost fits, as --rank gives it: layers past break-even stored dense."""
+    best: list[list[int | None]] = [[0] * len(layers) for layers in spectra]
+    for rank in range(1, max((len(sq) for layers in spectra for sq in layers), default=0) + 1):
+        ranks = [[capped(min(rank, len(sq)), rows, cols) for sq in layers]
+                 for layers, (rows, cols) in zip(spectra, shapes)]
+        if sum(lors_params(rows, cols, r, shared=False) for (rows, cols), r in zip(shapes, ranks)) > budget:
             break
         best = ranks
     return best

@@ -238,7 +238,7 @@ def train_progress(quiet: bool, total: int, done: int):
         return (lambda *args: None), (lambda: None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lors_convert.report import stderr
+    from lors_convert.console import stderr
 
     bars = Progress(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s"), TimeRemainingColumn(),

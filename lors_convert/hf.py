@@ -24,6 +24,7 @@ def _transformers():
     except ImportError:
         raise LorsError("Hugging Face models need transformers: pip install 'lors-convert[hf]'") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # ours show progress; theirs would leak through --quiet
     return transformers
 
 
@@ -39,13 +40,38 @@ def is_causal_lm(folder: Path) -> bool:
 def hf_architecture(folder: Path) -> nn.Module:
     """The model class named by config.json, with random weights (nothing is downloaded)."""
     transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    auto = transformers.AutoModelForCausalLM if is_causal_lm(folder) else transformers.AutoModel
-    return auto.from_config(config)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        auto = transformers.AutoModelForCausalLM if is_causal_lm(folder) else transformers.AutoModel
+        return auto.from_config(config)
+    except Exception as e:  # an unknown model_type, a malformed config.json, …
+        raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
 
 
-def load_tokenizer(folder: Path):
-    return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer(folder: Path | None) -> bool:
+    return folder is not None and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: Path | None):
+    """The folder's own tokenizer; without its files transformers would build an empty one that maps all text
+    to unknown tokens, so that is refused."""
+    if not has_tokenizer(folder):
+        raise LorsError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) for text data; copy "
+                        "the model's tokenizer into that folder (or, for eval/finetune, give --teacher a folder "
+                        "that has them)")
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds for a broken tokenizer; the user needs one line
+        raise LorsError(f"{folder}: cannot load its tokenizer ({one_line(e)})") from e
+
+
+def one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else error.__class__.__name__)[:200]
 
 
 def factory_architecture(spec: str) -> nn.Module:

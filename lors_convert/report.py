@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from lors_convert.checkpoint import TensorSource
+from lors_convert.console import stderr, stdout
 from lors_convert.factorize import capped, lors_params
 from lors_convert.lors_format import GroupMeta, LorsMeta
 from lors_convert.stacks import Stack
 
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, highlight=False)
 
 
 def rank_summary(ranks: list[int | None]) -> dict:
