@@ -1,0 +1,251 @@
+"""The review's defects (issue: hardening), each a test that failed before its fix: LORS checkpoints as input,
+--rank under auto, per-layer break-even, --force onto another layout, name collisions, the CLI's help and
+messages, the typed format model and its documentation, OpenMP waiting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import bert, low_rank_stack, rand
+from lors_convert import LorsError
+from lors_convert.checkpoint import SafetensorsWriter, open_checkpoint
+from lors_convert.lors_format import GroupMeta, LorsMeta, SourceMeta, read_lors
+from test_hostile import assert_refused, small
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def convert_json(cli, *args) -> dict:
+    result = cli(*args, "--quiet", "--json")
+    assert result.code == 0, result.err
+    return result.json()
+
+
+# ---------------------------------------------------------------- a LORS checkpoint is not a source
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"]])
+def test_a_lors_checkpoint_given_to_convert_or_inspect_is_refused(tmp_path, cli, command):
+    save_file(small(), tmp_path / "m.safetensors")
+    assert cli(tmp_path / "m.safetensors", "--quiet").code == 0
+    assert_refused(cli, tmp_path, [*command, tmp_path / "m.lors.safetensors", "-o", tmp_path / "x.safetensors"]
+                   if not command else [*command, tmp_path / "m.lors.safetensors"], "lors-convert expand")
+
+
+@pytest.mark.parametrize("name", ["layers.0.w.lora_A", "layers.lors_shared.w"])
+def test_a_source_holding_reserved_names_is_refused_before_writing(tmp_path, cli, name):
+    sd = {f"layers.{i}.w": rand(12, 16, seed=i) for i in range(3)}
+    sd[name] = rand(2, 16, seed=9)
+    save_file(sd, tmp_path / "m.safetensors")
+    expected = "expand" if name.endswith("lora_A") else "reserves"
+    assert_refused(cli, tmp_path, [tmp_path / "m.safetensors"], expected)
+
+
+def test_the_writer_refuses_duplicate_names_before_writing(tmp_path):
+    layout = [("a", torch.float32, (2,)), ("b", torch.float32, (2,)), ("a", torch.float32, (3,))]
+    with pytest.raises(LorsError, match="two tensors would be written as 'a'"):
+        SafetensorsWriter(tmp_path / "o.safetensors", layout, 10**9, 10)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- ranks
+
+
+@pytest.mark.parametrize("shared", ["auto", "mean", "none", "refit"])
+def test_rank_n_gives_every_layer_rank_n_whatever_shared_is(tmp_path, cli, shared):
+    save_file(bert(layers=4, hidden=32, inter=64), tmp_path / "m.safetensors")
+    report = convert_json(cli, tmp_path / "m.safetensors", "--rank", "2", "--shared", shared)
+    assert report["groups"] and all(g["ranks"]["per_layer"] == [2] * 4 for g in report["groups"])
+    if shared == "none":
+        assert not any(g["shared"] for g in report["groups"])
+
+
+def test_auto_at_a_fixed_rank_keeps_s_where_the_layers_share_it(tmp_path, cli):
+    shared_part = {f"shared.{i}.w": w for i, w in enumerate(low_rank_stack(layers=6, rows=48, cols=64, rank=2))}
+    unrelated = {f"unrelated.{i}.w": rand(48, 64, seed=100 + i) for i in range(6)}
+    save_file({**shared_part, **unrelated}, tmp_path / "m.safetensors")
+    groups = {g["template"]: g for g in convert_json(cli, tmp_path / "m.safetensors", "--rank", "2")["groups"]}
+    assert groups["shared.{i}.w"]["shared"] and not groups["unrelated.{i}.w"]["shared"]
+    assert groups["shared.{i}.w"]["rel_error"] < 1e-5
+
+
+@pytest.mark.parametrize("options", [["--reduction", "0.3"], ["--energy", "0.999", "--shared", "none"],
+                                     ["--rank", "12"]])
+def test_no_layer_stores_factors_costing_as_much_as_the_layer(tmp_path, cli, options):
+    """16x16 layers break even at rank 8: above it a layer is stored dense, and the file holds what the
+    metadata says (verify recomputes the counts and, with --source, the errors)."""
+    sd = {f"layers.{i}.w": rand(16, 2, seed=i) @ rand(2, 16, seed=20 + i) if i % 2 else rand(16, 16, seed=i)
+          for i in range(4)}  # the odd layers have rank 2, the even ones need every rank
+    sd.update({f"mlp.{i}.w": rand(48, 16, seed=10 + i) @ torch.diag(torch.linspace(0.01, 1, 16)) for i in range(4)})
+    save_file(sd, tmp_path / "m.safetensors")
+    report = convert_json(cli, tmp_path / "m.safetensors", *options)
+    source, meta = read_lors(tmp_path / "m.lors.safetensors")
+    dense_layers = 0
+    for group in meta.groups:
+        rows, cols = group.rows_cols
+        for name, rank in zip(group.names, group.ranks):
+            if rank is None:
+                dense_layers += 1
+                assert name in source.info and source.info[name].shape == tuple(group.shape)
+            else:
+                assert rank * (rows + cols) < rows * cols
+    if options[0] == "--energy":  # the full-rank layers go dense, the rank-2 ones do not
+        assert dense_layers == 2
+    if options[0] == "--rank":  # every layer of a group has one shape: past break-even the whole group stays dense
+        assert {k["template"] for k in report["kept_dense"]} == {"layers.{i}.w", "mlp.{i}.w"}
+    assert report["stacked"]["lors_params"] <= report["stacked"]["dense_params"]
+    assert cli("verify", tmp_path / "m.lors.safetensors", "--source", tmp_path / "m.safetensors").code == 0
+    assert load_file(tmp_path / "m.lors.safetensors").keys() == source.info.keys()  # the library reads it too
+
+
+def test_dense_layers_round_trip_through_expand(tmp_path, cli):
+    sd = {f"layers.{i}.w": rand(16, 16, seed=i) for i in range(3)}
+    save_file(sd, tmp_path / "m.safetensors")
+    assert cli(tmp_path / "m.safetensors", "--rank", "12", "--shared", "mean", "--quiet").code == 0
+    assert cli("expand", tmp_path / "m.lors.safetensors", "-o", tmp_path / "d.safetensors", "--quiet").code == 0
+    dense = open_checkpoint(tmp_path / "d.safetensors")
+    for name, weight in sd.items():
+        assert torch.equal(dense.get(name), weight)  # stored whole: nothing lost
+
+
+# ---------------------------------------------------------------- --force onto another layout
+
+
+@pytest.mark.parametrize("first, second", [("5GB", "8kB"), ("8kB", "5GB"), ("8kB", "4kB")])
+def test_force_leaves_exactly_one_checkpoint_under_the_name(tmp_path, cli, first, second):
+    save_file(small(), tmp_path / "m.safetensors")
+    out = tmp_path / "o.safetensors"
+    assert cli(tmp_path / "m.safetensors", "-o", out, "--shard-size", first, "--rank", "2", "--quiet").code == 0
+    assert cli(tmp_path / "m.safetensors", "-o", out, "--shard-size", second, "--rank", "3", "--quiet",
+               "--force").code == 0
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o"))
+    if second == "5GB":
+        assert written == ["o.safetensors"]
+    else:
+        index = json.loads((tmp_path / "o.safetensors.index.json").read_text())
+        assert written == sorted({*index["weight_map"].values(), "o.safetensors.index.json"})
+    report = convert_json(cli, "report", out)
+    assert all(g["ranks"]["max"] == 3 for g in report["groups"])
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize("command", ["", "convert", "report", "inspect", "expand", "verify", "finetune", "eval"])
+def test_dash_h_is_help_everywhere(cli, command):
+    result = cli(*filter(None, [command, "-h"]))
+    assert result.code == 0 and "Usage" in result.out, result.err
+
+
+def test_help_shows_defaults_and_flags_without_types(cli):
+    text = re.sub(r"[│\s]+", " ", cli("convert", "--help").out)  # the help's box wraps long lines
+    for shown in ("[default: (0.5)]", "[default: (<input stem>.lors.safetensors beside the input)]",
+                  "[default: 5GB]", "[default: auto]"):
+        assert shown in text, shown
+    assert "<bool>" not in text and "list[str]" not in text
+
+
+def test_kept_dense_groups_are_labelled_and_a_lossy_conversion_hints_at_recovery(tmp_path, cli):
+    sd = {f"tiny.{i}.w": rand(2, 2, seed=i) for i in range(3)}  # nothing to gain: kept dense
+    sd.update({f"layers.{i}.w": rand(32, 4, seed=10 + i) @ rand(4, 32, seed=20 + i) for i in range(3)})
+    save_file(sd, tmp_path / "m.safetensors")
+    result = cli(tmp_path / "m.safetensors", "--quiet", "--rank", "1", "--shared", "none")
+    assert result.code == 0
+    row = next(line for line in result.out.splitlines() if "tiny.{i}.w" in line)
+    assert "kept dense" in row and "not factored" in row and "0.0%" not in row
+    assert "hint:" in result.err and "--calibrate" in result.err and "finetune" in result.err
+    assert "hint:" not in cli(tmp_path / "m.safetensors", "--rank", "4", "--quiet", "--force").err
+
+
+def test_openmp_threads_sleep_unless_the_user_chose(tmp_path):
+    code = ("import os, sys; from lors_convert import cli; assert 'torch' not in sys.modules; "
+            "cli.quiet_openmp_default(); print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,  # noqa: E731
+                                       text=True, check=True).stdout.strip()
+    assert run({}) == "PASSIVE"
+    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert run({"GOMP_SPINCOUNT": "1000"}) == "None"
+
+
+# ---------------------------------------------------------------- the typed format model
+
+
+def documented_fields(heading: str) -> set[str]:
+    """The backticked names in the first column of the table under a FORMAT.md heading or lead-in line."""
+    text = (ROOT / "docs" / "FORMAT.md").read_text()
+    table = next(block for block in text[text.index(heading):].split("\n\n") if block.startswith("|"))
+    return {name for line in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", line.split("|")[1])}
+
+
+def test_format_md_documents_exactly_the_typed_model():
+    assert documented_fields("## Metadata") == {f.name for f in dataclasses.fields(LorsMeta)}
+    assert documented_fields("A group object:") == {f.name for f in dataclasses.fields(GroupMeta)}
+    source_row = next(line for line in (ROOT / "docs" / "FORMAT.md").read_text().splitlines()
+                      if line.startswith("| `source` |"))
+    assert set(re.findall(r"`(\w+)` \(", source_row)) == {f.name for f in dataclasses.fields(SourceMeta)}
+
+
+def meta_of(tmp_path, cli) -> dict:
+    save_file(small(), tmp_path / "m.safetensors")
+    assert cli(tmp_path / "m.safetensors", "--quiet").code == 0
+    _, meta = read_lors(tmp_path / "m.lors.safetensors")
+    return json.loads(meta.to_json())
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.__setitem__("warnings", [1, 2]), "warnings"),
+    (lambda m: m.__setitem__("warnings", "text"), "warnings"),
+    (lambda m: m["groups"][0].__setitem__("output_error", "high"), "output_error"),
+    (lambda m: m["groups"][0].__setitem__("layer_errors", [0.1]), "layer_errors"),
+    (lambda m: m["source"].__setitem__("sha256", 12), "sha256"),
+    (lambda m: m["source"].__setitem__("sha256", "abc"), "sha256"),
+    (lambda m: m["groups"][0]["ranks"].__setitem__(0, -1), "ranks"),
+    (lambda m: m.__setitem__("calibration", [1]), "calibration"),
+    (lambda m: m["groups"].append(m["groups"][0]), "two groups"),
+])
+def test_the_schema_catches_what_the_old_validator_missed(tmp_path, cli, edit, problem):
+    meta = meta_of(tmp_path, cli)
+    edit(meta)
+    with pytest.raises(ValueError, match=problem):
+        LorsMeta.from_json(json.dumps(meta))
+
+
+def test_to_json_and_from_json_round_trip(tmp_path, cli):
+    meta = meta_of(tmp_path, cli)
+    assert json.loads(LorsMeta.from_json(json.dumps(meta)).to_json()) == meta
+
+
+def test_report_of_a_checkpoint_with_corrupt_warnings_is_one_line(tmp_path, cli):
+    from test_hostile import lors_file, meta_edit, rewrite
+
+    lors = lors_file(tmp_path, cli)
+    rewrite(lors, change_meta=meta_edit(lambda m: m.__setitem__("warnings", [{"not": "a string"}])))
+    assert_refused(cli, tmp_path, ["report", lors], "corrupt LORS metadata")
+
+
+# ---------------------------------------------------------------- fine-tuning never overwrites its teacher
+
+
+def test_finetune_refuses_to_write_onto_its_teacher(tmp_path, cli):
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "teacher"
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(folder)
+    assert cli(folder, "-o", tmp_path / "s.lors.safetensors", "--rank", "2", "--quiet").code == 0
+    data = tmp_path / "d.pt"
+    torch.save({"input_ids": torch.randint(0, 64, (20, 8))}, data)
+    assert_refused(cli, tmp_path, ["finetune", tmp_path / "s.lors.safetensors", "--data", data, "--steps", "1",
+                                   "-o", folder / "model.safetensors", "--force"], "onto the input")
