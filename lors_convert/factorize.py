@@ -30,8 +30,8 @@ def check_device(device: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(device)
-    except RuntimeError:
-        raise LorsError(f"--device {device}: not a device (try cpu or cuda)") from None
+    except RuntimeError as e:
+        raise LorsError(f"--device {device}: not a device (try cpu or cuda)") from e
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise LorsError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
                         "no usable GPU); use --device cpu")

@@ -21,8 +21,8 @@ def _transformers():
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import transformers
-    except ImportError:
-        raise LorsError("Hugging Face models need transformers: pip install 'lors-convert[hf]'") from None
+    except ImportError as e:
+        raise LorsError("Hugging Face models need transformers: pip install 'lors-convert[hf]'") from e
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # ours show progress; theirs would leak through --quiet
     return transformers
@@ -82,7 +82,7 @@ def factory_architecture(spec: str) -> nn.Module:
     try:
         factory: Callable[[], nn.Module] = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as e:
-        raise LorsError(f"--model-factory {spec}: {e}") from None
+        raise LorsError(f"--model-factory {spec}: {e}") from e
     model = factory()
     if not isinstance(model, nn.Module):
         raise LorsError(f"--model-factory {spec} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -141,7 +141,7 @@ def read_lines(files: list[Path]) -> list[str]:
         try:
             lines += [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise LorsError(f"{file}: cannot read text ({e.__class__.__name__})") from None
+            raise LorsError(f"{file}: cannot read text ({e.__class__.__name__})") from e
     if not lines:
         raise LorsError(f"no text in {', '.join(map(str, files))}")
     return lines

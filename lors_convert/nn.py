@@ -59,8 +59,8 @@ def module_of(name: str, model: nn.Module, prefix: str) -> tuple[str, nn.Module]
     path = prefix + name.removesuffix(".weight")
     try:
         module = model.get_submodule(path)
-    except AttributeError:
-        raise LorsError(f"{name}: no module {path!r} in the architecture") from None
+    except AttributeError as e:
+        raise LorsError(f"{name}: no module {path!r} in the architecture") from e
     if not is_swappable(module):
         raise LorsError(f"{name}: a {type(module).__name__} cannot run in LORS form (only Linear and GPT-2 "
                         "Conv1D); convert with --exclude for this group")

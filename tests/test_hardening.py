@@ -249,3 +249,12 @@ def test_finetune_refuses_to_write_onto_its_teacher(tmp_path, cli):
     torch.save({"input_ids": torch.randint(0, 64, (20, 8))}, data)
     assert_refused(cli, tmp_path, ["finetune", tmp_path / "s.lors.safetensors", "--data", data, "--steps", "1",
                                    "-o", folder / "model.safetensors", "--force"], "onto the input")
+
+
+def test_errors_chain_their_cause_which_debug_shows(tmp_path):
+    save_file(small(), tmp_path / "m.safetensors")
+    command = [sys.executable, "-m", "lors_convert", str(tmp_path / "m.safetensors"), "--device", "no such device"]
+    plain = subprocess.run(command, capture_output=True, text=True)
+    assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
+    assert "RuntimeError" in debug.stderr and "direct cause" in debug.stderr and "LorsError" in debug.stderr
