@@ -22,6 +22,7 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -488,14 +489,18 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
             raise LorsError(f"{candidate}: already exists (use --force to overwrite)")
 
 
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+              "ti": 2**40}
+# Built from the table, so every unit it matches has an entry; ASCII digits only, at most 20 on each side.
+SIZE_PATTERN = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*("
+                          + "|".join(sorted(SIZE_UNITS, key=len, reverse=True)) + r")b?\s*")
+
+
 def parse_size(text: str) -> int:
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", text.lower())
+    found = SIZE_PATTERN.fullmatch(text.lower())
     if not found:
         raise LorsError(f"cannot read size {text!r} (try 5GB, 500MB or a number of bytes)")
-    number, unit = float(found.group(1)), found.group(2).rstrip("b")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
-    size = int(number * scale)
+    size = int(Fraction(found.group(1)) * SIZE_UNITS[found.group(2)])  # exact: 1.005kB is 1005 bytes
     if size <= 0:
         raise LorsError(f"shard size must be positive, got {text!r}")
     return size
