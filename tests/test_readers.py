@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
-from conftest import bert
+from conftest import bert, rand
 from lors_convert import LorsError
-from lors_convert.checkpoint import parse_size
+from lors_convert.checkpoint import TensorInfo, open_checkpoint, parse_size
+from lors_convert.stacks import find_stacks
 from test_hostile import assert_refused
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +53,24 @@ def test_any_size_text_is_a_size_or_a_lors_error(text):
         assert parse_size(text) > 0
     except LorsError as e:
         assert "\n" not in str(e)
+
+
+# ---------------------------------------------------------------- layer indices
+
+
+def test_only_ascii_digits_are_layer_indices(tmp_path, cli):
+    odd = ["layers.².w", "layers.٣.w", "layers.①.w", "layers.३.w"]
+    sd = {f"layers.{i}.w": rand(8, 8, seed=i) for i in range(3)} | {name: rand(8, 8, seed=9) for name in odd}
+    info = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in sd.items()}
+    assert [(s.template, s.layers) for s in find_stacks(info)[0]] == [("layers.{i}.w", [0, 1, 2])]
+    del info["layers.2.w"]  # "٣" is not layer 3 either
+    assert [(s.template, s.layers) for s in find_stacks(info)[0]] == [("layers.{i}.w", [0, 1])]
+    save_file(sd, tmp_path / "m.safetensors")
+    result = cli("inspect", tmp_path / "m.safetensors", "--json")
+    assert result.code == 0, result.err
+    assert [g["layers"] for g in result.json()["groups"]] == [[0, 1, 2]]
+    assert cli(tmp_path / "m.safetensors", "--rank", "2", "--quiet").code == 0
+    assert cli("expand", tmp_path / "m.lors.safetensors", "-o", tmp_path / "d.safetensors", "--quiet").code == 0
+    dense = open_checkpoint(tmp_path / "d.safetensors")
+    assert set(dense.info) == set(sd)
+    assert all(torch.equal(dense.get(name), sd[name]) for name in odd)  # kept as they were, under their names
