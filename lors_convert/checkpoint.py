@@ -290,11 +290,14 @@ def open_pickle_files(path: Path, files: list[Path], weight_map: dict[str, str] 
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    invalid = f"{index}: not a valid shard index (expected a JSON object with a weight_map of names to shard files)"
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AssertionError):
-        raise LorsError(f"{index}: not a valid shard index (expected a JSON object with a weight_map)") from None
+        content = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise LorsError(invalid) from e
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LorsError(invalid)
     files = []
     for name in sorted(set(weight_map.values())):
         file = index.parent / name

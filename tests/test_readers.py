@@ -4,6 +4,10 @@ safetensors reader agrees with the `safetensors` library (a differential test)."
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,41 @@ def test_only_ascii_digits_are_layer_indices(tmp_path, cli):
     dense = open_checkpoint(tmp_path / "d.safetensors")
     assert set(dense.info) == set(sd)
     assert all(torch.equal(dense.get(name), sd[name]) for name in odd)  # kept as they were, under their names
+
+
+# ---------------------------------------------------------------- shard indexes
+
+
+def sharded_safetensors(folder: Path) -> Path:
+    save_file({"layers.0.w": rand(4, 4, seed=0)}, folder / "m-1.safetensors")
+    save_file({"layers.1.w": rand(4, 4, seed=1)}, folder / "m-2.safetensors")
+    return folder / "m.safetensors.index.json"
+
+
+BAD_INDEXES = {
+    "weight_map a list": {"weight_map": ["m-1.safetensors"]},
+    "a shard name not a string": {"weight_map": {"layers.0.w": 1}},
+    "not an object": ["weight_map"],
+    "no weight_map": {"metadata": {}},
+    "an empty weight_map": {"weight_map": {}},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEXES))
+def test_bad_index_is_one_line_error(tmp_path, cli, case):
+    index = sharded_safetensors(tmp_path)
+    index.write_text(json.dumps(BAD_INDEXES[case]))
+    assert_refused(cli, tmp_path, ["inspect", index], "not a valid shard index")
+
+
+def test_bad_index_is_refused_under_python_O(tmp_path):
+    """The checks are not `assert`s, which `python -O` removes."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    index = sharded_safetensors(tmp_path)
+    for case in ("weight_map a list", "a shard name not a string"):
+        index.write_text(json.dumps(BAD_INDEXES[case]))
+        done = subprocess.run([sys.executable, "-O", "-m", "lors_convert", "inspect", str(index)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, (case, done.stderr)
+        assert "not a valid shard index" in lines[0], (case, done.stderr)
