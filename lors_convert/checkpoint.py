@@ -142,22 +142,34 @@ def read_tensor_bytes(path: Path, offset: int, nbytes: int, info: TensorInfo) ->
     return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
 
 
-def open_safetensors_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
-    where, info, metadata = {}, {}, {}
-    for file in files:
-        tensors, meta, data_offset = read_safetensors_header(file)
-        metadata = metadata or meta
-        for name, (tinfo, start, end) in tensors.items():
+def _owning_shards(path: Path, names_by_file: Iterable[tuple[Path, Iterable[str]]],
+                   weight_map: dict[str, str] | None) -> dict[str, Path]:
+    """The file each tensor is read from. With an index, a shard's tensors that the index does not list there are
+    ignored, and every tensor it lists must be in its shard."""
+    owner: dict[str, Path] = {}
+    for file, names in names_by_file:
+        for name in names:
             if weight_map is not None and weight_map.get(name) != file.name:
                 continue
-            if name in info:
+            if name in owner:
                 raise LorsError(f"{path}: tensor {name!r} appears in two shards")
-            info[name] = tinfo
-            where[name] = (file, data_offset + start, end - start)
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(info))
-        if missing:
-            raise LorsError(f"{path}: the index lists {missing[0]!r} but its shard does not hold it")
+            owner[name] = file
+    missing = sorted(set(weight_map or ()) - set(owner))
+    if missing:
+        raise LorsError(f"{path}: the index lists {missing[0]!r} but its shard does not hold it")
+    return owner
+
+
+def open_safetensors_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
+    headers = {file: read_safetensors_header(file) for file in files}
+    owner = _owning_shards(path, ((file, tensors) for file, (tensors, _, _) in headers.items()), weight_map)
+    info, where = {}, {}
+    for name, file in owner.items():
+        tensors, _, data_offset = headers[file]
+        tinfo, start, end = tensors[name]
+        info[name] = tinfo
+        where[name] = (file, data_offset + start, end - start)
+    metadata = next((meta for _, meta, _ in headers.values() if meta), {})
 
     def read(name: str) -> torch.Tensor:
         file, offset, nbytes = where[name]
@@ -187,6 +199,8 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
         for key, value in d.items():
             name = f"{prefix}{key}"
             if isinstance(value, torch.Tensor):
+                if name in flat:  # {"a.b": t, "a": {"b": u}}
+                    raise LorsError(f"{path}: tensor {name!r} appears twice in the file (nested and flat)")
                 if value.layout != torch.strided or value.device.type != "cpu" or value.dtype not in DTYPE_NAMES:
                     raise LorsError(f"{path}: tensor {name!r} is a {value.layout} {value.dtype} tensor on "
                                     f"{value.device}; only dense tensors of safetensors dtypes are read")
@@ -265,17 +279,16 @@ def _mapped_reader(state: dict[str, torch.Tensor], mapped: bool) -> Callable[[st
 
 
 def open_pickle_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
-    if len(files) == 1:
+    if len(files) == 1 and weight_map is None:
         state, mapped = load_pickle_state_dict(files[0])
         info = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
         return TensorSource(path, files, info, _mapped_reader(state, mapped))
     # Sharded .bin: headers come only from loading, so read each shard once for names, then keep one open.
-    info, where = {}, {}
+    shapes = {}
     for file in files:
-        for k, v in load_pickle_state_dict(file)[0].items():
-            if weight_map is None or weight_map.get(k) == file.name:
-                info[k] = TensorInfo(tuple(v.shape), v.dtype)
-                where[k] = file
+        shapes[file] = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in load_pickle_state_dict(file)[0].items()}
+    where = _owning_shards(path, shapes.items(), weight_map)
+    info = {name: shapes[file][name] for name, file in where.items()}
     current: dict = {"file": None, "read": None}
 
     def read(name: str) -> torch.Tensor:

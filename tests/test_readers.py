@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from conftest import bert, rand
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorInfo, open_checkpoint, parse_size
+from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files, parse_size
 from lors_convert.stacks import find_stacks
 from test_hostile import assert_refused
 
@@ -116,3 +116,59 @@ def test_bad_index_is_refused_under_python_O(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1, (case, done.stderr)
         assert "not a valid shard index" in lines[0], (case, done.stderr)
+
+
+# ---------------------------------------------------------------- sharded pickles
+
+
+def write_shards(folder: Path, suffix: str, shards: dict[str, dict], weight_map: dict[str, str]) -> Path:
+    """Shards `name -> tensors` as .bin pickles or .safetensors, with their index."""
+    for shard, tensors in shards.items():
+        (torch.save if suffix == ".bin" else save_file)(tensors, folder / f"{shard}{suffix}")
+    stem = "pytorch_model.bin" if suffix == ".bin" else "model.safetensors"
+    index = folder / f"{stem}.index.json"
+    index.write_text(json.dumps({"weight_map": {k: v + suffix for k, v in weight_map.items()}}))
+    return index
+
+
+LAYERS = {f"layers.{i}.w": rand(6, 6, seed=i) for i in range(3)}
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_index_listing_a_tensor_its_shard_lacks_is_refused(tmp_path, cli, suffix):
+    shards = {"s1": {k: LAYERS[k] for k in ("layers.0.w", "layers.1.w")}, "s2": {"layers.2.w": LAYERS["layers.2.w"]}}
+    index = write_shards(tmp_path, suffix, shards, {"layers.0.w": "s1", "layers.1.w": "s1", "layers.2.w": "s2",
+                                                    "ghost": "s2"})
+    assert_refused(cli, tmp_path, ["inspect", index], "the index lists 'ghost' but its shard does not hold it")
+    assert_refused(cli, tmp_path, ["inspect", tmp_path], "does not hold it")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_index_with_a_single_shard_is_checked_too(tmp_path, cli, suffix):
+    index = write_shards(tmp_path, suffix, {"s1": LAYERS}, {**{k: "s1" for k in LAYERS}, "ghost": "s1"})
+    assert_refused(cli, tmp_path, ["inspect", index], "does not hold it")
+
+
+def test_pickle_shards_repeating_a_name_are_refused(tmp_path):
+    torch.save({"layers.0.w": LAYERS["layers.0.w"]}, tmp_path / "a.bin")
+    torch.save({"layers.0.w": LAYERS["layers.1.w"]}, tmp_path / "b.bin")
+    with pytest.raises(LorsError, match="'layers.0.w' appears in two shards"):
+        open_pickle_files(tmp_path, [tmp_path / "a.bin", tmp_path / "b.bin"])
+
+
+def test_pickle_naming_a_tensor_twice_is_refused(tmp_path, cli):
+    """{"a.b": t, "a": {"b": u}} flattens to "a.b" twice: refused rather than one silently dropped."""
+    torch.save({"layers.0.w": LAYERS["layers.0.w"], "layers": {"0": {"w": LAYERS["layers.1.w"]}},
+                "layers.1.w": LAYERS["layers.1.w"]}, tmp_path / "m.pt")
+    assert_refused(cli, tmp_path, ["inspect", tmp_path / "m.pt"], "'layers.0.w' appears twice")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_shard_tensors_the_index_does_not_list_there_are_ignored(tmp_path, suffix):
+    """The same for pickles and safetensors: a tensor is read from the shard the index names, nowhere else."""
+    shards = {"s1": {"layers.0.w": LAYERS["layers.0.w"], "layers.1.w": rand(6, 6, seed=99), "extra": rand(2, seed=7)},
+              "s2": {"layers.1.w": LAYERS["layers.1.w"], "layers.2.w": LAYERS["layers.2.w"]}}
+    index = write_shards(tmp_path, suffix, shards, {"layers.0.w": "s1", "layers.1.w": "s2", "layers.2.w": "s2"})
+    source = open_checkpoint(index)
+    assert sorted(source.info) == sorted(LAYERS)
+    assert all(torch.equal(source.get(name), LAYERS[name]) for name in LAYERS)
