@@ -102,7 +102,11 @@ def _flat_input(args: tuple) -> torch.Tensor:
 
 
 def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
-    """Forward pre-hooks calling record(name, inputs) on the modules holding `names`; _Stop after the last one."""
+    """Forward pre-hooks calling record(name, inputs) on the modules holding `names`; _Stop after the last one.
+
+    Each forward starts with none seen: one that skipped a module (a branch not taken) must not leave the names
+    it saw behind, or the next forward would stop before reaching the rest.
+    """
     prefix, fired = state_prefix(model, names), set()
 
     def hook_for(name: str):
@@ -110,11 +114,11 @@ def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
             record(name, _flat_input(args))
             fired.add(name)
             if len(fired) == len(names):
-                fired.clear()
                 raise _Stop
         return hook
 
-    return [_module_for(model, name, prefix).register_forward_pre_hook(hook_for(name)) for name in names]
+    restart = model.register_forward_pre_hook(lambda module, args: fired.clear())
+    return [restart] + [_module_for(model, name, prefix).register_forward_pre_hook(hook_for(name)) for name in names]
 
 
 def _run_until_seen(model: nn.Module, batch: dict) -> None:

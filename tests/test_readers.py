@@ -14,9 +14,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
+from torch import nn
 
 from conftest import bert, rand
 from lors_convert import LorsError
+from lors_convert.calibrate import collect_pair
 from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files, parse_size
 from lors_convert.stacks import find_stacks
 from test_hostile import assert_refused
@@ -172,3 +174,53 @@ def test_shard_tensors_the_index_does_not_list_there_are_ignored(tmp_path, suffi
     source = open_checkpoint(index)
     assert sorted(source.info) == sorted(LAYERS)
     assert all(torch.equal(source.get(name), LAYERS[name]) for name in LAYERS)
+
+
+# ---------------------------------------------------------------- calibration: a forward that skips a layer
+
+
+class Branchy(nn.Module):
+    """Three Linear layers; the middle one is skipped for inputs whose first feature sums below zero."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        h = self.layers[0](x)
+        if x[..., 0].sum() >= 0:
+            h = self.layers[1](torch.tanh(h))
+        return self.layers[2](torch.tanh(h))
+
+    def inputs(self, x) -> dict[str, torch.Tensor]:
+        """The same forward by hand: each layer's input, for the layers this input reaches."""
+        seen, h = {"layers.0.weight": x}, self.layers[0](x)
+        if x[..., 0].sum() >= 0:
+            seen["layers.1.weight"] = torch.tanh(h)
+            h = self.layers[1](torch.tanh(h))
+        seen["layers.2.weight"] = torch.tanh(h)
+        return seen
+
+
+def test_collect_pair_restarts_for_each_batch_when_a_forward_skips_a_layer():
+    original, converted = Branchy(seed=0), Branchy(seed=1)
+    names = [f"layers.{i}.weight" for i in range(3)]
+    batches = []
+    for i, sign in enumerate([-1, 1, -1, 1, 1]):  # the first batch skips layer 1, the second does not
+        x = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(i))
+        x[..., 0] = sign * x[..., 0].abs()
+        batches.append({"x": x})
+    covariances, cross = collect_pair(original, converted, names, batches, torch.device("cpu"))
+    expected_c = {name: torch.zeros(4, 4, dtype=torch.float64) for name in names}
+    expected_g = {name: torch.zeros(4, 4, dtype=torch.float64) for name in names}
+    with torch.no_grad():
+        for batch in batches:
+            x_orig, x_conv = original.inputs(batch["x"]), converted.inputs(batch["x"])
+            for name, x_hat in x_conv.items():
+                x_hat, x = x_hat.reshape(-1, 4).double(), x_orig[name].reshape(-1, 4).double()
+                expected_c[name] += x_hat.T @ x_hat
+                expected_g[name] += x_hat.T @ x
+    for name in names:
+        torch.testing.assert_close(covariances[name], expected_c[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cross[name], expected_g[name], rtol=1e-5, atol=1e-6)
