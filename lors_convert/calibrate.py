@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
+from lors_convert.evaluate import load_tensors
 from lors_convert.nn import is_conv1d, is_swappable, state_prefix
 from lors_convert.stacks import Stack
 
@@ -48,15 +49,13 @@ def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, se
 
 
 def tensor_batches(files: list[Path], samples: int) -> list[dict]:
-    """Inputs for --model-factory models: a safetensors/pt file of tensors whose first dimension is the batch."""
-    from lors_convert.checkpoint import open_checkpoint
-
+    """Inputs for --model-factory models: safetensors/pt files of tensors sharing their first dimension (one row per
+    sample), read and checked as eval and fine-tuning read theirs."""
     batches: list[dict] = []
     for file in files:
-        source = open_checkpoint(file)
-        inputs = {name: source.get(name) for name in source.info}
-        count = min(len(t) for t in inputs.values())
-        batches += [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(count)]
+        tensors = load_tensors(Path(file))
+        rows = len(next(iter(tensors.values())))
+        batches += [{k: v[i:i + 1] for k, v in tensors.items()} for i in range(rows)]
     return batches[:samples]
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import bert, rand
+from factory_models import StackedMLP
 from lors_convert import LorsError
 from lors_convert.calibrate import collect_pair
 from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files, parse_size
@@ -224,3 +225,22 @@ def test_collect_pair_restarts_for_each_batch_when_a_forward_skips_a_layer():
     for name in names:
         torch.testing.assert_close(covariances[name], expected_c[name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(cross[name], expected_g[name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+CALIBRATION_DATA = {
+    "first dimensions differ": {"x": torch.randn(8, 5, 16), "y": torch.randn(3, 16)},
+    "a scalar": {"x": torch.randn(8, 5, 16), "s": torch.tensor(1.0)},
+    "no tensors": {},
+}
+
+
+@pytest.mark.parametrize("case", list(CALIBRATION_DATA))
+def test_calibration_tensor_files_are_checked_like_eval_data(tmp_path, cli, case):
+    torch.manual_seed(0)
+    save_file(StackedMLP().state_dict(), tmp_path / "mlp.safetensors")
+    save_file(CALIBRATION_DATA[case], tmp_path / "inputs.safetensors")
+    assert_refused(cli, tmp_path, [tmp_path / "mlp.safetensors", "--calibrate", tmp_path / "inputs.safetensors",
+                                   "--model-factory", "factory_models:stacked_mlp"], "must share their first dimension")
