@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.evaluate import load_tensors
+from lors_convert.evaluate import call_model, load_tensors
 from lors_convert.nn import is_conv1d, is_swappable, state_prefix
 from lors_convert.stacks import Stack
 
@@ -57,10 +57,6 @@ def tensor_batches(files: list[Path], samples: int) -> list[dict]:
         rows = len(next(iter(tensors.values())))
         batches += [{k: v[i:i + 1] for k, v in tensors.items()} for i in range(rows)]
     return batches[:samples]
-
-
-def run_model(model: nn.Module, batch: dict):
-    return model(**batch) if len(batch) > 1 or "input_ids" in batch else model(*batch.values())
 
 
 FLUSH_BYTES = 2**23  # inputs buffered per module before one product: big enough for an efficient matmul
@@ -122,7 +118,7 @@ def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
 
 def _run_until_seen(model: nn.Module, batch: dict) -> None:
     try:
-        run_model(model, batch)
+        call_model(model, batch)
     except _Stop:
         pass
 
@@ -182,7 +178,7 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            run_model(model, batch)
+            call_model(model, batch)
             tokens += next(iter(batch.values())).numel()
     finally:
         for hook in hooks:

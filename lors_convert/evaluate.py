@@ -154,14 +154,23 @@ def is_hf(model: nn.Module) -> bool:
     return type(unwrap(model)).__module__.startswith("transformers.")
 
 
+def call_model(model: nn.Module, batch: dict, **options):
+    """The one way a batch is handed to a model (eval, fine-tuning, calibration): a Hugging Face model takes
+    everything by keyword; any other model takes a lone tensor positionally, whatever its name, and several by
+    keyword."""
+    if len(batch) == 1 and not is_hf(model):
+        return model(*batch.values(), **options)
+    return model(**batch, **options)
+
+
 def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(logits or None, final hidden states) of a model on a batch."""
     if is_hf(model):
-        out = model(**batch, output_hidden_states=True)
+        out = call_model(model, batch, output_hidden_states=True)
         logits = getattr(out, "logits", None)
         hidden = getattr(out, "last_hidden_state", None)
         return logits, hidden if hidden is not None else out.hidden_states[-1]
-    out = model(*batch.values()) if len(batch) == 1 else model(**batch)
+    out = call_model(model, batch)
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):

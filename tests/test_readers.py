@@ -21,6 +21,7 @@ from factory_models import StackedMLP
 from lors_convert import LorsError
 from lors_convert.calibrate import collect_pair
 from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files, parse_size
+from lors_convert.evaluate import call_model
 from lors_convert.stacks import find_stacks
 from test_hostile import assert_refused
 
@@ -244,3 +245,55 @@ def test_calibration_tensor_files_are_checked_like_eval_data(tmp_path, cli, case
     save_file(CALIBRATION_DATA[case], tmp_path / "inputs.safetensors")
     assert_refused(cli, tmp_path, [tmp_path / "mlp.safetensors", "--calibrate", tmp_path / "inputs.safetensors",
                                    "--model-factory", "factory_models:stacked_mlp"], "must share their first dimension")
+
+
+# ---------------------------------------------------------------- one call rule for calibration and eval
+
+
+CALLS: list[tuple[int, tuple[str, ...]]] = []  # (positional tensors, keyword names) of each forward
+
+
+class RecordingMLP(StackedMLP):
+    def forward(self, *args, **kwargs):
+        CALLS.append((len(args), tuple(sorted(kwargs))))
+        (x,) = [*args, *kwargs.values()]
+        return super().forward(x)
+
+
+def recording_mlp() -> nn.Module:
+    return RecordingMLP()
+
+
+def test_calibration_and_eval_call_a_factory_model_the_same_way(tmp_path, cli):
+    torch.manual_seed(0)
+    save_file(RecordingMLP().state_dict(), tmp_path / "mlp.safetensors")
+    save_file({"input_ids": torch.randn(12, 5, 16)}, tmp_path / "ids.safetensors")
+    factory = ["--model-factory", "test_readers:recording_mlp"]
+    CALLS.clear()
+    result = cli(tmp_path / "mlp.safetensors", "--rank", "2", "--calibrate", tmp_path / "ids.safetensors", *factory,
+                 "--quiet")
+    assert result.code == 0, result.err
+    calibration_calls = set(CALLS)
+    CALLS.clear()
+    result = cli("eval", tmp_path / "mlp.lors.safetensors", "-d", tmp_path / "ids.safetensors", *factory, "--quiet")
+    assert result.code == 0, result.err
+    assert calibration_calls == set(CALLS) == {(1, ())}
+
+
+class FromTransformers(nn.Module):
+    __module__ = "transformers.models.fake"  # how call_model tells a Hugging Face model
+
+    def forward(self, *args, **kwargs):
+        return len(args), tuple(sorted(kwargs))
+
+
+class Plain(FromTransformers):
+    __module__ = "my_models"
+
+
+def test_one_dispatch_rule_for_model_inputs():
+    one, two = {"input_ids": torch.ones(1)}, {"input_ids": torch.ones(1), "attention_mask": torch.ones(1)}
+    assert call_model(Plain(), one) == (1, ())
+    assert call_model(Plain(), two) == (0, ("attention_mask", "input_ids"))
+    assert call_model(FromTransformers(), one) == (0, ("input_ids",))
+    assert call_model(FromTransformers(), one, output_hidden_states=True) == (0, ("input_ids", "output_hidden_states"))
