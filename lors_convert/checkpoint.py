@@ -98,7 +98,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+        raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from e
     if not isinstance(header, dict):
         raise LorsError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -236,10 +236,10 @@ def load_pickle_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             why = f"it would import {found.group(1)}" if found else "it is not a plain tensor checkpoint"
             raise LorsError(f"{path}: refusing to unpickle: {why}; only tensors and plain containers are "
-                            "loaded, nothing in the file was run") from None
+                            "loaded, nothing in the file was run") from e
         except Exception as e:  # whatever torch's parser trips over in a damaged file
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+            raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from e
     return _unwrap_state_dict(obj, path), mapped
 
 

@@ -125,7 +125,7 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
     except LorsError:
         raise
     except Exception as e:
-        raise LorsError(f"{file}: cannot read tensors ({e.__class__.__name__})") from None
+        raise LorsError(f"{file}: cannot read tensors ({e.__class__.__name__})") from e
     sizes = {t.shape[0] if t.dim() else None for t in data.values()}
     if not data or len(sizes) != 1 or None in sizes:
         raise LorsError(f"{file}: the tensors must share their first dimension (one row per example)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +298,26 @@ def test_one_dispatch_rule_for_model_inputs():
     assert call_model(Plain(), two) == (0, ("attention_mask", "input_ids"))
     assert call_model(FromTransformers(), one) == (0, ("input_ids",))
     assert call_model(FromTransformers(), one, output_hidden_states=True) == (0, ("input_ids", "output_hidden_states"))
+
+
+# ---------------------------------------------------------------- errors chain their cause
+
+
+def raw_safetensors(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+def test_errors_chain_their_cause(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(raw_safetensors(b"{oops"))
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not a zip")
+    (tmp_path / "evil.pt").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
+    (tmp_path / "m.safetensors.index.json").write_text("{oops")
+    unchained = []
+    for path, message in (("bad.safetensors", "corrupt safetensors header"), ("bad.pt", "not a readable PyTorch"),
+                          ("evil.pt", "refusing to unpickle"), ("m.safetensors.index.json", "not a valid shard index")):
+        with pytest.raises(LorsError, match=message) as caught:
+            open_checkpoint(tmp_path / path)
+        assert "\n" not in str(caught.value)
+        if caught.value.__cause__ is None:
+            unchained.append(path)
+    assert unchained == []
