@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
+from lors_convert.evaluate import call_model, load_tensors
 from lors_convert.nn import is_conv1d, is_swappable, state_prefix
 from lors_convert.stacks import Stack
 
@@ -48,20 +49,14 @@ def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, se
 
 
 def tensor_batches(files: list[Path], samples: int) -> list[dict]:
-    """Inputs for --model-factory models: a safetensors/pt file of tensors whose first dimension is the batch."""
-    from lors_convert.checkpoint import open_checkpoint
-
+    """Inputs for --model-factory models: safetensors/pt files of tensors sharing their first dimension (one row per
+    sample), read and checked as eval and fine-tuning read theirs."""
     batches: list[dict] = []
     for file in files:
-        source = open_checkpoint(file)
-        inputs = {name: source.get(name) for name in source.info}
-        count = min(len(t) for t in inputs.values())
-        batches += [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(count)]
+        tensors = load_tensors(Path(file))
+        rows = len(next(iter(tensors.values())))
+        batches += [{k: v[i:i + 1] for k, v in tensors.items()} for i in range(rows)]
     return batches[:samples]
-
-
-def run_model(model: nn.Module, batch: dict):
-    return model(**batch) if len(batch) > 1 or "input_ids" in batch else model(*batch.values())
 
 
 FLUSH_BYTES = 2**23  # inputs buffered per module before one product: big enough for an efficient matmul
@@ -102,7 +97,11 @@ def _flat_input(args: tuple) -> torch.Tensor:
 
 
 def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
-    """Forward pre-hooks calling record(name, inputs) on the modules holding `names`; _Stop after the last one."""
+    """Forward pre-hooks calling record(name, inputs) on the modules holding `names`; _Stop after the last one.
+
+    Each forward starts with none seen: one that skipped a module (a branch not taken) must not leave the names
+    it saw behind, or the next forward would stop before reaching the rest.
+    """
     prefix, fired = state_prefix(model, names), set()
 
     def hook_for(name: str):
@@ -110,16 +109,16 @@ def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
             record(name, _flat_input(args))
             fired.add(name)
             if len(fired) == len(names):
-                fired.clear()
                 raise _Stop
         return hook
 
-    return [_module_for(model, name, prefix).register_forward_pre_hook(hook_for(name)) for name in names]
+    restart = model.register_forward_pre_hook(lambda module, args: fired.clear())
+    return [restart] + [_module_for(model, name, prefix).register_forward_pre_hook(hook_for(name)) for name in names]
 
 
 def _run_until_seen(model: nn.Module, batch: dict) -> None:
     try:
-        run_model(model, batch)
+        call_model(model, batch)
     except _Stop:
         pass
 
@@ -179,7 +178,7 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            run_model(model, batch)
+            call_model(model, batch)
             tokens += next(iter(batch.values())).numel()
     finally:
         for hook in hooks:

@@ -22,6 +22,7 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -97,7 +98,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+        raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from e
     if not isinstance(header, dict):
         raise LorsError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -141,22 +142,34 @@ def read_tensor_bytes(path: Path, offset: int, nbytes: int, info: TensorInfo) ->
     return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
 
 
-def open_safetensors_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
-    where, info, metadata = {}, {}, {}
-    for file in files:
-        tensors, meta, data_offset = read_safetensors_header(file)
-        metadata = metadata or meta
-        for name, (tinfo, start, end) in tensors.items():
+def _owning_shards(path: Path, names_by_file: Iterable[tuple[Path, Iterable[str]]],
+                   weight_map: dict[str, str] | None) -> dict[str, Path]:
+    """The file each tensor is read from. With an index, a shard's tensors that the index does not list there are
+    ignored, and every tensor it lists must be in its shard."""
+    owner: dict[str, Path] = {}
+    for file, names in names_by_file:
+        for name in names:
             if weight_map is not None and weight_map.get(name) != file.name:
                 continue
-            if name in info:
+            if name in owner:
                 raise LorsError(f"{path}: tensor {name!r} appears in two shards")
-            info[name] = tinfo
-            where[name] = (file, data_offset + start, end - start)
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(info))
-        if missing:
-            raise LorsError(f"{path}: the index lists {missing[0]!r} but its shard does not hold it")
+            owner[name] = file
+    missing = sorted(set(weight_map or ()) - set(owner))
+    if missing:
+        raise LorsError(f"{path}: the index lists {missing[0]!r} but its shard does not hold it")
+    return owner
+
+
+def open_safetensors_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
+    headers = {file: read_safetensors_header(file) for file in files}
+    owner = _owning_shards(path, ((file, tensors) for file, (tensors, _, _) in headers.items()), weight_map)
+    info, where = {}, {}
+    for name, file in owner.items():
+        tensors, _, data_offset = headers[file]
+        tinfo, start, end = tensors[name]
+        info[name] = tinfo
+        where[name] = (file, data_offset + start, end - start)
+    metadata = next((meta for _, meta, _ in headers.values() if meta), {})
 
     def read(name: str) -> torch.Tensor:
         file, offset, nbytes = where[name]
@@ -186,6 +199,8 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
         for key, value in d.items():
             name = f"{prefix}{key}"
             if isinstance(value, torch.Tensor):
+                if name in flat:  # {"a.b": t, "a": {"b": u}}
+                    raise LorsError(f"{path}: tensor {name!r} appears twice in the file (nested and flat)")
                 if value.layout != torch.strided or value.device.type != "cpu" or value.dtype not in DTYPE_NAMES:
                     raise LorsError(f"{path}: tensor {name!r} is a {value.layout} {value.dtype} tensor on "
                                     f"{value.device}; only dense tensors of safetensors dtypes are read")
@@ -221,10 +236,10 @@ def load_pickle_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             why = f"it would import {found.group(1)}" if found else "it is not a plain tensor checkpoint"
             raise LorsError(f"{path}: refusing to unpickle: {why}; only tensors and plain containers are "
-                            "loaded, nothing in the file was run") from None
+                            "loaded, nothing in the file was run") from e
         except Exception as e:  # whatever torch's parser trips over in a damaged file
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+            raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from e
     return _unwrap_state_dict(obj, path), mapped
 
 
@@ -264,17 +279,16 @@ def _mapped_reader(state: dict[str, torch.Tensor], mapped: bool) -> Callable[[st
 
 
 def open_pickle_files(path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> TensorSource:
-    if len(files) == 1:
+    if len(files) == 1 and weight_map is None:
         state, mapped = load_pickle_state_dict(files[0])
         info = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
         return TensorSource(path, files, info, _mapped_reader(state, mapped))
     # Sharded .bin: headers come only from loading, so read each shard once for names, then keep one open.
-    info, where = {}, {}
+    shapes = {}
     for file in files:
-        for k, v in load_pickle_state_dict(file)[0].items():
-            if weight_map is None or weight_map.get(k) == file.name:
-                info[k] = TensorInfo(tuple(v.shape), v.dtype)
-                where[k] = file
+        shapes[file] = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in load_pickle_state_dict(file)[0].items()}
+    where = _owning_shards(path, shapes.items(), weight_map)
+    info = {name: shapes[file][name] for name, file in where.items()}
     current: dict = {"file": None, "read": None}
 
     def read(name: str) -> torch.Tensor:
@@ -289,11 +303,14 @@ def open_pickle_files(path: Path, files: list[Path], weight_map: dict[str, str] 
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    invalid = f"{index}: not a valid shard index (expected a JSON object with a weight_map of names to shard files)"
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AssertionError):
-        raise LorsError(f"{index}: not a valid shard index (expected a JSON object with a weight_map)") from None
+        content = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise LorsError(invalid) from e
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LorsError(invalid)
     files = []
     for name in sorted(set(weight_map.values())):
         file = index.parent / name
@@ -542,14 +559,18 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
             raise LorsError(f"{candidate}: already exists (use --force to overwrite)")
 
 
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+              "ti": 2**40}
+# Built from the table, so every unit it matches has an entry; ASCII digits only, at most 20 on each side.
+SIZE_PATTERN = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*("
+                          + "|".join(sorted(SIZE_UNITS, key=len, reverse=True)) + r")b?\s*")
+
+
 def parse_size(text: str) -> int:
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", text.lower())
+    found = SIZE_PATTERN.fullmatch(text.lower())
     if not found:
         raise LorsError(f"cannot read size {text!r} (try 5GB, 500MB or a number of bytes)")
-    number, unit = float(found.group(1)), found.group(2).rstrip("b")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
-    size = int(number * scale)
+    size = int(Fraction(found.group(1)) * SIZE_UNITS[found.group(2)])  # exact: 1.005kB is 1005 bytes
     if size <= 0:
         raise LorsError(f"shard size must be positive, got {text!r}")
     return size

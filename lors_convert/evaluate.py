@@ -1,5 +1,6 @@
 """Fidelity of a LORS model against its dense teacher, and what fine-tuning and eval share: loading the
-pair of models, examples (text lines or tensor files) and running a model on a batch."""
+pair of models, examples (text lines or tensor files) and running a model on a batch. Calibration reads its
+tensor files with `load_tensors` too."""
 
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
     except LorsError:
         raise
     except Exception as e:
-        raise LorsError(f"{file}: cannot read tensors ({e.__class__.__name__})") from None
+        raise LorsError(f"{file}: cannot read tensors ({e.__class__.__name__})") from e
     sizes = {t.shape[0] if t.dim() else None for t in data.values()}
     if not data or len(sizes) != 1 or None in sizes:
         raise LorsError(f"{file}: the tensors must share their first dimension (one row per example)")
@@ -155,14 +156,23 @@ def is_hf(model: nn.Module) -> bool:
     return type(unwrap(model)).__module__.startswith("transformers.")
 
 
+def call_model(model: nn.Module, batch: dict, **options):
+    """The one way a batch is handed to a model (eval, fine-tuning, calibration): a Hugging Face model takes
+    everything by keyword; any other model takes a lone tensor positionally, whatever its name, and several by
+    keyword."""
+    if len(batch) == 1 and not is_hf(model):
+        return model(*batch.values(), **options)
+    return model(**batch, **options)
+
+
 def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(logits or None, final hidden states) of a model on a batch."""
     if is_hf(model):
-        out = model(**batch, output_hidden_states=True)
+        out = call_model(model, batch, output_hidden_states=True)
         logits = getattr(out, "logits", None)
         hidden = getattr(out, "last_hidden_state", None)
         return logits, hidden if hidden is not None else out.hidden_states[-1]
-    out = model(*batch.values()) if len(batch) == 1 else model(**batch)
+    out = call_model(model, batch)
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -34,11 +35,14 @@ class Stack:
 
 
 def _templates(name: str) -> list[tuple[str, int, int]]:
-    """Every (template, layer index, segment position) obtained by replacing one integer segment with {i}."""
+    """Every (template, layer index, segment position) obtained by replacing one integer segment with {i}.
+
+    Only ASCII digits make an index: str.isdigit also accepts "²" or "٣", which int() refuses or reads as 3.
+    """
     parts = name.split(".")
     out = []
     for pos, part in enumerate(parts):
-        if part.isdigit() and (part == "0" or not part.startswith("0")):
+        if re.fullmatch(r"0|[1-9][0-9]*", part):
             out.append((".".join(parts[:pos] + ["{i}"] + parts[pos + 1:]), int(part), pos))
     return out
 
