@@ -68,7 +68,7 @@ def lors_errors(output: Path) -> list[float]:
     from lors_convert.lors_format import read_lors
 
     _, meta = read_lors(output)
-    return [e for group in meta["groups"] for e in group["layer_errors"]]
+    return [e for group in meta.groups for e in group.layer_errors]
 
 
 def sha256_of(files: list[Path]) -> str:
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lors-bench"))
     parser.add_argument("--skip-naive", action="store_true", help="no naive reference (it holds the whole model)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--shared", default=None, help="lors-convert's --shared (default: the tool's default, auto)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
     parser.add_argument("--naive-child", nargs=2, metavar=("CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -106,7 +107,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         wall, rss = timed([python, "-m", "lors_convert", "convert", str(checkpoint), "-o", str(out / "model.lors.safetensors"),
-                           "--rank", str(args.rank), "--shared", "mean", "--device", device, "--quiet", "--json"])
+                           "--rank", str(args.rank), *(["--shared", args.shared] if args.shared else []),
+                           "--device", device, "--quiet", "--json"])
         files = [f for f in out.iterdir()]
         hashes.append(sha256_of(files))
         if attempt == 1:
@@ -123,7 +125,8 @@ def main() -> None:
         runs["naive (exact SVD)"] = (wall, rss, sum(errors) / len(errors))
 
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    print(f"\n{args.preset} ({checkpoint}), --rank {args.rank}, device {device}{f' ({gpu})' if gpu else ''}, "
+    print(f"\n{args.preset} ({checkpoint}), --rank {args.rank} --shared {args.shared or 'auto (default)'}, "
+          f"device {device}{f' ({gpu})' if gpu else ''}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
     print("| run | wall (s) | peak RSS (MB) | mean rel. error |")
     print("|---|---:|---:|---:|")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lors_convert.checkpoint import SafetensorsWriter, parse_size  # noqa: E402
+from lors_convert.checkpoint import SafetensorsWriter, metadata_bytes, parse_size  # noqa: E402
 
 # name: (layers, hidden, mlp, heads, kv_heads, vocab)
 PRESETS = {
@@ -67,23 +67,30 @@ def generate(out_dir: Path, layers: int, hidden: int, mlp: int, heads: int, kv_h
     shard_size = shard_size or min(2 * 10**9, math.ceil(2 * params / 4))  # at least a few shards
     out_dir.mkdir(parents=True, exist_ok=True)
     shared = {part: trained_like(r, c, tensor_seed(f"shared.{part}", seed)).bfloat16() for part, (r, c) in shapes.items()}
-    with SafetensorsWriter(out_dir / "model.safetensors", shard_size) as writer:
-        def add(name: str, tensor: torch.Tensor) -> None:
+    shapes_by_name = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes_by_name.update({f"model.layers.{i}.{part}.weight": shape for part, shape in shapes.items()})
+        shapes_by_name.update({f"model.layers.{i}.{norm}.weight": (hidden,)
+                               for norm in ("input_layernorm", "post_attention_layernorm")})
+    shapes_by_name.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    layout = [(name, torch.bfloat16, shape) for name, shape in shapes_by_name.items()]
+    metadata = {"format": "pt"}
+    with SafetensorsWriter(out_dir / "model.safetensors", layout, shard_size, metadata_bytes(metadata)) as writer:
+        for name, (rows, *cols) in shapes_by_name.items():
+            if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+                generator = torch.Generator().manual_seed(seed + (name == "lm_head.weight"))
+                tensor = torch.randn(vocab, hidden, generator=generator) * WEIGHT_STD
+            elif not cols:
+                tensor = torch.ones(rows)
+            else:
+                part = name.split(".", 3)[3].removesuffix(".weight")
+                private = trained_like(rows, cols[0], tensor_seed(name, seed))
+                weight = private.mul_(math.sqrt(1 - SHARED_ENERGY)).add_(shared[part].float(),
+                                                                         alpha=math.sqrt(SHARED_ENERGY))
+                tensor = weight.mul_(WEIGHT_STD)
             writer.add(name, tensor.bfloat16())
             print(f"\r{name:60s}", end="", file=sys.stderr, flush=True)
-
-        add("model.embed_tokens.weight", torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(seed)) * WEIGHT_STD)
-        for i in range(layers):
-            for part, (rows, cols) in shapes.items():
-                name = f"model.layers.{i}.{part}.weight"
-                private = trained_like(rows, cols, tensor_seed(name, seed))
-                weight = private.mul_(math.sqrt(1 - SHARED_ENERGY)).add_(shared[part].float(), alpha=math.sqrt(SHARED_ENERGY))
-                add(name, weight.mul_(WEIGHT_STD))
-            add(f"model.layers.{i}.input_layernorm.weight", torch.ones(hidden))
-            add(f"model.layers.{i}.post_attention_layernorm.weight", torch.ones(hidden))
-        add("model.norm.weight", torch.ones(hidden))
-        add("lm_head.weight", torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(seed + 1)) * WEIGHT_STD)
-        writer.commit({"format": "pt"})
+        writer.commit(metadata)
     print(file=sys.stderr)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": mlp, "num_hidden_layers": layers, "num_attention_heads": heads,
