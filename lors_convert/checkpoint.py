@@ -84,6 +84,30 @@ class TensorSource:
 # ---------------------------------------------------------------- safetensors
 
 
+def _strict_json(raw: bytes):
+    """JSON as the safetensors library reads it: UTF-8 without a BOM, finite numbers, no lone surrogates, and
+    each key once in an object (where the library keeps the last of two tensors of one name, we refuse)."""
+
+    def each_key_once(pairs: list[tuple]) -> dict:
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                raise ValueError(f"{key!r} appears twice")
+            obj[key] = value
+        return obj
+
+    def finite(text: str) -> float:
+        number = float(text)
+        if not math.isfinite(number):  # NaN, Infinity and 1e400 are not JSON numbers to the library
+            raise ValueError(f"{text[:20]} is not a finite number")
+        return number
+
+    value = json.loads(raw.decode("utf-8"), object_pairs_hook=each_key_once, parse_float=finite,
+                       parse_constant=finite)
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on lone surrogates (escapes like \ud800)
+    return value
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int, int]], dict[str, str], int]:
     """Parse and validate a safetensors header: {name: (info, start, end)}, metadata, data offset."""
     size = path.stat().st_size
@@ -96,26 +120,34 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int
             raise LorsError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from e
+        header = _strict_json(raw)
+    except (ValueError, RecursionError) as e:
+        raise LorsError(f"{path}: corrupt safetensors header ({e.__class__.__name__}: {e})") from e
     if not isinstance(header, dict):
         raise LorsError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LorsError(f"{path}: corrupt safetensors header (metadata must map strings to strings)")
     tensors, spans = {}, []
     for name, entry in header.items():
         try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(entry["shape"])
-            start, end = entry["data_offsets"]
-            ok = all(type(d) is int and d >= 0 for d in (*shape, start, end))
+            dtype, shape, offsets = DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+            start, end = offsets
+            ok = (type(shape) is list and type(offsets) is list  # not "" or {}, which unpack like an empty list
+                  and all(type(d) is int and d >= 0 for d in (*shape, start, end)))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise LorsError(f"{path}: corrupt safetensors header (bad entry for {name!r})")
-        info = TensorInfo(shape, dtype)
+        if dtype is None:
+            raise LorsError(f"{path}: bad entry for {name!r}: dtype {entry['dtype']!r} is not one this tool reads "
+                            f"(it reads {', '.join(DTYPES)})")
+        # Only a zero-element shape can be this large and still match its offsets; torch cannot build them all.
+        if math.prod(max(d, 1) for d in shape) >= 2**63:
+            raise LorsError(f"{path}: corrupt safetensors header (shape of {name!r} too large)")
+        info = TensorInfo(tuple(shape), dtype)
         if end - start != info.numel * dtype.itemsize:
             raise LorsError(f"{path}: corrupt safetensors header ({name!r}: offsets disagree with shape and dtype)")
         tensors[name] = (info, start, end)

@@ -1,6 +1,6 @@
 """Fidelity of a LORS model against its dense teacher, and what fine-tuning and eval share: loading the
 pair of models, examples (text lines or tensor files) and running a model on a batch. Calibration reads its
-tensor files with `load_tensors` too."""
+tensor files and calls its models through here too."""
 
 from __future__ import annotations
 

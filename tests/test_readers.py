@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -24,6 +26,7 @@ from lors_convert.calibrate import collect_pair
 from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files, parse_size
 from lors_convert.evaluate import call_model
 from lors_convert.stacks import find_stacks
+from test_fuzz import fuzz_readers
 from test_hostile import assert_refused
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,3 +324,278 @@ def test_errors_chain_their_cause(tmp_path):
         if caught.value.__cause__ is None:
             unchained.append(path)
     assert unchained == []
+
+
+# ---------------------------------------------------------------- differential: our safetensors reader and the library
+
+# Where our reader and the library legitimately disagree: (the side that refuses, a fragment of its error, why).
+LEGIT_DIFFERENCES = [
+    ("ours", "is not one this tool reads", "F4, F6_*, F8_E8M0 and the FNUZ float8s: nothing here factors or "
+                                           "writes them back"),
+    ("ours", "appears twice", "a key twice in one JSON object is ambiguous; the library keeps the last tensor "
+                              "(or metadata value) of that name"),
+    ("ours", "too large", "a zero-element shape whose other dimensions multiply past 2^63: torch cannot build "
+                          "every such shape, so we refuse them all"),
+    ("library", "recursion limit exceeded", "JSON nested deeper than serde_json's 128 levels in a field nobody "
+                                            "reads; Python's json goes deeper"),
+    ("library", "`-0.0`", "JSON -0 in a shape: an integer (0) to Python, a float to serde_json"),
+]
+
+
+def described(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tensor.dtype, bytes(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_ours(path: Path) -> tuple[dict, dict] | str:
+    """({name: (shape, dtype, bytes)}, metadata), or the message of the LorsError (anything else fails the test)."""
+    try:
+        source = open_checkpoint(path)
+        return {name: described(source.get(name)) for name in source.info}, source.metadata
+    except LorsError as e:
+        return str(e)
+
+
+def read_library(path: Path) -> tuple[dict, dict] | str:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: described(f.get_tensor(name)) for name in f.keys()}, f.metadata() or {}
+    except Exception as e:  # SafetensorError, or torch refusing a shape the header allows
+        return str(e)
+
+
+def disagreement(path: Path) -> str | None:
+    """None when both readers refuse, or both read the same tensors and metadata; else what differs."""
+    ours, library = read_ours(path), read_library(path)
+    if isinstance(ours, str) and isinstance(library, str):
+        return None
+    if not isinstance(ours, str) and not isinstance(library, str):
+        return None if ours == library else "both read the file but get different tensors or metadata"
+    side, message = ("ours", ours) if isinstance(ours, str) else ("library", library)
+    return f"only {side} refuses: {message}"
+
+
+def is_legit(difference: str | None) -> bool:
+    return difference is None or any(difference.startswith(f"only {side} refuses") and fragment in difference
+                                     for side, fragment, _ in LEGIT_DIFFERENCES)
+
+
+def various_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    floats = torch.randn(3, 5, generator=g)
+    return {"f32": floats, "f16": floats.half(), "bf16": floats.bfloat16(), "f64": floats.double(),
+            "f8_e4m3": floats.to(torch.float8_e4m3fn), "f8_e5m2": floats.to(torch.float8_e5m2),
+            "c64": torch.randn(2, 2, dtype=torch.complex64, generator=g), "bool": floats > 0,
+            "i64": torch.tensor([-(2**62), 0, 2**62]), "i32": torch.tensor([-5, 7], dtype=torch.int32),
+            "i16": torch.tensor([-300], dtype=torch.int16), "i8": torch.tensor([-1, 1], dtype=torch.int8),
+            "u8": torch.tensor([0, 255], dtype=torch.uint8), "u16": torch.tensor([1, 2], dtype=torch.uint16),
+            "u32": torch.tensor([3], dtype=torch.uint32), "u64": torch.tensor([2**40]).view(torch.uint64),
+            "empty": torch.empty(0, 3), "empty bf16": torch.empty(2, 0, 4, dtype=torch.bfloat16),
+            "scalar": torch.tensor(1.5), "scalar i8": torch.tensor(-7, dtype=torch.int8),
+            "odd name: ü.\"x\"\\/\n": torch.ones(2)}
+
+
+def valid_files(folder: Path) -> list[bytes]:
+    save_file(various_tensors(), folder / "various", metadata={"format": "pt", "note": "ünï ✓"})
+    save_file({f"layers.{i}.w": rand(i % 4, 3, seed=i) for i in range(64)}, folder / "many")
+    return [(folder / "various").read_bytes(), (folder / "many").read_bytes()]
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def rewritten(data: bytes, change) -> bytes:
+    """The file with its parsed header changed by `change(header)` and written back."""
+    header, rest = split(data)
+    change(header)
+    return raw_safetensors(json.dumps(header).encode(), rest)
+
+
+def header_text(data: bytes, old: bytes, new: bytes) -> bytes:
+    """The header with one piece of its text replaced (and its length fixed)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return raw_safetensors(data[8:8 + n].replace(old, new, 1), data[8 + n:])
+
+
+F32 = b'"dtype":"F32","shape":[1],"data_offsets":[0,4]'
+
+
+def one_tensor(extra: bytes = b"", name: bytes = b"a", dtype: bytes = b"F32", shape: bytes = b"[1]") -> bytes:
+    return raw_safetensors(b'{"%s":{"dtype":"%s","shape":%s,"data_offsets":[0,4]%s}}' % (name, dtype, shape, extra),
+                           b"\0\0\x80\x3f")
+
+
+def zero_elements(shape: bytes) -> bytes:
+    return raw_safetensors(b'{"a":{"dtype":"F32","shape":%s,"data_offsets":[0,0]}}' % shape)
+
+
+def hand_written_cases(various: bytes) -> dict[str, bytes]:
+    (n,) = struct.unpack("<Q", various[:8])
+    last = max(split(various)[0].items(), key=lambda kv: kv[1].get("data_offsets", [0])[0])[0]
+    return {
+        "valid": various,
+        "truncated by one byte": various[:-1],
+        "truncated in the header": various[:40],
+        "shorter than the length field": various[:5],
+        "a byte appended": various + b"\0",
+        "header length one more": struct.pack("<Q", n + 1) + various[8:],
+        "header length one less": struct.pack("<Q", n - 1) + various[8:],
+        "header length 2^64-1": struct.pack("<Q", 2**64 - 1) + various[8:],
+        "header length past the end": struct.pack("<Q", len(various)) + various[8:],
+        "invalid UTF-8 in the header": various[:20] + b"\xff" + various[21:],
+        "a JSON brace flipped": various[:8] + b"[" + various[9:],
+        "header not an object (array)": raw_safetensors(b"[]"),
+        "header not an object (number)": raw_safetensors(b"1"),
+        "header not an object (string)": raw_safetensors(b'"x"'),
+        "header null": raw_safetensors(b"null"),
+        "header empty": raw_safetensors(b""),
+        "header nested 5000 deep": raw_safetensors(b"[" * 5000 + b"]" * 5000),
+        "offsets overlap": rewritten(various, lambda h: h[last].__setitem__("data_offsets", h["f32"]["data_offsets"])),
+        "offsets end before start": rewritten(various, lambda h: h["f32"]["data_offsets"].reverse()),
+        "offsets past the end": rewritten(various, lambda h: h["f32"]["data_offsets"].__setitem__(1, 2**62)),
+        "offsets 2^64": rewritten(various, lambda h: h["f32"]["data_offsets"].__setitem__(1, 2**64)),
+        "a hole before the last tensor": rewritten(various + b"\0" * 4, lambda h: h[last].__setitem__(
+            "data_offsets", [o + 4 for o in h[last]["data_offsets"]])),
+        "three offsets": rewritten(various, lambda h: h["f32"]["data_offsets"].append(0)),
+        "unknown dtype": rewritten(various, lambda h: h["f32"].__setitem__("dtype", "F33")),
+        "lowercase dtype": rewritten(various, lambda h: h["f32"].__setitem__("dtype", "f32")),
+        "dtype a number": rewritten(various, lambda h: h["f32"].__setitem__("dtype", 1)),
+        "dtype a list": rewritten(various, lambda h: h["f32"].__setitem__("dtype", ["F32"])),
+        "shape disagrees": rewritten(various, lambda h: h["f32"]["shape"].__setitem__(0, 4)),
+        "negative dimension": rewritten(various, lambda h: h["f32"]["shape"].__setitem__(0, -3)),
+        "shape a string": rewritten(various, lambda h: h["f32"].__setitem__("shape", "35")),
+        "scalar shape an empty string": rewritten(various, lambda h: h["scalar"].__setitem__("shape", "")),
+        "scalar shape an empty object": rewritten(various, lambda h: h["scalar"].__setitem__("shape", {})),
+        "offsets a string of two digits": zero_elements(b"[0]").replace(b"[0,0]", b'"00"'),
+        "offsets an object": one_tensor().replace(b"[0,4]", b'{"0":0,"4":4}'),
+        "entry missing a field": rewritten(various, lambda h: h["f32"].pop("shape")),
+        "entry not an object": rewritten(various, lambda h: h.__setitem__("f32", [1, 2])),
+        "extra fields in an entry": rewritten(various, lambda h: h["f32"].update(x=[1, {"y": None}], z="w")),
+        "metadata values not strings": rewritten(various, lambda h: h["__metadata__"].__setitem__("n", 1)),
+        "metadata a list": rewritten(various, lambda h: h.__setitem__("__metadata__", [])),
+        "metadata an empty string": rewritten(various, lambda h: h.__setitem__("__metadata__", "")),
+        "metadata false": rewritten(various, lambda h: h.__setitem__("__metadata__", False)),
+        "metadata null": rewritten(various, lambda h: h.__setitem__("__metadata__", None)),
+        "metadata shaped like a tensor": rewritten(various, lambda h: h.__setitem__(
+            "__metadata__", {"dtype": "F32", "shape": "[1]"})),
+        "no tensors": raw_safetensors(b"{}"),
+        "only metadata": raw_safetensors(b'{"__metadata__":{"a":"b"}}'),
+        "header padded with spaces": header_text(various, b"}", b"}   "),
+        "header padded with tabs and newlines": header_text(various, b"}", b"}\t\r\n"),
+        "header padded with NULs": header_text(various, b"}", b"}\0\0\0"),
+        "garbage after the JSON": header_text(various, b"}", b"} x"),
+        "leading whitespace": raw_safetensors(b" \n{" + F32.join([b'"a":{', b"}"]) + b"}", b"\0" * 4),
+        "UTF-8 BOM": raw_safetensors(b"\xef\xbb\xbf{" + F32.join([b'"a":{', b"}"]) + b"}", b"\0" * 4),
+        "UTF-16 header": raw_safetensors(('{"a":{' + F32.decode() + "}}").encode("utf-16"), b"\0" * 4),
+        "NaN in an extra field": one_tensor(b',"x":NaN'),
+        "Infinity in an extra field": one_tensor(b',"x":-Infinity'),
+        "1e400 in an extra field": one_tensor(b',"x":1e400'),
+        "a huge integer in an extra field": one_tensor(b',"x":' + b"9" * 40),
+        "nested 200 deep in an extra field": one_tensor(b',"x":' + b"[" * 200 + b"]" * 200),
+        "escaped name": one_tensor(name=b"\\u0061\\n"),
+        "NUL in a name": one_tensor(name=b"a\\u0000"),
+        "emoji as a surrogate pair": one_tensor(name=b"\\ud83d\\ude00"),
+        "lone surrogate in a name": one_tensor(name=b"\\ud800"),
+        "lone surrogate in an extra field": one_tensor(b',"x":["\\udc00"]'),
+        "lone surrogate in metadata": raw_safetensors(b'{"__metadata__":{"a":"\\ud800"}}'),
+        "control character in a name": one_tensor(name=b"a\x01"),
+        "dimension a float": one_tensor(shape=b"[1.0]"),
+        "dimension 1e0": one_tensor(shape=b"[1e0]"),
+        "dimension true": one_tensor(shape=b"[true]"),
+        "dimension -0": zero_elements(b"[-0]"),
+        "dimension with a leading zero": one_tensor(shape=b"[01]"),
+        "a non-ASCII digit": one_tensor(shape=b"[\xd9\xa1]"),
+        "zero elements, a dimension 2^62": zero_elements(b"[4611686018427387904,0]"),
+        "zero elements, dimensions 2^62 and 2": zero_elements(b"[4611686018427387904,2,0]"),
+        "zero elements, dimensions 2^62 and 4": zero_elements(b"[0,4611686018427387904,4]"),
+        "zero elements, a dimension 2^63": zero_elements(b"[0,9223372036854775808]"),
+        "zero elements, a dimension 2^64-1": zero_elements(b"[0,18446744073709551615]"),
+        "zero elements, a dimension 2^70": zero_elements(b"[0,1180591620717411303424]"),
+        "two empty tensors at one offset": raw_safetensors(
+            b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"I8","shape":[0,5],'
+            b'"data_offsets":[0,0]}}'),
+        "an empty tensor inside another's data": raw_safetensors(
+            b'{"a":{' + F32 + b'},"b":{"dtype":"F32","shape":[0],"data_offsets":[2,2]}}', b"\0" * 4),
+        "duplicate name, the same entry": raw_safetensors(b'{"a":{' + F32 + b'},"a":{' + F32 + b"}}", b"\0" * 4),
+        "duplicate name, an empty tensor": raw_safetensors(
+            b'{"a":{' + F32 + b'},"b":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"F32",'
+            b'"shape":[0],"data_offsets":[4,4]}}', b"\0" * 4),
+        "duplicate __metadata__": raw_safetensors(b'{"__metadata__":{},"__metadata__":{"a":"b"}}'),
+        "duplicate metadata key": raw_safetensors(b'{"__metadata__":{"a":"b","a":"c"}}'),
+        "duplicate field in an entry": one_tensor(b',"dtype":"F32"'),
+        "duplicate extra field in an entry": one_tensor(b',"x":1,"x":2'),
+        **{f"dtype {name}": raw_safetensors(b'{"a":{"dtype":"%s","shape":[2],"data_offsets":[0,%d]}}'
+                                            % (name.encode(), size), b"\0" * size)
+           for name, size in (("F4", 1), ("F6_E2M3", 2), ("F6_E3M2", 2), ("F8_E8M0", 2), ("F8_E4M3FNUZ", 2),
+                              ("F8_E5M2FNUZ", 2))},
+    }
+
+
+# Each hand-written case that the readers decide differently, and the legit difference it shows.
+EXPECTED_DIFFERENCES = {
+    "dimension -0": "`-0.0`",
+    "nested 200 deep in an extra field": "recursion limit exceeded",
+    "duplicate name, the same entry": "appears twice",
+    "duplicate name, an empty tensor": "appears twice",
+    "duplicate metadata key": "appears twice",
+    "duplicate extra field in an entry": "appears twice",
+    "zero elements, dimensions 2^62 and 2": "too large",
+    "zero elements, dimensions 2^62 and 4": "too large",
+    "dtype F4": "is not one this tool reads",
+    "dtype F8_E8M0": "is not one this tool reads",
+    "dtype F8_E4M3FNUZ": "is not one this tool reads",
+    "dtype F8_E5M2FNUZ": "is not one this tool reads",
+}
+
+
+def test_safetensors_reader_agrees_with_the_library_on_hand_written_files(tmp_path):
+    bases = valid_files(tmp_path)
+    path = tmp_path / "case.safetensors"
+    for data in bases:
+        path.write_bytes(data)
+        assert not isinstance(read_ours(path), str) and read_ours(path) == read_library(path)
+    various = bases[0]
+    found = {}
+    for case, data in hand_written_cases(various).items():
+        path.write_bytes(data)
+        difference = disagreement(path)
+        if difference is not None:
+            found[case] = difference
+    unexpected = {case: d for case, d in found.items() if not (case in EXPECTED_DIFFERENCES and is_legit(d)
+                                                               and EXPECTED_DIFFERENCES[case] in d)}
+    assert not unexpected, unexpected
+    assert set(found) == set(EXPECTED_DIFFERENCES), set(EXPECTED_DIFFERENCES) ^ set(found)
+
+
+def mutated(data: bytes, rng: random.Random) -> bytes:
+    """One random edit of a valid file: of its header's JSON (a value replaced by a hostile one, a key removed, a few
+    bytes; by scripts/fuzz_readers.py), of one digit (offsets and shapes a little off), of one data byte, or of
+    any bytes, the length field included."""
+    header, rest = split(data)
+    choice = rng.random()
+    if choice < 0.4:
+        return raw_safetensors(fuzz_readers.mutate_json_text(json.dumps(header), rng).encode(), rest)
+    if choice < 0.65:
+        (n,) = struct.unpack("<Q", data[:8])
+        digits = [i for i in range(8, 8 + n) if data[i] in b"0123456789"]
+        at = rng.choice(digits)
+        return data[:at] + bytes([rng.choice(b"0123456789")]) + data[at + 1:]
+    if choice < 0.75 and rest:
+        at = len(data) - rng.randrange(len(rest)) - 1
+        return data[:at] + bytes([data[at] ^ 1 << rng.randrange(8)]) + data[at + 1:]
+    return fuzz_readers.mutate_bytes(data, rng)
+
+
+def test_safetensors_reader_agrees_with_the_library_on_mutated_files(tmp_path):
+    bases = valid_files(tmp_path)
+    rng = random.Random(20261128)
+    path = tmp_path / "case.safetensors"
+    findings = []
+    for case in range(2000):
+        data = mutated(rng.choice(bases), rng)
+        path.write_bytes(data)
+        difference = disagreement(path)
+        if not is_legit(difference):
+            findings.append((case, difference, data[:200]))
+    assert not findings, findings[:5]
