@@ -179,57 +179,82 @@ class Spectra:
     norm_sq: float = 0.0
 
 
-def measure(source: TensorSource, plans: list[GroupPlan], unshared: bool, heads: list[tuple[int, int]] | None,
-            seed: int, advance: Callable[[], None]) -> list[Spectra]:
-    """Spectra of each layer's (weighted) residual, and of the layer itself when the unshared form is considered.
-    With `heads` ((shared count, unshared count) per group), only that many leading values are needed, so large
-    uncalibrated layers are estimated (factorize.head_spectrum) instead of decomposed in full."""
+def measure(source: TensorSource, plans: list[GroupPlan], unshared: bool, advance: Callable[[], None]) -> list[Spectra]:
+    """Spectra of each layer's (weighted) residual, and of the layer itself when the unshared form is considered."""
     measured = []
-    for g, plan in enumerate(plans):
+    for plan in plans:
         result = Spectra()
-        for i, name in enumerate(plan.stack.names):
+        for i in range(len(plan.stack.names)):
             matrix, k = read_matrix(source, plan, i), metric(plan, i)
             result.norm_sq += metric_energy(matrix, k)
-
-            def values(m: torch.Tensor, count: int) -> torch.Tensor:
-                if heads is None or k is not None:
-                    return metric_spectrum(m, k).cpu()
-                return head_spectrum(m, count, seed_for(name, seed)).cpu()
-
             if plan.shared:
-                result.shared.append(values(matrix - plan.shared_matrix, heads[g][0] if heads else 0))
+                result.shared.append(metric_spectrum(matrix - plan.shared_matrix, k).cpu())
             if unshared:
-                result.unshared.append(values(matrix, heads[g][1] if heads else 0))
+                result.unshared.append(metric_spectrum(matrix, k).cpu())
             advance()
         measured.append(result)
     return measured
+
+
+DECISION_LAYERS = 4  # layers per group sampled to decide, at a fixed rank, whether S lowers the error
+
+
+def sampled_layers(count: int) -> list[int]:
+    """Up to DECISION_LAYERS layer positions spread over the stack (all of them in a short stack)."""
+    if count <= DECISION_LAYERS:
+        return list(range(count))
+    return sorted({round(j * (count - 1) / (DECISION_LAYERS - 1)) for j in range(DECISION_LAYERS)})
+
+
+def keep_shared_at_rank(source: TensorSource, plan: GroupPlan, seed: int) -> bool:
+    """At the ranks given (--rank under auto), whether S lowers the error: the rank-r truncation error of the
+    residuals W_i − S against that of the layers W_i themselves, over a sample of the group's layers (the
+    leading spectrum only, estimated for large layers: the decision must cost little beside the factoring)."""
+    with_s = without_s = 0.0
+    for i in sampled_layers(len(plan.stack.names)):
+        rank = plan.ranks[i]
+        if rank is None:
+            continue
+        matrix, k = read_matrix(source, plan, i), metric(plan, i)
+        layer_seed = seed_for(plan.stack.names[i], seed)
+        for target, is_residual in ((matrix - plan.shared_matrix, True), (matrix, False)):
+            values = (metric_spectrum(target, k) if k is not None else head_spectrum(target, rank + 1, layer_seed))
+            if is_residual:
+                with_s += tail([values.cpu()], [rank])
+            else:
+                without_s += tail([values.cpu()], [rank])
+    return with_s <= without_s
 
 
 def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
                progress: Progress) -> list[GroupPlan]:
     """Choose, per group, shared or not and the rank of every layer (None: stored dense).
 
-    --rank N gives every layer rank N (dense where N is past its break-even rank); --energy the smallest rank
-    keeping that energy; --reduction allocates a budget. Under `auto`, a group keeps S only where S leaves less
-    error than the same numbers spent on rank without it.
+    --rank N gives every layer rank N (dense where N is past its break-even rank) and, under `auto`, S where
+    it lowers the error at those ranks; --energy the smallest rank keeping that energy; --reduction allocates a
+    budget. Under `auto` with --energy or --reduction, a group keeps S only where S leaves less error than the
+    same numbers spent on rank without it.
     """
     shapes = [p.out_in for p in plans]
     auto = settings.shared == "auto"
-    layer_count = [len(p.stack.names) for p in plans]
-    if settings.rank is not None and not auto:
-        return [replace(p, ranks=tuple(capped(min(settings.rank, *shape), *shape) for _ in p.stack.names))
-                for p, shape in zip(plans, shapes)]
-    heads = None
-    if settings.rank is not None:  # auto compares rank N with S against rank N + (S's numbers) without it
-        extra = [rows * cols // (n * (rows + cols)) for (rows, cols), n in zip(shapes, layer_count)]
-        heads = [(settings.rank + 1, settings.rank + e + 1) for e in extra]
-    measured = measure(source, plans, auto or settings.shared == "none", heads, settings.seed,
-                       progress("spectra", sum(layer_count)))
+    if settings.rank is not None:
+        plans = [replace(p, ranks=tuple(capped(min(settings.rank, *shape), *shape) for _ in p.stack.names))
+                 for p, shape in zip(plans, shapes)]
+        if not auto:
+            return plans
+        advance = progress("choosing S", len(plans))
+        decided = []
+        for plan in plans:
+            if plan.shared and not plan.kept_dense and not keep_shared_at_rank(source, plan, settings.seed):
+                plan = replace(plan, shared=False, shared_matrix=None)
+            decided.append(plan)
+            advance()
+        return decided
+    measured = measure(source, plans, auto or settings.shared == "none",
+                       progress("spectra", sum(len(p.stack.names) for p in plans)))
     spectra = [m.shared if p.shared else m.unshared for p, m in zip(plans, measured)]
     norms = [m.norm_sq for m in measured]
-    if settings.rank is not None:
-        ranks = [[capped(min(settings.rank, *shape), *shape)] * n for shape, n in zip(shapes, layer_count)]
-    elif settings.energy is not None:
+    if settings.energy is not None:
         ranks = [[capped(energy_rank(sq, settings.energy), *shape) for sq in layers]
                  for layers, shape in zip(spectra, shapes)]
     else:
@@ -246,18 +271,12 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
                             f"{1 - shared_cost / dense:.3f} can be removed (or use --shared none)")
         ranks = allocate_ranks(spectra, norms, shapes, budget)
     planned = []
-    for g, (plan, group_ranks, shape, m) in enumerate(zip(plans, ranks, shapes, measured)):
+    for plan, group_ranks, shape, m in zip(plans, ranks, shapes, measured):
         plan = replace(plan, ranks=tuple(group_ranks))
-        if auto and plan.shared:
-            # What S's numbers buy as rank instead: the group's budget spent without a shared matrix (for --rank,
-            # spread evenly: rank N + S's numbers per layer, whose spectra were measured that far).
-            if settings.rank is None:
-                unshared = allocate_ranks([m.unshared], [m.norm_sq], [shape], plan.lors_params)[0]
-            else:
-                unshared = [capped(min(settings.rank + extra[g], *shape), *shape)] * layer_count[g]
+        if auto and plan.shared:  # what S's numbers buy as rank instead: the same budget without S
+            unshared = allocate_ranks([m.unshared], [m.norm_sq], [shape], plan.lors_params)[0]
             if tail(m.unshared, unshared) < tail(m.shared, group_ranks):
-                kept = unshared if settings.rank is None else group_ranks
-                plan = replace(plan, shared=False, shared_matrix=None, ranks=tuple(kept))
+                plan = replace(plan, shared=False, shared_matrix=None, ranks=tuple(unshared))
         planned.append(plan)
     return planned
 

@@ -82,18 +82,19 @@ def _gram_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 def orthonormal(block: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of a tall block's columns by Cholesky-QR, twice (CholeskyQR2).
+    """An orthonormal basis of a tall block's columns by Cholesky-QR in float64.
 
     LAPACK's Householder QR on a tall thin float32 block runs 10-15x slower than this on CPU
-    (docs/svd-cost-model.md); a rank-deficient block, where Cholesky fails, falls back to it.
+    (docs/svd-cost-model.md); a rank-deficient block, where Cholesky fails, falls back to it. One pass is
+    enough here: every block is one product away from an orthonormal one, so its condition number is that of
+    the matrix over the sketch (below 10^4 for trained weights), and float64 Cholesky-QR loses orthogonality
+    only as κ²·1e-16, far below the float32 the basis is returned in.
     """
     basis = block.double()
-    for _ in range(2):
-        upper, info = torch.linalg.cholesky_ex(basis.T @ basis, upper=True)
-        if info.item():
-            return torch.linalg.qr(block).Q
-        basis = torch.linalg.solve_triangular(upper, basis, upper=True, left=False)
-    return basis.float()
+    upper, info = torch.linalg.cholesky_ex(basis.T @ basis, upper=True)
+    if info.item():
+        return torch.linalg.qr(block).Q
+    return torch.linalg.solve_triangular(upper, basis, upper=True, left=False).float()
 
 
 def randomized_factors(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +124,7 @@ def head_spectrum(matrix: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     probe = torch.randn(cols, min(count + OVERSAMPLE, rows, cols), generator=torch.Generator().manual_seed(seed))
     basis = orthonormal(matrix @ orthonormal(matrix.T @ orthonormal(matrix @ probe.to(matrix.device))))
     head = spectrum(basis.T @ matrix)[:count]
-    rest = max(matrix.double().square().sum().item() - head.sum().item(), 0.0)
+    rest = max(torch.linalg.vector_norm(matrix).item() ** 2 - head.sum().item(), 0.0)
     return torch.cat([head, head.new_tensor([rest])])
 
 

@@ -5,9 +5,9 @@ the CPU, once per setting, and prints wall times and their ratio to the same set
 
     python scripts/bench_busy.py [--repeat 2] [--busy 0 1 2]
 
-Settings: `lors-convert` as shipped (no OpenMP variables set: the CLI picks its own default), OpenMP's own
-default waiting (GOMP_SPINCOUNT=300000, which tells the CLI that the user chose), active waiting, and one
-thread. A user's OMP_WAIT_POLICY, GOMP_SPINCOUNT or OMP_NUM_THREADS always wins over the CLI's default.
+Settings: `lors-convert` as shipped (no OpenMP variables set: the CLI starts one thread per free core), OpenMP's
+own default (a thread per core, threads spin a while before they sleep), passive waiting (threads sleep at
+once), and one thread. A user's OMP_NUM_THREADS (or MKL_NUM_THREADS) always wins over the CLI's choice.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -24,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import ENV, timed  # noqa: E402
 
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-SETTINGS = {
+CPUS = str(len(os.sched_getaffinity(0)))
+SETTINGS = {  # setting OMP_NUM_THREADS turns the CLI's own choice off
     "lors-convert default": {},
-    "OpenMP default (spin 300k)": {"GOMP_SPINCOUNT": "300000"},
-    "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "OpenMP default: a thread per core": {"OMP_NUM_THREADS": CPUS},
+    "passive waiting, a thread per core": {"OMP_NUM_THREADS": CPUS, "OMP_WAIT_POLICY": "PASSIVE"},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
 }
 
