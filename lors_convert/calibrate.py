@@ -44,8 +44,9 @@ def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, se
 
     lines = read_lines(files)
     random.Random(seed).shuffle(lines)
-    return [dict(tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length))
-            for line in lines[:samples]]
+    return [
+        dict(tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length)) for line in lines[:samples]
+    ]
 
 
 def tensor_batches(files: list[Path], samples: int) -> list[dict]:
@@ -55,7 +56,7 @@ def tensor_batches(files: list[Path], samples: int) -> list[dict]:
     for file in files:
         tensors = load_tensors(Path(file))
         rows = len(next(iter(tensors.values())))
-        batches += [{k: v[i:i + 1] for k, v in tensors.items()} for i in range(rows)]
+        batches += [{k: v[i : i + 1] for k, v in tensors.items()} for i in range(rows)]
     return batches[:samples]
 
 
@@ -110,6 +111,7 @@ def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
             fired.add(name)
             if len(fired) == len(names):
                 raise _Stop
+
         return hook
 
     restart = model.register_forward_pre_hook(lambda module, args: fired.clear())
@@ -124,8 +126,9 @@ def _run_until_seen(model: nn.Module, batch: dict) -> None:
 
 
 @torch.no_grad()
-def collect_pair(original: nn.Module, converted: nn.Module, names: list[str], batches: list[dict],
-                 device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def collect_pair(
+    original: nn.Module, converted: nn.Module, names: list[str], batches: list[dict], device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For `names` (Linear/Conv1D weights), run both models on the same batches, each only as far as those
     modules, and return C = X̂ᵀX̂ and G = X̂ᵀX per name (float64, CPU), where X are the inputs in the original
     model and X̂ those in the converted one."""
@@ -160,6 +163,7 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
         def hook(module, args):
             x = _flat_input(args)
             covariances.add(name, x, x)
+
         return hook
 
     prefix = state_prefix(model, [name for stack in stacks for name in stack.names])

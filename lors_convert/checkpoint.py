@@ -31,10 +31,22 @@ import torch
 from lors_convert import LorsError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces too
@@ -102,8 +114,7 @@ def _strict_json(raw: bytes):
             raise ValueError(f"{text[:20]} is not a finite number")
         return number
 
-    value = json.loads(raw.decode("utf-8"), object_pairs_hook=each_key_once, parse_float=finite,
-                       parse_constant=finite)
+    value = json.loads(raw.decode("utf-8"), object_pairs_hook=each_key_once, parse_float=finite, parse_constant=finite)
     json.dumps(value, ensure_ascii=False).encode("utf-8")  # raises on lone surrogates (escapes like \ud800)
     return value
 
@@ -135,15 +146,20 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int
         try:
             dtype, shape, offsets = DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
             start, end = offsets
-            ok = (type(shape) is list and type(offsets) is list  # not "" or {}, which unpack like an empty list
-                  and all(type(d) is int and d >= 0 for d in (*shape, start, end)))
+            ok = (
+                type(shape) is list
+                and type(offsets) is list  # not "" or {}, which unpack like an empty list
+                and all(type(d) is int and d >= 0 for d in (*shape, start, end))
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise LorsError(f"{path}: corrupt safetensors header (bad entry for {name!r})")
         if dtype is None:
-            raise LorsError(f"{path}: bad entry for {name!r}: dtype {entry['dtype']!r} is not one this tool reads "
-                            f"(it reads {', '.join(DTYPES)})")
+            raise LorsError(
+                f"{path}: bad entry for {name!r}: dtype {entry['dtype']!r} is not one this tool reads "
+                f"(it reads {', '.join(DTYPES)})"
+            )
         # Only a zero-element shape can be this large and still match its offsets; torch cannot build them all.
         if math.prod(max(d, 1) for d in shape) >= 2**63:
             raise LorsError(f"{path}: corrupt safetensors header (shape of {name!r} too large)")
@@ -174,8 +190,9 @@ def read_tensor_bytes(path: Path, offset: int, nbytes: int, info: TensorInfo) ->
     return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
 
 
-def _owning_shards(path: Path, names_by_file: Iterable[tuple[Path, Iterable[str]]],
-                   weight_map: dict[str, str] | None) -> dict[str, Path]:
+def _owning_shards(
+    path: Path, names_by_file: Iterable[tuple[Path, Iterable[str]]], weight_map: dict[str, str] | None
+) -> dict[str, Path]:
     """The file each tensor is read from. With an index, a shard's tensors that the index does not list there are
     ignored, and every tensor it lists must be in its shard."""
     owner: dict[str, Path] = {}
@@ -217,8 +234,14 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     """Find the state dict inside the usual containers and flatten nested dicts with dots."""
     for _ in range(4):
         if isinstance(obj, dict):
-            inner = next((obj[k] for k in ("state_dict", "model_state_dict", "model", "module", "net")
-                          if isinstance(obj.get(k), dict)), None)
+            inner = next(
+                (
+                    obj[k]
+                    for k in ("state_dict", "model_state_dict", "model", "module", "net")
+                    if isinstance(obj.get(k), dict)
+                ),
+                None,
+            )
             if inner is not None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
                 obj = inner
                 continue
@@ -234,8 +257,10 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
                 if name in flat:  # {"a.b": t, "a": {"b": u}}
                     raise LorsError(f"{path}: tensor {name!r} appears twice in the file (nested and flat)")
                 if value.layout != torch.strided or value.device.type != "cpu" or value.dtype not in DTYPE_NAMES:
-                    raise LorsError(f"{path}: tensor {name!r} is a {value.layout} {value.dtype} tensor on "
-                                    f"{value.device}; only dense tensors of safetensors dtypes are read")
+                    raise LorsError(
+                        f"{path}: tensor {name!r} is a {value.layout} {value.dtype} tensor on "
+                        f"{value.device}; only dense tensors of safetensors dtypes are read"
+                    )
                 flat[name] = value
             elif isinstance(value, dict):
                 walk(name + ".", value)
@@ -267,8 +292,10 @@ def load_pickle_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             why = f"it would import {found.group(1)}" if found else "it is not a plain tensor checkpoint"
-            raise LorsError(f"{path}: refusing to unpickle: {why}; only tensors and plain containers are "
-                            "loaded, nothing in the file was run") from e
+            raise LorsError(
+                f"{path}: refusing to unpickle: {why}; only tensors and plain containers are "
+                "loaded, nothing in the file was run"
+            ) from e
         except Exception as e:  # whatever torch's parser trips over in a damaged file
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise LorsError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from e
@@ -283,8 +310,9 @@ def _release_pages(tensor: torch.Tensor) -> None:
     """
     storage = tensor.untyped_storage()
     start = storage.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(storage.data_ptr() + storage.nbytes() - start),
-                  mmap.MADV_DONTNEED)
+    _LIBC.madvise(
+        ctypes.c_void_p(start), ctypes.c_size_t(storage.data_ptr() + storage.nbytes() - start), mmap.MADV_DONTNEED
+    )
 
 
 def return_freed_memory() -> None:
@@ -361,15 +389,21 @@ def open_checkpoint(path: str | Path) -> TensorSource:
             return open_checkpoint(index)
         raise LorsError(f"{path}: no such file or directory")
     if path.is_dir():
-        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                     "pytorch_model.bin"):
+        for name in (
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "pytorch_model.bin.index.json",
+            "pytorch_model.bin",
+        ):
             if (path / name).is_file():
                 return open_checkpoint(path / name)
         weights = sorted(path.glob("*.safetensors"))
         if len(weights) == 1:
             return open_checkpoint(weights[0])
-        raise LorsError(f"{path}: no model weights in this directory (looked for model.safetensors, "
-                        "pytorch_model.bin and their .index.json)")
+        raise LorsError(
+            f"{path}: no model weights in this directory (looked for model.safetensors, "
+            "pytorch_model.bin and their .index.json)"
+        )
     name = path.name
     if name.endswith(".index.json"):
         files, weight_map = _read_index(path)
@@ -461,8 +495,11 @@ class SafetensorsWriter:
             if not self.shards or (self.shards[-1]["size"] and self.shards[-1]["size"] + nbytes > shard_size):
                 self.shards.append({"entries": {}, "size": 0, "file": None})
             shard = self.shards[-1]
-            shard["entries"][name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                                      "data_offsets": [shard["size"], shard["size"] + nbytes]}
+            shard["entries"][name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [shard["size"], shard["size"] + nbytes],
+            }
             self.where[name] = (shard, shard["size"], dtype, tuple(shape))
             shard["size"] += nbytes
         if not self.shards:
@@ -516,8 +553,10 @@ class SafetensorsWriter:
             staged.append((tmp, final))
         if len(finals) > 1:
             weight_map = {name: final.name for shard, final in zip(self.shards, finals) for name in shard["entries"]}
-            index = {"metadata": {**metadata, "total_size": str(sum(s["size"] for s in self.shards))},
-                     "weight_map": dict(sorted(weight_map.items()))}
+            index = {
+                "metadata": {**metadata, "total_size": str(sum(s["size"] for s in self.shards))},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             tmp = self.path.parent / f"{self.tmp_prefix}.index"
             self.temp_files.append(tmp)
             tmp.write_text(json.dumps(index, indent=2))
@@ -591,11 +630,21 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
             raise LorsError(f"{candidate}: already exists (use --force to overwrite)")
 
 
-SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
-              "ti": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 # Built from the table, so every unit it matches has an entry; ASCII digits only, at most 20 on each side.
-SIZE_PATTERN = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*("
-                          + "|".join(sorted(SIZE_UNITS, key=len, reverse=True)) + r")b?\s*")
+SIZE_PATTERN = re.compile(
+    r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*(" + "|".join(sorted(SIZE_UNITS, key=len, reverse=True)) + r")b?\s*"
+)
 
 
 def parse_size(text: str) -> int:

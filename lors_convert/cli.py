@@ -17,42 +17,77 @@ from lors_convert import LorsError, __version__
 from lors_convert.console import stderr
 
 app = typer.Typer(
-    name="lors-convert", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    name="lors-convert",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Shrink models with stacked layers: each group of stacked weights becomes one shared matrix plus a "
-         "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
-         "Add --debug anywhere to see tracebacks.",
+    "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
+    "Add --debug anywhere to see tracebacks.",
 )
 COMMANDS = {"convert", "report", "inspect", "expand", "verify", "finetune", "eval"}
 
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
-Force = typer.Option(False, "--force", "-f", metavar=FLAG, help="Overwrite an existing output (the old "
-                     "checkpoint of that name, single file or shards, is replaced once the new one is complete).")
+Force = typer.Option(
+    False,
+    "--force",
+    "-f",
+    metavar=FLAG,
+    help="Overwrite an existing output (the old "
+    "checkpoint of that name, single file or shards, is replaced once the new one is complete).",
+)
 AsJson = typer.Option(False, "--json", metavar=FLAG, help="Print JSON to stdout instead of a table.")
-Data = typer.Option(..., "--data", "-d", metavar="FILE", show_default=False,
-                    help="Text files, one example per line (or, with --model-factory, .safetensors/.pt files of "
-                    "input tensors, one row per example). Repeatable.")
-Teacher = typer.Option(None, "--teacher", metavar="PATH", show_default="the source recorded in the LORS metadata",
-                       help="The dense original.")
-Factory = typer.Option(None, "--model-factory", metavar="MODULE:FUNCTION", help="package.module:function returning "
-                       "the architecture as an nn.Module (for checkpoints that are not Hugging Face directories).")
-AllowMismatch = typer.Option(False, "--allow-teacher-mismatch", metavar=FLAG, help="Use a teacher whose sha256 "
-                             "differs from the recorded source.")
+Data = typer.Option(
+    ...,
+    "--data",
+    "-d",
+    metavar="FILE",
+    show_default=False,
+    help="Text files, one example per line (or, with --model-factory, .safetensors/.pt files of "
+    "input tensors, one row per example). Repeatable.",
+)
+Teacher = typer.Option(
+    None,
+    "--teacher",
+    metavar="PATH",
+    show_default="the source recorded in the LORS metadata",
+    help="The dense original.",
+)
+Factory = typer.Option(
+    None,
+    "--model-factory",
+    metavar="MODULE:FUNCTION",
+    help="package.module:function returning "
+    "the architecture as an nn.Module (for checkpoints that are not Hugging Face directories).",
+)
+AllowMismatch = typer.Option(
+    False, "--allow-teacher-mismatch", metavar=FLAG, help="Use a teacher whose sha256 differs from the recorded source."
+)
 
 
 @contextmanager
 def progress_bars(quiet: bool) -> Iterator:
     """Yields a `(description, total) -> advance()` factory drawing rich bars on stderr."""
     if quiet:
-        yield lambda description, total: (lambda: None)
+        yield lambda description, total: lambda: None
         return
-    bars = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=stderr, transient=True)
+    bars = Progress(
+        TextColumn("{task.description:>16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
     with bars:
+
         def start(description: str, total: int):
             task = bars.add_task(description, total=total)
             return lambda: bars.advance(task)
+
         yield start
 
 
@@ -63,69 +98,143 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the version and exit.")) -> None:
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     pass
 
 
 @app.command()
 def convert(
-    model: Path = typer.Argument(..., help="Checkpoint: .safetensors, *.safetensors.index.json, HF directory, "
-                                          ".pt/.pth/.bin.", show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE",
-                                          show_default="<input stem>.lors.safetensors beside the input",
-                                          help="Output .safetensors."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", metavar="N", help="Rank N for every converted layer, "
-                                       "whatever --shared is (a layer whose rank-N factors would cost as much as "
-                                       "its dense matrix is stored dense)."),
-    reduction: Optional[float] = typer.Option(None, "--reduction", metavar="F", show_default="0.5",
-                                              help="Remove this fraction of the stacked parameters, ranks allocated "
-                                              "to minimise error."),
-    energy: Optional[float] = typer.Option(None, "--energy", metavar="E", help="Smallest rank keeping this "
-                                           "fraction of each residual's energy."),
-    include: List[str] = typer.Option([], "--include", metavar="GLOB", show_default=False,
-                                      help="Only groups whose template matches this glob (repeatable), e.g. "
-                                      "'*.mlp.*'."),
-    exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", show_default=False,
-                                      help="Skip groups whose template matches this glob (repeatable)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", show_default="the source's",
-                                        help="Storage dtype of the output (float32, float16, bfloat16)."),
+    model: Path = typer.Argument(
+        ..., help="Checkpoint: .safetensors, *.safetensors.index.json, HF directory, .pt/.pth/.bin.", show_default=False
+    ),
+    output: Optional[Path] = typer.Option(
+        None,
+        "--output",
+        "-o",
+        metavar="FILE",
+        show_default="<input stem>.lors.safetensors beside the input",
+        help="Output .safetensors.",
+    ),
+    rank: Optional[int] = typer.Option(
+        None,
+        "--rank",
+        "-r",
+        metavar="N",
+        help="Rank N for every converted layer, "
+        "whatever --shared is (a layer whose rank-N factors would cost as much as "
+        "its dense matrix is stored dense).",
+    ),
+    reduction: Optional[float] = typer.Option(
+        None,
+        "--reduction",
+        metavar="F",
+        show_default="0.5",
+        help="Remove this fraction of the stacked parameters, ranks allocated to minimise error.",
+    ),
+    energy: Optional[float] = typer.Option(
+        None, "--energy", metavar="E", help="Smallest rank keeping this fraction of each residual's energy."
+    ),
+    include: List[str] = typer.Option(
+        [],
+        "--include",
+        metavar="GLOB",
+        show_default=False,
+        help="Only groups whose template matches this glob (repeatable), e.g. '*.mlp.*'.",
+    ),
+    exclude: List[str] = typer.Option(
+        [],
+        "--exclude",
+        metavar="GLOB",
+        show_default=False,
+        help="Skip groups whose template matches this glob (repeatable).",
+    ),
+    dtype: Optional[str] = typer.Option(
+        None,
+        "--dtype",
+        metavar="DTYPE",
+        show_default="the source's",
+        help="Storage dtype of the output (float32, float16, bfloat16).",
+    ),
     shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size."),
-    shared: str = typer.Option("auto", "--shared", metavar="auto|mean|refit|none", help="Shared matrix per group: "
-                               "mean, refit (alternating least squares), none (per-layer low rank only), or auto "
-                               "(per group, S only where it leaves less error than the same numbers spent on rank)."),
-    calibrate: List[Path] = typer.Option([], "--calibrate", metavar="FILE", show_default=False,
-                                         help="Text file(s), one example per line (tensor file(s) for "
-                                         "--model-factory): factor to keep each layer's outputs on these inputs, "
-                                         "not its weights."),
+    shared: str = typer.Option(
+        "auto",
+        "--shared",
+        metavar="auto|mean|refit|none",
+        help="Shared matrix per group: "
+        "mean, refit (alternating least squares), none (per-layer low rank only), or auto "
+        "(per group, S only where it leaves less error than the same numbers spent on rank).",
+    ),
+    calibrate: List[Path] = typer.Option(
+        [],
+        "--calibrate",
+        metavar="FILE",
+        show_default=False,
+        help="Text file(s), one example per line (tensor file(s) for "
+        "--model-factory): factor to keep each layer's outputs on these inputs, "
+        "not its weights.",
+    ),
     calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration sequences."),
     calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration sequence."),
-    damping: float = typer.Option(0.01, "--damping", help="Calibration damping λ, relative to the mean input "
-                                  "energy: the objective is ‖(W − Ŵ)X‖² + λ‖W − Ŵ‖²."),
-    sequential: bool = typer.Option(False, "--sequential", metavar=FLAG, help="With --calibrate: factor layer after layer, "
-                                    "each on the inputs produced by the already converted layers before it, "
-                                    "correcting their error (one more pass over the samples per layer)."),
-    model_factory: Optional[str] = typer.Option(None, "--model-factory", metavar="MODULE:FUNCTION",
-                                                help="package.module:function building "
-                                                "the model, for checkpoints without a config.json."),
+    damping: float = typer.Option(
+        0.01,
+        "--damping",
+        help="Calibration damping λ, relative to the mean input energy: the objective is ‖(W − Ŵ)X‖² + λ‖W − Ŵ‖².",
+    ),
+    sequential: bool = typer.Option(
+        False,
+        "--sequential",
+        metavar=FLAG,
+        help="With --calibrate: factor layer after layer, "
+        "each on the inputs produced by the already converted layers before it, "
+        "correcting their error (one more pass over the samples per layer).",
+    ),
+    model_factory: Optional[str] = typer.Option(
+        None,
+        "--model-factory",
+        metavar="MODULE:FUNCTION",
+        help="package.module:function building the model, for checkpoints without a config.json.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD and of calibration sampling."),
-    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
-                                         show_default="cuda when available, else cpu",
-                                         help="Factor on this device, one group resident."),
-    force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
+    device: Optional[str] = typer.Option(
+        None,
+        "--device",
+        metavar="DEVICE",
+        show_default="cuda when available, else cpu",
+        help="Factor on this device, one group resident.",
+    ),
+    force: bool = Force,
+    quiet: bool = Quiet,
+    as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
     from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size, return_freed_memory
-    from lors_convert.convert import Settings, convert as run_convert
+    from lors_convert.convert import Settings
+    from lors_convert.convert import convert as run_convert
     from lors_convert.factorize import check_device
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
 
-    settings = Settings(rank=rank, reduction=reduction, energy=energy, shared=shared, include=include,
-                        exclude=exclude, dtype=parse_dtype(dtype) if dtype else None, seed=seed,
-                        calibrate=calibrate, calib_samples=calib_samples, calib_max_length=calib_max_length,
-                        damping=damping, sequential=sequential, model_factory=model_factory,
-                        device=check_device(device))
+    settings = Settings(
+        rank=rank,
+        reduction=reduction,
+        energy=energy,
+        shared=shared,
+        include=include,
+        exclude=exclude,
+        dtype=parse_dtype(dtype) if dtype else None,
+        seed=seed,
+        calibrate=calibrate,
+        calib_samples=calib_samples,
+        calib_max_length=calib_max_length,
+        damping=damping,
+        sequential=sequential,
+        model_factory=model_factory,
+        device=check_device(device),
+    )
     settings.validate()
     size = parse_size(shard_size)
     source = open_checkpoint(model)
@@ -151,14 +260,19 @@ def recovery_hint(result: dict, output: Path) -> str | None:
     error = result["stacked"]["rel_error"]
     if error <= HIGH_ERROR:
         return None
-    steps = [] if result["calibrated"] else ["convert again with --calibrate TEXT (factors for the model's real inputs)"]
+    steps = (
+        [] if result["calibrated"] else ["convert again with --calibrate TEXT (factors for the model's real inputs)"]
+    )
     steps.append(f"then `lors-convert finetune {output} --data TEXT -o OUT` (distillation from the original)")
     return f"relative error {error:.2f} loses much of the model's function; " + ", ".join(steps)
 
 
 @app.command()
-def report(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
-           as_json: bool = AsJson, quiet: bool = Quiet) -> None:
+def report(
+    lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+    as_json: bool = AsJson,
+    quiet: bool = Quiet,
+) -> None:
     """Per-group ranks, parameters saved and reconstruction error of a LORS checkpoint."""
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
@@ -167,14 +281,20 @@ def report(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
 
 
 @app.command()
-def inspect(model: Path = typer.Argument(..., help="A checkpoint to look at.", show_default=False),
-            rank: List[int] = typer.Option([8, 16, 32, 64, 128], "--rank", "-r", metavar="N",
-                                           help="Ranks to show (repeatable)."),
-            include: List[str] = typer.Option([], "--include", metavar="GLOB", show_default=False,
-                                              help="Only groups matching this glob."),
-            exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", show_default=False,
-                                              help="Skip groups matching this glob."),
-            as_json: bool = AsJson, quiet: bool = Quiet) -> None:
+def inspect(
+    model: Path = typer.Argument(..., help="A checkpoint to look at.", show_default=False),
+    rank: List[int] = typer.Option(
+        [8, 16, 32, 64, 128], "--rank", "-r", metavar="N", help="Ranks to show (repeatable)."
+    ),
+    include: List[str] = typer.Option(
+        [], "--include", metavar="GLOB", show_default=False, help="Only groups matching this glob."
+    ),
+    exclude: List[str] = typer.Option(
+        [], "--exclude", metavar="GLOB", show_default=False, help="Skip groups matching this glob."
+    ),
+    as_json: bool = AsJson,
+    quiet: bool = Quiet,
+) -> None:
     """The stacked groups that would be factored and what each rank would save. Writes nothing."""
     from lors_convert.checkpoint import open_checkpoint
     from lors_convert.lors_format import refuse_lors_input
@@ -192,15 +312,19 @@ def inspect(model: Path = typer.Argument(..., help="A checkpoint to look at.", s
 
 
 @app.command()
-def expand(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
-           output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Dense output .safetensors.",
-                                       show_default=False),
-           shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE",
-                                          help="Shard the output above this size."),
-           force: bool = Force, quiet: bool = Quiet) -> None:
+def expand(
+    lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="FILE", help="Dense output .safetensors.", show_default=False
+    ),
+    shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size."),
+    force: bool = Force,
+    quiet: bool = Quiet,
+) -> None:
     """Write the dense state dict back (original names, shapes and dtypes)."""
     from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes, parse_size
-    from lors_convert.lors_format import dense_layout, expand as expand_tensors, read_lors
+    from lors_convert.lors_format import dense_layout, read_lors
+    from lors_convert.lors_format import expand as expand_tensors
 
     size = parse_size(shard_size)
     source, meta = read_lors(lors)
@@ -217,10 +341,17 @@ def expand(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
 
 
 @app.command()
-def verify(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
-           source: Optional[Path] = typer.Option(None, "--source", metavar="PATH", help="The checkpoint it was converted from: "
-                                                 "check its sha256 and recompute each group's error."),
-           as_json: bool = AsJson, quiet: bool = Quiet) -> None:
+def verify(
+    lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+    source: Optional[Path] = typer.Option(
+        None,
+        "--source",
+        metavar="PATH",
+        help="The checkpoint it was converted from: check its sha256 and recompute each group's error.",
+    ),
+    as_json: bool = AsJson,
+    quiet: bool = Quiet,
+) -> None:
     """Check a LORS checkpoint: factors, shapes, finite values, counts; with --source, hash and errors."""
     import json
 
@@ -241,9 +372,11 @@ def verify(lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_defa
 def finetune(
     lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
     data: List[Path] = Data,
-    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Fine-tuned LORS .safetensors.",
-                                show_default=False),
-    teacher: Optional[Path] = Teacher, model_factory: Optional[str] = Factory,
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="FILE", help="Fine-tuned LORS .safetensors.", show_default=False
+    ),
+    teacher: Optional[Path] = Teacher,
+    model_factory: Optional[str] = Factory,
     allow_teacher_mismatch: bool = AllowMismatch,
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per step in each process."),
@@ -251,35 +384,64 @@ def finetune(
     warmup: int = typer.Option(50, "--warmup", help="Warmup steps."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the data order."),
-    objective: str = typer.Option("distill", "--objective", help="distill (match the teacher) or lm (next-token "
-                                  "loss on the text, causal LMs)."),
+    objective: str = typer.Option(
+        "distill", "--objective", help="distill (match the teacher) or lm (next-token loss on the text, causal LMs)."
+    ),
     eval_examples: int = typer.Option(256, "--eval-examples", help="Held-out examples (at most a fifth)."),
     save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (0: never)."),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
-    nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="Launch this many processes with torchrun "
-                                       "(DistributedDataParallel; one per GPU)."),
-    force: bool = Force, quiet: bool = Quiet, as_json: bool = AsJson,
+    nproc_per_node: int = typer.Option(
+        0, "--nproc-per-node", help="Launch this many processes with torchrun (DistributedDataParallel; one per GPU)."
+    ),
+    force: bool = Force,
+    quiet: bool = Quiet,
+    as_json: bool = AsJson,
 ) -> None:
     """Distil the dense teacher into a LORS model and write the fine-tuned LORS checkpoint."""
     if nproc_per_node:
         launch_torchrun(nproc_per_node)
     from lors_convert.evaluate import print_fidelity
-    from lors_convert.finetune import FinetuneSettings, finetune as run_finetune
+    from lors_convert.finetune import FinetuneSettings
+    from lors_convert.finetune import finetune as run_finetune
 
-    settings = FinetuneSettings(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, max_length=max_length,
-                                seed=seed, objective=objective, eval_examples=eval_examples, save_every=save_every)
-    results = run_finetune(lors, data, output, settings, teacher=teacher, factory=model_factory,
-                           allow_teacher_mismatch=allow_teacher_mismatch, resume=resume, force=force, quiet=quiet,
-                           log=lambda message: stderr.print(escape(message), soft_wrap=True))
+    settings = FinetuneSettings(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        max_length=max_length,
+        seed=seed,
+        objective=objective,
+        eval_examples=eval_examples,
+        save_every=save_every,
+    )
+    results = run_finetune(
+        lors,
+        data,
+        output,
+        settings,
+        teacher=teacher,
+        factory=model_factory,
+        allow_teacher_mismatch=allow_teacher_mismatch,
+        resume=resume,
+        force=force,
+        quiet=quiet,
+        log=lambda message: stderr.print(escape(message), soft_wrap=True),
+    )
     if "files" not in results:  # not rank 0
         return
-    print_fidelity({"before": results["eval_before"], "after": results["eval_after"]}, as_json,
-                   f"fidelity against the teacher on {results['eval_before']['examples']} examples of "
-                   f"{', '.join(f.name for f in data)} held out from training")
+    print_fidelity(
+        {"before": results["eval_before"], "after": results["eval_after"]},
+        as_json,
+        f"fidelity against the teacher on {results['eval_before']['examples']} examples of "
+        f"{', '.join(f.name for f in data)} held out from training",
+    )
     if not as_json:
-        stderr.print(f"{results['steps'] - results['resumed_at']} steps in {results['seconds']:.1f} s, "
-                     f"{results['tokens_per_s']:,.0f} tokens/s, loss {results['loss_first']:.4f} → "
-                     f"{results['loss_last']:.4f}; wrote {', '.join(results['files'])}")
+        stderr.print(
+            f"{results['steps'] - results['resumed_at']} steps in {results['seconds']:.1f} s, "
+            f"{results['tokens_per_s']:,.0f} tokens/s, loss {results['loss_first']:.4f} → "
+            f"{results['loss_last']:.4f}; wrote {', '.join(results['files'])}"
+        )
 
 
 def launch_torchrun(nproc: int) -> None:
@@ -296,8 +458,16 @@ def launch_torchrun(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc-per-node="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "lors_convert", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "lors_convert",
+        *args,
+    ]
     env = dict(os.environ)
     if _threads_chosen:  # the free cores are shared by the processes
         env["OMP_NUM_THREADS"] = str(max(1, int(env["OMP_NUM_THREADS"]) // nproc))
@@ -307,24 +477,42 @@ def launch_torchrun(nproc: int) -> None:
 @app.command("eval")
 def evaluate(
     lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
-    data: List[Path] = Data, teacher: Optional[Path] = Teacher, model_factory: Optional[str] = Factory,
+    data: List[Path] = Data,
+    teacher: Optional[Path] = Teacher,
+    model_factory: Optional[str] = Factory,
     allow_teacher_mismatch: bool = AllowMismatch,
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
-    as_json: bool = AsJson, quiet: bool = Quiet,
+    as_json: bool = AsJson,
+    quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
     from lors_convert.evaluate import fidelity, load_examples, load_pair, print_fidelity
     from lors_convert.finetune import setup_device
 
-    pair = load_pair(lors, teacher, model_factory, allow_teacher_mismatch,
-                     warn=lambda message: stderr.print(escape(message), soft_wrap=True))
+    pair = load_pair(
+        lors,
+        teacher,
+        model_factory,
+        allow_teacher_mismatch,
+        warn=lambda message: stderr.print(escape(message), soft_wrap=True),
+    )
     examples = load_examples(data, pair.tokenizer)
     device = setup_device(1)
-    result = fidelity(pair.student.to(device), pair.teacher.to(device), examples, pair.tokenizer,
-                      batch_size=batch_size, max_length=max_length, device=device)
-    print_fidelity({"student": result}, as_json, f"fidelity against the teacher on {', '.join(f.name for f in data)} "
-                   f"({len(examples)} examples)")
+    result = fidelity(
+        pair.student.to(device),
+        pair.teacher.to(device),
+        examples,
+        pair.tokenizer,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+    )
+    print_fidelity(
+        {"student": result},
+        as_json,
+        f"fidelity against the teacher on {', '.join(f.name for f in data)} ({len(examples)} examples)",
+    )
 
 
 def default_output(model: Path) -> Path:
@@ -411,8 +599,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # an unexpected failure is still one line unless --debug
         if debug:
             raise
-        stderr.print(f"[red]error:[/red] {e.__class__.__name__}: {escape(str(e))} (run with --debug for the "
-                     "traceback)", soft_wrap=True)
+        stderr.print(
+            f"[red]error:[/red] {e.__class__.__name__}: {escape(str(e))} (run with --debug for the traceback)",
+            soft_wrap=True,
+        )
         sys.exit(1)
     if code == 130:  # typer turns Ctrl-C into exit code 130 once `with` blocks have removed temporary files
         stderr.print("interrupted: nothing was written")

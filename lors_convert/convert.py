@@ -18,12 +18,40 @@ from typing import Callable
 import torch
 
 from lors_convert import LorsError, __version__
-from lors_convert.checkpoint import (SafetensorsWriter, TensorSource, check_output_path, dtype_name,
-                                     hashing_in_background, metadata_bytes)
-from lors_convert.factorize import (allocate_ranks, as_matrix, capped, energy_rank, head_spectrum, lors_params,
-                                    metric_energy, metric_low_rank, metric_spectrum, rel_error, seed_for, tail)
-from lors_convert.lors_format import (SHARED_SEGMENT, GroupMeta, KeptDense, LorsMeta, SourceMeta,
-                                      factor_keys, header_metadata, is_lors_key, refuse_lors_input, shared_key)
+from lors_convert.checkpoint import (
+    SafetensorsWriter,
+    TensorSource,
+    check_output_path,
+    dtype_name,
+    hashing_in_background,
+    metadata_bytes,
+)
+from lors_convert.factorize import (
+    allocate_ranks,
+    as_matrix,
+    capped,
+    energy_rank,
+    head_spectrum,
+    lors_params,
+    metric_energy,
+    metric_low_rank,
+    metric_spectrum,
+    rel_error,
+    seed_for,
+    tail,
+)
+from lors_convert.lors_format import (
+    SHARED_SEGMENT,
+    GroupMeta,
+    KeptDense,
+    LorsMeta,
+    SourceMeta,
+    factor_keys,
+    header_metadata,
+    is_lors_key,
+    refuse_lors_input,
+    shared_key,
+)
 from lors_convert.stacks import Stack, find_stacks
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
@@ -53,8 +81,11 @@ class Settings:
     device: str = "cpu"  # where matrices are factored; not part of the output's description
 
     def validate(self) -> None:
-        chosen = [n for n, v in (("--rank", self.rank), ("--reduction", self.reduction),
-                                 ("--energy", self.energy)) if v is not None]
+        chosen = [
+            n
+            for n, v in (("--rank", self.rank), ("--reduction", self.reduction), ("--energy", self.energy))
+            if v is not None
+        ]
         if len(chosen) > 1:
             raise LorsError(f"choose one of --rank, --reduction, --energy (got {' and '.join(chosen)})")
         if not chosen:
@@ -77,13 +108,28 @@ class Settings:
             raise LorsError(f"--seed must be in [0, 2**32), got {self.seed}")
 
     def as_json(self) -> dict:
-        calibration = ({"calibrate": [str(p) for p in self.calibrate], "calib_samples": self.calib_samples,
-                        "calib_max_length": self.calib_max_length, "damping": self.damping,
-                        "sequential": self.sequential}
-                       if self.calibrate else {})
-        return {"rank": self.rank, "reduction": self.reduction, "energy": self.energy, "shared": self.shared,
-                "dtype": dtype_name(self.dtype) if self.dtype else None, "include": self.include,
-                "exclude": self.exclude, "seed": self.seed, **calibration}
+        calibration = (
+            {
+                "calibrate": [str(p) for p in self.calibrate],
+                "calib_samples": self.calib_samples,
+                "calib_max_length": self.calib_max_length,
+                "damping": self.damping,
+                "sequential": self.sequential,
+            }
+            if self.calibrate
+            else {}
+        )
+        return {
+            "rank": self.rank,
+            "reduction": self.reduction,
+            "energy": self.energy,
+            "shared": self.shared,
+            "dtype": dtype_name(self.dtype) if self.dtype else None,
+            "include": self.include,
+            "exclude": self.exclude,
+            "seed": self.seed,
+            **calibration,
+        }
 
 
 @dataclass(frozen=True)
@@ -146,8 +192,9 @@ def squared_norm(matrix: torch.Tensor) -> float:
 def check_finite(matrix: torch.Tensor, name: str) -> None:
     low, high = torch.aminmax(matrix)  # one pass; NaN propagates and fails both comparisons
     if not (-LARGEST <= low.item() and high.item() <= LARGEST):
-        raise LorsError(f"{name}: weights contain NaN or Inf (or magnitudes above {LARGEST:g}); "
-                        "refusing to factor them")
+        raise LorsError(
+            f"{name}: weights contain NaN or Inf (or magnitudes above {LARGEST:g}); refusing to factor them"
+        )
 
 
 def read_matrix(source: TensorSource, plan: GroupPlan, i: int) -> torch.Tensor:
@@ -218,7 +265,7 @@ def keep_shared_at_rank(source: TensorSource, plan: GroupPlan, seed: int) -> boo
         matrix, k = read_matrix(source, plan, i), metric(plan, i)
         layer_seed = seed_for(plan.stack.names[i], seed)
         for target, is_residual in ((matrix - plan.shared_matrix, True), (matrix, False)):
-            values = (metric_spectrum(target, k) if k is not None else head_spectrum(target, rank + 1, layer_seed))
+            values = metric_spectrum(target, k) if k is not None else head_spectrum(target, rank + 1, layer_seed)
             if is_residual:
                 with_s += tail([values.cpu()], [rank])
             else:
@@ -226,8 +273,7 @@ def keep_shared_at_rank(source: TensorSource, plan: GroupPlan, seed: int) -> boo
     return with_s <= without_s
 
 
-def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
-               progress: Progress) -> list[GroupPlan]:
+def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings, progress: Progress) -> list[GroupPlan]:
     """Choose, per group, shared or not and the rank of every layer (None: stored dense).
 
     --rank N gives every layer rank N (dense where N is past its break-even rank) and, under `auto`, S where
@@ -238,8 +284,10 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
     shapes = [p.out_in for p in plans]
     auto = settings.shared == "auto"
     if settings.rank is not None:
-        plans = [replace(p, ranks=tuple(capped(min(settings.rank, *shape), *shape) for _ in p.stack.names))
-                 for p, shape in zip(plans, shapes)]
+        plans = [
+            replace(p, ranks=tuple(capped(min(settings.rank, *shape), *shape) for _ in p.stack.names))
+            for p, shape in zip(plans, shapes)
+        ]
         if not auto:
             return plans
         advance = progress("choosing S", len(plans))
@@ -250,13 +298,16 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
             decided.append(plan)
             advance()
         return decided
-    measured = measure(source, plans, auto or settings.shared == "none",
-                       progress("spectra", sum(len(p.stack.names) for p in plans)))
+    measured = measure(
+        source, plans, auto or settings.shared == "none", progress("spectra", sum(len(p.stack.names) for p in plans))
+    )
     spectra = [m.shared if p.shared else m.unshared for p, m in zip(plans, measured)]
     norms = [m.norm_sq for m in measured]
     if settings.energy is not None:
-        ranks = [[capped(energy_rank(sq, settings.energy), *shape) for sq in layers]
-                 for layers, shape in zip(spectra, shapes)]
+        ranks = [
+            [capped(energy_rank(sq, settings.energy), *shape) for sq in layers]
+            for layers, shape in zip(spectra, shapes)
+        ]
     else:
         dense = sum(p.stack.dense_params for p in plans)
         shared_cost = sum(rows * cols for p, (rows, cols) in zip(plans, shapes) if p.shared)
@@ -266,9 +317,11 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
             spectra = [m.unshared for m in measured]
             budget = int((1 - settings.reduction) * dense)
         if budget < 0:
-            raise LorsError(f"--reduction {settings.reduction:g} is out of reach: the shared matrices alone keep "
-                            f"{shared_cost / dense:.1%} of the stacked parameters, so at most "
-                            f"{1 - shared_cost / dense:.3f} can be removed (or use --shared none)")
+            raise LorsError(
+                f"--reduction {settings.reduction:g} is out of reach: the shared matrices alone keep "
+                f"{shared_cost / dense:.1%} of the stacked parameters, so at most "
+                f"{1 - shared_cost / dense:.3f} can be removed (or use --shared none)"
+            )
         ranks = allocate_ranks(spectra, norms, shapes, budget)
     planned = []
     for plan, group_ranks, shape, m in zip(plans, ranks, shapes, measured):
@@ -339,8 +392,9 @@ def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.
     if settings.model_factory:
         return model, tensor_batches(settings.calibrate, settings.calib_samples)
     tokenizer = load_tokenizer(architecture_dir(source.path))
-    return model, text_batches(tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length,
-                               settings.seed)
+    return model, text_batches(
+        tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length, settings.seed
+    )
 
 
 def compute_device() -> torch.device:
@@ -352,8 +406,9 @@ def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
 
 
-def calibrate_plans(model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan],
-                    settings: Settings) -> tuple[list[GroupPlan], dict]:
+def calibrate_plans(
+    model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
+) -> tuple[list[GroupPlan], dict]:
     from lors_convert.calibrate import collect
 
     calibration = collect(model, [p.stack for p in plans], batches, compute_device())
@@ -361,15 +416,28 @@ def calibrate_plans(model: torch.nn.Module, batches: list[dict], plans: list[Gro
     for plan in plans:
         if all(name in calibration.covariances for name in plan.stack.names):
             covariances = tuple(calibration.covariances.pop(name) for name in plan.stack.names)
-            plan = replace(plan, transposed=plan.stack.names[0] in calibration.transposed, covariances=covariances,
-                           metrics=tuple(damped(c, settings.damping).to(plan.device) for c in covariances))
+            plan = replace(
+                plan,
+                transposed=plan.stack.names[0] in calibration.transposed,
+                covariances=covariances,
+                metrics=tuple(damped(c, settings.damping).to(plan.device) for c in covariances),
+            )
         calibrated.append(plan)
-    return calibrated, {"samples": len(batches), "tokens": calibration.tokens,
-                        "groups": sum(p.metrics is not None for p in calibrated)}
+    return calibrated, {
+        "samples": len(batches),
+        "tokens": calibration.tokens,
+        "groups": sum(p.metrics is not None for p in calibrated),
+    }
 
 
-def sequential_factors(source: TensorSource, original: torch.nn.Module, batches: list[dict], plans: list[GroupPlan],
-                       settings: Settings, progress: Progress) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def sequential_factors(
+    source: TensorSource,
+    original: torch.nn.Module,
+    batches: list[dict],
+    plans: list[GroupPlan],
+    settings: Settings,
+    progress: Progress,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """--sequential: factor the calibrated layers in layer-index order, each against the inputs it receives once
     the layers before it are converted, so their errors are corrected instead of compounded. Returns the
     factors (B, A) by tensor name, for the writer.
@@ -389,8 +457,7 @@ def sequential_factors(source: TensorSource, original: torch.nn.Module, batches:
     advance = progress("sequential", sum(len(p.stack.names) for p in todo))
     for layer in sorted({index for p in todo for index in p.stack.layers}):
         here = [(p, i) for p in todo for i, index in enumerate(p.stack.layers) if index == layer]
-        covariances, cross = collect_pair(original, converted, [p.stack.names[i] for p, i in here], batches,
-                                          device)
+        covariances, cross = collect_pair(original, converted, [p.stack.names[i] for p, i in here], batches, device)
         for plan, i in here:
             name = plan.stack.names[i]
             if name not in covariances or plan.ranks[i] is None:  # never reached, or exact: factored at write time
@@ -401,8 +468,9 @@ def sequential_factors(source: TensorSource, original: torch.nn.Module, batches:
             weights = read_matrix(source, plan, i).cpu().double()
             ridge = damped(covariance, SEQUENTIAL_RIDGE)
             target = torch.linalg.solve(ridge, weights @ (cross[name].T + ridge - covariance), left=False)
-            b, a = factor_layer(plan, i, plan.residual(target.float().to(plan.device)), k.to(plan.device),
-                                settings.seed)
+            b, a = factor_layer(
+                plan, i, plan.residual(target.float().to(plan.device)), k.to(plan.device), settings.seed
+            )
             factors[name] = (b, a)
             approx = b.float() @ a.float()
             if plan.shared:
@@ -422,15 +490,20 @@ def refuse_unconvertible(source: TensorSource) -> None:
     refuse_lors_input(source, source.path)
     reserved = next((name for name in source.info if is_lors_key(name)), None)
     if reserved is not None:
-        raise LorsError(f"{source.path}: tensor {reserved!r} uses a name the LORS format reserves ('.lora_A', "
-                        f"'.lora_B' or a '{SHARED_SEGMENT}' segment); rename it before converting")
+        raise LorsError(
+            f"{source.path}: tensor {reserved!r} uses a name the LORS format reserves ('.lora_A', "
+            f"'.lora_B' or a '{SHARED_SEGMENT}' segment); rename it before converting"
+        )
 
 
-def plan_conversion(source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress
-                    ) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def plan_conversion(
+    source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress
+) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors."""
-    plans = [GroupPlan(stack, settings.dtype or stack.dtype, settings.device, shared=settings.shared != "none")
-             for stack in stacks]
+    plans = [
+        GroupPlan(stack, settings.dtype or stack.dtype, settings.device, shared=settings.shared != "none")
+        for stack in stacks
+    ]
     calibration, model, batches = None, None, []
     if settings.calibrate:
         model, batches = calibration_inputs(source, settings)
@@ -457,30 +530,54 @@ def plan_conversion(source: TensorSource, stacks: list[Stack], settings: Setting
     return plans, calibration, factors
 
 
-def convert(source: TensorSource, output: Path, settings: Settings, *, shard_size: int = 5 * 10**9,
-            force: bool = False, progress: Progress = no_progress) -> tuple[list[Path], LorsMeta]:
+def convert(
+    source: TensorSource,
+    output: Path,
+    settings: Settings,
+    *,
+    shard_size: int = 5 * 10**9,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> tuple[list[Path], LorsMeta]:
     """Write the LORS checkpoint; returns the files written and its description."""
     settings.validate()
     refuse_unconvertible(source)
     check_output_path(output, [source.path, *source.files], force)
     stacks, warnings = find_stacks(source.info, settings.include, settings.exclude)
     if not stacks:
-        raise LorsError(f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
-                        "whose names differ only in a layer index)")
+        raise LorsError(
+            f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
+            "whose names differ only in a layer index)"
+        )
     with hashing_in_background(source.files) as source_sha256:  # overlaps the work below
         plans, calibration, factors = plan_conversion(source, stacks, settings, progress)
         factored = [p for p in plans if not p.kept_dense]
-        kept = [KeptDense(p.stack.template, p.stack.layers, f"LORS would store {p.lors_params:,} numbers, dense "
-                          f"{p.stack.dense_params:,}") for p in plans if p.kept_dense]
-        meta = LorsMeta(source=SourceMeta(str(source.path.resolve()), [f.name for f in source.files], source.nbytes),
-                        settings=settings.as_json(), groups=[], kept_dense=kept, warnings=warnings,
-                        calibration=calibration, tool=f"lors-convert {__version__}")
-        return write_lors(source, output, factored, meta, settings.dtype, shard_size, factors, settings.seed,
-                          source_sha256, progress)
+        kept = [
+            KeptDense(
+                p.stack.template,
+                p.stack.layers,
+                f"LORS would store {p.lors_params:,} numbers, dense {p.stack.dense_params:,}",
+            )
+            for p in plans
+            if p.kept_dense
+        ]
+        meta = LorsMeta(
+            source=SourceMeta(str(source.path.resolve()), [f.name for f in source.files], source.nbytes),
+            settings=settings.as_json(),
+            groups=[],
+            kept_dense=kept,
+            warnings=warnings,
+            calibration=calibration,
+            tool=f"lors-convert {__version__}",
+        )
+        return write_lors(
+            source, output, factored, meta, settings.dtype, shard_size, factors, settings.seed, source_sha256, progress
+        )
 
 
-def kept_tensors(source: TensorSource, plans: list[GroupPlan], dtype: torch.dtype | None
-                 ) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
+def kept_tensors(
+    source: TensorSource, plans: list[GroupPlan], dtype: torch.dtype | None
+) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], dict[str, str]]:
     """The layout of every tensor copied as it is (not factored), and the original dtypes --dtype changed."""
     factored = {name for plan in plans for name in plan.stack.names}
     layout, changed = [], {}
@@ -493,17 +590,31 @@ def kept_tensors(source: TensorSource, plans: list[GroupPlan], dtype: torch.dtyp
     return layout, changed
 
 
-def write_lors(source: TensorSource, output: Path, plans: list[GroupPlan], meta: LorsMeta,
-               dtype: torch.dtype | None, shard_size: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               seed: int, source_sha256: Callable[[], str], progress: Progress) -> tuple[list[Path], LorsMeta]:
+def write_lors(
+    source: TensorSource,
+    output: Path,
+    plans: list[GroupPlan],
+    meta: LorsMeta,
+    dtype: torch.dtype | None,
+    shard_size: int,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+    source_sha256: Callable[[], str],
+    progress: Progress,
+) -> tuple[list[Path], LorsMeta]:
     """Stream the planned groups and the kept tensors into the output; the header (with the errors measured
     on the way and the source's hash) is written last into space reserved for it."""
     kept_layout, changed = kept_tensors(source, plans, dtype)
     layout = [entry for plan in plans for entry in plan.layout()] + kept_layout
-    placeholder = replace(meta, dtypes=changed, groups=[group_entry(p, WIDEST_FLOAT, [WIDEST_FLOAT] * len(p.ranks),
-                                                                    WIDEST_FLOAT if p.covariances else None)
-                                                        for p in plans],
-                          source=replace(meta.source, sha256="0" * 64))
+    placeholder = replace(
+        meta,
+        dtypes=changed,
+        groups=[
+            group_entry(p, WIDEST_FLOAT, [WIDEST_FLOAT] * len(p.ranks), WIDEST_FLOAT if p.covariances else None)
+            for p in plans
+        ],
+        source=replace(meta.source, sha256="0" * 64),
+    )
     with SafetensorsWriter(output, layout, shard_size, metadata_bytes(header_metadata(placeholder))) as writer:
         advance = progress("factoring", sum(len(p.stack.names) for p in plans))
         groups = [write_group(source, plan, writer, factors, seed, advance) for plan in plans]
@@ -516,8 +627,9 @@ def write_lors(source: TensorSource, output: Path, plans: list[GroupPlan], meta:
 WIDEST_FLOAT = 2.2250738585072014e-308  # a float with the longest JSON form an error can take: reserves room
 
 
-def factor_layer(plan: GroupPlan, i: int, residual: torch.Tensor, k: torch.Tensor | None,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def factor_layer(
+    plan: GroupPlan, i: int, residual: torch.Tensor, k: torch.Tensor | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer i's factors (B, A) of its residual, rounded to the storage dtype."""
     name = plan.stack.names[i]
     b, a = metric_low_rank(residual, k, plan.ranks[i], seed_for(name, seed))
@@ -529,21 +641,37 @@ def factor_layer(plan: GroupPlan, i: int, residual: torch.Tensor, k: torch.Tenso
 
 def group_entry(plan: GroupPlan, rel_err: float, layer_errors: list[float], output_error: float | None) -> GroupMeta:
     stack = plan.stack
-    return GroupMeta(template=stack.template, layers=stack.layers, names=stack.names, shape=list(stack.shape),
-                     dtype=dtype_name(stack.dtype), ranks=list(plan.ranks), dense_params=stack.dense_params,
-                     lors_params=plan.lors_params, rel_error=rel_err, shared=plan.shared,
-                     layer_errors=layer_errors, output_error=output_error)
+    return GroupMeta(
+        template=stack.template,
+        layers=stack.layers,
+        names=stack.names,
+        shape=list(stack.shape),
+        dtype=dtype_name(stack.dtype),
+        ranks=list(plan.ranks),
+        dense_params=stack.dense_params,
+        lors_params=plan.lors_params,
+        rel_error=rel_err,
+        shared=plan.shared,
+        layer_errors=layer_errors,
+        output_error=output_error,
+    )
 
 
-def write_group(source: TensorSource, plan: GroupPlan, writer: SafetensorsWriter,
-                factors: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
-                advance: Callable[[], None]) -> GroupMeta:
+def write_group(
+    source: TensorSource,
+    plan: GroupPlan,
+    writer: SafetensorsWriter,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+    advance: Callable[[], None],
+) -> GroupMeta:
     """Write one group's tensors in `plan.layout()` order and measure what they lose."""
     stack = plan.stack
     if plan.shared:
         shared = plan.shared_matrix
-        writer.add(shared_key(stack.template), (shared.T if plan.transposed else shared).to(plan.dtype)
-                   .reshape(stack.shape))
+        writer.add(
+            shared_key(stack.template), (shared.T if plan.transposed else shared).to(plan.dtype).reshape(stack.shape)
+        )
     err_sq, norm_sq, out_err_sq, out_norm_sq, layer_errors = 0.0, 0.0, 0.0, 0.0, []
     for i, name in enumerate(stack.names):
         matrix = read_matrix(source, plan, i)

@@ -38,26 +38,41 @@ def teacher_path_of(meta: LorsMeta, teacher: Path | None) -> Path:
     return path
 
 
-def load_pair(lors: Path, teacher: Path | None = None, factory: str | None = None,
-              allow_teacher_mismatch: bool = False, warn=print) -> Pair:
+def load_pair(
+    lors: Path,
+    teacher: Path | None = None,
+    factory: str | None = None,
+    allow_teacher_mismatch: bool = False,
+    warn=print,
+) -> Pair:
     """The LORS student (runtime modules) and the dense teacher, on the CPU in float32."""
-    from lors_convert.hf import (architecture_dir, dense_model, factory_architecture, has_tokenizer, hf_architecture,
-                                 load_tokenizer)
+    from lors_convert.hf import (
+        architecture_dir,
+        dense_model,
+        factory_architecture,
+        has_tokenizer,
+        hf_architecture,
+        load_tokenizer,
+    )
     from lors_convert.nn import to_lors
 
     source, meta = read_lors(lors)
     path = teacher_path_of(meta, teacher)
     digest = sha256_files(open_checkpoint(path).files)
     if digest != meta.source.sha256:
-        message = (f"teacher {path} is not the checkpoint this LORS file was converted from (sha256 "
-                   f"{digest[:12]}…, recorded {(meta.source.sha256 or 'none')[:12]}…)")
+        message = (
+            f"teacher {path} is not the checkpoint this LORS file was converted from (sha256 "
+            f"{digest[:12]}…, recorded {(meta.source.sha256 or 'none')[:12]}…)"
+        )
         if not allow_teacher_mismatch:
             raise LorsError(message + "; pass --allow-teacher-mismatch to distil from it anyway")
         warn(f"warning: {message}")
     folder = architecture_dir(path)
     if factory is None and folder is None:
-        raise LorsError(f"{path}: cannot tell the architecture; give a Hugging Face model directory as "
-                        "--teacher or --model-factory package.module:function")
+        raise LorsError(
+            f"{path}: cannot tell the architecture; give a Hugging Face model directory as "
+            "--teacher or --model-factory package.module:function"
+        )
     student = to_lors(factory_architecture(factory) if factory else hf_architecture(folder), source, meta)
     teacher_model = dense_model(path, factory).requires_grad_(False)
     tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
@@ -65,7 +80,8 @@ def load_pair(lors: Path, teacher: Path | None = None, factory: str | None = Non
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         positions = getattr(teacher_model.config, "max_position_embeddings", None) or getattr(
-            teacher_model.config, "n_positions", None)
+            teacher_model.config, "n_positions", None
+        )
         if positions:
             tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
     return Pair(student.float().eval(), teacher_model.float().eval(), tokenizer, source, meta, path, digest)
@@ -77,6 +93,7 @@ def load_pair(lors: Path, teacher: Path | None = None, factory: str | None = Non
 @dataclass
 class Examples:
     """Text lines (tokenised per batch) or a dict of tensors whose first dimension indexes examples."""
+
     texts: list[str] | None = None
     tensors: dict[str, torch.Tensor] | None = None
 
@@ -92,10 +109,14 @@ class Examples:
     def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device) -> dict:
         if self.texts is None:
             return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
-        encoded = tokenizer([self.texts[i] for i in indices], padding=True, truncation=True,
-                            max_length=min(max_length, tokenizer.model_max_length), return_tensors="pt")
-        return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask",
-                                                                     "token_type_ids")}
+        encoded = tokenizer(
+            [self.texts[i] for i in indices],
+            padding=True,
+            truncation=True,
+            max_length=min(max_length, tokenizer.model_max_length),
+            return_tensors="pt",
+        )
+        return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def load_examples(files: list[Path], tokenizer) -> Examples:
@@ -107,9 +128,11 @@ def load_examples(files: list[Path], tokenizer) -> Examples:
         raise LorsError("give at least one --data file")
     if not all(f.name.endswith(TENSOR_SUFFIXES) for f in files):
         if tokenizer is None:
-            raise LorsError("text data needs the model's tokenizer, and the teacher's folder has no tokenizer files "
-                            "(tokenizer.json, vocab.txt, …): copy them there, or give .safetensors/.pt files of "
-                            "input tensors")
+            raise LorsError(
+                "text data needs the model's tokenizer, and the teacher's folder has no tokenizer files "
+                "(tokenizer.json, vocab.txt, …): copy them there, or give .safetensors/.pt files of "
+                "input tensors"
+            )
         return Examples(texts=read_lines(files))
     parts = [load_tensors(f) for f in files]
     keys = sorted(parts[0])
@@ -176,8 +199,9 @@ def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tenso
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise LorsError(f"--model-factory models must return a tensor (or a tuple starting with one), "
-                        f"got {type(out).__name__}")
+        raise LorsError(
+            f"--model-factory models must return a tensor (or a tuple starting with one), got {type(out).__name__}"
+        )
     return None, out
 
 
@@ -216,8 +240,12 @@ def token_log_probs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor)
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Per-token KL(teacher ‖ student), summed; divide by the token count for a mean."""
-    kl = F.kl_div(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
-                  log_target=True, reduction="none").sum(-1)
+    kl = F.kl_div(
+        F.log_softmax(student_logits.float(), -1),
+        F.log_softmax(teacher_logits.float(), -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
     return (kl * mask).sum() if mask is not None else kl.sum()
 
 
@@ -239,16 +267,25 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 1
 
 
 @torch.no_grad()
-def fidelity(student: nn.Module, teacher: nn.Module, examples: Examples, tokenizer, *, batch_size: int = 32,
-             max_length: int = 128, device: torch.device = torch.device("cpu")) -> dict:
+def fidelity(
+    student: nn.Module,
+    teacher: nn.Module,
+    examples: Examples,
+    tokenizer,
+    *,
+    batch_size: int = 32,
+    max_length: int = 128,
+    device: torch.device = torch.device("cpu"),
+) -> dict:
     """cos, top10 and, where the model has an LM head, ppl_teacher, ppl_student and kl."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     s_emb, t_emb = [], []
     nll_s = nll_t = kl = tokens = positions = 0.0
     lm = False
     for start in range(0, len(examples), batch_size):
-        batch = examples.batch(list(range(start, min(start + batch_size, len(examples)))), tokenizer,
-                               max_length, device)
+        batch = examples.batch(
+            list(range(start, min(start + batch_size, len(examples)))), tokenizer, max_length, device
+        )
         mask = batch.get("attention_mask")
         with autocast:
             s_logits, s_hidden = run(student, batch)
@@ -264,11 +301,17 @@ def fidelity(student: nn.Module, teacher: nn.Module, examples: Examples, tokeniz
             kl += token_kl(s_logits, t_logits, mask).item()
             positions += mask.sum().item()
     s_all, t_all = torch.cat(s_emb), torch.cat(t_emb)
-    result = {"examples": len(examples), "cos": F.cosine_similarity(s_all, t_all, dim=-1).mean().item(),
-              "top10": neighbour_agreement(s_all, t_all)}
+    result = {
+        "examples": len(examples),
+        "cos": F.cosine_similarity(s_all, t_all, dim=-1).mean().item(),
+        "top10": neighbour_agreement(s_all, t_all),
+    }
     if lm:
-        result.update(ppl_teacher=float(torch.tensor(nll_t / tokens).exp()),
-                      ppl_student=float(torch.tensor(nll_s / tokens).exp()), kl=kl / positions)
+        result.update(
+            ppl_teacher=float(torch.tensor(nll_t / tokens).exp()),
+            ppl_student=float(torch.tensor(nll_s / tokens).exp()),
+            kl=kl / positions,
+        )
     return result
 
 
@@ -290,6 +333,7 @@ def print_fidelity(rows: dict[str, dict], as_json: bool, title: str) -> None:
         table.add_column(label, justify="right")
     first = next(iter(rows.values()))
     for metric in first:
-        table.add_row(metric, *(f"{r[metric]:.4f}" if isinstance(r[metric], float) else str(r[metric])
-                                for r in rows.values()))
+        table.add_row(
+            metric, *(f"{r[metric]:.4f}" if isinstance(r[metric], float) else str(r[metric]) for r in rows.values())
+        )
     stdout.print(table)

@@ -6,6 +6,7 @@ LoRA convention: B is rows x r, A is r x cols, and the residual is approximated 
 
 from __future__ import annotations
 
+import heapq
 import math
 import zlib
 
@@ -33,8 +34,10 @@ def check_device(device: str | None) -> str:
     except RuntimeError as e:
         raise LorsError(f"--device {device}: not a device (try cpu or cuda)") from e
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise LorsError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                        "no usable GPU); use --device cpu")
+        raise LorsError(
+            f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+            "no usable GPU); use --device cpu"
+        )
     if parsed.type not in ("cpu", "cuda"):
         raise LorsError(f"--device {device}: only cpu and cuda are supported")
     return device
@@ -131,16 +134,16 @@ def head_spectrum(matrix: torch.Tensor, count: int, seed: int) -> torch.Tensor:
 def use_randomized(rows: int, cols: int, rank: int) -> bool:
     """Cost model in float32 GEMM flop-equivalents, constants measured on a 2-core CPU (docs/svd-cost-model.md).
 
-    Randomized: 2q+2 products with the matrix, 2q+1 CholeskyQR2 on tall blocks (float64, two passes), the
+    Randomized: 2q+2 products with the matrix, 2q+1 Cholesky-QR on tall blocks (float64; measured as two passes), the
     small factor's Gram and eigendecomposition, and the fixed cost of its many calls. Exact: the Gram product
     plus a float64 eigendecomposition, which costs ~EIGH_COST·small³.
     """
     small, large, width = min(rows, cols), max(rows, cols), rank + OVERSAMPLE
     products = (2 * POWER_ITERS + 2) * 2 * small * large * width
-    orthonormalise = (2 * POWER_ITERS + 1) * CHOLQR_COST * large * width ** 2
-    small_factor = large * width ** 2 + EIGH_COST * width ** 3
+    orthonormalise = (2 * POWER_ITERS + 1) * CHOLQR_COST * large * width**2
+    small_factor = large * width**2 + EIGH_COST * width**3
     randomized = products + orthonormalise + small_factor + RANDOMIZED_CALLS_COST
-    exact = small * small * large + EIGH_COST * small ** 3
+    exact = small * small * large + EIGH_COST * small**3
     return width < small and randomized < exact
 
 
@@ -174,64 +177,58 @@ def capped(rank: int, rows: int, cols: int) -> int | None:
     return rank if rank <= break_even_cap(rows, cols) else None
 
 
-def allocate_ranks(spectra: list[list[torch.Tensor]], norms_sq: list[float], shapes: list[tuple[int, int]],
-                   budget: int) -> list[list[int | None]]:
+def allocate_ranks(
+    spectra: list[list[torch.Tensor]], norms_sq: list[float], shapes: list[tuple[int, int]], budget: int
+) -> list[list[int | None]]:
     """Greedy allocation of rank units across all groups and layers under a parameter budget.
 
     Each rank unit of layer j in group g removes sq_value / ‖W_g‖² from the objective Σ_g relative
-    squared error and costs rows + cols parameters. Units are taken by gain per parameter, each one that
-    still fits (within a layer the gains fall and the costs are equal, so a layer's units are taken in
-    order). No layer goes past its break-even rank; budget left over then stores the capped layers that gain
-    most per number dense (error 0). Greedy knapsack can lose to a uniform rank when costs differ, so the
-    better of the two is kept. None in the result means: store the layer dense.
+    squared error and costs rows + cols parameters. A layer's next step is taken by gain per parameter, each one
+    that still fits; its steps are its rank units in order up to its break-even rank, then storing it dense,
+    which removes the rest of its error for the few numbers between the factors' cost and the matrix's. Greedy
+    knapsack can lose to a uniform rank when costs differ, so the better of the two is kept. None in the result
+    means: store the layer dense.
     """
     ranks: list[list[int | None]] = [[0] * len(layers) for layers in spectra]
-    costs = [rows + cols for rows, cols in shapes]
     caps = [break_even_cap(rows, cols) for rows, cols in shapes]
-    gains, owners = [], []
-    for g, layers in enumerate(spectra):
-        for j, sq in enumerate(layers):
-            gains.append(sq[:caps[g]] / max(norms_sq[g], 1e-30) / costs[g])
-            owners.extend([(g, j)] * len(gains[-1]))
-    if not gains or budget <= 0:
-        return ranks
-    gain = torch.cat(gains)
-    left = budget
-    for unit in torch.sort(gain, descending=True, stable=True).indices.tolist():
-        g, j = owners[unit]
-        if gain[unit] <= 0:
-            break
-        if costs[g] <= left:
-            left -= costs[g]
-            ranks[g][j] += 1
-    _store_dense_where_it_fits(spectra, norms_sq, shapes, ranks, left)
+
+    def next_step(g: int, j: int) -> tuple[float, int, int, int] | None:
+        """(−gain per number, cost, g, j) of layer j's next step, None once it is dense or has nothing left."""
+        rank, sq, (rows, cols) = ranks[g][j], spectra[g][j], shapes[g]
+        scale = max(norms_sq[g], 1e-30)
+        if rank is None or rank >= len(sq):
+            return None
+        if rank < caps[g]:
+            gain, cost = sq[rank].item() / scale, rows + cols
+        else:
+            gain, cost = sq[rank:].sum().item() / scale, rows * cols - rank * (rows + cols)
+        return (-gain / cost, cost, g, j) if gain > 0 else None
+
+    steps = [step for g, layers in enumerate(spectra) for j in range(len(layers)) if (step := next_step(g, j))]
+    heapq.heapify(steps)
+    left = max(budget, 0)
+    while steps:
+        _, cost, g, j = heapq.heappop(steps)
+        if cost > left:
+            continue  # the layer's later steps cost no less than this one's share of the budget left
+        left -= cost
+        ranks[g][j] = ranks[g][j] + 1 if ranks[g][j] < caps[g] else None
+        step = next_step(g, j)
+        if step:
+            heapq.heappush(steps, step)
     uniform = uniform_ranks(spectra, shapes, budget)
     return min((ranks, uniform), key=lambda r: residual_error(spectra, norms_sq, r))
 
 
-def _store_dense_where_it_fits(spectra: list[list[torch.Tensor]], norms_sq: list[float],
-                               shapes: list[tuple[int, int]], ranks: list[list[int | None]], left: int) -> None:
-    """Spend what the budget has left on layers at their break-even rank: dense, they lose nothing."""
-    options = []
-    for g, (layers, (rows, cols)) in enumerate(zip(spectra, shapes)):
-        cap = break_even_cap(rows, cols)
-        for j, sq in enumerate(layers):
-            if ranks[g][j] == cap and sq[cap:].sum().item() > 0:
-                extra = rows * cols - cap * (rows + cols)
-                options.append((sq[cap:].sum().item() / max(norms_sq[g], 1e-30) / extra, extra, g, j))
-    for _, extra, g, j in sorted(options, reverse=True):
-        if extra <= left:
-            left -= extra
-            ranks[g][j] = None
-
-
-def uniform_ranks(spectra: list[list[torch.Tensor]], shapes: list[tuple[int, int]],
-                  budget: int) -> list[list[int | None]]:
+def uniform_ranks(
+    spectra: list[list[torch.Tensor]], shapes: list[tuple[int, int]], budget: int
+) -> list[list[int | None]]:
     """The largest single rank whose total cost fits, as --rank gives it: layers past break-even stored dense."""
     best: list[list[int | None]] = [[0] * len(layers) for layers in spectra]
     for rank in range(1, max((len(sq) for layers in spectra for sq in layers), default=0) + 1):
-        ranks = [[capped(min(rank, len(sq)), rows, cols) for sq in layers]
-                 for layers, (rows, cols) in zip(spectra, shapes)]
+        ranks = [
+            [capped(min(rank, len(sq)), rows, cols) for sq in layers] for layers, (rows, cols) in zip(spectra, shapes)
+        ]
         if sum(lors_params(rows, cols, r, shared=False) for (rows, cols), r in zip(shapes, ranks)) > budget:
             break
         best = ranks
@@ -246,8 +243,10 @@ def tail(spectra: list[torch.Tensor], ranks: list[int | None]) -> float:
 
 def residual_error(spectra: list[list[torch.Tensor]], norms_sq: list[float], ranks: list[list[int | None]]) -> float:
     """The allocation objective: Σ_g (energy the ranks leave out of group g) / ‖W_g‖²."""
-    return sum(tail(layers, group_ranks) / max(norm_sq, 1e-30)
-               for layers, norm_sq, group_ranks in zip(spectra, norms_sq, ranks))
+    return sum(
+        tail(layers, group_ranks) / max(norm_sq, 1e-30)
+        for layers, norm_sq, group_ranks in zip(spectra, norms_sq, ranks)
+    )
 
 
 def lors_params(rows: int, cols: int, ranks: list[int | None], shared: bool = True) -> int:
@@ -291,8 +290,9 @@ def metric_spectrum(matrix: torch.Tensor, metric: torch.Tensor | None) -> torch.
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 
 
-def metric_low_rank(matrix: torch.Tensor, metric: torch.Tensor | None, rank: int,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def metric_low_rank(
+    matrix: torch.Tensor, metric: torch.Tensor | None, rank: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r (B, A) minimising ‖(R − B A) K^{1/2}‖ (plain `low_rank` without a metric)."""
     if metric is None:
         return low_rank(matrix, rank, seed)

@@ -20,8 +20,17 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.evaluate import (Pair, fidelity, layer_outputs, load_examples, load_pair, run,
-                                   split_examples, token_kl, token_log_probs)
+from lors_convert.evaluate import (
+    Pair,
+    fidelity,
+    layer_outputs,
+    load_examples,
+    load_pair,
+    run,
+    split_examples,
+    token_kl,
+    token_log_probs,
+)
 from lors_convert.lors_format import LorsMeta
 
 OBJECTIVES = ("distill", "lm")
@@ -61,8 +70,10 @@ def setup_device(world_size: int) -> torch.device:
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if local_rank >= torch.cuda.device_count():
-            raise LorsError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; use at most "
-                            "that many processes per node (or CUDA_VISIBLE_DEVICES= to train on the CPU)")
+            raise LorsError(
+                f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; use at most "
+                "that many processes per node (or CUDA_VISIBLE_DEVICES= to train on the CPU)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -106,8 +117,9 @@ def step_loss(student: nn.Module, teacher: nn.Module, batch: dict, paths: list[s
         logits, _ = run(student, batch)
         if logits is None or "input_ids" not in batch:
             raise LorsError("--objective lm needs a causal language model and text data")
-        nll, count = token_log_probs(logits, batch["input_ids"],
-                                     mask if mask is not None else torch.ones_like(batch["input_ids"]))
+        nll, count = token_log_probs(
+            logits, batch["input_ids"], mask if mask is not None else torch.ones_like(batch["input_ids"])
+        )
         return nll / count.clamp(min=1)
     with torch.no_grad(), layer_outputs(teacher, paths) as t_layers:
         t_logits, t_hidden = run(teacher, batch)
@@ -130,7 +142,7 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     while len(indices) < global_batch:
         epoch, offset = divmod(position, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        take = order[offset:offset + global_batch - len(indices)]
+        take = order[offset : offset + global_batch - len(indices)]
         indices += take
         position += len(take)
     return indices
@@ -141,14 +153,17 @@ def warmup_cosine(warmup: int, steps: int):
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
     return factor
 
 
-def freeze_unreached(student: nn.Module, teacher: nn.Module, batch: dict, paths: list[str], objective: str) -> list[str]:
+def freeze_unreached(
+    student: nn.Module, teacher: nn.Module, batch: dict, paths: list[str], objective: str
+) -> list[str]:
     """Freeze parameters the loss does not reach; returns their names."""
     step_loss(student, teacher, batch, paths, objective).backward()
     frozen = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
-    for name, p in student.named_parameters():
+    for p in student.parameters():
         if p.grad is None:
             p.requires_grad_(False)
         p.grad = None
@@ -173,9 +188,16 @@ def state_path(output: Path) -> Path:
 def save_state(path: Path, step: int, student: nn.Module, optimizer, scheduler, fingerprint: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save({"step": step, "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "parameters": {n: p.detach().cpu() for n, p in student.named_parameters()}}, tmp)
+        torch.save(
+            {
+                "step": step,
+                "fingerprint": fingerprint,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "parameters": {n: p.detach().cpu() for n, p in student.named_parameters()},
+            },
+            tmp,
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -209,10 +231,18 @@ def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: 
     for group in pair.meta.groups:  # the weights moved: report their distance to the originals again
         error, layer_errors = reconstruction_errors(tensors, group, lambda name: teacher_state[prefix + name].cpu())
         groups.append(replace(group, rel_error=error, layer_errors=[round(e, 6) for e in layer_errors]))
-    meta = replace(pair.meta, groups=groups, finetune={
-        "tool": f"lors-convert {__version__}", "from": str(pair.source.path.resolve()),
-        "teacher": str(pair.teacher_path.resolve()), "teacher_sha256": pair.teacher_sha256,
-        "settings": asdict(settings), **results})
+    meta = replace(
+        pair.meta,
+        groups=groups,
+        finetune={
+            "tool": f"lors-convert {__version__}",
+            "from": str(pair.source.path.resolve()),
+            "teacher": str(pair.teacher_path.resolve()),
+            "teacher_sha256": pair.teacher_sha256,
+            "settings": asdict(settings),
+            **results,
+        },
+    )
     check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
     metadata = header_metadata(meta)
     layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
@@ -240,19 +270,40 @@ def train_progress(quiet: bool, total: int, done: int):
 
     from lors_convert.console import stderr
 
-    bars = Progress(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s"), TimeRemainingColumn(),
-                    console=stderr, transient=True)
+    bars = Progress(
+        TextColumn("fine-tuning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
     task = bars.add_task("", total=total, completed=done, loss="-", speed="-")
     bars.start()
-    update = lambda step, loss, speed: bars.update(task, completed=step, loss=f"{loss:.4f}",  # noqa: E731
-                                                   speed=f"{speed:,.0f}")
+    update = lambda step, loss, speed: bars.update(
+        task,
+        completed=step,
+        loss=f"{loss:.4f}",
+        speed=f"{speed:,.0f}",
+    )
     return update, bars.stop
 
 
-def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSettings, *, teacher: Path | None = None,
-             factory: str | None = None, allow_teacher_mismatch: bool = False, resume: bool = False,
-             force: bool = False, quiet: bool = False, log=print) -> dict:
+def finetune(
+    lors: Path,
+    data: list[Path],
+    output: Path,
+    settings: FinetuneSettings,
+    *,
+    teacher: Path | None = None,
+    factory: str | None = None,
+    allow_teacher_mismatch: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    log=print,
+) -> dict:
     """Train, evaluate before and after, write the LORS checkpoint (rank 0). Returns the results."""
     from lors_convert.checkpoint import check_output_path
 
@@ -267,9 +318,16 @@ def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSetti
     train, held_out = split_examples(examples, settings.eval_examples, settings.seed)
     student, teacher_model = pair.student.to(device), pair.teacher.to(device)
     paths = stacked_layer_paths(teacher_model, pair.meta)  # the same paths in both; names match the dense one
-    batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device)  # noqa: E731
-    evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, batch_size=settings.batch_size,  # noqa: E731
-                                max_length=settings.max_length, device=device)
+    batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device)
+    evaluate = lambda: fidelity(
+        student,
+        teacher_model,
+        held_out,
+        pair.tokenizer,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        device=device,
+    )
 
     frozen = freeze_unreached(student, teacher_model, batch_of(train, [0, 1]), paths, settings.objective)
     if frozen:
@@ -277,8 +335,12 @@ def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSetti
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup, settings.steps))
-    fingerprint = {**asdict(settings), "lors_sha256": hashlib.sha256(pair.meta.to_json().encode()).hexdigest(),
-                   "world_size": world_size, "examples": len(examples)}
+    fingerprint = {
+        **asdict(settings),
+        "lors_sha256": hashlib.sha256(pair.meta.to_json().encode()).hexdigest(),
+        "world_size": world_size,
+        "examples": len(examples),
+    }
     start = load_state(state_path(output), student, optimizer, scheduler, fingerprint) if resume else 0
     trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
 
@@ -288,7 +350,7 @@ def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSetti
     try:
         for step in range(start, settings.steps):
             indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
-            batch = batch_of(train, indices[rank * settings.batch_size:(rank + 1) * settings.batch_size])
+            batch = batch_of(train, indices[rank * settings.batch_size : (rank + 1) * settings.batch_size])
             with autocast(device):
                 loss = step_loss(trained, teacher_model, batch, paths, settings.objective)
             loss.backward()
@@ -308,10 +370,19 @@ def finetune(lors: Path, data: list[Path], output: Path, settings: FinetuneSetti
         stop()
     seconds = time.perf_counter() - started
     after = evaluate()
-    results = {"steps": settings.steps, "resumed_at": start, "loss_first": losses[0] if losses else None,
-               "loss_last": losses[-1] if losses else None, "seconds": round(seconds, 3),
-               "tokens_per_s": tokens / seconds if seconds else 0.0, "world_size": world_size,
-               "device": device.type, "frozen": frozen, "eval_before": before, "eval_after": after}
+    results = {
+        "steps": settings.steps,
+        "resumed_at": start,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "world_size": world_size,
+        "device": device.type,
+        "frozen": frozen,
+        "eval_before": before,
+        "eval_after": after,
+    }
     if world_size > 1:
         log(f"rank {rank}: parameter digest {parameter_digest(student)}")
     if rank == 0:

@@ -48,8 +48,15 @@ def hf_architecture(folder: Path) -> nn.Module:
         raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def has_tokenizer(folder: Path | None) -> bool:
@@ -60,9 +67,11 @@ def load_tokenizer(folder: Path | None):
     """The folder's own tokenizer; without its files transformers would build an empty one that maps all text
     to unknown tokens, so that is refused."""
     if not has_tokenizer(folder):
-        raise LorsError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) for text data; copy "
-                        "the model's tokenizer into that folder (or, for eval/finetune, give --teacher a folder "
-                        "that has them)")
+        raise LorsError(
+            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) for text data; copy "
+            "the model's tokenizer into that folder (or, for eval/finetune, give --teacher a folder "
+            "that has them)"
+        )
     try:
         return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many kinds for a broken tokenizer; the user needs one line
@@ -101,8 +110,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if missing - tied or unexpected:
         example = sorted(missing - tied or unexpected)[0]
-        raise LorsError(f"{where}: weights do not fit the architecture ({len(missing - tied)} missing, "
-                        f"{len(unexpected)} unexpected, e.g. {example!r})")
+        raise LorsError(
+            f"{where}: weights do not fit the architecture ({len(missing - tied)} missing, "
+            f"{len(unexpected)} unexpected, e.g. {example!r})"
+        )
     model.load_state_dict(state, strict=False)
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -119,8 +130,10 @@ def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
     elif is_hf_dir(source_path.parent):
         model = hf_architecture(source_path.parent)
     else:
-        raise LorsError(f"{source_path}: cannot tell the architecture; give a Hugging Face model directory "
-                        "or --model-factory package.module:function")
+        raise LorsError(
+            f"{source_path}: cannot tell the architecture; give a Hugging Face model directory "
+            "or --model-factory package.module:function"
+        )
     source = open_checkpoint(source_path)
     return load_state(model, {name: source.get(name) for name in source.info}, str(source_path))
 

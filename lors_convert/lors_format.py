@@ -84,13 +84,23 @@ class SourceMeta:
     @classmethod
     def from_dict(cls, data) -> "SourceMeta":
         meta = cls(**_fields(cls, data, "'source'"))
-        _check(isinstance(meta.path, str) and type(meta.bytes) is int and meta.bytes >= 0,
-               "'source' needs a path and a byte count")
-        _check(isinstance(meta.files, list) and all(isinstance(f, str) for f in meta.files),
-               "'source.files' must list file names")
-        _check(meta.sha256 is None or (isinstance(meta.sha256, str) and len(meta.sha256) == 64
-                                       and all(c in "0123456789abcdef" for c in meta.sha256)),
-               "'source.sha256' must be 64 hex digits")
+        _check(
+            isinstance(meta.path, str) and type(meta.bytes) is int and meta.bytes >= 0,
+            "'source' needs a path and a byte count",
+        )
+        _check(
+            isinstance(meta.files, list) and all(isinstance(f, str) for f in meta.files),
+            "'source.files' must list file names",
+        )
+        _check(
+            meta.sha256 is None
+            or (
+                isinstance(meta.sha256, str)
+                and len(meta.sha256) == 64
+                and all(c in "0123456789abcdef" for c in meta.sha256)
+            ),
+            "'source.sha256' must be 64 hex digits",
+        )
         return meta
 
 
@@ -134,21 +144,41 @@ class GroupMeta:
     @classmethod
     def from_dict(cls, data) -> "GroupMeta":
         group = cls(**_fields(cls, data, "a group"))
-        _check(isinstance(group.template, str) and "{i}" in group.template and _ints(group.layers)
-               and len(group.layers) > 0, "a group needs a template with {i} and its layers")
+        _check(
+            isinstance(group.template, str)
+            and "{i}" in group.template
+            and _ints(group.layers)
+            and len(group.layers) > 0,
+            "a group needs a template with {i} and its layers",
+        )
         n, label = len(group.layers), group.template
-        _check(isinstance(group.names, list) and len(group.names) == n
-               and all(isinstance(name, str) for name in group.names)
-               and isinstance(group.ranks, list) and len(group.ranks) == n
-               and all(r is None or (type(r) is int and r >= 0) for r in group.ranks),
-               f"{label}: names and ranks must list each of its {n} layers")
-        _check(_ints(group.shape, low=1) and len(group.shape) >= 2 and _dtype(group.dtype)
-               and getattr(torch, group.dtype).is_floating_point, f"{label}: shape or dtype malformed")
-        _check(_ints([group.dense_params, group.lors_params], low=1) and _number(group.rel_error),
-               f"{label}: parameter counts or error malformed")
+        _check(
+            isinstance(group.names, list)
+            and len(group.names) == n
+            and all(isinstance(name, str) for name in group.names)
+            and isinstance(group.ranks, list)
+            and len(group.ranks) == n
+            and all(r is None or (type(r) is int and r >= 0) for r in group.ranks),
+            f"{label}: names and ranks must list each of its {n} layers",
+        )
+        _check(
+            _ints(group.shape, low=1)
+            and len(group.shape) >= 2
+            and _dtype(group.dtype)
+            and getattr(torch, group.dtype).is_floating_point,
+            f"{label}: shape or dtype malformed",
+        )
+        _check(
+            _ints([group.dense_params, group.lors_params], low=1) and _number(group.rel_error),
+            f"{label}: parameter counts or error malformed",
+        )
         _check(type(group.shared) is bool, f"{label}: 'shared' must be true or false")
-        _check(isinstance(group.layer_errors, list) and len(group.layer_errors) in (0, n)
-               and all(_number(e) for e in group.layer_errors), f"{label}: 'layer_errors' malformed")
+        _check(
+            isinstance(group.layer_errors, list)
+            and len(group.layer_errors) in (0, n)
+            and all(_number(e) for e in group.layer_errors),
+            f"{label}: 'layer_errors' malformed",
+        )
         _check(group.output_error is None or _number(group.output_error), f"{label}: 'output_error' malformed")
         return group
 
@@ -162,8 +192,10 @@ class KeptDense:
     @classmethod
     def from_dict(cls, data) -> "KeptDense":
         kept = cls(**_fields(cls, data, "a kept_dense entry"))
-        _check(isinstance(kept.template, str) and _ints(kept.layers) and isinstance(kept.reason, str),
-               "a kept_dense entry needs a template, layers and a reason")
+        _check(
+            isinstance(kept.template, str) and _ints(kept.layers) and isinstance(kept.reason, str),
+            "a kept_dense entry needs a template, layers and a reason",
+        )
         return kept
 
 
@@ -193,8 +225,9 @@ class LorsMeta:
         version = data.get("format_version")
         _check(type(version) is int and version >= 1, f"format_version {version!r}")
         if version > FORMAT_VERSION:
-            raise LorsError(f"LORS format_version {version} is newer than this tool reads ({FORMAT_VERSION}); "
-                            "upgrade lors-convert")
+            raise LorsError(
+                f"LORS format_version {version} is newer than this tool reads ({FORMAT_VERSION}); upgrade lors-convert"
+            )
         values = _fields(cls, data, "the description")
         _check(isinstance(values.get("groups"), list), "'groups' is missing or not a list")
         _check(isinstance(values.get("kept_dense", []), list), "'kept_dense' must be a list")
@@ -203,14 +236,23 @@ class LorsMeta:
             _check(values.get(key) is None or isinstance(values[key], dict), f"{key!r} must be an object")
         _check(isinstance(values.get("tool", ""), str), "'tool' must be a string")
         dtypes = values.get("dtypes", {})
-        _check(isinstance(dtypes, dict) and all(isinstance(k, str) and _dtype(v) for k, v in dtypes.items()),
-               "'dtypes' names something that is not a dtype")
+        _check(
+            isinstance(dtypes, dict) and all(isinstance(k, str) and _dtype(v) for k, v in dtypes.items()),
+            "'dtypes' names something that is not a dtype",
+        )
         warnings = values.get("warnings", [])
-        _check(isinstance(warnings, list) and all(isinstance(w, str) for w in warnings),
-               "'warnings' must be a list of strings")
-        meta = cls(**{**values, "source": SourceMeta.from_dict(values["source"]),
-                      "groups": [GroupMeta.from_dict(g) for g in values["groups"]],
-                      "kept_dense": [KeptDense.from_dict(k) for k in values.get("kept_dense", [])]})
+        _check(
+            isinstance(warnings, list) and all(isinstance(w, str) for w in warnings),
+            "'warnings' must be a list of strings",
+        )
+        meta = cls(
+            **{
+                **values,
+                "source": SourceMeta.from_dict(values["source"]),
+                "groups": [GroupMeta.from_dict(g) for g in values["groups"]],
+                "kept_dense": [KeptDense.from_dict(k) for k in values.get("kept_dense", [])],
+            }
+        )
         owners: dict[str, str] = {}
         for group in meta.groups:
             for key in group.stored_shapes():
@@ -264,8 +306,10 @@ def read_lors(path: str | Path, check: bool = True) -> tuple[TensorSource, LorsM
 def refuse_lors_input(source: TensorSource, path: str | Path) -> None:
     """Converting or inspecting a LORS checkpoint would factor its factors: say what to do instead."""
     if read_meta(source, path) is not None or any(name.endswith(FACTOR_SUFFIXES) for name in source.info):
-        raise LorsError(f"{path}: already a LORS checkpoint (or LoRA adapters); run `lors-convert expand` on it "
-                        "first to get the dense weights")
+        raise LorsError(
+            f"{path}: already a LORS checkpoint (or LoRA adapters); run `lors-convert expand` on it "
+            "first to get the dense weights"
+        )
 
 
 def consistency_problems(source: TensorSource, meta: LorsMeta) -> list[str]:
@@ -276,8 +320,7 @@ def consistency_problems(source: TensorSource, meta: LorsMeta) -> list[str]:
             if key not in source.info:
                 problems.append(f"tensor {key!r} is missing")
             elif source.info[key].shape != shape:
-                problems.append(f"{key!r} has shape {list(source.info[key].shape)}, the metadata implies "
-                                f"{list(shape)}")
+                problems.append(f"{key!r} has shape {list(source.info[key].shape)}, the metadata implies {list(shape)}")
     return problems
 
 
@@ -297,8 +340,9 @@ def reconstruct(source: TensorSource | dict[str, torch.Tensor], group: GroupMeta
         yield name, weight.reshape(group.shape)
 
 
-def reconstruction_errors(lors: TensorSource | dict[str, torch.Tensor], group: GroupMeta,
-                          original: Callable[[str], torch.Tensor]) -> tuple[float, list[float]]:
+def reconstruction_errors(
+    lors: TensorSource | dict[str, torch.Tensor], group: GroupMeta, original: Callable[[str], torch.Tensor]
+) -> tuple[float, list[float]]:
     """The group's relative error ‖W − Ŵ‖_F / ‖W‖_F against the original weights, and each layer's."""
     err_total = norm_total = 0.0
     layer_errors = []
@@ -313,8 +357,11 @@ def reconstruction_errors(lors: TensorSource | dict[str, torch.Tensor], group: G
 def dense_layout(source: TensorSource, meta: LorsMeta) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of what `expand` yields, in its order."""
     owned = meta.group_keys()
-    layout = [(name, getattr(torch, meta.dtypes[name]) if name in meta.dtypes else info.dtype, info.shape)
-              for name, info in source.info.items() if name not in owned]
+    layout = [
+        (name, getattr(torch, meta.dtypes[name]) if name in meta.dtypes else info.dtype, info.shape)
+        for name, info in source.info.items()
+        if name not in owned
+    ]
     return layout + [(name, getattr(torch, g.dtype), tuple(g.shape)) for g in meta.groups for name in g.names]
 
 

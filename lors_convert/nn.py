@@ -6,7 +6,6 @@ Plain PyTorch; the model comes from `hf.py` (or --model-factory) with the dense 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,8 +28,14 @@ class LorsLinear(nn.Module):
     fine-tuning batches are far above that.
     """
 
-    def __init__(self, shared: nn.Parameter | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 bias: nn.Parameter | None, transposed: bool = False):
+    def __init__(
+        self,
+        shared: nn.Parameter | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        bias: nn.Parameter | None,
+        transposed: bool = False,
+    ):
         super().__init__()
         self.shared = shared  # the same Parameter object in every layer of the group (None: --shared none)
         self.lora_A = nn.Parameter(lora_a)
@@ -49,7 +54,8 @@ class LorsLinear(nn.Module):
 
     def extra_repr(self) -> str:
         rows, cols = self.lora_B.shape[0], self.lora_A.shape[1]
-        return f"{rows}x{cols}, shared={self.shared is not None}, rank={self.lora_A.shape[0]}, transposed={self.transposed}"
+        rank = self.lora_A.shape[0]
+        return f"{rows}x{cols}, shared={self.shared is not None}, rank={rank}, transposed={self.transposed}"
 
 
 def module_of(name: str, model: nn.Module, prefix: str) -> tuple[str, nn.Module]:
@@ -62,8 +68,10 @@ def module_of(name: str, model: nn.Module, prefix: str) -> tuple[str, nn.Module]
     except AttributeError as e:
         raise LorsError(f"{name}: no module {path!r} in the architecture") from e
     if not is_swappable(module):
-        raise LorsError(f"{name}: a {type(module).__name__} cannot run in LORS form (only Linear and GPT-2 "
-                        "Conv1D); convert with --exclude for this group")
+        raise LorsError(
+            f"{name}: a {type(module).__name__} cannot run in LORS form (only Linear and GPT-2 "
+            "Conv1D); convert with --exclude for this group"
+        )
     return path, module
 
 
@@ -96,16 +104,19 @@ def to_lors(model: nn.Module, source: TensorSource, meta: LorsMeta) -> nn.Module
     prefix = state_prefix(model, list(source.info))
     for group in meta.groups:
         rows, cols = group.rows_cols
-        shared = (nn.Parameter(source.get(shared_key(group.template)).float().reshape(rows, cols))
-                  if group.shared else None)
+        shared = (
+            nn.Parameter(source.get(shared_key(group.template)).float().reshape(rows, cols)) if group.shared else None
+        )
         for name, _ in group.factored():  # layers stored dense stay plain modules
             path, dense = module_of(name, model, prefix)
             if dense.weight.shape != (rows, cols):
-                raise LorsError(f"{name}: the module's weight is {list(dense.weight.shape)}, the group's "
-                                f"{[rows, cols]}")
+                raise LorsError(
+                    f"{name}: the module's weight is {list(dense.weight.shape)}, the group's {[rows, cols]}"
+                )
             a_key, b_key = factor_keys(name)
-            lors = LorsLinear(shared, source.get(a_key).float(), source.get(b_key).float(), dense.bias,
-                              transposed=is_conv1d(dense))
+            lors = LorsLinear(
+                shared, source.get(a_key).float(), source.get(b_key).float(), dense.bias, transposed=is_conv1d(dense)
+            )
             model.set_submodule(path, lors)
     return model
 
@@ -120,6 +131,7 @@ def merge_lors(model: nn.Module) -> nn.Module:
         has_bias = module.bias is not None
         if module.transposed:
             from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have these
+
             dense = Conv1D(weight.shape[1], weight.shape[0])
         else:
             dense = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
@@ -155,6 +167,7 @@ def lors_state(model: nn.Module, source: TensorSource, meta: LorsMeta) -> dict[s
                 out[shared_key(group.template)] = module.shared.detach().cpu().reshape(group.shape).to(dtype)
     for name, info in source.info.items():
         if name not in out:  # a buffer the class does not persist (BERT's position_ids) stays as it was
-            out[name] = (state[prefix + name].detach().cpu().to(info.dtype) if prefix + name in state
-                         else source.get(name))
+            out[name] = (
+                state[prefix + name].detach().cpu().to(info.dtype) if prefix + name in state else source.get(name)
+            )
     return out

@@ -15,22 +15,36 @@ from lors_convert.lors_format import GroupMeta, LorsMeta
 from lors_convert.stacks import Stack
 
 
-
 def rank_summary(ranks: list[int | None]) -> dict:
     """min/median/max over the factored layers; `dense` counts the layers stored dense (rank null)."""
     factored = [r for r in ranks if r is not None]
-    return {"min": min(factored, default=0), "median": statistics.median(factored) if factored else 0,
-            "max": max(factored, default=0), "dense": len(ranks) - len(factored), "per_layer": ranks}
+    return {
+        "min": min(factored, default=0),
+        "median": statistics.median(factored) if factored else 0,
+        "max": max(factored, default=0),
+        "dense": len(ranks) - len(factored),
+        "per_layer": ranks,
+    }
 
 
 def build_report(source: TensorSource, meta: LorsMeta) -> dict:
     """Report data: per group and in total, counted from the tensors actually stored."""
     stored = sum(info.numel for info in source.info.values())
-    groups = [{"template": g.template, "layers": g.layers, "shape": g.shape, "shared": g.shared,
-               "ranks": rank_summary(g.ranks), "dense_params": g.dense_params, "lors_params": g.lors_params,
-               "saved": 1 - g.lors_params / g.dense_params, "rel_error": g.rel_error,
-               **({"output_error": g.output_error} if g.output_error is not None else {})}
-              for g in meta.groups]
+    groups = [
+        {
+            "template": g.template,
+            "layers": g.layers,
+            "shape": g.shape,
+            "shared": g.shared,
+            "ranks": rank_summary(g.ranks),
+            "dense_params": g.dense_params,
+            "lors_params": g.lors_params,
+            "saved": 1 - g.lors_params / g.dense_params,
+            "rel_error": g.rel_error,
+            **({"output_error": g.output_error} if g.output_error is not None else {}),
+        }
+        for g in meta.groups
+    ]
     factored_dense = sum(g["dense_params"] for g in groups)
     factored_lors = sum(g["lors_params"] for g in groups)
     kept = [{"template": k.template, "layers": k.layers, "reason": k.reason} for k in meta.kept_dense]
@@ -46,11 +60,17 @@ def build_report(source: TensorSource, meta: LorsMeta) -> dict:
         "finetuned": meta.finetune is not None,
         "groups": groups,
         "kept_dense": kept,
-        "stacked": {"dense_params": stacked_dense, "lors_params": stacked_lors,
-                    "reduction": 1 - stacked_lors / stacked_dense if stacked_dense else 0.0,
-                    "rel_error": _pooled_error(meta.groups, kept_params)},
-        "total": {"dense_params": dense_total, "lors_params": stored,
-                  "reduction": 1 - stored / dense_total if dense_total else 0.0},
+        "stacked": {
+            "dense_params": stacked_dense,
+            "lors_params": stacked_lors,
+            "reduction": 1 - stacked_lors / stacked_dense if stacked_dense else 0.0,
+            "rel_error": _pooled_error(meta.groups, kept_params),
+        },
+        "total": {
+            "dense_params": dense_total,
+            "lors_params": stored,
+            "reduction": 1 - stored / dense_total if dense_total else 0.0,
+        },
         "bytes": {"before": meta.source.bytes, "after": after},
         "warnings": meta.warnings,
     }
@@ -65,7 +85,7 @@ def _kept_stack_names(meta: LorsMeta, source: TensorSource) -> list[str]:
 def _pooled_error(groups: list[GroupMeta], kept_params: int) -> float:
     """Parameter-weighted RMS of the groups' relative errors; groups kept dense count with error 0."""
     weight = sum(g.dense_params for g in groups) + kept_params
-    return (sum(g.rel_error ** 2 * g.dense_params for g in groups) / weight) ** 0.5 if weight else 0.0
+    return (sum(g.rel_error**2 * g.dense_params for g in groups) / weight) ** 0.5 if weight else 0.0
 
 
 def human(n: float) -> str:
@@ -96,22 +116,53 @@ def print_report(report: dict, as_json: bool = False) -> None:
         error = f"{g['rel_error']:.4f}" + (f" (out {g['output_error']:.4f})" if "output_error" in g else "")
         ranks = f"{r['min']}/{r['median']:g}/{r['max']}" if r["dense"] < len(g["layers"]) else ""
         ranks += f" +{r['dense']} dense" if r["dense"] else ""
-        table.add_row(g["template"], str(len(g["layers"])), "×".join(map(str, g["shape"])),
-                      "yes" if g["shared"] else "no", ranks.strip(), human(g["dense_params"]), human(g["lors_params"]),
-                      f"{g['saved']:.1%}", error)
+        table.add_row(
+            g["template"],
+            str(len(g["layers"])),
+            "×".join(map(str, g["shape"])),
+            "yes" if g["shared"] else "no",
+            ranks.strip(),
+            human(g["dense_params"]),
+            human(g["lors_params"]),
+            f"{g['saved']:.1%}",
+            error,
+        )
     for k in report["kept_dense"]:
-        table.add_row(k["template"], str(len(k["layers"])), "", "", "kept dense", "", "", "not factored", "-",
-                      style="dim")
+        table.add_row(
+            k["template"], str(len(k["layers"])), "", "", "kept dense", "", "", "not factored", "-", style="dim"
+        )
     s, t, b = report["stacked"], report["total"], report["bytes"]
     table.add_section()
-    table.add_row("stacked total", "", "", "", "", human(s["dense_params"]), human(s["lors_params"]),
-                  f"{s['reduction']:.1%}", f"{s['rel_error']:.4f}", style="bold")
-    table.add_row("whole checkpoint", "", "", "", "", human(t["dense_params"]), human(t["lors_params"]),
-                  f"{t['reduction']:.1%}", "", style="bold")
+    table.add_row(
+        "stacked total",
+        "",
+        "",
+        "",
+        "",
+        human(s["dense_params"]),
+        human(s["lors_params"]),
+        f"{s['reduction']:.1%}",
+        f"{s['rel_error']:.4f}",
+        style="bold",
+    )
+    table.add_row(
+        "whole checkpoint",
+        "",
+        "",
+        "",
+        "",
+        human(t["dense_params"]),
+        human(t["lors_params"]),
+        f"{t['reduction']:.1%}",
+        "",
+        style="bold",
+    )
     stdout.print(table)
-    stdout.print(f"file size: {human_bytes(b['before'])} -> {human_bytes(b['after'])}"
-                 f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix; "
-                 "dense: layers stored whole (their factors would cost as much)")
+    stdout.print(
+        f"file size: {human_bytes(b['before'])} -> {human_bytes(b['after'])}"
+        f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix; "
+        "dense: layers stored whole (their factors would cost as much)"
+    )
     for k in report["kept_dense"]:
         stdout.print(f"[dim]kept dense: {escape(k['template'])}: {escape(k['reason'])}[/dim]")
 
@@ -126,13 +177,26 @@ def inspect_data(source: TensorSource, stacks: list[Stack], warnings: list[str],
         for r in ranks:
             stored = lors_params(s.rows, s.cols, [capped(min(r, s.rows, s.cols), s.rows, s.cols)] * len(s.layers))
             per_rank[str(r)] = min(stored, s.dense_params)
-        groups.append({"template": s.template, "layers": s.layers, "shape": list(s.shape),
-                       "dtype": str(s.dtype).removeprefix("torch."), "dense_params": s.dense_params,
-                       "lors_params_at_rank": per_rank})
+        groups.append(
+            {
+                "template": s.template,
+                "layers": s.layers,
+                "shape": list(s.shape),
+                "dtype": str(s.dtype).removeprefix("torch."),
+                "dense_params": s.dense_params,
+                "lors_params_at_rank": per_rank,
+            }
+        )
     at_rank = {str(r): sum(g["lors_params_at_rank"][str(r)] for g in groups) for r in ranks}
-    return {"file": str(source.path), "total_params": dense_total, "stacked_params": stacked,
-            "groups": groups, "stacked_lors_params_at_rank": at_rank,
-            "reduction_at_rank": {r: 1 - p / stacked for r, p in at_rank.items()}, "warnings": warnings}
+    return {
+        "file": str(source.path),
+        "total_params": dense_total,
+        "stacked_params": stacked,
+        "groups": groups,
+        "stacked_lors_params_at_rank": at_rank,
+        "reduction_at_rank": {r: 1 - p / stacked for r, p in at_rank.items()},
+        "warnings": warnings,
+    }
 
 
 def print_inspect(data: dict, as_json: bool = False) -> None:
@@ -145,13 +209,22 @@ def print_inspect(data: dict, as_json: bool = False) -> None:
         table.add_column(column, justify="left" if column == "group" else "right")
     for g in data["groups"]:
         saved = [f"{1 - g['lors_params_at_rank'][r] / g['dense_params']:.0%}" for r in ranks]
-        table.add_row(g["template"], str(len(g["layers"])), "×".join(map(str, g["shape"])),
-                      human(g["dense_params"]), *saved)
+        table.add_row(
+            g["template"], str(len(g["layers"])), "×".join(map(str, g["shape"])), human(g["dense_params"]), *saved
+        )
     table.add_section()
-    table.add_row("stacked total", "", "", human(data["stacked_params"]),
-                  *[f"{data['reduction_at_rank'][r]:.0%}" for r in ranks], style="bold")
+    table.add_row(
+        "stacked total",
+        "",
+        "",
+        human(data["stacked_params"]),
+        *[f"{data['reduction_at_rank'][r]:.0%}" for r in ranks],
+        style="bold",
+    )
     stdout.print(table)
-    stdout.print(f"{human(data['stacked_params'])} of {human(data['total_params'])} parameters are in "
-                 f"{len(data['groups'])} stacked groups. Default conversion: --reduction 0.5.")
+    stdout.print(
+        f"{human(data['stacked_params'])} of {human(data['total_params'])} parameters are in "
+        f"{len(data['groups'])} stacked groups. Default conversion: --reduction 0.5."
+    )
     for warning in data["warnings"]:
         stderr.print(f"[yellow]warning:[/yellow] {escape(warning)}")

@@ -43,18 +43,20 @@ def _templates(name: str) -> list[tuple[str, int, int]]:
     out = []
     for pos, part in enumerate(parts):
         if re.fullmatch(r"0|[1-9][0-9]*", part):
-            out.append((".".join(parts[:pos] + ["{i}"] + parts[pos + 1:]), int(part), pos))
+            out.append((".".join(parts[:pos] + ["{i}"] + parts[pos + 1 :]), int(part), pos))
     return out
 
 
 def is_factorable(info: TensorInfo) -> bool:
     """A matrix (or conv kernel, seen as out x rest) of floats with at least two rows and columns."""
-    return (info.dtype.is_floating_point and len(info.shape) >= 2
-            and info.shape[0] >= 2 and math.prod(info.shape[1:]) >= 2)
+    return (
+        info.dtype.is_floating_point and len(info.shape) >= 2 and info.shape[0] >= 2 and math.prod(info.shape[1:]) >= 2
+    )
 
 
-def find_stacks(info: dict[str, TensorInfo], include: list[str] | None = None,
-                exclude: list[str] | None = None) -> tuple[list[Stack], list[str]]:
+def find_stacks(
+    info: dict[str, TensorInfo], include: list[str] | None = None, exclude: list[str] | None = None
+) -> tuple[list[Stack], list[str]]:
     """Group factorable tensors into stacks. Returns the stacks and warnings about near-stacks left dense.
 
     A name with several integer segments (T5's block.N.layer.M) joins the candidate group with the most
@@ -69,8 +71,9 @@ def find_stacks(info: dict[str, TensorInfo], include: list[str] | None = None,
     for name, tinfo in info.items():
         if not is_factorable(tinfo):
             continue
-        options = [(len(candidates[(t, tinfo.shape, tinfo.dtype)]), -pos, t, index)
-                   for t, index, pos in _templates(name)]
+        options = [
+            (len(candidates[(t, tinfo.shape, tinfo.dtype)]), -pos, t, index) for t, index, pos in _templates(name)
+        ]
         if options:
             _, _, template, index = max(options)
             chosen[(template, tinfo.shape, tinfo.dtype)][index] = name
@@ -83,8 +86,10 @@ def find_stacks(info: dict[str, TensorInfo], include: list[str] | None = None,
         size, (_, shape, dtype), members = options[0]
         leftovers = options[1:] if size >= 2 else (options if len(options) > 1 else [])
         for _, (_, other_shape, other_dtype), other in leftovers:
-            warnings.append(f"{template}: layers {sorted(other)} have shape {list(other_shape)} "
-                            f"{str(other_dtype).removeprefix('torch.')}, unlike the rest; they stay dense")
+            warnings.append(
+                f"{template}: layers {sorted(other)} have shape {list(other_shape)} "
+                f"{str(other_dtype).removeprefix('torch.')}, unlike the rest; they stay dense"
+            )
         if size < 2:
             continue
         if include and not any(fnmatch.fnmatchcase(template, p) for p in include):

@@ -28,8 +28,10 @@ def internal_problems(lors: TensorSource, meta: LorsMeta) -> list[str]:
     for g in meta.groups:
         rows, cols = g.rows_cols
         stored = sum(lors.info[key].numel for key in g.stored_shapes())
-        for what, recorded, actual in (("lors_params", g.lors_params, stored),
-                                       ("dense_params", g.dense_params, len(g.layers) * rows * cols)):
+        for what, recorded, actual in (
+            ("lors_params", g.lors_params, stored),
+            ("dense_params", g.dense_params, len(g.layers) * rows * cols),
+        ):
             if recorded != actual:
                 problems.append(f"{g.template}: recorded {what} {recorded:,}, the tensors hold {actual:,}")
     return problems
@@ -50,8 +52,9 @@ def source_problems(lors: TensorSource, meta: LorsMeta, source_path: Path) -> li
         error, _ = reconstruction_errors(lors, g, source.get)
         allowed = tolerance(lors.info[next(iter(g.stored_shapes()))].dtype)
         if not abs(error - g.rel_error) <= allowed:
-            problems.append(f"{g.template}: relative error is {error:.6g}, recorded {g.rel_error:.6g} "
-                            f"(tolerance {allowed:.1g})")
+            problems.append(
+                f"{g.template}: relative error is {error:.6g}, recorded {g.rel_error:.6g} (tolerance {allowed:.1g})"
+            )
     return problems
 
 
@@ -61,5 +64,10 @@ def verify(lors_path: Path, source_path: Path | None = None) -> dict:
     problems = internal_problems(lors, meta)
     if source_path is not None and not problems:
         problems += source_problems(lors, meta, source_path)
-    return {"file": str(lors_path), "source": str(source_path) if source_path else None,
-            "groups": len(meta.groups), "ok": not problems, "problems": problems}
+    return {
+        "file": str(lors_path),
+        "source": str(source_path) if source_path else None,
+        "groups": len(meta.groups),
+        "ok": not problems,
+        "problems": problems,
+    }

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import ENV, timed  # noqa: E402
+from bench_convert import ENV, timed
 
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CPUS = str(len(os.sched_getaffinity(0)))
@@ -52,8 +52,17 @@ def main() -> None:
     base = {k: v for k, v in ENV.items() if k not in OMP_VARIABLES}
     times: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "lors_convert", str(model), "-o", f"{tmp}/o.safetensors", "--force",
-                   "--quiet", "--json"]
+        command = [
+            sys.executable,
+            "-m",
+            "lors_convert",
+            str(model),
+            "-o",
+            f"{tmp}/o.safetensors",
+            "--force",
+            "--quiet",
+            "--json",
+        ]
         for busy in args.busy:
             spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(busy)]
             for p in spinners:
@@ -72,8 +81,9 @@ def main() -> None:
     print("|---|" + "---:|" * len(args.busy))
     for name in args.settings:
         idle = times.get((name, 0))
-        cells = [f"{times[(name, b)]:.1f}" + (f" ({times[(name, b)] / idle:.1f}x)" if idle and b else "")
-                 for b in args.busy]
+        cells = [
+            f"{times[(name, b)]:.1f}" + (f" ({times[(name, b)] / idle:.1f}x)" if idle and b else "") for b in args.busy
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -24,11 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_finetune import minilm_dir, package_prose  # noqa: E402
-from lors_convert.checkpoint import open_checkpoint  # noqa: E402
-from lors_convert.convert import Settings, convert  # noqa: E402
-from lors_convert.evaluate import Examples, fidelity, load_pair  # noqa: E402
-from lors_convert.finetune import FinetuneSettings, finetune, setup_device  # noqa: E402
+from bench_finetune import minilm_dir, package_prose
+
+from lors_convert.checkpoint import open_checkpoint
+from lors_convert.convert import Settings, convert
+from lors_convert.evaluate import Examples, fidelity, load_pair
+from lors_convert.finetune import FinetuneSettings, finetune, setup_device
 
 METHODS = {  # name -> (shared, calibrated, sequential)
     "mean + SVD (plain)": ("mean", False, False),
@@ -59,12 +60,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_calibration_"))
     lines = [line for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     calib, train = work / "calib.txt", work / "train.txt"
-    calib.write_text("\n".join(lines[:args.calib_lines]))
-    train.write_text("\n".join(lines[args.calib_lines:-args.eval_lines]))
-    held_out, other = Examples(texts=lines[-args.eval_lines:]), Examples(texts=package_prose())
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; calibration "
-          f"{args.calib_lines} lines ({args.calib_samples} sampled), held-out {len(held_out)} lines, other text "
-          f"{len(other)} lines")
+    calib.write_text("\n".join(lines[: args.calib_lines]))
+    train.write_text("\n".join(lines[args.calib_lines : -args.eval_lines]))
+    held_out, other = Examples(texts=lines[-args.eval_lines :]), Examples(texts=package_prose())
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; calibration "
+        f"{args.calib_lines} lines ({args.calib_samples} sampled), held-out {len(held_out)} lines, other text "
+        f"{len(other)} lines"
+    )
 
     def measure(lors: Path) -> dict:
         pair = load_pair(lors, model)
@@ -80,41 +83,66 @@ def main() -> None:
         for method in args.methods:
             shared, calibrated, sequential = METHODS[method]
             out = work / f"{shared}-{calibrated}-{sequential}-{reduction}.safetensors"
-            settings = Settings(reduction=reduction, shared=shared, calibrate=[calib] if calibrated else [],
-                                calib_samples=args.calib_samples, sequential=sequential, device=device.type)
+            settings = Settings(
+                reduction=reduction,
+                shared=shared,
+                calibrate=[calib] if calibrated else [],
+                calib_samples=args.calib_samples,
+                sequential=sequential,
+                device=device.type,
+            )
             start = time.perf_counter()
             convert(open_checkpoint(model), out, settings)
             seconds = time.perf_counter() - start
             row = {"method": method, "reduction": reduction, "convert_s": seconds, **measure(out), "lors": str(out)}
             rows.append(row)
-            print(f"{reduction:.0%} {method:32} cos {row['pydocs']['cos']:.4f} top10 {row['pydocs']['top10']:.4f} "
-                  f"| other cos {row['other']['cos']:.4f} top10 {row['other']['top10']:.4f} | {seconds:.1f} s",
-                  flush=True)
+            print(
+                f"{reduction:.0%} {method:32} cos {row['pydocs']['cos']:.4f} top10 {row['pydocs']['top10']:.4f} "
+                f"| other cos {row['other']['cos']:.4f} top10 {row['other']['top10']:.4f} | {seconds:.1f} s",
+                flush=True,
+            )
     if args.finetune_minutes > 0:
         for row in [r for r in rows if r["reduction"] == 0.5]:
             probe = FinetuneSettings(steps=1, batch_size=32, eval_examples=32)
             start = time.perf_counter()
-            finetune(Path(row["lors"]), [train], work / "probe.safetensors", probe, teacher=model, quiet=True,
-                     force=True, log=lambda *a: None)
+            finetune(
+                Path(row["lors"]),
+                [train],
+                work / "probe.safetensors",
+                probe,
+                teacher=model,
+                quiet=True,
+                force=True,
+                log=lambda *a: None,
+            )
             step_s = max((time.perf_counter() - start) / 4, 1e-3)  # a step plus loading and two evaluations
             steps = max(10, int(args.finetune_minutes * 60 / step_s))
             settings = FinetuneSettings(steps=steps, batch_size=32, warmup=max(1, steps // 10), eval_examples=32)
             tuned = work / f"tuned-{Path(row['lors']).name}"
             start = time.perf_counter()
-            finetune(Path(row["lors"]), [train], tuned, settings, teacher=model, quiet=True, force=True,
-                     log=lambda *a: None)
+            finetune(
+                Path(row["lors"]), [train], tuned, settings, teacher=model, quiet=True, force=True, log=lambda *a: None
+            )
             row["finetune"] = {"steps": steps, "seconds": time.perf_counter() - start, **measure(tuned)}
-            print(f"fine-tuned {row['method']:32} {steps} steps: cos {row['finetune']['pydocs']['cos']:.4f}",
-                  flush=True)
+            print(
+                f"fine-tuned {row['method']:32} {steps} steps: cos {row['finetune']['pydocs']['cos']:.4f}", flush=True
+            )
 
-    print("\n| reduction | method | cos | top10 | cos (other text) | top10 (other text) | convert s |"
-          + (" cos after fine-tune |" if args.finetune_minutes > 0 else ""))
+    print(
+        "\n| reduction | method | cos | top10 | cos (other text) | top10 (other text) | convert s |"
+        + (" cos after fine-tune |" if args.finetune_minutes > 0 else "")
+    )
     print("|---|---|---|---|---|---|---|" + ("---|" if args.finetune_minutes > 0 else ""))
     for r in rows:
-        tuned = (f" {r['finetune']['pydocs']['cos']:.3f} ({r['finetune']['steps']} steps) |"
-                 if "finetune" in r else (" |" if args.finetune_minutes > 0 else ""))
-        print(f"| {r['reduction']:.0%} | {r['method']} | {r['pydocs']['cos']:.3f} | {r['pydocs']['top10']:.3f} | "
-              f"{r['other']['cos']:.3f} | {r['other']['top10']:.3f} | {r['convert_s']:.1f} |{tuned}")
+        tuned = (
+            f" {r['finetune']['pydocs']['cos']:.3f} ({r['finetune']['steps']} steps) |"
+            if "finetune" in r
+            else (" |" if args.finetune_minutes > 0 else "")
+        )
+        print(
+            f"| {r['reduction']:.0%} | {r['method']} | {r['pydocs']['cos']:.3f} | {r['pydocs']['top10']:.3f} | "
+            f"{r['other']['cos']:.3f} | {r['other']['top10']:.3f} | {r['convert_s']:.1f} |{tuned}"
+        )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 

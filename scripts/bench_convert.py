@@ -106,28 +106,48 @@ def main() -> None:
         out = args.workdir / f"out{attempt}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        wall, rss = timed([python, "-m", "lors_convert", "convert", str(checkpoint), "-o", str(out / "model.lors.safetensors"),
-                           "--rank", str(args.rank), *(["--shared", args.shared] if args.shared else []),
-                           "--device", device, "--quiet", "--json"])
+        wall, rss = timed(
+            [
+                python,
+                "-m",
+                "lors_convert",
+                "convert",
+                str(checkpoint),
+                "-o",
+                str(out / "model.lors.safetensors"),
+                "--rank",
+                str(args.rank),
+                *(["--shared", args.shared] if args.shared else []),
+                "--device",
+                device,
+                "--quiet",
+                "--json",
+            ]
+        )
         files = [f for f in out.iterdir()]
         hashes.append(sha256_of(files))
         if attempt == 1:
-            errors = lors_errors(out / ("model.lors.safetensors.index.json" if len(files) > 1 else "model.lors.safetensors"))
+            errors = lors_errors(
+                out / ("model.lors.safetensors.index.json" if len(files) > 1 else "model.lors.safetensors")
+            )
             runs["lors-convert"] = (wall, rss, sum(errors) / len(errors))
         print(f"lors-convert run {attempt}: {wall:.1f} s, {rss:.0f} MB", flush=True)
     if not args.skip_naive:
         out = args.workdir / "naive"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        wall, rss = timed([python, __file__, "--rank", str(args.rank), "--device", device,
-                           "--naive-child", str(checkpoint), str(out)])
+        wall, rss = timed(
+            [python, __file__, "--rank", str(args.rank), "--device", device, "--naive-child", str(checkpoint), str(out)]
+        )
         errors = json.loads((out / "naive.json").read_text())["layer_errors"]
         runs["naive (exact SVD)"] = (wall, rss, sum(errors) / len(errors))
 
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    print(f"\n{args.preset} ({checkpoint}), --rank {args.rank} --shared {args.shared or 'auto (default)'}, "
-          f"device {device}{f' ({gpu})' if gpu else ''}, "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(
+        f"\n{args.preset} ({checkpoint}), --rank {args.rank} --shared {args.shared or 'auto (default)'}, "
+        f"device {device}{f' ({gpu})' if gpu else ''}, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
+    )
     print("| run | wall (s) | peak RSS (MB) | mean rel. error |")
     print("|---|---:|---:|---:|")
     for name, (wall, rss, err) in runs.items():

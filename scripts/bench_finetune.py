@@ -27,14 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_lors_forward import mean_seconds  # noqa: E402
-from lors_convert.checkpoint import open_checkpoint  # noqa: E402
-from lors_convert.convert import Settings, convert  # noqa: E402
-from lors_convert.evaluate import Examples, fidelity, load_examples, load_pair, split_examples  # noqa: E402
-from lors_convert.finetune import (FinetuneSettings, autocast, finetune, setup_device, stacked_layer_paths,  # noqa: E402
-                                   step_loss)
-from lors_convert.report import build_report  # noqa: E402
-from lors_convert.lors_format import read_lors  # noqa: E402
+from bench_lors_forward import mean_seconds
+
+from lors_convert.checkpoint import open_checkpoint
+from lors_convert.convert import Settings, convert
+from lors_convert.evaluate import Examples, fidelity, load_examples, load_pair, split_examples
+from lors_convert.finetune import (
+    FinetuneSettings,
+    autocast,
+    finetune,
+    setup_device,
+    stacked_layer_paths,
+    step_loss,
+)
+from lors_convert.lors_format import read_lors
+from lors_convert.report import build_report
 
 
 def minilm_dir() -> Path:
@@ -49,8 +56,11 @@ def package_prose(limit: int = 512) -> list[str]:
     lines = []
     for metadata in sorted(Path(sysconfig.get_paths()["purelib"]).glob("*.dist-info/METADATA")):
         body = metadata.read_text(encoding="utf-8", errors="ignore").split("\n\n", 1)[-1]
-        lines += [line.strip() for line in body.splitlines()
-                  if len(line.strip()) > 60 and re.fullmatch(r"[A-Z][^|`<>{}\[\]#*=]+[.!?]", line.strip())]
+        lines += [
+            line.strip()
+            for line in body.splitlines()
+            if len(line.strip()) > 60 and re.fullmatch(r"[A-Z][^|`<>{}\[\]#*=]+[.!?]", line.strip())
+        ]
     return lines[:limit]
 
 
@@ -81,33 +91,44 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=512)
     parser.add_argument("--timing-steps", type=int, default=5)
     parser.add_argument("--shared", default="auto", help="conversion's --shared [auto]")
-    parser.add_argument("--calibrate-lines", type=int, default=0, help="calibrate the conversion on the first N "
-                        "lines of --data and fine-tune on the rest (0: weight-space conversion on all of it)")
+    parser.add_argument(
+        "--calibrate-lines",
+        type=int,
+        default=0,
+        help="calibrate the conversion on the first N "
+        "lines of --data and fine-tune on the rest (0: weight-space conversion on all of it)",
+    )
     args = parser.parse_args()
     model_dir = args.model or minilm_dir()
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     device = setup_device(1)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+        f"({torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
 
     lors, data = args.lors, args.data
     if args.calibrate_lines:
         lines = [line for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
         calib, data = work / "calib.txt", work / "train.txt"
-        calib.write_text("\n".join(lines[:args.calibrate_lines]))
-        data.write_text("\n".join(lines[args.calibrate_lines:]))
+        calib.write_text("\n".join(lines[: args.calibrate_lines]))
+        data.write_text("\n".join(lines[args.calibrate_lines :]))
     if lors is None:
         lors = work / "minilm.lors.safetensors"
         start = time.perf_counter()
         settings = Settings(reduction=0.5, shared=args.shared, calibrate=[calib] if args.calibrate_lines else [])
         convert(open_checkpoint(model_dir), lors, settings)
-        print(f"converted {model_dir} at 50% (--shared {args.shared}"
-              f"{f', calibrated on {args.calibrate_lines} lines' if args.calibrate_lines else ''}) in "
-              f"{time.perf_counter() - start:.1f} s")
+        print(
+            f"converted {model_dir} at 50% (--shared {args.shared}"
+            f"{f', calibrated on {args.calibrate_lines} lines' if args.calibrate_lines else ''}) in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
     report = build_report(*read_lors(lors))
-    print(f"stacked parameters {report['stacked']['dense_params']:,} -> {report['stacked']['lors_params']:,} "
-          f"({report['stacked']['reduction']:.1%} fewer); whole model {report['total']['dense_params']:,} -> "
-          f"{report['total']['lors_params']:,}")
+    print(
+        f"stacked parameters {report['stacked']['dense_params']:,} -> {report['stacked']['lors_params']:,} "
+        f"({report['stacked']['reduction']:.1%} fewer); whole model {report['total']['dense_params']:,} -> "
+        f"{report['total']['lors_params']:,}"
+    )
 
     pair = load_pair(lors, model_dir)
     student, teacher = pair.student.to(device), pair.teacher.to(device)
@@ -122,25 +143,43 @@ def main() -> None:
     del student, pair
 
     steps = max(1, int(args.minutes * 60 / t_lors))
-    settings = FinetuneSettings(steps=steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                                warmup=max(1, min(100, steps // 10)), eval_examples=args.eval_examples)
+    settings = FinetuneSettings(
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        warmup=max(1, min(100, steps // 10)),
+        eval_examples=args.eval_examples,
+    )
     out = work / "minilm.finetuned.lors.safetensors"
     results = finetune(lors, [data], out, settings, teacher=model_dir)
     tuned = load_pair(out, model_dir)
-    other_after = fidelity(tuned.student.to(device), tuned.teacher.to(device), other, tuned.tokenizer,
-                           max_length=args.max_length, device=device)
+    other_after = fidelity(
+        tuned.student.to(device),
+        tuned.teacher.to(device),
+        other,
+        tuned.tokenizer,
+        max_length=args.max_length,
+        device=device,
+    )
 
     before, after = results["eval_before"], results["eval_after"]
     print(f"\n{'':34} {'before':>8} {'after':>8}")
-    for label, b, a in ((f"cos, held-out pydocs ({before['examples']})", before["cos"], after["cos"]),
-                        ("top10, held-out pydocs", before["top10"], after["top10"]),
-                        (f"cos, package prose ({other_before['examples']})", other_before["cos"], other_after["cos"]),
-                        ("top10, package prose", other_before["top10"], other_after["top10"])):
+    for label, b, a in (
+        (f"cos, held-out pydocs ({before['examples']})", before["cos"], after["cos"]),
+        ("top10, held-out pydocs", before["top10"], after["top10"]),
+        (f"cos, package prose ({other_before['examples']})", other_before["cos"], other_after["cos"]),
+        ("top10, package prose", other_before["top10"], other_after["top10"]),
+    ):
         print(f"{label:34} {b:>8.4f} {a:>8.4f}")
-    print(f"\nsteps {steps} (batch {args.batch_size}, max length {args.max_length}, lr {args.lr}) in "
-          f"{results['seconds']:.1f} s, {results['tokens_per_s']:,.0f} tokens/s")
-    print(f"training step: LORS {t_lors * 1e3:.1f} ms, dense student {t_dense * 1e3:.1f} ms, "
-          f"ratio {t_lors / t_dense:.2f} (same batch, same process)")
+    print(
+        f"\nsteps {steps} (batch {args.batch_size}, max length {args.max_length}, lr {args.lr}) in "
+        f"{results['seconds']:.1f} s, {results['tokens_per_s']:,.0f} tokens/s"
+    )
+    print(
+        f"training step: LORS {t_lors * 1e3:.1f} ms, dense student {t_dense * 1e3:.1f} ms, "
+        f"ratio {t_lors / t_dense:.2f} (same batch, same process)"
+    )
     print(f"output: {out}")
 
 

@@ -59,18 +59,22 @@ def main() -> None:
     autocast = device.type == "cuda"
     torch.manual_seed(0)
     print(f"device {device}, {'bf16 autocast' if autocast else 'float32'}, forward+backward, ms per call")
-    print(f"{'out x in':>10} {'rank':>5} {'tokens':>7} {'dense':>8} {'material':>9} {'factored':>9} "
-          f"{'mat/dense':>9} {'fac/dense':>9}")
+    print(
+        f"{'out x in':>10} {'rank':>5} {'tokens':>7} {'dense':>8} {'material':>9} {'factored':>9} "
+        f"{'mat/dense':>9} {'fac/dense':>9}"
+    )
     for rows, cols, rank in ((384, 384, 96), (1536, 384, 160), (384, 1536, 160)):
         for tokens in (16, 256, 2048, 8192):
-            new = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
+            new = lambda *s: torch.randn(*s, device=device, requires_grad=True)
             x, weight, bias = new(tokens, cols), new(rows, cols), new(rows)
             a, b = new(rank, cols), new(rows, rank)
             t_dense = seconds(dense, (x, weight, bias), device, args.repeats, autocast)
             t_mat = seconds(materialised, (x, weight, a, b, bias), device, args.repeats, autocast)
             t_fac = seconds(factored, (x, weight, a, b, bias), device, args.repeats, autocast)
-            print(f"{rows:>4} x {cols:<4} {rank:>5} {tokens:>7} {t_dense * 1e3:>8.3f} {t_mat * 1e3:>9.3f} "
-                  f"{t_fac * 1e3:>9.3f} {t_mat / t_dense:>9.2f} {t_fac / t_dense:>9.2f}")
+            print(
+                f"{rows:>4} x {cols:<4} {rank:>5} {tokens:>7} {t_dense * 1e3:>8.3f} {t_mat * 1e3:>9.3f} "
+                f"{t_fac * 1e3:>9.3f} {t_mat / t_dense:>9.2f} {t_fac / t_dense:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

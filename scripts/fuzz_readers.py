@@ -27,16 +27,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lors_convert import LorsError  # noqa: E402
-from lors_convert.checkpoint import open_checkpoint  # noqa: E402
-from lors_convert.lors_format import expand, read_lors  # noqa: E402
-from lors_convert.report import build_report  # noqa: E402
+from lors_convert import LorsError
+from lors_convert.checkpoint import open_checkpoint
+from lors_convert.lors_format import expand, read_lors
+from lors_convert.report import build_report
 
 CORPUS = ROOT / "tests" / "fuzz_corpus"
 BOUNDARY_INTS = [0, 1, -1, 7, 8, 255, 2**31 - 1, 2**31, 2**32, 2**63 - 1, -(2**63), 10**8, 10**12]
-HOSTILE_VALUES = [None, True, False, 0, -1, 1, 2**64, 1e308, -0.5, float("nan"), float("inf"), "", "x", "{i}",
-                  "{0}", "float99", "int32", "complex64", "nn", "../x", "\u0000", [], {}, [1, 2], [-1, 3],
-                  [[1]], {"a": 1}, "F32", "BF16", "model-00001-of-00002.safetensors"]
+HOSTILE_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**64,
+    1e308,
+    -0.5,
+    float("nan"),
+    float("inf"),
+    "",
+    "x",
+    "{i}",
+    "{0}",
+    "float99",
+    "int32",
+    "complex64",
+    "nn",
+    "../x",
+    "\u0000",
+    [],
+    {},
+    [1, 2],
+    [-1, 3],
+    [[1]],
+    {"a": 1},
+    "F32",
+    "BF16",
+    "model-00001-of-00002.safetensors",
+]
 
 
 def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
@@ -47,16 +76,16 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
         if op == 0 and data:
             data[min(pos, len(data) - 1)] = rng.randrange(256)
         elif op == 1:
-            del data[pos:pos + rng.randint(1, 64)]
+            del data[pos : pos + rng.randint(1, 64)]
         elif op == 2:
             data[pos:pos] = rng.randbytes(rng.randint(1, 64))
         elif op == 3:
             del data[pos:]
         elif op == 4:
-            data[pos:pos + 8] = struct.pack("<q", rng.choice(BOUNDARY_INTS))
+            data[pos : pos + 8] = struct.pack("<q", rng.choice(BOUNDARY_INTS))
         else:
             start = rng.randrange(len(data) + 1)
-            data[pos:pos] = data[start:start + rng.randint(1, 256)]
+            data[pos:pos] = data[start : start + rng.randint(1, 256)]
     return bytes(data)
 
 
@@ -87,7 +116,7 @@ def mutate_json_text(text: str, rng: random.Random) -> str:
 def safetensors_parts(path: Path) -> tuple[dict, bytes]:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def read_all(path: Path) -> None:
@@ -107,6 +136,7 @@ def bytes_input(seed_name: str, out_name: str):
     def make(rng: random.Random, work: Path) -> Path:
         (work / out_name).write_bytes(mutate_bytes((CORPUS / seed_name).read_bytes(), rng))
         return work / out_name
+
     return make
 
 
@@ -205,8 +235,9 @@ def main() -> None:
     for reader in args.reader or list(READERS):
         start = time.perf_counter()
         found = fuzz(reader, args.count, args.seed, args.findings, args.limit)
-        print(f"{reader}: {args.count} inputs in {time.perf_counter() - start:.1f} s, {len(found)} findings",
-              flush=True)
+        print(
+            f"{reader}: {args.count} inputs in {time.perf_counter() - start:.1f} s, {len(found)} findings", flush=True
+        )
         all_found += found
     for line in all_found:
         print(line)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lors_convert.checkpoint import SafetensorsWriter, metadata_bytes, parse_size  # noqa: E402
+from lors_convert.checkpoint import SafetensorsWriter, metadata_bytes, parse_size
 
 # name: (layers, hidden, mlp, heads, kv_heads, vocab)
 PRESETS = {
@@ -40,9 +40,15 @@ WEIGHT_STD = 0.02
 
 def layer_shapes(hidden: int, mlp: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
     kv = kv_heads * (hidden // heads)
-    return {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-            "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-            "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
+    return {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (mlp, hidden),
+        "mlp.up_proj": (mlp, hidden),
+        "mlp.down_proj": (hidden, mlp),
+    }
 
 
 def trained_like(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -60,18 +66,30 @@ def tensor_seed(name: str, seed: int) -> int:
     return zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1 & 0xFFFFFFFF)
 
 
-def generate(out_dir: Path, layers: int, hidden: int, mlp: int, heads: int, kv_heads: int, vocab: int,
-             seed: int, shard_size: int | None) -> int:
+def generate(
+    out_dir: Path,
+    layers: int,
+    hidden: int,
+    mlp: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    seed: int,
+    shard_size: int | None,
+) -> int:
     shapes = layer_shapes(hidden, mlp, heads, kv_heads)
     params = 2 * vocab * hidden + hidden + layers * (sum(r * c for r, c in shapes.values()) + 2 * hidden)
     shard_size = shard_size or min(2 * 10**9, math.ceil(2 * params / 4))  # at least a few shards
     out_dir.mkdir(parents=True, exist_ok=True)
-    shared = {part: trained_like(r, c, tensor_seed(f"shared.{part}", seed)).bfloat16() for part, (r, c) in shapes.items()}
+    shared = {
+        part: trained_like(r, c, tensor_seed(f"shared.{part}", seed)).bfloat16() for part, (r, c) in shapes.items()
+    }
     shapes_by_name = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         shapes_by_name.update({f"model.layers.{i}.{part}.weight": shape for part, shape in shapes.items()})
-        shapes_by_name.update({f"model.layers.{i}.{norm}.weight": (hidden,)
-                               for norm in ("input_layernorm", "post_attention_layernorm")})
+        shapes_by_name.update(
+            {f"model.layers.{i}.{norm}.weight": (hidden,) for norm in ("input_layernorm", "post_attention_layernorm")}
+        )
     shapes_by_name.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     layout = [(name, torch.bfloat16, shape) for name, shape in shapes_by_name.items()]
     metadata = {"format": "pt"}
@@ -85,17 +103,29 @@ def generate(out_dir: Path, layers: int, hidden: int, mlp: int, heads: int, kv_h
             else:
                 part = name.split(".", 3)[3].removesuffix(".weight")
                 private = trained_like(rows, cols[0], tensor_seed(name, seed))
-                weight = private.mul_(math.sqrt(1 - SHARED_ENERGY)).add_(shared[part].float(),
-                                                                         alpha=math.sqrt(SHARED_ENERGY))
+                weight = private.mul_(math.sqrt(1 - SHARED_ENERGY)).add_(
+                    shared[part].float(), alpha=math.sqrt(SHARED_ENERGY)
+                )
                 tensor = weight.mul_(WEIGHT_STD)
             writer.add(name, tensor.bfloat16())
             print(f"\r{name:60s}", end="", file=sys.stderr, flush=True)
         writer.commit(metadata)
     print(file=sys.stderr)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": mlp, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return params
 

@@ -18,15 +18,25 @@ def rand(*shape: int, seed: int) -> torch.Tensor:
 
 
 def bert(layers: int = 3, hidden: int = 32, inter: int = 64) -> dict[str, torch.Tensor]:
-    sd, s = {"embeddings.word_embeddings.weight": rand(100, hidden, seed=1),
-             "embeddings.position_embeddings.weight": rand(64, hidden, seed=2),
-             "embeddings.LayerNorm.weight": torch.ones(hidden),
-             "embeddings.position_ids": torch.arange(64)[None]}, 10
+    sd, s = (
+        {
+            "embeddings.word_embeddings.weight": rand(100, hidden, seed=1),
+            "embeddings.position_embeddings.weight": rand(64, hidden, seed=2),
+            "embeddings.LayerNorm.weight": torch.ones(hidden),
+            "embeddings.position_ids": torch.arange(64)[None],
+        },
+        10,
+    )
     for i in range(layers):
         p = f"encoder.layer.{i}."
-        for name, shape in (("attention.self.query", (hidden, hidden)), ("attention.self.key", (hidden, hidden)),
-                            ("attention.self.value", (hidden, hidden)), ("attention.output.dense", (hidden, hidden)),
-                            ("intermediate.dense", (inter, hidden)), ("output.dense", (hidden, inter))):
+        for name, shape in (
+            ("attention.self.query", (hidden, hidden)),
+            ("attention.self.key", (hidden, hidden)),
+            ("attention.self.value", (hidden, hidden)),
+            ("attention.output.dense", (hidden, hidden)),
+            ("intermediate.dense", (inter, hidden)),
+            ("output.dense", (hidden, inter)),
+        ):
             sd[p + name + ".weight"], sd[p + name + ".bias"] = rand(*shape, seed=s), rand(shape[0], seed=s + 1)
             s += 2
         sd[p + "output.LayerNorm.weight"] = torch.ones(hidden)
@@ -34,8 +44,11 @@ def bert(layers: int = 3, hidden: int = 32, inter: int = 64) -> dict[str, torch.
 
 
 def gpt2(layers: int = 3, hidden: int = 32) -> dict[str, torch.Tensor]:
-    sd = {"wte.weight": rand(100, hidden, seed=1), "wpe.weight": rand(64, hidden, seed=2),
-          "ln_f.weight": torch.ones(hidden)}
+    sd = {
+        "wte.weight": rand(100, hidden, seed=1),
+        "wpe.weight": rand(64, hidden, seed=2),
+        "ln_f.weight": torch.ones(hidden),
+    }
     for i in range(layers):  # Conv1D stores weights as in x out
         p = f"h.{i}."
         sd[p + "attn.c_attn.weight"] = rand(hidden, 3 * hidden, seed=10 * i + 3)
@@ -50,15 +63,24 @@ def gpt2(layers: int = 3, hidden: int = 32) -> dict[str, torch.Tensor]:
 
 def llama(layers: int = 3, hidden: int = 32, inter: int = 48, heads: int = 4, kv_heads: int = 2):
     head_dim = hidden // heads
-    sd = {"model.embed_tokens.weight": rand(100, hidden, seed=1), "model.norm.weight": torch.ones(hidden),
-          "lm_head.weight": rand(100, hidden, seed=2)}
+    sd = {
+        "model.embed_tokens.weight": rand(100, hidden, seed=1),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": rand(100, hidden, seed=2),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        for k, (name, shape) in enumerate((("self_attn.q_proj", (hidden, hidden)),
-                                           ("self_attn.k_proj", (kv_heads * head_dim, hidden)),
-                                           ("self_attn.v_proj", (kv_heads * head_dim, hidden)),
-                                           ("self_attn.o_proj", (hidden, hidden)), ("mlp.gate_proj", (inter, hidden)),
-                                           ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter)))):
+        for k, (name, shape) in enumerate(
+            (
+                ("self_attn.q_proj", (hidden, hidden)),
+                ("self_attn.k_proj", (kv_heads * head_dim, hidden)),
+                ("self_attn.v_proj", (kv_heads * head_dim, hidden)),
+                ("self_attn.o_proj", (hidden, hidden)),
+                ("mlp.gate_proj", (inter, hidden)),
+                ("mlp.up_proj", (inter, hidden)),
+                ("mlp.down_proj", (hidden, inter)),
+            )
+        ):
             sd[p + name + ".weight"] = rand(*shape, seed=100 * i + k)
         sd[p + "input_layernorm.weight"] = torch.ones(hidden)
         sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
@@ -66,8 +88,12 @@ def llama(layers: int = 3, hidden: int = 32, inter: int = 48, heads: int = 4, kv
 
 
 def vit(layers: int = 3, dim: int = 32) -> dict[str, torch.Tensor]:
-    sd = {"patch_embed.proj.weight": rand(dim, 3, 4, 4, seed=1), "cls_token": rand(1, 1, dim, seed=2),
-          "pos_embed": rand(1, 17, dim, seed=3), "head.weight": rand(10, dim, seed=4)}
+    sd = {
+        "patch_embed.proj.weight": rand(dim, 3, 4, 4, seed=1),
+        "cls_token": rand(1, 1, dim, seed=2),
+        "pos_embed": rand(1, 17, dim, seed=3),
+        "head.weight": rand(10, dim, seed=4),
+    }
     for i in range(layers):
         p = f"blocks.{i}."
         sd[p + "attn.qkv.weight"] = rand(3 * dim, dim, seed=10 * i + 5)
@@ -79,8 +105,11 @@ def vit(layers: int = 3, dim: int = 32) -> dict[str, torch.Tensor]:
 
 
 def detr(enc: int = 3, dec: int = 4, dim: int = 32, ffn: int = 64) -> dict[str, torch.Tensor]:
-    sd = {"query_embed.weight": rand(10, dim, seed=1), "backbone.0.body.conv1.weight": rand(16, 3, 3, 3, seed=2),
-          "input_proj.weight": rand(dim, 16, 1, 1, seed=3)}
+    sd = {
+        "query_embed.weight": rand(10, dim, seed=1),
+        "backbone.0.body.conv1.weight": rand(16, 3, 3, 3, seed=2),
+        "input_proj.weight": rand(dim, 16, 1, 1, seed=3),
+    }
     s = 10
     for part, n, attns in (("encoder", enc, ("self_attn",)), ("decoder", dec, ("self_attn", "multihead_attn"))):
         for i in range(n):
@@ -96,12 +125,16 @@ def detr(enc: int = 3, dec: int = 4, dim: int = 32, ffn: int = 64) -> dict[str, 
 
 
 def t5(blocks: int = 3, dim: int = 32, ffn: int = 64) -> dict[str, torch.Tensor]:
-    sd = {"shared.weight": rand(100, dim, seed=1),
-          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": rand(32, 4, seed=2)}
+    sd = {
+        "shared.weight": rand(100, dim, seed=1),
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": rand(32, 4, seed=2),
+    }
     s = 10
     for i in range(blocks):
-        for part, layers in (("encoder", ("SelfAttention", "DenseReluDense")),
-                             ("decoder", ("SelfAttention", "EncDecAttention", "DenseReluDense"))):
+        for part, layers in (
+            ("encoder", ("SelfAttention", "DenseReluDense")),
+            ("decoder", ("SelfAttention", "EncDecAttention", "DenseReluDense")),
+        ):
             for j, kind in enumerate(layers):
                 p = f"{part}.block.{i}.layer.{j}."
                 names = ("q", "k", "v", "o") if kind != "DenseReluDense" else ("wi", "wo")
@@ -113,12 +146,14 @@ def t5(blocks: int = 3, dim: int = 32, ffn: int = 64) -> dict[str, torch.Tensor]
     return sd
 
 
-def low_rank_stack(layers: int = 4, rows: int = 24, cols: int = 40, rank: int = 3, seed: int = 0,
-                   centred: bool = True) -> list[torch.Tensor]:
+def low_rank_stack(
+    layers: int = 4, rows: int = 24, cols: int = 40, rank: int = 3, seed: int = 0, centred: bool = True
+) -> list[torch.Tensor]:
     """Layers that truly are S + rank-r residuals (centred: the residuals average to zero)."""
     shared = rand(rows, cols, seed=seed) * 10
-    residuals = [rand(rows, rank, seed=seed + 1 + 2 * i) @ rand(rank, cols, seed=seed + 2 + 2 * i) * 20
-                 for i in range(layers)]
+    residuals = [
+        rand(rows, rank, seed=seed + 1 + 2 * i) @ rand(rank, cols, seed=seed + 2 + 2 * i) * 20 for i in range(layers)
+    ]
     if centred:
         # An antisymmetric pairing keeps each residual rank r and their mean exactly zero.
         residuals = [residuals[i // 2] * (1 if i % 2 == 0 else -1) for i in range(layers)]

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import low_rank_stack, rand
 from safetensors.torch import save_file
 
-from conftest import low_rank_stack, rand
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import GroupPlan, mean_matrix, refit_shared
 from lors_convert.factorize import metric_low_rank
@@ -28,8 +28,9 @@ def test_refit_recovers_shared_plus_low_rank_that_does_not_average_to_zero(tmp_p
     layers = [shared + rand(48, 4, seed=2 + i) @ rand(4, 64, seed=20 + i) * 10 for i in range(6)]
     save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
     mean = convert_json(cli, tmp_path / "m.safetensors", "--rank", "4", "--shared", "mean")
-    refit = convert_json(cli, tmp_path / "m.safetensors", "--rank", "4", "--shared", "refit", "-o",
-                         tmp_path / "r.safetensors")
+    refit = convert_json(
+        cli, tmp_path / "m.safetensors", "--rank", "4", "--shared", "refit", "-o", tmp_path / "r.safetensors"
+    )
     assert mean["groups"][0]["rel_error"] > 0.2  # the mean alone leaves a large error
     assert refit["groups"][0]["rel_error"] <= 1e-4
     source, meta = read_lors(tmp_path / "r.safetensors")
@@ -39,16 +40,19 @@ def test_refit_recovers_shared_plus_low_rank_that_does_not_average_to_zero(tmp_p
 
 
 def refit_group(tmp_path, metrics: bool) -> tuple[list[float], float]:
-    layers = [w + 0.3 * rand(24, 32, seed=50 + i) for i, w in
-              enumerate(low_rank_stack(layers=5, rows=24, cols=32, rank=3, centred=False))]
+    layers = [
+        w + 0.3 * rand(24, 32, seed=50 + i)
+        for i, w in enumerate(low_rank_stack(layers=5, rows=24, cols=32, rank=3, centred=False))
+    ]
     save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
     source = open_checkpoint(tmp_path / "m.safetensors")
     stacks, _ = find_stacks(source.info)
     group = GroupPlan(stacks[0], torch.float32, ranks=(2, 3, 1, 0, 3))
     if metrics:
         inputs = [rand(40, 32, seed=80 + i) @ torch.diag(torch.linspace(0.1, 3, 32)) for i in range(5)]
-        group = replace(group, metrics=tuple((x.T @ x).double() + 0.01 * torch.eye(32, dtype=torch.float64)
-                                             for x in inputs))
+        group = replace(
+            group, metrics=tuple((x.T @ x).double() + 0.01 * torch.eye(32, dtype=torch.float64) for x in inputs)
+        )
     group = replace(group, shared_matrix=mean_matrix(source, group))
     group, history = refit_shared(source, group, seed=0)
     final = 0.0
@@ -73,8 +77,9 @@ def test_refit_never_raises_the_objective(tmp_path, metrics):
 
 def test_shared_none_and_auto(tmp_path, cli):
     # Two groups: one whose layers share a big common part (sharing pays), one of independent layers.
-    sd = {f"layers.{i}.common": w for i, w in enumerate(low_rank_stack(layers=6, rows=32, cols=32, rank=2,
-                                                                             centred=False))}
+    sd = {
+        f"layers.{i}.common": w for i, w in enumerate(low_rank_stack(layers=6, rows=32, cols=32, rank=2, centred=False))
+    }
     sd.update({f"layers.{i}.independent": rand(32, 32, seed=300 + i) for i in range(6)})
     save_file(sd, tmp_path / "m.safetensors")
     none = convert_json(cli, tmp_path / "m.safetensors", "--shared", "none", "--reduction", "0.5")
@@ -85,7 +90,7 @@ def test_shared_none_and_auto(tmp_path, cli):
     mean = convert_json(cli, tmp_path / "m.safetensors", "--reduction", "0.5", "--shared", "mean", "--force")
     shared = {g["template"]: g["shared"] for g in auto["groups"]}
     assert shared == {"layers.{i}.common": True, "layers.{i}.independent": False}
-    objective = lambda r: sum(g["rel_error"] ** 2 for g in r["groups"])  # noqa: E731
+    objective = lambda r: sum(g["rel_error"] ** 2 for g in r["groups"])
     assert objective(auto) <= objective(mean) + 1e-9
     assert objective(auto) <= objective(none) + 1e-9
     assert auto["stacked"]["reduction"] >= 0.5
@@ -127,8 +132,20 @@ def test_calibration_lowers_the_output_error(tmp_path, cli, kind):
     pytest.importorskip("transformers")
     folder, calib = hf_dir(tmp_path, kind)
     plain = convert_json(cli, folder, "--rank", "2", "--shared", "mean", "-o", tmp_path / "plain.safetensors")
-    calibrated = convert_json(cli, folder, "--rank", "2", "--shared", "mean", "--calibrate", calib,
-                              "--calib-samples", "32", "-o", tmp_path / "cal.safetensors")
+    calibrated = convert_json(
+        cli,
+        folder,
+        "--rank",
+        "2",
+        "--shared",
+        "mean",
+        "--calibrate",
+        calib,
+        "--calib-samples",
+        "32",
+        "-o",
+        tmp_path / "cal.safetensors",
+    )
     assert all("output_error" in g for g in calibrated["groups"])
     assert len(calibrated["groups"]) == len(plain["groups"])
     texts = calib.read_text().splitlines()[:12]
@@ -184,8 +201,12 @@ def model_and_calibration(tmp_path, kind) -> tuple[object, list]:
         torch.manual_seed(0)
         save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
         save_file({"x": torch.randn(48, 5, 16)}, tmp_path / "inputs.safetensors")
-        return tmp_path / "mlp.safetensors", ["--calibrate", tmp_path / "inputs.safetensors",
-                                              "--model-factory", "factory_models:stacked_mlp"]
+        return tmp_path / "mlp.safetensors", [
+            "--calibrate",
+            tmp_path / "inputs.safetensors",
+            "--model-factory",
+            "factory_models:stacked_mlp",
+        ]
     pytest.importorskip("transformers")
     folder, calib = hf_dir(tmp_path, kind)
     return folder, ["--calibrate", calib, "--calib-samples", "32"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bert, detr, gpt2, llama, low_rank_stack, t5, vit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import bert, detr, gpt2, llama, low_rank_stack, t5, vit
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.lors_format import FORMAT_VERSION, read_lors
 
@@ -51,8 +51,12 @@ def test_safetensors_input_default_output_and_accounting(tmp_path, cli):
 @pytest.mark.parametrize("container", ["plain", "state_dict", "model", "ddp"])
 def test_pickle_inputs_are_unwrapped(tmp_path, cli, container):
     sd = bert()
-    wrapped = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3},
-               "model": {"model": sd, "optimizer": {}}, "ddp": {f"module.{k}": v for k, v in sd.items()}}[container]
+    wrapped = {
+        "plain": sd,
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model": {"model": sd, "optimizer": {}},
+        "ddp": {f"module.{k}": v for k, v in sd.items()},
+    }[container]
     torch.save(wrapped, tmp_path / "ckpt.pt")
     report = convert_json(cli, tmp_path / "ckpt.pt", "--rank", "4")
     assert len(report["groups"]) == 6
@@ -72,13 +76,24 @@ def test_sharded_safetensors_and_hf_directory(tmp_path, cli):
     index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text("{}")
-    by_index = convert_json(cli, folder / "model.safetensors.index.json", "--rank", "2", "-o", tmp_path / "a.safetensors")
+    by_index = convert_json(
+        cli, folder / "model.safetensors.index.json", "--rank", "2", "-o", tmp_path / "a.safetensors"
+    )
     by_dir = convert_json(cli, folder, "--rank", "2")
     assert (tmp_path / "hf.lors.safetensors").is_file()
     assert by_index["groups"] == by_dir["groups"]
     assert {g["template"] for g in by_dir["groups"]} == {
-        f"model.layers.{{i}}.{n}.weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                    "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        f"model.layers.{{i}}.{n}.weight"
+        for n in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
 
 
 def test_sharded_bin_directory(tmp_path, cli):
@@ -88,8 +103,10 @@ def test_sharded_bin_directory(tmp_path, cli):
     folder.mkdir()
     torch.save({k: sd[k] for k in names[:10]}, folder / "pytorch_model-00001-of-00002.bin")
     torch.save({k: sd[k] for k in names[10:]}, folder / "pytorch_model-00002-of-00002.bin")
-    weight_map = {k: "pytorch_model-00001-of-00002.bin" if i < 10 else "pytorch_model-00002-of-00002.bin"
-                  for i, k in enumerate(names)}
+    weight_map = {
+        k: "pytorch_model-00001-of-00002.bin" if i < 10 else "pytorch_model-00002-of-00002.bin"
+        for i, k in enumerate(names)
+    }
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     convert_json(cli, folder, "--rank", "3")
     dense = expand(cli, tmp_path / "bin.lors.safetensors", tmp_path)
@@ -120,24 +137,63 @@ def test_pickle_that_runs_code_is_refused_unrun(tmp_path, cli, monkeypatch):
 # ---------------------------------------------------------------- naming conventions
 
 
-@pytest.mark.parametrize("build,expected", [
-    (bert, {"encoder.layer.{i}.attention.self.query.weight", "encoder.layer.{i}.attention.self.key.weight",
-            "encoder.layer.{i}.attention.self.value.weight", "encoder.layer.{i}.attention.output.dense.weight",
-            "encoder.layer.{i}.intermediate.dense.weight", "encoder.layer.{i}.output.dense.weight"}),
-    (gpt2, {"h.{i}.attn.c_attn.weight", "h.{i}.attn.c_proj.weight", "h.{i}.mlp.c_fc.weight",
-            "h.{i}.mlp.c_proj.weight"}),
-    (vit, {"blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.proj.weight", "blocks.{i}.mlp.fc1.weight",
-           "blocks.{i}.mlp.fc2.weight"}),
-    (detr, {f"transformer.{p}.layers.{{i}}.{n}" for p in ("encoder", "decoder")
-            for n in ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight")}
-     | {"transformer.decoder.layers.{i}.multihead_attn.in_proj_weight",
-        "transformer.decoder.layers.{i}.multihead_attn.out_proj.weight"}),
-    (t5, {f"encoder.block.{{i}}.layer.0.SelfAttention.{n}.weight" for n in "qkvo"}
-     | {f"encoder.block.{{i}}.layer.1.DenseReluDense.{n}.weight" for n in ("wi", "wo")}
-     | {f"decoder.block.{{i}}.layer.{j}.{k}.{n}.weight" for j, k in ((0, "SelfAttention"), (1, "EncDecAttention"))
-        for n in "qkvo"}
-     | {f"decoder.block.{{i}}.layer.2.DenseReluDense.{n}.weight" for n in ("wi", "wo")}),
-])
+@pytest.mark.parametrize(
+    "build,expected",
+    [
+        (
+            bert,
+            {
+                "encoder.layer.{i}.attention.self.query.weight",
+                "encoder.layer.{i}.attention.self.key.weight",
+                "encoder.layer.{i}.attention.self.value.weight",
+                "encoder.layer.{i}.attention.output.dense.weight",
+                "encoder.layer.{i}.intermediate.dense.weight",
+                "encoder.layer.{i}.output.dense.weight",
+            },
+        ),
+        (
+            gpt2,
+            {
+                "h.{i}.attn.c_attn.weight",
+                "h.{i}.attn.c_proj.weight",
+                "h.{i}.mlp.c_fc.weight",
+                "h.{i}.mlp.c_proj.weight",
+            },
+        ),
+        (
+            vit,
+            {
+                "blocks.{i}.attn.qkv.weight",
+                "blocks.{i}.attn.proj.weight",
+                "blocks.{i}.mlp.fc1.weight",
+                "blocks.{i}.mlp.fc2.weight",
+            },
+        ),
+        (
+            detr,
+            {
+                f"transformer.{p}.layers.{{i}}.{n}"
+                for p in ("encoder", "decoder")
+                for n in ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight")
+            }
+            | {
+                "transformer.decoder.layers.{i}.multihead_attn.in_proj_weight",
+                "transformer.decoder.layers.{i}.multihead_attn.out_proj.weight",
+            },
+        ),
+        (
+            t5,
+            {f"encoder.block.{{i}}.layer.0.SelfAttention.{n}.weight" for n in "qkvo"}
+            | {f"encoder.block.{{i}}.layer.1.DenseReluDense.{n}.weight" for n in ("wi", "wo")}
+            | {
+                f"decoder.block.{{i}}.layer.{j}.{k}.{n}.weight"
+                for j, k in ((0, "SelfAttention"), (1, "EncDecAttention"))
+                for n in "qkvo"
+            }
+            | {f"decoder.block.{{i}}.layer.2.DenseReluDense.{n}.weight" for n in ("wi", "wo")},
+        ),
+    ],
+)
 def test_naming_conventions(tmp_path, cli, build, expected):
     sd = build()
     save_file(sd, tmp_path / "m.safetensors")
@@ -203,11 +259,14 @@ def test_rank_options(tmp_path, cli):
     path = tmp_path / "m.safetensors"
     fixed = convert_json(cli, path, "--rank", "5", "--shared", "mean")
     assert all(g["ranks"]["per_layer"] == [5] * 4 for g in fixed["groups"])
-    decaying = {f"blocks.{i}.w": w for i, w in enumerate(low_rank_stack(layers=6, rows=48, cols=64, rank=8,
-                                                                          centred=False))}
+    decaying = {
+        f"blocks.{i}.w": w for i, w in enumerate(low_rank_stack(layers=6, rows=48, cols=64, rank=8, centred=False))
+    }
     save_file(decaying, tmp_path / "d.safetensors")
-    errors = [convert_json(cli, tmp_path / "d.safetensors", "--energy", str(e), "--force")["stacked"]["rel_error"]
-              for e in (0.5, 0.8, 0.95)]
+    errors = [
+        convert_json(cli, tmp_path / "d.safetensors", "--energy", str(e), "--force")["stacked"]["rel_error"]
+        for e in (0.5, 0.8, 0.95)
+    ]
     assert errors[0] > errors[1] > errors[2] > 0
     everything = convert_json(cli, path, "--energy", "1", "--force")  # full rank: LORS is larger, all stays dense
     assert everything["stacked"]["reduction"] == 0 and everything["stacked"]["rel_error"] == 0
@@ -223,10 +282,11 @@ def test_reduction_allocation_beats_uniform_rank(tmp_path, cli):
     save_file(bert(layers=4), tmp_path / "m.safetensors")
     uniform = convert_json(cli, tmp_path / "m.safetensors", "--rank", "6", "--shared", "mean")
     target = uniform["stacked"]["reduction"]
-    allocated = convert_json(cli, tmp_path / "m.safetensors", "--reduction", f"{target - 1e-4:.6f}", "--force",
-                             "--shared", "mean")
+    allocated = convert_json(
+        cli, tmp_path / "m.safetensors", "--reduction", f"{target - 1e-4:.6f}", "--force", "--shared", "mean"
+    )
     assert allocated["stacked"]["lors_params"] <= uniform["stacked"]["lors_params"]
-    objective = lambda r: sum(g["rel_error"] ** 2 for g in r["groups"])  # noqa: E731
+    objective = lambda r: sum(g["rel_error"] ** 2 for g in r["groups"])
     assert objective(allocated) <= objective(uniform) + 1e-9
 
 
@@ -377,7 +437,9 @@ def test_real_minilm(tmp_path, cli, minilm):
     not_persisted = {name for name, _ in model.named_buffers()} - set(model.state_dict())
     model.load_state_dict({k: v for k, v in dense.items() if k not in not_persisted}, strict=True)
     for g in report["groups"]:
-        err = sum((dense[g["template"].format(i=i)] - original.get(g["template"].format(i=i))).square().sum()
-                  for i in g["layers"])
+        err = sum(
+            (dense[g["template"].format(i=i)] - original.get(g["template"].format(i=i))).square().sum()
+            for i in g["layers"]
+        )
         norm = sum(original.get(g["template"].format(i=i)).square().sum() for i in g["layers"])
         assert abs((err / norm).sqrt().item() - g["rel_error"]) < 1e-5

@@ -16,27 +16,41 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from lors_convert.evaluate import load_pair  # noqa: E402
-from lors_convert.finetune import stacked_layer_paths, step_loss  # noqa: E402
-from lors_convert.hf import hf_architecture, load_state  # noqa: E402
-from lors_convert.lors_format import read_lors  # noqa: E402
-from lors_convert.nn import LorsLinear, lors_groups, merge_lors, to_lors  # noqa: E402
+from lors_convert.evaluate import load_pair
+from lors_convert.finetune import stacked_layer_paths, step_loss
+from lors_convert.hf import hf_architecture, load_state
+from lors_convert.lors_format import read_lors
+from lors_convert.nn import LorsLinear, lors_groups, merge_lors, to_lors
 
-WORDS = ("the a function module returns value list string object class method file error type data name "
-         "python call argument default new time number line code example set dictionary key").split()
+WORDS = (
+    "the a function module returns value list string object class method file error type data name "
+    "python call argument default new time number line code example set dictionary key"
+).split()
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(kind: str):
     common = dict(vocab_size=len(WORDS) + 4, initializer_range=0.2)  # large weights: layers matter
     if kind == "bert":
-        return transformers.BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                       intermediate_size=64, max_position_embeddings=64, **common)
+        return transformers.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **common,
+        )
     if kind == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
-    return transformers.LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                    num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-                                    **common)
+    return transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        **common,
+    )
 
 
 def make_model_dir(folder: Path, kind: str) -> Path:
@@ -50,8 +64,9 @@ def make_model_dir(folder: Path, kind: str) -> Path:
     config = tiny_config(kind)
     model = transformers.BertModel(config) if kind == "bert" else transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
-                                         pad_token="[PAD]").save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]"
+    ).save_pretrained(folder)
     return folder
 
 
@@ -64,20 +79,44 @@ def text_file(path: Path, lines: int = 120, seed: int = 0) -> Path:
 @pytest.fixture
 def converted(tmp_path, cli):
     """(model dir, LORS file, report) of a tiny model converted at rank 4."""
+
     def make(kind: str, *options: str):
         folder = make_model_dir(tmp_path / kind, kind)
         out = tmp_path / f"{kind}.lors.safetensors"
         options = options or ("--rank", "4")
-        result = cli(folder, "-o", out, "--quiet", "--json", *options,
-                     *(() if "--shared" in options else ("--shared", "mean")))
+        result = cli(
+            folder, "-o", out, "--quiet", "--json", *options, *(() if "--shared" in options else ("--shared", "mean"))
+        )
         assert result.code == 0, result.err
         return folder, out, result.json()
+
     return make
 
 
 def finetune_args(lors: Path, data: Path, out: Path, *extra: str) -> list:
-    return ["finetune", lors, "-d", data, "-o", out, "--steps", "6", "--batch-size", "8", "--lr", "1e-3",
-            "--warmup", "1", "--eval-examples", "16", "--max-length", "32", "--quiet", "--json", *extra]
+    return [
+        "finetune",
+        lors,
+        "-d",
+        data,
+        "-o",
+        out,
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--eval-examples",
+        "16",
+        "--max-length",
+        "32",
+        "--quiet",
+        "--json",
+        *extra,
+    ]
 
 
 def random_ids(seed: int = 0) -> torch.Tensor:
@@ -228,8 +267,15 @@ def test_factory_model_with_tensor_data(tmp_path, cli):
     lors = tmp_path / "mlp.lors.safetensors"
     no_factory = cli("eval", lors, "-d", tmp_path / "inputs.safetensors")
     assert no_factory.code == 1 and "--model-factory" in no_factory.err
-    result = cli(*finetune_args(lors, tmp_path / "inputs.safetensors", tmp_path / "ft.safetensors",
-                                "--model-factory", "factory_models:stacked_mlp"))
+    result = cli(
+        *finetune_args(
+            lors,
+            tmp_path / "inputs.safetensors",
+            tmp_path / "ft.safetensors",
+            "--model-factory",
+            "factory_models:stacked_mlp",
+        )
+    )
     assert result.code == 0, result.err
     assert result.json()["after"]["cos"] > result.json()["before"]["cos"]
 
@@ -241,11 +287,16 @@ def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(tmp
     folder, lors, _ = converted("bert")
     data = text_file(tmp_path / "train.txt")
     out = tmp_path / "ddp.safetensors"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, even on a one-GPU machine
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }  # gloo on the CPU, even on a one-GPU machine
     args = [str(a) for a in finetune_args(lors, data, out, "--batch-size", "4", "--nproc-per-node", "2")]
-    done = subprocess.run([sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     digests = dict(line.split(": parameter digest ") for line in done.stderr.splitlines() if "digest" in line)
     assert set(digests) == {"rank 0", "rank 1"} and len(set(digests.values())) == 1
@@ -263,8 +314,11 @@ def test_minilm_end_to_end(tmp_path, cli, minilm):
     lors = tmp_path / "minilm.lors.safetensors"
     assert cli(minilm, "-o", lors, "--rank", "32", "--quiet", "--json").code == 0
     data = tmp_path / "text.txt"
-    data.write_text("\n".join(f"Sentence number {i} talks about {w} and {v}." for i, (w, v) in
-                              enumerate(zip(WORDS, reversed(WORDS)))))
+    data.write_text(
+        "\n".join(
+            f"Sentence number {i} talks about {w} and {v}." for i, (w, v) in enumerate(zip(WORDS, reversed(WORDS)))
+        )
+    )
     result = cli(*finetune_args(lors, data, tmp_path / "ft.safetensors", "--steps", "4", "--lr", "1e-3"))
     assert result.code == 0, result.err
     before, after = result.json()["before"], result.json()["after"]

@@ -8,7 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lors_convert import LorsError
 
@@ -19,8 +20,12 @@ spec.loader.exec_module(fuzz_readers)
 
 
 def test_every_seed_file_reads_cleanly():
-    for path in (fuzz_readers.CORPUS / "model.safetensors", fuzz_readers.CORPUS / "model_zip.pt",
-                 fuzz_readers.CORPUS / "model_legacy.pt", fuzz_readers.CORPUS / "sharded"):
+    for path in (
+        fuzz_readers.CORPUS / "model.safetensors",
+        fuzz_readers.CORPUS / "model_zip.pt",
+        fuzz_readers.CORPUS / "model_legacy.pt",
+        fuzz_readers.CORPUS / "sharded",
+    ):
         fuzz_readers.read_all(path)
     fuzz_readers.read_lors_all(fuzz_readers.CORPUS / "model.lors.safetensors")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import bert, low_rank_stack, rand
+from safetensors.torch import load_file, save_file
+from test_hostile import assert_refused, small
+
 from lors_convert import LorsError
 from lors_convert.checkpoint import SafetensorsWriter, open_checkpoint
 from lors_convert.lors_format import GroupMeta, LorsMeta, SourceMeta, read_lors
-from test_hostile import assert_refused, small
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,14 @@ def convert_json(cli, *args) -> dict:
 def test_a_lors_checkpoint_given_to_convert_or_inspect_is_refused(tmp_path, cli, command):
     save_file(small(), tmp_path / "m.safetensors")
     assert cli(tmp_path / "m.safetensors", "--quiet").code == 0
-    assert_refused(cli, tmp_path, [*command, tmp_path / "m.lors.safetensors", "-o", tmp_path / "x.safetensors"]
-                   if not command else [*command, tmp_path / "m.lors.safetensors"], "lors-convert expand")
+    assert_refused(
+        cli,
+        tmp_path,
+        [*command, tmp_path / "m.lors.safetensors", "-o", tmp_path / "x.safetensors"]
+        if not command
+        else [*command, tmp_path / "m.lors.safetensors"],
+        "lors-convert expand",
+    )
 
 
 @pytest.mark.parametrize("name", ["layers.0.w.lora_A", "layers.lors_shared.w"])
@@ -80,13 +86,16 @@ def test_auto_at_a_fixed_rank_keeps_s_where_the_layers_share_it(tmp_path, cli):
     assert groups["shared.{i}.w"]["rel_error"] < 1e-5 and groups["unrelated.{i}.w"]["rel_error"] < 1e-5
 
 
-@pytest.mark.parametrize("options", [["--reduction", "0.3"], ["--energy", "0.999", "--shared", "none"],
-                                     ["--rank", "12"]])
+@pytest.mark.parametrize(
+    "options", [["--reduction", "0.3"], ["--energy", "0.999", "--shared", "none"], ["--rank", "12"]]
+)
 def test_no_layer_stores_factors_costing_as_much_as_the_layer(tmp_path, cli, options):
     """16x16 layers break even at rank 8: above it a layer is stored dense, and the file holds what the
     metadata says (verify recomputes the counts and, with --source, the errors)."""
-    sd = {f"layers.{i}.w": rand(16, 2, seed=i) @ rand(2, 16, seed=20 + i) if i % 2 else rand(16, 16, seed=i)
-          for i in range(4)}  # the odd layers have rank 2, the even ones need every rank
+    sd = {
+        f"layers.{i}.w": rand(16, 2, seed=i) @ rand(2, 16, seed=20 + i) if i % 2 else rand(16, 16, seed=i)
+        for i in range(4)
+    }  # the odd layers have rank 2, the even ones need every rank
     sd.update({f"mlp.{i}.w": rand(48, 16, seed=10 + i) @ torch.diag(torch.linspace(0.01, 1, 16)) for i in range(4)})
     save_file(sd, tmp_path / "m.safetensors")
     report = convert_json(cli, tmp_path / "m.safetensors", *options)
@@ -127,8 +136,10 @@ def test_force_leaves_exactly_one_checkpoint_under_the_name(tmp_path, cli, first
     save_file(small(), tmp_path / "m.safetensors")
     out = tmp_path / "o.safetensors"
     assert cli(tmp_path / "m.safetensors", "-o", out, "--shard-size", first, "--rank", "2", "--quiet").code == 0
-    assert cli(tmp_path / "m.safetensors", "-o", out, "--shard-size", second, "--rank", "3", "--quiet",
-               "--force").code == 0
+    assert (
+        cli(tmp_path / "m.safetensors", "-o", out, "--shard-size", second, "--rank", "3", "--quiet", "--force").code
+        == 0
+    )
     written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o"))
     if second == "5GB":
         assert written == ["o.safetensors"]
@@ -150,8 +161,12 @@ def test_dash_h_is_help_everywhere(cli, command):
 
 def test_help_shows_defaults_and_flags_without_types(cli):
     text = re.sub(r"[│\s]+", " ", cli("convert", "--help").out)  # the help's box wraps long lines
-    for shown in ("[default: (0.5)]", "[default: (<input stem>.lors.safetensors beside the input)]",
-                  "[default: 5GB]", "[default: auto]"):
+    for shown in (
+        "[default: (0.5)]",
+        "[default: (<input stem>.lors.safetensors beside the input)]",
+        "[default: 5GB]",
+        "[default: auto]",
+    ):
         assert shown in text, shown
     assert "<bool>" not in text and "list[str]" not in text
 
@@ -169,11 +184,18 @@ def test_kept_dense_groups_are_labelled_and_a_lossy_conversion_hints_at_recovery
 
 
 def test_one_thread_per_free_core_unless_the_user_chose():
-    code = ("import os, sys; from lors_convert import cli; assert 'torch' not in sys.modules; "
-            "cli.threads_for_free_cores(); print(os.environ.get('OMP_NUM_THREADS'))")
+    code = (
+        "import os, sys; from lors_convert import cli; assert 'torch' not in sys.modules; "
+        "cli.threads_for_free_cores(); print(os.environ.get('OMP_NUM_THREADS'))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,  # noqa: E731
-                                       text=True, check=True).stdout.strip()
+    run = lambda extra: subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert 1 <= int(run({})) <= len(os.sched_getaffinity(0))
     assert run({"OMP_NUM_THREADS": "3"}) == "3"
     assert run({"MKL_NUM_THREADS": "2"}) == "None"
@@ -185,15 +207,16 @@ def test_one_thread_per_free_core_unless_the_user_chose():
 def documented_fields(heading: str) -> set[str]:
     """The backticked names in the first column of the table under a FORMAT.md heading or lead-in line."""
     text = (ROOT / "docs" / "FORMAT.md").read_text()
-    table = next(block for block in text[text.index(heading):].split("\n\n") if block.startswith("|"))
+    table = next(block for block in text[text.index(heading) :].split("\n\n") if block.startswith("|"))
     return {name for line in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", line.split("|")[1])}
 
 
 def test_format_md_documents_exactly_the_typed_model():
     assert documented_fields("## Metadata") == {f.name for f in dataclasses.fields(LorsMeta)}
     assert documented_fields("A group object:") == {f.name for f in dataclasses.fields(GroupMeta)}
-    source_row = next(line for line in (ROOT / "docs" / "FORMAT.md").read_text().splitlines()
-                      if line.startswith("| `source` |"))
+    source_row = next(
+        line for line in (ROOT / "docs" / "FORMAT.md").read_text().splitlines() if line.startswith("| `source` |")
+    )
     assert set(re.findall(r"`(\w+)` \(", source_row)) == {f.name for f in dataclasses.fields(SourceMeta)}
 
 
@@ -204,17 +227,20 @@ def meta_of(tmp_path, cli) -> dict:
     return json.loads(meta.to_json())
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (lambda m: m.__setitem__("warnings", [1, 2]), "warnings"),
-    (lambda m: m.__setitem__("warnings", "text"), "warnings"),
-    (lambda m: m["groups"][0].__setitem__("output_error", "high"), "output_error"),
-    (lambda m: m["groups"][0].__setitem__("layer_errors", [0.1]), "layer_errors"),
-    (lambda m: m["source"].__setitem__("sha256", 12), "sha256"),
-    (lambda m: m["source"].__setitem__("sha256", "abc"), "sha256"),
-    (lambda m: m["groups"][0]["ranks"].__setitem__(0, -1), "ranks"),
-    (lambda m: m.__setitem__("calibration", [1]), "calibration"),
-    (lambda m: m["groups"].append(m["groups"][0]), "two groups"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda m: m.__setitem__("warnings", [1, 2]), "warnings"),
+        (lambda m: m.__setitem__("warnings", "text"), "warnings"),
+        (lambda m: m["groups"][0].__setitem__("output_error", "high"), "output_error"),
+        (lambda m: m["groups"][0].__setitem__("layer_errors", [0.1]), "layer_errors"),
+        (lambda m: m["source"].__setitem__("sha256", 12), "sha256"),
+        (lambda m: m["source"].__setitem__("sha256", "abc"), "sha256"),
+        (lambda m: m["groups"][0]["ranks"].__setitem__(0, -1), "ranks"),
+        (lambda m: m.__setitem__("calibration", [1]), "calibration"),
+        (lambda m: m["groups"].append(m["groups"][0]), "two groups"),
+    ],
+)
 def test_the_schema_catches_what_the_old_validator_missed(tmp_path, cli, edit, problem):
     meta = meta_of(tmp_path, cli)
     edit(meta)
@@ -243,13 +269,35 @@ def test_finetune_refuses_to_write_onto_its_teacher(tmp_path, cli):
     from transformers import BertConfig, BertModel
 
     folder = tmp_path / "teacher"
-    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(folder)
     assert cli(folder, "-o", tmp_path / "s.lors.safetensors", "--rank", "2", "--quiet").code == 0
     data = tmp_path / "d.pt"
     torch.save({"input_ids": torch.randint(0, 64, (20, 8))}, data)
-    assert_refused(cli, tmp_path, ["finetune", tmp_path / "s.lors.safetensors", "--data", data, "--steps", "1",
-                                   "-o", folder / "model.safetensors", "--force"], "onto the input")
+    assert_refused(
+        cli,
+        tmp_path,
+        [
+            "finetune",
+            tmp_path / "s.lors.safetensors",
+            "--data",
+            data,
+            "--steps",
+            "1",
+            "-o",
+            folder / "model.safetensors",
+            "--force",
+        ],
+        "onto the input",
+    )
 
 
 def test_errors_chain_their_cause_which_debug_shows(tmp_path):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bert, rand
 from safetensors.torch import load_file, save_file
 
-from conftest import bert, rand
 import lors_convert.checkpoint as checkpoint
 import lors_convert.convert as convert_module
 import lors_convert.lors_format as lors_format
@@ -28,8 +28,7 @@ def small() -> dict[str, torch.Tensor]:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
-            for p in sorted(folder.rglob("*"))}
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
 
 
 def assert_refused(cli, folder: Path, args: list, message: str, code: int = 1) -> None:
@@ -102,7 +101,7 @@ def sharded_index(tmp: Path) -> Path:
 def header_of(path: Path) -> tuple[dict, bytes]:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def lying_header(tmp: Path, change) -> Path:
@@ -119,40 +118,66 @@ BAD_FILES = {
     "safetensors truncated": (lambda t: truncated(st(t)), "truncated"),
     "safetensors cut in its header": (lambda t: truncated(st(t), 0.01), "does not fit the file"),
     "safetensors empty": (lambda t: put(t / "m.safetensors", b""), "too short"),
-    "safetensors random bytes": (lambda t: put(t / "m.safetensors", random.Random(1).randbytes(4096)),
-                                 "not a safetensors file"),
-    "header length lies": (lambda t: put(t / "m.safetensors", struct.pack("<Q", 2**40) + b"{}"),
-                           "does not fit the file"),
-    "header not JSON": (lambda t: put(t / "m.safetensors", struct.pack("<Q", 4) + b"\xff{[x"),
-                        "corrupt safetensors header"),
-    "header nested too deep": (lambda t: put(t / "m.safetensors", struct.pack("<Q", 50000) + b"[" * 50000),
-                               "corrupt safetensors header"),
-    "header shape lies": (lambda t: lying_header(t, lambda h: first_entry(h)["shape"].__setitem__(0, 17)),
-                          "offsets disagree"),
-    "header offsets overlap": (lambda t: lying_header(t, lambda h: h[sorted(h)[-1]].__setitem__(
-        "data_offsets", first_entry(h)["data_offsets"])), None),
-    "header offsets past the end": (lambda t: lying_header(t, lambda h: first_entry(h)["data_offsets"].__setitem__(
-        1, 2**62)), "corrupt safetensors header"),
-    "header negative offset": (lambda t: lying_header(t, lambda h: first_entry(h)["data_offsets"].__setitem__(
-        0, -4)), "bad entry"),
-    "header unknown dtype": (lambda t: lying_header(t, lambda h: first_entry(h).__setitem__("dtype", "F128")),
-                             "bad entry"),
-    "header metadata not strings": (lambda t: lying_header(t, lambda h: h.__setitem__("__metadata__", {"a": 1})),
-                                    "metadata must map strings"),
-    "index not JSON": (lambda t: put(sharded_index(t), "{oops"),
-                       "not a valid shard index"),
-    "index shard missing": (lambda t: (sharded_index(t), (t / "m-00002-of-00002.safetensors").unlink())[0],
-                            "is missing"),
-    "index escapes its folder": (lambda t: put(sharded_index(t), json.dumps(
-        {"weight_map": {"a": "../m.safetensors"}})), "is missing"),
-    "index lists an absent tensor": (lambda t: put(sharded_index(t), json.dumps(
-        {"weight_map": {"ghost": "m-00001-of-00002.safetensors"}})), "does not hold it"),
+    "safetensors random bytes": (
+        lambda t: put(t / "m.safetensors", random.Random(1).randbytes(4096)),
+        "not a safetensors file",
+    ),
+    "header length lies": (
+        lambda t: put(t / "m.safetensors", struct.pack("<Q", 2**40) + b"{}"),
+        "does not fit the file",
+    ),
+    "header not JSON": (
+        lambda t: put(t / "m.safetensors", struct.pack("<Q", 4) + b"\xff{[x"),
+        "corrupt safetensors header",
+    ),
+    "header nested too deep": (
+        lambda t: put(t / "m.safetensors", struct.pack("<Q", 50000) + b"[" * 50000),
+        "corrupt safetensors header",
+    ),
+    "header shape lies": (
+        lambda t: lying_header(t, lambda h: first_entry(h)["shape"].__setitem__(0, 17)),
+        "offsets disagree",
+    ),
+    "header offsets overlap": (
+        lambda t: lying_header(
+            t, lambda h: h[sorted(h)[-1]].__setitem__("data_offsets", first_entry(h)["data_offsets"])
+        ),
+        None,
+    ),
+    "header offsets past the end": (
+        lambda t: lying_header(t, lambda h: first_entry(h)["data_offsets"].__setitem__(1, 2**62)),
+        "corrupt safetensors header",
+    ),
+    "header negative offset": (
+        lambda t: lying_header(t, lambda h: first_entry(h)["data_offsets"].__setitem__(0, -4)),
+        "bad entry",
+    ),
+    "header unknown dtype": (
+        lambda t: lying_header(t, lambda h: first_entry(h).__setitem__("dtype", "F128")),
+        "bad entry",
+    ),
+    "header metadata not strings": (
+        lambda t: lying_header(t, lambda h: h.__setitem__("__metadata__", {"a": 1})),
+        "metadata must map strings",
+    ),
+    "index not JSON": (lambda t: put(sharded_index(t), "{oops"), "not a valid shard index"),
+    "index shard missing": (
+        lambda t: (sharded_index(t), (t / "m-00002-of-00002.safetensors").unlink())[0],
+        "is missing",
+    ),
+    "index escapes its folder": (
+        lambda t: put(sharded_index(t), json.dumps({"weight_map": {"a": "../m.safetensors"}})),
+        "is missing",
+    ),
+    "index lists an absent tensor": (
+        lambda t: put(sharded_index(t), json.dumps({"weight_map": {"ghost": "m-00001-of-00002.safetensors"}})),
+        "does not hold it",
+    ),
     "pt zip truncated": (lambda t: truncated(pt_zip(t)), "not a readable PyTorch checkpoint"),
     "pt zip corrupt": (lambda t: corrupted(pt_zip(t)), None),
     "pt legacy truncated": (lambda t: truncated(pt_legacy(t)), None),
     "pt empty": (lambda t: put(t / "m.pt", b""), "not a readable PyTorch checkpoint"),
-    "bin random bytes": (lambda t: put(t / "m.bin", random.Random(2).randbytes(4096)),
-                         None),
+    "bin random bytes": (lambda t: put(t / "m.bin", random.Random(2).randbytes(4096)), None),
 }
 
 
@@ -193,8 +218,16 @@ def evil_files(tmp: Path, marker: Path) -> list[Path]:
     folder.mkdir()
     torch.save({"layers.0.w": torch.zeros(3, 3)}, folder / "pytorch_model-00001-of-00002.bin")
     torch.save({"layers.1.w": RunsCode(marker, "system")}, folder / "pytorch_model-00002-of-00002.bin")
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
-        "layers.0.w": "pytorch_model-00001-of-00002.bin", "layers.1.w": "pytorch_model-00002-of-00002.bin"}}))
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "layers.0.w": "pytorch_model-00001-of-00002.bin",
+                    "layers.1.w": "pytorch_model-00002-of-00002.bin",
+                }
+            }
+        )
+    )
     return [*files, tmp / "evil_zip.pt", folder]
 
 
@@ -215,11 +248,15 @@ ODD_PICKLES = {
     "tensors only inside lists": ({"layers": [torch.zeros(2, 2), torch.zeros(2, 2)]}, "no tensors found"),
     "meta tensors": ({"layers.0.w": torch.empty(4, 4, device="meta")}, "only dense tensors"),
     "sparse tensors": ({"layers.0.w": torch.eye(4).to_sparse()}, "only dense tensors"),
-    "quantized tensors": ({"layers.0.w": torch.quantize_per_tensor(torch.ones(4, 4), 0.1, 0, torch.qint8)},
-                          "only dense tensors"),
+    "quantized tensors": (
+        {"layers.0.w": torch.quantize_per_tensor(torch.ones(4, 4), 0.1, 0, torch.qint8)},
+        "only dense tensors",
+    ),
     "complex128 tensors": ({"layers.0.w": torch.ones(4, 4, dtype=torch.complex128)}, "only dense tensors"),
-    "integer stack only": ({f"layers.{i}.w": torch.ones(4, 4, dtype=torch.int32) for i in range(3)},
-                           "no stacked layers found"),
+    "integer stack only": (
+        {f"layers.{i}.w": torch.ones(4, 4, dtype=torch.int32) for i in range(3)},
+        "no stacked layers found",
+    ),
 }
 
 
@@ -246,11 +283,15 @@ def test_directories_and_missing_paths(tmp_path, cli):
 
 def test_integer_and_complex_tensors_are_kept_unchanged(tmp_path, cli):
     sd = small()
-    sd.update({"encoder.layer.0.ids": torch.arange(12, dtype=torch.int64).reshape(3, 4),
-               "encoder.layer.1.ids": torch.arange(12, dtype=torch.int64).reshape(3, 4),
-               "encoder.layer.0.phase": torch.ones(3, 4, dtype=torch.complex64),
-               "encoder.layer.1.phase": torch.ones(3, 4, dtype=torch.complex64),
-               "encoder.layer.0.count": torch.ones(3, 4, dtype=torch.uint16)})
+    sd.update(
+        {
+            "encoder.layer.0.ids": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+            "encoder.layer.1.ids": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+            "encoder.layer.0.phase": torch.ones(3, 4, dtype=torch.complex64),
+            "encoder.layer.1.phase": torch.ones(3, 4, dtype=torch.complex64),
+            "encoder.layer.0.count": torch.ones(3, 4, dtype=torch.uint16),
+        }
+    )
     torch.save(sd, tmp_path / "m.pt")
     result = cli(tmp_path / "m.pt", "--quiet", "--json")
     assert result.code == 0, result.err
@@ -291,17 +332,27 @@ def test_factors_that_overflow_the_storage_dtype_are_refused(tmp_path, cli):
 
 
 BAD_OPTIONS = [
-    (["--rank", "-1"], "--rank", 1), (["--rank", "two"], "--rank", 2),
-    (["--reduction", "-0.1"], "--reduction", 1), (["--reduction", "1"], "--reduction", 1),
-    (["--reduction", "nan"], "--reduction", 1), (["--reduction", "inf"], "--reduction", 1),
+    (["--rank", "-1"], "--rank", 1),
+    (["--rank", "two"], "--rank", 2),
+    (["--reduction", "-0.1"], "--reduction", 1),
+    (["--reduction", "1"], "--reduction", 1),
+    (["--reduction", "nan"], "--reduction", 1),
+    (["--reduction", "inf"], "--reduction", 1),
     (["--reduction", "0.999", "--shared", "mean"], "out of reach", 1),
-    (["--energy", "0"], "--energy", 1), (["--energy", "1.5"], "--energy", 1), (["--energy", "nan"], "--energy", 1),
+    (["--energy", "0"], "--energy", 1),
+    (["--energy", "1.5"], "--energy", 1),
+    (["--energy", "nan"], "--energy", 1),
     (["--rank", "2", "--reduction", "0.5"], "choose one", 1),
-    (["--dtype", "int8"], "unknown floating dtype", 1), (["--dtype", "complex64"], "unknown floating dtype", 1),
-    (["--dtype", "nn"], "unknown floating dtype", 1), (["--dtype", "float8_e4m3fnuz"], "unknown floating dtype", 1),
-    (["--shard-size", "0"], "shard size", 1), (["--shard-size", "-5GB"], "cannot read size", 1),
-    (["--shard-size", "lots"], "cannot read size", 1), (["--shard-size", "0.1"], "shard size", 1),
-    (["--seed", "-1"], "--seed", 1), (["--seed", str(2**70)], "--seed", 1),
+    (["--dtype", "int8"], "unknown floating dtype", 1),
+    (["--dtype", "complex64"], "unknown floating dtype", 1),
+    (["--dtype", "nn"], "unknown floating dtype", 1),
+    (["--dtype", "float8_e4m3fnuz"], "unknown floating dtype", 1),
+    (["--shard-size", "0"], "shard size", 1),
+    (["--shard-size", "-5GB"], "cannot read size", 1),
+    (["--shard-size", "lots"], "cannot read size", 1),
+    (["--shard-size", "0.1"], "shard size", 1),
+    (["--seed", "-1"], "--seed", 1),
+    (["--seed", str(2**70)], "--seed", 1),
     (["--no-such-option"], "No such option", 2),
 ]
 
@@ -402,16 +453,20 @@ def test_ctrl_c_leaves_nothing(tmp_path, cli, monkeypatch, stage):
     owner, name, n, options = INTERRUPTS[stage]
     save_file(small(), tmp_path / "m.safetensors")
     monkeypatch.setattr(owner, name, raise_on_call(getattr(owner, name), n))
-    assert_refused(cli, tmp_path, [tmp_path / "m.safetensors", *options],
-                   "interrupted: nothing was written", 130)
+    assert_refused(cli, tmp_path, [tmp_path / "m.safetensors", *options], "interrupted: nothing was written", 130)
 
 
 def test_ctrl_c_during_expand_leaves_nothing(tmp_path, cli, monkeypatch):
     save_file(small(), tmp_path / "m.safetensors")
     assert cli(tmp_path / "m.safetensors", "--quiet").code == 0
     monkeypatch.setattr(lors_format, "reconstruct", raise_on_call(lors_format.reconstruct, 2))
-    assert_refused(cli, tmp_path, ["expand", tmp_path / "m.lors.safetensors", "-o", tmp_path / "d.safetensors"],
-                   "interrupted: nothing was written", 130)
+    assert_refused(
+        cli,
+        tmp_path,
+        ["expand", tmp_path / "m.lors.safetensors", "-o", tmp_path / "d.safetensors"],
+        "interrupted: nothing was written",
+        130,
+    )
 
 
 # ---------------------------------------------------------------- damaged LORS checkpoints
@@ -440,39 +495,66 @@ def meta_edit(edit):
         meta = json.loads(metadata["lors"])
         edit(meta)
         return {**metadata, "lors": json.dumps(meta)}
+
     return change
 
 
 FACTOR = "encoder.layer.1.output.dense.weight.lora_A"
 DAMAGED_LORS = {
     "a factor missing": ({"change_tensors": lambda t: t.pop(FACTOR)}, "is missing"),
-    "a shared matrix missing": ({"change_tensors": lambda t: t.pop("encoder.layer.lors_shared.output.dense.weight")},
-                                "is missing"),
-    "a factor of the wrong shape": ({"change_tensors": lambda t: t.__setitem__(FACTOR, t[FACTOR][:2])},
-                                    "the metadata implies"),
+    "a shared matrix missing": (
+        {"change_tensors": lambda t: t.pop("encoder.layer.lors_shared.output.dense.weight")},
+        "is missing",
+    ),
+    "a factor of the wrong shape": (
+        {"change_tensors": lambda t: t.__setitem__(FACTOR, t[FACTOR][:2])},
+        "the metadata implies",
+    ),
     "metadata missing": ({"change_meta": lambda m: {"format": "pt"}}, "not a LORS checkpoint"),
-    "metadata not JSON": ({"change_meta": lambda m: {**m, "lors": "{\"format_version\": 1, "}}, "corrupt LORS"),
+    "metadata not JSON": ({"change_meta": lambda m: {**m, "lors": '{"format_version": 1, '}}, "corrupt LORS"),
     "metadata a list": ({"change_meta": lambda m: {**m, "lors": "[1, 2]"}}, "corrupt LORS"),
-    "newer format_version": ({"change_meta": meta_edit(lambda m: m.__setitem__("format_version", FORMAT_VERSION + 1))},
-                             "newer than this tool reads"),
-    "format_version a string": ({"change_meta": meta_edit(lambda m: m.__setitem__("format_version", "1"))},
-                                "corrupt LORS"),
+    "newer format_version": (
+        {"change_meta": meta_edit(lambda m: m.__setitem__("format_version", FORMAT_VERSION + 1))},
+        "newer than this tool reads",
+    ),
+    "format_version a string": (
+        {"change_meta": meta_edit(lambda m: m.__setitem__("format_version", "1"))},
+        "corrupt LORS",
+    ),
     "groups missing": ({"change_meta": meta_edit(lambda m: m.pop("groups"))}, "corrupt LORS"),
     "source missing": ({"change_meta": meta_edit(lambda m: m.pop("source"))}, "corrupt LORS"),
-    "group dtype not a dtype": ({"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dtype", "nn"))},
-                                "corrupt LORS"),
+    "group dtype not a dtype": (
+        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dtype", "nn"))},
+        "corrupt LORS",
+    ),
     "group dtype an integer type": (
-        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dtype", "int32"))}, "corrupt LORS"),
-    "dtypes naming a non-dtype": ({"change_meta": meta_edit(lambda m: m.__setitem__("dtypes", {"x": "float99"}))},
-                                  "corrupt LORS"),
-    "ranks shorter than the layers": ({"change_meta": meta_edit(lambda m: m["groups"][0]["ranks"].pop())},
-                                      "corrupt LORS"),
+        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dtype", "int32"))},
+        "corrupt LORS",
+    ),
+    "dtypes naming a non-dtype": (
+        {"change_meta": meta_edit(lambda m: m.__setitem__("dtypes", {"x": "float99"}))},
+        "corrupt LORS",
+    ),
+    "ranks shorter than the layers": (
+        {"change_meta": meta_edit(lambda m: m["groups"][0]["ranks"].pop())},
+        "corrupt LORS",
+    ),
     "recorded error huge (found by fuzzing)": (
-        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("rel_error", 1e308))}, "corrupt LORS"),
-    "zero dense params": ({"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dense_params", 0))},
-                          "corrupt LORS"),
-    "kept_dense template with a format field": ({"change_meta": meta_edit(lambda m: m["kept_dense"].append(
-        {"template": "{0}.{i}", "layers": [0], "reason": "x"}))}, None),
+        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("rel_error", 1e308))},
+        "corrupt LORS",
+    ),
+    "zero dense params": (
+        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dense_params", 0))},
+        "corrupt LORS",
+    ),
+    "kept_dense template with a format field": (
+        {
+            "change_meta": meta_edit(
+                lambda m: m["kept_dense"].append({"template": "{0}.{i}", "layers": [0], "reason": "x"})
+            )
+        },
+        None,
+    ),
     "truncated": ({"change_tensors": None}, "truncated"),
 }
 
@@ -527,17 +609,40 @@ def nan_in(key: str):
 
 
 VERIFY_DAMAGE = {
-    "NaN in two factors": ({"change_tensors": lambda t: (nan_in(FACTOR)(t), nan_in(FACTOR[:-1] + "B")(t))},
-                           ["holds NaN or Inf", "holds NaN or Inf"], False),
-    "recorded lors_params wrong": ({"change_meta": meta_edit(lambda m: m["groups"][1].__setitem__(
-        "lors_params", m["groups"][1]["lors_params"] + 1))}, ["recorded lors_params"], False),
-    "recorded dense_params wrong": ({"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__(
-        "dense_params", 7))}, ["recorded dense_params"], False),
+    "NaN in two factors": (
+        {"change_tensors": lambda t: (nan_in(FACTOR)(t), nan_in(FACTOR[:-1] + "B")(t))},
+        ["holds NaN or Inf", "holds NaN or Inf"],
+        False,
+    ),
+    "recorded lors_params wrong": (
+        {
+            "change_meta": meta_edit(
+                lambda m: m["groups"][1].__setitem__("lors_params", m["groups"][1]["lors_params"] + 1)
+            )
+        },
+        ["recorded lors_params"],
+        False,
+    ),
+    "recorded dense_params wrong": (
+        {"change_meta": meta_edit(lambda m: m["groups"][0].__setitem__("dense_params", 7))},
+        ["recorded dense_params"],
+        False,
+    ),
     "factor changed slightly": ({"change_tensors": lambda t: t[FACTOR].mul_(2)}, ["relative error is"], True),
-    "recorded error wrong": ({"change_meta": meta_edit(lambda m: m["groups"][2].__setitem__(
-        "rel_error", m["groups"][2]["rel_error"] * 0.9))}, ["relative error is"], True),
-    "sha256 differs": ({"change_meta": meta_edit(lambda m: m["source"].__setitem__("sha256", "0" * 64))},
-                       ["sha256 differs"], True),
+    "recorded error wrong": (
+        {
+            "change_meta": meta_edit(
+                lambda m: m["groups"][2].__setitem__("rel_error", m["groups"][2]["rel_error"] * 0.9)
+            )
+        },
+        ["relative error is"],
+        True,
+    ),
+    "sha256 differs": (
+        {"change_meta": meta_edit(lambda m: m["source"].__setitem__("sha256", "0" * 64))},
+        ["sha256 differs"],
+        True,
+    ),
 }
 
 

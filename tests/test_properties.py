@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lors_convert.factorize import allocate_ranks, capped, low_rank, lors_params, spectrum
+from lors_convert.factorize import allocate_ranks, capped, lors_params, low_rank, spectrum
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -67,9 +68,15 @@ def allocation_problems(draw):
     for _ in range(draw(st.integers(1, 4))):
         rows, cols = draw(st.integers(1, 7)), draw(st.integers(1, 7))
         shapes.append((rows, cols))
-        layers = [torch.tensor(sorted(draw(st.lists(st.floats(0, 100), min_size=min(rows, cols),
-                                                    max_size=min(rows, cols))), reverse=True), dtype=torch.float64)
-                  for _ in range(draw(st.integers(1, 4)))]
+        layers = [
+            torch.tensor(
+                sorted(
+                    draw(st.lists(st.floats(0, 100), min_size=min(rows, cols), max_size=min(rows, cols))), reverse=True
+                ),
+                dtype=torch.float64,
+            )
+            for _ in range(draw(st.integers(1, 4)))
+        ]
         spectra.append(layers)
         norms.append(sum(s.sum().item() for s in layers) + draw(st.floats(0.1, 100)))
     return spectra, norms, shapes
@@ -77,8 +84,10 @@ def allocation_problems(draw):
 
 def objective(spectra, norms, ranks) -> float:
     """Σ over groups of the relative squared error that the chosen ranks leave (a dense layer leaves none)."""
-    return sum(sum(sq[r:].sum().item() for sq, r in zip(layers, group_ranks) if r is not None) / norm
-               for layers, norm, group_ranks in zip(spectra, norms, ranks))
+    return sum(
+        sum(sq[r:].sum().item() for sq, r in zip(layers, group_ranks) if r is not None) / norm
+        for layers, norm, group_ranks in zip(spectra, norms, ranks)
+    )
 
 
 def cost(shapes, ranks) -> int:
@@ -106,8 +115,7 @@ def test_allocation_is_never_worse_than_uniform_of_the_same_cost(problem, rank):
 
 
 @FAST
-@given(st.integers(2, 5), st.integers(2, 10), st.integers(2, 10), st.integers(0, 2**31), st.booleans(),
-       st.data())
+@given(st.integers(2, 5), st.integers(2, 10), st.integers(2, 10), st.integers(0, 2**31), st.booleans(), st.data())
 def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, data):
     from pathlib import Path
 
@@ -117,15 +125,20 @@ def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, 
 
     generator = torch.Generator().manual_seed(seed)
     weights = {f"layers.{i}.w": torch.randn(rows, cols, generator=generator) for i in range(layers)}
-    source = TensorSource(Path("memory"), [], {n: TensorInfo((rows, cols), torch.float32) for n in weights},
-                          weights.__getitem__)
+    source = TensorSource(
+        Path("memory"), [], {n: TensorInfo((rows, cols), torch.float32) for n in weights}, weights.__getitem__
+    )
     ranks = data.draw(st.lists(st.integers(0, min(rows, cols)), min_size=layers, max_size=layers))
-    group = GroupPlan(Stack("layers.{i}.w", list(range(layers)), list(weights), (rows, cols), torch.float32),
-                      torch.float32, ranks=tuple(ranks))
+    group = GroupPlan(
+        Stack("layers.{i}.w", list(range(layers)), list(weights), (rows, cols), torch.float32),
+        torch.float32,
+        ranks=tuple(ranks),
+    )
     if calibrated:
         inputs = [torch.randn(3 * cols, cols, generator=generator) for _ in range(layers)]
-        group = replace(group, metrics=tuple((x.T @ x).double() + 0.01 * torch.eye(cols, dtype=torch.float64)
-                                             for x in inputs))
+        group = replace(
+            group, metrics=tuple((x.T @ x).double() + 0.01 * torch.eye(cols, dtype=torch.float64) for x in inputs)
+        )
     group = replace(group, shared_matrix=mean_matrix(source, group))
     _, history = refit_shared(source, group, seed=0)
     for before, after in zip(history, history[1:]):

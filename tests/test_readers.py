@@ -14,20 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
-
 from conftest import bert, rand
 from factory_models import StackedMLP
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_fuzz import fuzz_readers
+from test_hostile import assert_refused
+from torch import nn
+
 from lors_convert import LorsError
 from lors_convert.calibrate import collect_pair
 from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files, parse_size
 from lors_convert.evaluate import call_model
 from lors_convert.stacks import find_stacks
-from test_fuzz import fuzz_readers
-from test_hostile import assert_refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,8 +45,12 @@ def small_model(folder: Path) -> Path:
 def test_odd_shard_sizes_are_one_line_errors_naming_the_text(tmp_path, cli, text):
     model = small_model(tmp_path)
     assert_refused(cli, tmp_path, [model, "--shard-size", text], f"cannot read size {text!r}")
-    assert_refused(cli, tmp_path, ["expand", model, "-o", tmp_path / "d.safetensors", "--shard-size", text],
-                   f"cannot read size {text!r}")
+    assert_refused(
+        cli,
+        tmp_path,
+        ["expand", model, "-o", tmp_path / "d.safetensors", "--shard-size", text],
+        f"cannot read size {text!r}",
+    )
 
 
 def test_sizes_are_exact():
@@ -119,8 +124,13 @@ def test_bad_index_is_refused_under_python_O(tmp_path):
     index = sharded_safetensors(tmp_path)
     for case in ("weight_map a list", "a shard name not a string"):
         index.write_text(json.dumps(BAD_INDEXES[case]))
-        done = subprocess.run([sys.executable, "-O", "-m", "lors_convert", "inspect", str(index)],
-                              capture_output=True, text=True, env=env, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-O", "-m", "lors_convert", "inspect", str(index)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1, (case, done.stderr)
         assert "not a valid shard index" in lines[0], (case, done.stderr)
@@ -145,8 +155,9 @@ LAYERS = {f"layers.{i}.w": rand(6, 6, seed=i) for i in range(3)}
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_index_listing_a_tensor_its_shard_lacks_is_refused(tmp_path, cli, suffix):
     shards = {"s1": {k: LAYERS[k] for k in ("layers.0.w", "layers.1.w")}, "s2": {"layers.2.w": LAYERS["layers.2.w"]}}
-    index = write_shards(tmp_path, suffix, shards, {"layers.0.w": "s1", "layers.1.w": "s1", "layers.2.w": "s2",
-                                                    "ghost": "s2"})
+    index = write_shards(
+        tmp_path, suffix, shards, {"layers.0.w": "s1", "layers.1.w": "s1", "layers.2.w": "s2", "ghost": "s2"}
+    )
     assert_refused(cli, tmp_path, ["inspect", index], "the index lists 'ghost' but its shard does not hold it")
     assert_refused(cli, tmp_path, ["inspect", tmp_path], "does not hold it")
 
@@ -166,16 +177,24 @@ def test_pickle_shards_repeating_a_name_are_refused(tmp_path):
 
 def test_pickle_naming_a_tensor_twice_is_refused(tmp_path, cli):
     """{"a.b": t, "a": {"b": u}} flattens to "a.b" twice: refused rather than one silently dropped."""
-    torch.save({"layers.0.w": LAYERS["layers.0.w"], "layers": {"0": {"w": LAYERS["layers.1.w"]}},
-                "layers.1.w": LAYERS["layers.1.w"]}, tmp_path / "m.pt")
+    torch.save(
+        {
+            "layers.0.w": LAYERS["layers.0.w"],
+            "layers": {"0": {"w": LAYERS["layers.1.w"]}},
+            "layers.1.w": LAYERS["layers.1.w"],
+        },
+        tmp_path / "m.pt",
+    )
     assert_refused(cli, tmp_path, ["inspect", tmp_path / "m.pt"], "'layers.0.w' appears twice")
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_shard_tensors_the_index_does_not_list_there_are_ignored(tmp_path, suffix):
     """The same for pickles and safetensors: a tensor is read from the shard the index names, nowhere else."""
-    shards = {"s1": {"layers.0.w": LAYERS["layers.0.w"], "layers.1.w": rand(6, 6, seed=99), "extra": rand(2, seed=7)},
-              "s2": {"layers.1.w": LAYERS["layers.1.w"], "layers.2.w": LAYERS["layers.2.w"]}}
+    shards = {
+        "s1": {"layers.0.w": LAYERS["layers.0.w"], "layers.1.w": rand(6, 6, seed=99), "extra": rand(2, seed=7)},
+        "s2": {"layers.1.w": LAYERS["layers.1.w"], "layers.2.w": LAYERS["layers.2.w"]},
+    }
     index = write_shards(tmp_path, suffix, shards, {"layers.0.w": "s1", "layers.1.w": "s2", "layers.2.w": "s2"})
     source = open_checkpoint(index)
     assert sorted(source.info) == sorted(LAYERS)
@@ -247,8 +266,18 @@ def test_calibration_tensor_files_are_checked_like_eval_data(tmp_path, cli, case
     torch.manual_seed(0)
     save_file(StackedMLP().state_dict(), tmp_path / "mlp.safetensors")
     save_file(CALIBRATION_DATA[case], tmp_path / "inputs.safetensors")
-    assert_refused(cli, tmp_path, [tmp_path / "mlp.safetensors", "--calibrate", tmp_path / "inputs.safetensors",
-                                   "--model-factory", "factory_models:stacked_mlp"], "must share their first dimension")
+    assert_refused(
+        cli,
+        tmp_path,
+        [
+            tmp_path / "mlp.safetensors",
+            "--calibrate",
+            tmp_path / "inputs.safetensors",
+            "--model-factory",
+            "factory_models:stacked_mlp",
+        ],
+        "must share their first dimension",
+    )
 
 
 # ---------------------------------------------------------------- one call rule for calibration and eval
@@ -274,8 +303,9 @@ def test_calibration_and_eval_call_a_factory_model_the_same_way(tmp_path, cli):
     save_file({"input_ids": torch.randn(12, 5, 16)}, tmp_path / "ids.safetensors")
     factory = ["--model-factory", "test_readers:recording_mlp"]
     CALLS.clear()
-    result = cli(tmp_path / "mlp.safetensors", "--rank", "2", "--calibrate", tmp_path / "ids.safetensors", *factory,
-                 "--quiet")
+    result = cli(
+        tmp_path / "mlp.safetensors", "--rank", "2", "--calibrate", tmp_path / "ids.safetensors", *factory, "--quiet"
+    )
     assert result.code == 0, result.err
     calibration_calls = set(CALLS)
     CALLS.clear()
@@ -316,8 +346,12 @@ def test_errors_chain_their_cause(tmp_path):
     (tmp_path / "evil.pt").write_bytes(b"cos\nsystem\n(S'true'\ntR.")
     (tmp_path / "m.safetensors.index.json").write_text("{oops")
     unchained = []
-    for path, message in (("bad.safetensors", "corrupt safetensors header"), ("bad.pt", "not a readable PyTorch"),
-                          ("evil.pt", "refusing to unpickle"), ("m.safetensors.index.json", "not a valid shard index")):
+    for path, message in (
+        ("bad.safetensors", "corrupt safetensors header"),
+        ("bad.pt", "not a readable PyTorch"),
+        ("evil.pt", "refusing to unpickle"),
+        ("m.safetensors.index.json", "not a valid shard index"),
+    ):
         with pytest.raises(LorsError, match=message) as caught:
             open_checkpoint(tmp_path / path)
         assert "\n" not in str(caught.value)
@@ -330,14 +364,28 @@ def test_errors_chain_their_cause(tmp_path):
 
 # Where our reader and the library legitimately disagree: (the side that refuses, a fragment of its error, why).
 LEGIT_DIFFERENCES = [
-    ("ours", "is not one this tool reads", "F4, F6_*, F8_E8M0 and the FNUZ float8s: nothing here factors or "
-                                           "writes them back"),
-    ("ours", "appears twice", "a key twice in one JSON object is ambiguous; the library keeps the last tensor "
-                              "(or metadata value) of that name"),
-    ("ours", "too large", "a zero-element shape whose other dimensions multiply past 2^63: torch cannot build "
-                          "every such shape, so we refuse them all"),
-    ("library", "recursion limit exceeded", "JSON nested deeper than serde_json's 128 levels in a field nobody "
-                                            "reads; Python's json goes deeper"),
+    (
+        "ours",
+        "is not one this tool reads",
+        "F4, F6_*, F8_E8M0 and the FNUZ float8s: nothing here factors or writes them back",
+    ),
+    (
+        "ours",
+        "appears twice",
+        "a key twice in one JSON object is ambiguous; the library keeps the last tensor "
+        "(or metadata value) of that name",
+    ),
+    (
+        "ours",
+        "too large",
+        "a zero-element shape whose other dimensions multiply past 2^63: torch cannot build "
+        "every such shape, so we refuse them all",
+    ),
+    (
+        "library",
+        "recursion limit exceeded",
+        "JSON nested deeper than serde_json's 128 levels in a field nobody reads; Python's json goes deeper",
+    ),
     ("library", "`-0.0`", "JSON -0 in a shape: an integer (0) to Python, a float to serde_json"),
 ]
 
@@ -375,23 +423,38 @@ def disagreement(path: Path) -> str | None:
 
 
 def is_legit(difference: str | None) -> bool:
-    return difference is None or any(difference.startswith(f"only {side} refuses") and fragment in difference
-                                     for side, fragment, _ in LEGIT_DIFFERENCES)
+    return difference is None or any(
+        difference.startswith(f"only {side} refuses") and fragment in difference
+        for side, fragment, _ in LEGIT_DIFFERENCES
+    )
 
 
 def various_tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     floats = torch.randn(3, 5, generator=g)
-    return {"f32": floats, "f16": floats.half(), "bf16": floats.bfloat16(), "f64": floats.double(),
-            "f8_e4m3": floats.to(torch.float8_e4m3fn), "f8_e5m2": floats.to(torch.float8_e5m2),
-            "c64": torch.randn(2, 2, dtype=torch.complex64, generator=g), "bool": floats > 0,
-            "i64": torch.tensor([-(2**62), 0, 2**62]), "i32": torch.tensor([-5, 7], dtype=torch.int32),
-            "i16": torch.tensor([-300], dtype=torch.int16), "i8": torch.tensor([-1, 1], dtype=torch.int8),
-            "u8": torch.tensor([0, 255], dtype=torch.uint8), "u16": torch.tensor([1, 2], dtype=torch.uint16),
-            "u32": torch.tensor([3], dtype=torch.uint32), "u64": torch.tensor([2**40]).view(torch.uint64),
-            "empty": torch.empty(0, 3), "empty bf16": torch.empty(2, 0, 4, dtype=torch.bfloat16),
-            "scalar": torch.tensor(1.5), "scalar i8": torch.tensor(-7, dtype=torch.int8),
-            "odd name: ü.\"x\"\\/\n": torch.ones(2)}
+    return {
+        "f32": floats,
+        "f16": floats.half(),
+        "bf16": floats.bfloat16(),
+        "f64": floats.double(),
+        "f8_e4m3": floats.to(torch.float8_e4m3fn),
+        "f8_e5m2": floats.to(torch.float8_e5m2),
+        "c64": torch.randn(2, 2, dtype=torch.complex64, generator=g),
+        "bool": floats > 0,
+        "i64": torch.tensor([-(2**62), 0, 2**62]),
+        "i32": torch.tensor([-5, 7], dtype=torch.int32),
+        "i16": torch.tensor([-300], dtype=torch.int16),
+        "i8": torch.tensor([-1, 1], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "u16": torch.tensor([1, 2], dtype=torch.uint16),
+        "u32": torch.tensor([3], dtype=torch.uint32),
+        "u64": torch.tensor([2**40]).view(torch.uint64),
+        "empty": torch.empty(0, 3),
+        "empty bf16": torch.empty(2, 0, 4, dtype=torch.bfloat16),
+        "scalar": torch.tensor(1.5),
+        "scalar i8": torch.tensor(-7, dtype=torch.int8),
+        'odd name: ü."x"\\/\n': torch.ones(2),
+    }
 
 
 def valid_files(folder: Path) -> list[bytes]:
@@ -402,7 +465,7 @@ def valid_files(folder: Path) -> list[bytes]:
 
 def split(data: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def rewritten(data: bytes, change) -> bytes:
@@ -415,15 +478,16 @@ def rewritten(data: bytes, change) -> bytes:
 def header_text(data: bytes, old: bytes, new: bytes) -> bytes:
     """The header with one piece of its text replaced (and its length fixed)."""
     (n,) = struct.unpack("<Q", data[:8])
-    return raw_safetensors(data[8:8 + n].replace(old, new, 1), data[8 + n:])
+    return raw_safetensors(data[8 : 8 + n].replace(old, new, 1), data[8 + n :])
 
 
 F32 = b'"dtype":"F32","shape":[1],"data_offsets":[0,4]'
 
 
 def one_tensor(extra: bytes = b"", name: bytes = b"a", dtype: bytes = b"F32", shape: bytes = b"[1]") -> bytes:
-    return raw_safetensors(b'{"%s":{"dtype":"%s","shape":%s,"data_offsets":[0,4]%s}}' % (name, dtype, shape, extra),
-                           b"\0\0\x80\x3f")
+    return raw_safetensors(
+        b'{"%s":{"dtype":"%s","shape":%s,"data_offsets":[0,4]%s}}' % (name, dtype, shape, extra), b"\0\0\x80\x3f"
+    )
 
 
 def zero_elements(shape: bytes) -> bytes:
@@ -455,8 +519,9 @@ def hand_written_cases(various: bytes) -> dict[str, bytes]:
         "offsets end before start": rewritten(various, lambda h: h["f32"]["data_offsets"].reverse()),
         "offsets past the end": rewritten(various, lambda h: h["f32"]["data_offsets"].__setitem__(1, 2**62)),
         "offsets 2^64": rewritten(various, lambda h: h["f32"]["data_offsets"].__setitem__(1, 2**64)),
-        "a hole before the last tensor": rewritten(various + b"\0" * 4, lambda h: h[last].__setitem__(
-            "data_offsets", [o + 4 for o in h[last]["data_offsets"]])),
+        "a hole before the last tensor": rewritten(
+            various + b"\0" * 4, lambda h: h[last].__setitem__("data_offsets", [o + 4 for o in h[last]["data_offsets"]])
+        ),
         "three offsets": rewritten(various, lambda h: h["f32"]["data_offsets"].append(0)),
         "unknown dtype": rewritten(various, lambda h: h["f32"].__setitem__("dtype", "F33")),
         "lowercase dtype": rewritten(various, lambda h: h["f32"].__setitem__("dtype", "f32")),
@@ -477,8 +542,9 @@ def hand_written_cases(various: bytes) -> dict[str, bytes]:
         "metadata an empty string": rewritten(various, lambda h: h.__setitem__("__metadata__", "")),
         "metadata false": rewritten(various, lambda h: h.__setitem__("__metadata__", False)),
         "metadata null": rewritten(various, lambda h: h.__setitem__("__metadata__", None)),
-        "metadata shaped like a tensor": rewritten(various, lambda h: h.__setitem__(
-            "__metadata__", {"dtype": "F32", "shape": "[1]"})),
+        "metadata shaped like a tensor": rewritten(
+            various, lambda h: h.__setitem__("__metadata__", {"dtype": "F32", "shape": "[1]"})
+        ),
         "no tensors": raw_safetensors(b"{}"),
         "only metadata": raw_safetensors(b'{"__metadata__":{"a":"b"}}'),
         "header padded with spaces": header_text(various, b"}", b"}   "),
@@ -514,21 +580,34 @@ def hand_written_cases(various: bytes) -> dict[str, bytes]:
         "zero elements, a dimension 2^70": zero_elements(b"[0,1180591620717411303424]"),
         "two empty tensors at one offset": raw_safetensors(
             b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"I8","shape":[0,5],'
-            b'"data_offsets":[0,0]}}'),
+            b'"data_offsets":[0,0]}}'
+        ),
         "an empty tensor inside another's data": raw_safetensors(
-            b'{"a":{' + F32 + b'},"b":{"dtype":"F32","shape":[0],"data_offsets":[2,2]}}', b"\0" * 4),
+            b'{"a":{' + F32 + b'},"b":{"dtype":"F32","shape":[0],"data_offsets":[2,2]}}', b"\0" * 4
+        ),
         "duplicate name, the same entry": raw_safetensors(b'{"a":{' + F32 + b'},"a":{' + F32 + b"}}", b"\0" * 4),
         "duplicate name, an empty tensor": raw_safetensors(
             b'{"a":{' + F32 + b'},"b":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"F32",'
-            b'"shape":[0],"data_offsets":[4,4]}}', b"\0" * 4),
+            b'"shape":[0],"data_offsets":[4,4]}}',
+            b"\0" * 4,
+        ),
         "duplicate __metadata__": raw_safetensors(b'{"__metadata__":{},"__metadata__":{"a":"b"}}'),
         "duplicate metadata key": raw_safetensors(b'{"__metadata__":{"a":"b","a":"c"}}'),
         "duplicate field in an entry": one_tensor(b',"dtype":"F32"'),
         "duplicate extra field in an entry": one_tensor(b',"x":1,"x":2'),
-        **{f"dtype {name}": raw_safetensors(b'{"a":{"dtype":"%s","shape":[2],"data_offsets":[0,%d]}}'
-                                            % (name.encode(), size), b"\0" * size)
-           for name, size in (("F4", 1), ("F6_E2M3", 2), ("F6_E3M2", 2), ("F8_E8M0", 2), ("F8_E4M3FNUZ", 2),
-                              ("F8_E5M2FNUZ", 2))},
+        **{
+            f"dtype {name}": raw_safetensors(
+                b'{"a":{"dtype":"%s","shape":[2],"data_offsets":[0,%d]}}' % (name.encode(), size), b"\0" * size
+            )
+            for name, size in (
+                ("F4", 1),
+                ("F6_E2M3", 2),
+                ("F6_E3M2", 2),
+                ("F8_E8M0", 2),
+                ("F8_E4M3FNUZ", 2),
+                ("F8_E5M2FNUZ", 2),
+            )
+        },
     }
 
 
@@ -562,8 +641,11 @@ def test_safetensors_reader_agrees_with_the_library_on_hand_written_files(tmp_pa
         difference = disagreement(path)
         if difference is not None:
             found[case] = difference
-    unexpected = {case: d for case, d in found.items() if not (case in EXPECTED_DIFFERENCES and is_legit(d)
-                                                               and EXPECTED_DIFFERENCES[case] in d)}
+    unexpected = {
+        case: d
+        for case, d in found.items()
+        if not (case in EXPECTED_DIFFERENCES and is_legit(d) and EXPECTED_DIFFERENCES[case] in d)
+    }
     assert not unexpected, unexpected
     assert set(found) == set(EXPECTED_DIFFERENCES), set(EXPECTED_DIFFERENCES) ^ set(found)
 
@@ -580,10 +662,10 @@ def mutated(data: bytes, rng: random.Random) -> bytes:
         (n,) = struct.unpack("<Q", data[:8])
         digits = [i for i in range(8, 8 + n) if data[i] in b"0123456789"]
         at = rng.choice(digits)
-        return data[:at] + bytes([rng.choice(b"0123456789")]) + data[at + 1:]
+        return data[:at] + bytes([rng.choice(b"0123456789")]) + data[at + 1 :]
     if choice < 0.75 and rest:
         at = len(data) - rng.randrange(len(rest)) - 1
-        return data[:at] + bytes([data[at] ^ 1 << rng.randrange(8)]) + data[at + 1:]
+        return data[:at] + bytes([data[at] ^ 1 << rng.randrange(8)]) + data[at + 1 :]
     return fuzz_readers.mutate_bytes(data, rng)
 
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import bert, rand
 from safetensors.torch import load_file, save_file
 
-from conftest import bert, rand
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import GroupPlan, mean_matrix, no_progress, write_lors
 from lors_convert.factorize import use_randomized
@@ -16,8 +16,15 @@ from lors_convert.lors_format import LorsMeta, SourceMeta, expand, read_lors
 from lors_convert.stacks import find_stacks
 
 
-@pytest.mark.parametrize("options", [["--rank", "4"], ["--reduction", "0.5"], ["--energy", "0.8"],
-                                     ["--rank", "3", "--dtype", "bfloat16", "--shard-size", "30kB"]])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--rank", "4"],
+        ["--reduction", "0.5"],
+        ["--energy", "0.8"],
+        ["--rank", "3", "--dtype", "bfloat16", "--shard-size", "30kB"],
+    ],
+)
 def test_same_input_and_settings_give_identical_bytes(tmp_path, cli, options):
     sd = {f"layers.{i}.w": rand(256, 192, seed=i) for i in range(3)}  # large enough for the randomized SVD
     assert use_randomized(256, 192, 4)

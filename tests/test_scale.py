@@ -6,11 +6,10 @@ import hashlib
 
 import pytest
 import torch
+from conftest import llama
 from safetensors.torch import save_file
 
 from lors_convert.factorize import low_rank, randomized_factors, spectrum, use_randomized
-
-from conftest import llama
 
 
 def decaying(rows: int, cols: int, decay: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,8 +22,9 @@ def decaying(rows: int, cols: int, decay: float, seed: int) -> tuple[torch.Tenso
     return (u * values) @ v.T, values
 
 
-@pytest.mark.parametrize("rows, cols, rank, decay", [(600, 300, 16, 0.6), (300, 600, 32, 0.8), (512, 512, 8, 0.4),
-                                                     (1000, 200, 64, 1.0)])
+@pytest.mark.parametrize(
+    "rows, cols, rank, decay", [(600, 300, 16, 0.6), (300, 600, 32, 0.8), (512, 512, 8, 0.4), (1000, 200, 64, 1.0)]
+)
 def test_randomized_within_two_percent_of_optimal(rows, cols, rank, decay):
     matrix, values = decaying(rows, cols, decay, seed=rows + rank)
     optimal = values[rank:].square().sum().sqrt()  # Eckart–Young
@@ -78,8 +78,17 @@ def test_cli_output_is_byte_identical_across_runs(tmp_path, cli, option):
     hashes = []
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
-        result = cli(tmp_path / "model.safetensors", "-o", tmp_path / run / "out.safetensors", *option,
-                     "--device", "cpu", "--shard-size", "200KB", "-q")
+        result = cli(
+            tmp_path / "model.safetensors",
+            "-o",
+            tmp_path / run / "out.safetensors",
+            *option,
+            "--device",
+            "cpu",
+            "--shard-size",
+            "200KB",
+            "-q",
+        )
         assert result.code == 0, result.err
         hashes.append(file_hashes(tmp_path / run))
     assert len(hashes[0]) > 1 and hashes[0] == hashes[1]
@@ -101,8 +110,17 @@ def test_cuda_matches_cpu(tmp_path, cli):
     save_file(llama(layers=4, hidden=128, inter=320), tmp_path / "model.safetensors")
     reports = {}
     for device in ("cpu", "cuda"):
-        result = cli(tmp_path / "model.safetensors", "-o", tmp_path / f"{device}.safetensors", "--rank", "16",
-                     "--device", device, "-q", "--json")
+        result = cli(
+            tmp_path / "model.safetensors",
+            "-o",
+            tmp_path / f"{device}.safetensors",
+            "--rank",
+            "16",
+            "--device",
+            device,
+            "-q",
+            "--json",
+        )
         assert result.code == 0, result.err
         reports[device] = result.json()
     for cpu, gpu in zip(reports["cpu"]["groups"], reports["cuda"]["groups"]):
