@@ -160,9 +160,10 @@ def print_report(report: dict, as_json: bool = False) -> None:
     stdout.print(table)
     stdout.print(
         f"file size: {human_bytes(b['before'])} -> {human_bytes(b['after'])}"
-        f"   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix; "
-        "dense: layers stored whole (their factors would cost as much)"
+        "   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix"
     )
+    if any(g["ranks"]["dense"] for g in report["groups"]):
+        stdout.print("+k dense: k layers stored whole (their factors would cost as many numbers as the matrix)")
     for k in report["kept_dense"]:
         stdout.print(f"[dim]kept dense: {escape(k['template'])}: {escape(k['reason'])}[/dim]")
 
