@@ -307,3 +307,83 @@ def test_errors_chain_their_cause_which_debug_shows(tmp_path):
     assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
     assert "RuntimeError" in debug.stderr and "direct cause" in debug.stderr and "LorsError" in debug.stderr
+
+
+@pytest.mark.parametrize("shard_size", ["5GB", "8kB"])
+def test_a_write_puts_each_byte_on_disk_once(tmp_path, cli, monkeypatch, shard_size):
+    """The header is written last into reserved space: what a conversion writes is the output, not a data file
+    copied into it afterwards (which needed twice the output's size on disk)."""
+    from lors_convert import checkpoint
+    from test_hostile import FullDisk, full_disk_open
+
+    save_file(small(), tmp_path / "m.safetensors")
+    monkeypatch.setattr(checkpoint, "open", full_disk_open, raising=False)
+    FullDisk.budget = 10**9
+    out = tmp_path / "o.safetensors"
+    assert cli(tmp_path / "m.safetensors", "-o", out, "--rank", "2", "--shard-size", shard_size, "--quiet").code == 0
+    shards = [p for p in tmp_path.glob("o*.safetensors")]
+    written = 10**9 - FullDisk.budget
+    headers = sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in shards)
+    assert written <= sum(p.stat().st_size for p in shards) + headers  # data once, each header twice at most
+
+
+def test_transformers_progress_bars_are_off():
+    pytest.importorskip("transformers")
+    from lors_convert.hf import _transformers
+
+    assert not _transformers().utils.logging.is_progress_bar_enabled()
+
+
+def bert_folder(tmp_path, with_tokenizer: bool) -> Path:
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "bert"
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    BertModel(config).save_pretrained(folder)
+    if with_tokenizer:
+        (folder / "vocab.txt").write_text(
+            "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]) + "\n"
+        )
+    return folder
+
+
+def test_text_data_without_a_tokenizer_is_one_line(tmp_path, cli):
+    folder = bert_folder(tmp_path, with_tokenizer=False)
+    assert cli(folder, "-o", tmp_path / "s.lors.safetensors", "--rank", "2", "--quiet").code == 0
+    (tmp_path / "t.txt").write_text("\n".join(f"w{i} w{i + 1}" for i in range(30)))
+    assert_refused(
+        cli, tmp_path, ["eval", tmp_path / "s.lors.safetensors", "--data", tmp_path / "t.txt"], "no tokenizer files"
+    )
+    assert_refused(
+        cli,
+        tmp_path,
+        [folder, "--calibrate", tmp_path / "t.txt", "-o", tmp_path / "c.safetensors"],
+        "no tokenizer files",
+    )
+
+
+def test_a_config_transformers_cannot_build_is_one_line(tmp_path, cli):
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    (tmp_path / "t.txt").write_text("\n".join(f"w{i} w{i + 1}" for i in range(30)))
+    assert_refused(
+        cli, tmp_path, [folder, "--calibrate", tmp_path / "t.txt", "-o", tmp_path / "c.safetensors"], "config.json"
+    )
+
+
+def test_the_eval_table_names_its_data(tmp_path, cli):
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    assert cli(folder, "-o", tmp_path / "s.lors.safetensors", "--rank", "2", "--quiet").code == 0
+    (tmp_path / "other.txt").write_text("\n".join(f"w{i} w{i + 2}" for i in range(30)))
+    result = cli("eval", tmp_path / "s.lors.safetensors", "--data", tmp_path / "other.txt", "--quiet")
+    assert result.code == 0, result.err
+    assert "other.txt (30 examples)" in result.out and "held-out" not in result.out
