@@ -30,18 +30,28 @@ class LorsLinear(nn.Module):
 
     def __init__(
         self,
-        shared: nn.Parameter | None,
+        shared: tuple[nn.ParameterDict, str] | None,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         bias: nn.Parameter | None,
         transposed: bool = False,
     ):
         super().__init__()
-        self.shared = shared  # the same Parameter object in every layer of the group (None: --shared none)
+        # Where the group's one shared Parameter lives: (the model's lors_shared dict, the group's key), or None for
+        # --shared none. Looked up at each use, so it stays right when loading replaces the Parameter; a tuple keeps
+        # nn.Module from registering the dict here again.
+        self._shared = shared
         self.lora_A = nn.Parameter(lora_a)
         self.lora_B = nn.Parameter(lora_b)
         self.bias = bias
         self.transposed = transposed
+
+    @property
+    def shared(self) -> nn.Parameter | None:
+        if self._shared is None:
+            return None
+        holder, key = self._shared
+        return holder[key]
 
     def weight(self) -> torch.Tensor:
         if self.shared is None:
