@@ -1,8 +1,8 @@
 """lors-convert: turn stacked layers of a pretrained model into LORS (shared + low-rank residual) form.
 
-    import lors_convert
-    model = lors_convert.load("model.lors.safetensors")   # the source's own model class, LORS layers inside
-    lors_convert.save(model, "trained.lors.safetensors")  # after your own training loop
+import lors_convert
+model = lors_convert.load("model.lors.safetensors")   # the source's own model class, LORS layers inside
+lors_convert.save(model, "trained.lors.safetensors")  # after your own training loop
 """
 
 __version__ = "0.1.0"

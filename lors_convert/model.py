@@ -131,7 +131,9 @@ def swaps_for(model: nn.Module, meta: LorsMeta, own_name: dict[str, str]) -> lis
                 )
             transposed = is_conv1d(module)
             if tuple(module.weight.shape) != (rows, cols):
-                raise LorsError(f"{name}: the model's weight is {list(module.weight.shape)}, the group's {[rows, cols]}")
+                raise LorsError(
+                    f"{name}: the model's weight is {list(module.weight.shape)}, the group's {[rows, cols]}"
+                )
             swaps.append(Swap(path, g, name, rank, rows, cols, transposed))  # the stored layout, as in the file
     return swaps
 
@@ -175,8 +177,9 @@ def architecture_folder(meta: LorsMeta, architecture) -> Path | None:
     return None
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         architecture=None) -> nn.Module:
+def load(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, architecture=None
+) -> nn.Module:
     """The model of a LORS checkpoint, ready to run: its stacked Linear/Conv1D layers are LorsLinear modules.
 
     `architecture`: a Hugging Face folder (or its config.json, or a `PretrainedConfig`), or a callable returning
@@ -239,8 +242,11 @@ def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
     except Exception as e:
         raise LorsError(f"{architecture}: cannot build the model its config describes ({one_line(e)})") from e
     mapping = checkpoint_names(skeleton)
-    own_name = resolve(list(source.info) + [n for g in meta.groups for n in g.names], mapping,
-                       getattr(skeleton, "base_model_prefix", ""))
+    own_name = resolve(
+        list(source.info) + [n for g in meta.groups for n in g.names],
+        mapping,
+        getattr(skeleton, "base_model_prefix", ""),
+    )
     swaps = swaps_for(skeleton, meta, own_name)
     state = lors_state_dict(source, meta, own_name, swaps)
     dtype_option = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}

@@ -1,0 +1,175 @@
+"""Using a LORS checkpoint where models run: `lors_convert.load` and `lors_convert.save` on tiny random models saved
+by transformers itself (GPT-2, Llama with GQA, GPT-NeoX, T5, ViT, BERT), the real MiniLM and a plain PyTorch model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lors_convert
+from lors_convert import LorsError
+from lors_convert.lors_format import expand, read_lors
+from lors_convert.nn import LorsLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(kind: str):
+    """A tiny random model of each architecture, and inputs for it."""
+    T = transformers
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 7))
+    if kind == "bert":
+        config = T.BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
+        )
+        return T.BertModel(config), {"input_ids": ids}
+    if kind == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=16, n_layer=3, n_head=2)), {"input_ids": ids}
+    if kind == "llama":
+        config = T.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return T.LlamaForCausalLM(config), {"input_ids": ids}
+    if kind == "neox":
+        config = T.GPTNeoXConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=64
+        )
+        return T.GPTNeoXForCausalLM(config), {"input_ids": ids}
+    if kind == "t5":
+        config = T.T5Config(
+            d_model=32, d_ff=64, num_layers=3, num_heads=2, d_kv=16, vocab_size=64, decoder_start_token_id=0
+        )
+        return T.T5ForConditionalGeneration(config), {"input_ids": ids, "decoder_input_ids": ids}
+    config = T.ViTConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8
+    )
+    return T.ViTModel(config), {"pixel_values": torch.randn(2, 3, 16, 16)}
+
+
+def output(result) -> torch.Tensor:
+    logits = getattr(result, "logits", None)
+    return logits if logits is not None else result.last_hidden_state
+
+
+def dense_reference(model, lors_path, tmp_path):
+    """The dense expansion of the LORS file, loaded by transformers as an ordinary checkpoint."""
+    folder = tmp_path / "dense"
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in expand(*read_lors(lors_path))}, folder / "model.safetensors")
+    return type(model).from_pretrained(folder).float().eval()
+
+
+ARCHITECTURES = ["bert", "gpt2", "llama", "neox", "t5", "vit"]
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+@pytest.mark.parametrize("shared", ["mean", "none"])
+def test_load_runs_the_lors_model_of_each_architecture(tmp_path, cli, kind, shared):
+    model, inputs = tiny(kind)
+    model.save_pretrained(tmp_path / "model")
+    lors_path = tmp_path / "m.lors.safetensors"
+    result = cli(tmp_path / "model", "-o", lors_path, "--rank", "3", "--shared", shared, "--quiet", "--json")
+    assert result.code == 0, result.err
+    report = result.json()
+
+    loaded = lors_convert.load(lors_path)
+    assert isinstance(loaded, type(model)) and any(isinstance(m, LorsLinear) for m in loaded.modules())
+    assert sum(p.numel() for p in loaded.parameters()) == report["total"]["lors_params"]
+    reference = dense_reference(model, lors_path, tmp_path)
+    with torch.no_grad():
+        got, expected = output(loaded(**inputs)), output(reference(**inputs))
+    assert (got - expected).norm() <= 1e-5 * expected.norm()
+    if kind in ("gpt2", "llama", "neox", "t5"):
+        prompt = {"input_ids": inputs["input_ids"][:1, :4]}
+        options = {"max_new_tokens": 6, "do_sample": False}
+        assert torch.equal(loaded.generate(**prompt, **options), reference.generate(**prompt, **options))
+
+    again = tmp_path / "again.lors.safetensors"
+    lors_convert.save(loaded, again)
+    before, after = read_lors(lors_path)[0], read_lors(again)[0]
+    assert set(before.info) == set(after.info)
+    assert all(torch.equal(before.get(name), after.get(name)) for name in before.info)
+
+
+def test_one_shared_parameter_per_group_that_training_moves(tmp_path, cli):
+    model, inputs = tiny("llama")
+    model.save_pretrained(tmp_path / "model")
+    assert cli(tmp_path / "model", "-o", tmp_path / "m.safetensors", "--rank", "2", "--shared", "mean", "-q").code == 0
+    loaded = lors_convert.load(tmp_path / "m.safetensors")
+    layers = [m for m in loaded.modules() if isinstance(m, LorsLinear)]
+    groups = {id(m.shared) for m in layers}
+    assert len(groups) == 7 and len(layers) == 21  # seven groups of three layers, one matrix each
+    loss = output(loaded(**inputs)).square().mean()
+    loss.backward()
+    shared = layers[0].shared
+    assert shared.grad is not None and shared.grad.abs().sum() > 0
+    with torch.no_grad():
+        shared.add_(1.0)
+    lors_convert.save(loaded, tmp_path / "trained.safetensors")
+    reloaded = lors_convert.load(tmp_path / "trained.safetensors", architecture=tmp_path / "model")
+    assert torch.equal(next(m for m in reloaded.modules() if isinstance(m, LorsLinear)).shared, shared)
+
+
+def test_load_the_real_minilm(tmp_path, cli, minilm):
+    result = cli(minilm, "-o", tmp_path / "m.lors.safetensors", "--quiet", "--json")
+    assert result.code == 0
+    loaded = lors_convert.load(tmp_path / "m.lors.safetensors")
+    assert type(loaded).__name__ == "LorsBertModel"
+    source, _ = read_lors(tmp_path / "m.lors.safetensors")
+    buffers = sum(info.numel for info in source.info.values() if not info.dtype.is_floating_point)  # position_ids
+    assert sum(p.numel() for p in loaded.parameters()) == result.json()["total"]["lors_params"] - buffers
+    reference = dense_reference(
+        transformers.BertModel(transformers.BertConfig.from_pretrained(minilm)),
+        tmp_path / "m.lors.safetensors",
+        tmp_path,
+    )
+    ids = torch.randint(1000, 2000, (2, 12))
+    with torch.no_grad():
+        got, expected = loaded(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state
+    assert (got - expected).norm() <= 1e-5 * expected.norm()
+
+
+def test_load_a_plain_pytorch_model_from_a_function(tmp_path, cli):
+    from factory_models import StackedMLP, stacked_mlp
+
+    torch.manual_seed(0)
+    dense = StackedMLP()
+    save_file(dense.state_dict(), tmp_path / "m.safetensors")
+    assert cli(tmp_path / "m.safetensors", "--rank", "4", "--shared", "mean", "--quiet").code == 0
+    loaded = lors_convert.load(tmp_path / "m.lors.safetensors", architecture=stacked_mlp)
+    reference = StackedMLP()
+    reference.load_state_dict(dict(expand(*read_lors(tmp_path / "m.lors.safetensors"))))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), reference(x), rtol=1e-5, atol=1e-6)
+    lors_convert.save(loaded, tmp_path / "again.safetensors")
+    before, after = read_lors(tmp_path / "m.lors.safetensors")[0], read_lors(tmp_path / "again.safetensors")[0]
+    assert all(torch.equal(before.get(name), after.get(name)) for name in before.info)
+
+
+def test_load_without_an_architecture_is_one_clear_error(tmp_path, cli):
+    from factory_models import StackedMLP
+
+    save_file(StackedMLP().state_dict(), tmp_path / "m.safetensors")
+    assert cli(tmp_path / "m.safetensors", "--rank", "4", "--quiet").code == 0
+    with pytest.raises(LorsError, match="cannot tell the architecture"):
+        lors_convert.load(tmp_path / "m.lors.safetensors")
+    with pytest.raises(LorsError, match="not made by lors_convert.load"):
+        lors_convert.save(StackedMLP(), tmp_path / "x.safetensors")
+
+
+def test_load_into_the_wrong_architecture_is_one_clear_error(tmp_path, cli):
+    model, _ = tiny("llama")
+    model.save_pretrained(tmp_path / "llama")
+    other, _ = tiny("bert")
+    other.save_pretrained(tmp_path / "bert")
+    assert cli(tmp_path / "llama", "-o", tmp_path / "m.safetensors", "--rank", "2", "--quiet").code == 0
+    with pytest.raises(LorsError, match="no such layer|do not fit"):
+        lors_convert.load(tmp_path / "m.safetensors", architecture=tmp_path / "bert")
