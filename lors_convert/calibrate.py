@@ -12,7 +12,8 @@ from torch import nn
 
 from lors_convert import LorsError
 from lors_convert.evaluate import call_model, load_tensors
-from lors_convert.nn import is_conv1d, is_swappable, state_prefix
+from lors_convert.model import layer_module, own_names
+from lors_convert.nn import is_conv1d
 from lors_convert.stacks import Stack
 
 
@@ -27,15 +28,10 @@ class _Stop(Exception):
     """Raised by a hook once every module of interest has seen its input: the rest of the forward is not needed."""
 
 
-def _module_for(model: nn.Module, name: str, prefix: str) -> nn.Module | None:
-    """The Linear (or GPT-2 Conv1D) module whose `.weight` is this tensor, if any."""
-    if not name.endswith(".weight"):
-        return None
-    try:
-        module = model.get_submodule(prefix + name.removesuffix(".weight"))
-    except AttributeError:
-        return None
-    return module if is_swappable(module) else None
+def _module_for(model: nn.Module, name: str, own: dict[str, str]) -> nn.Module | None:
+    """The Linear (or GPT-2 Conv1D) module whose `.weight` is this checkpoint tensor, if any."""
+    found = layer_module(model, name, own)
+    return found[1] if found else None
 
 
 def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> list[dict]:
@@ -103,7 +99,7 @@ def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
     Each forward starts with none seen: one that skipped a module (a branch not taken) must not leave the names
     it saw behind, or the next forward would stop before reaching the rest.
     """
-    prefix, fired = state_prefix(model, names), set()
+    own, fired = own_names(model, names), set()
 
     def hook_for(name: str):
         def hook(module, args):
@@ -115,7 +111,7 @@ def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
         return hook
 
     restart = model.register_forward_pre_hook(lambda module, args: fired.clear())
-    return [restart] + [_module_for(model, name, prefix).register_forward_pre_hook(hook_for(name)) for name in names]
+    return [restart] + [_module_for(model, name, own).register_forward_pre_hook(hook_for(name)) for name in names]
 
 
 def _run_until_seen(model: nn.Module, batch: dict) -> None:
@@ -166,9 +162,9 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
 
         return hook
 
-    prefix = state_prefix(model, [name for stack in stacks for name in stack.names])
+    own = own_names(model, [name for stack in stacks for name in stack.names])
     for stack in stacks:
-        found = [_module_for(model, name, prefix) for name in stack.names]
+        found = [_module_for(model, name, own) for name in stack.names]
         if any(module is None for module in found):
             continue  # calibrate whole groups only; this one stays in weight space
         for name, module in zip(stack.names, found):

@@ -447,11 +447,11 @@ def sequential_factors(
     before the layer changed), and B A minimises ‖(T − S − B A) K^{1/2}‖² with K = X̂ᵀX̂ + λI.
     """
     from lors_convert.calibrate import collect_pair
-    from lors_convert.nn import state_prefix
+    from lors_convert.model import own_names
 
     device = compute_device()
     converted = copy.deepcopy(original)  # collect() already moved the original to the device
-    prefix = state_prefix(converted, [n for p in plans for n in p.stack.names])
+    own = own_names(converted, [n for p in plans for n in p.stack.names])
     todo = [p for p in plans if p.metrics is not None and not p.kept_dense]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     advance = progress("sequential", sum(len(p.stack.names) for p in todo))
@@ -475,7 +475,7 @@ def sequential_factors(
             approx = b.float() @ a.float()
             if plan.shared:
                 approx += plan.shared_matrix
-            module = converted.get_submodule(prefix + name.removesuffix(".weight"))
+            module = converted.get_submodule(own[name].removesuffix(".weight"))
             with torch.no_grad():
                 module.weight.copy_(approx.T if plan.transposed else approx)
             advance()

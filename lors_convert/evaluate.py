@@ -46,15 +46,8 @@ def load_pair(
     warn=print,
 ) -> Pair:
     """The LORS student (runtime modules) and the dense teacher, on the CPU in float32."""
-    from lors_convert.hf import (
-        architecture_dir,
-        dense_model,
-        factory_architecture,
-        has_tokenizer,
-        hf_architecture,
-        load_tokenizer,
-    )
-    from lors_convert.nn import to_lors
+    from lors_convert.hf import architecture_dir, dense_model, factory_architecture, has_tokenizer, load_tokenizer
+    from lors_convert.model import load
 
     source, meta = read_lors(lors)
     path = teacher_path_of(meta, teacher)
@@ -73,7 +66,7 @@ def load_pair(
             f"{path}: cannot tell the architecture; give a Hugging Face model directory as "
             "--teacher or --model-factory package.module:function"
         )
-    student = to_lors(factory_architecture(factory) if factory else hf_architecture(folder), source, meta)
+    student = load(lors, architecture=(lambda: factory_architecture(factory)) if factory else folder)
     teacher_model = dense_model(path, factory).requires_grad_(False)
     tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
     if tokenizer is not None:

@@ -92,12 +92,10 @@ def autocast(device: torch.device):
 
 def stacked_layer_paths(model: nn.Module, meta: LorsMeta) -> list[str]:
     """Module paths (in the dense model) of the blocks holding stacked layers: `encoder.layer.3` for
-    template `encoder.layer.{i}.…`."""
-    from lors_convert.nn import state_prefix
+    template `encoder.layer.{i}.…` (in the model's own names, which transformers may have renamed)."""
+    from lors_convert.model import block_paths
 
-    prefix = state_prefix(model, [n for g in meta.groups for n in g.names])
-    paths = {prefix + g.template.split("{i}")[0] + str(i) for g in meta.groups for i in g.layers}
-    return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
+    return block_paths(model, meta)
 
 
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -222,14 +220,16 @@ def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: 
     """The fine-tuned LORS checkpoint: same names, ranks and dtypes, with the fine-tune recorded."""
     from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes
     from lors_convert.lors_format import header_metadata, reconstruction_errors
-    from lors_convert.nn import lors_state, state_prefix
+    from lors_convert.model import checkpoint_tensors, own_names
 
-    tensors = lors_state(pair.student, pair.source, pair.meta)
+    tensors = checkpoint_tensors(pair.student, pair.student.lors)
     teacher_state = pair.teacher.state_dict()
-    prefix = state_prefix(pair.teacher, list(pair.source.info))
+    teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names])
     groups = []
     for group in pair.meta.groups:  # the weights moved: report their distance to the originals again
-        error, layer_errors = reconstruction_errors(tensors, group, lambda name: teacher_state[prefix + name].cpu())
+        error, layer_errors = reconstruction_errors(
+            tensors, group, lambda name: teacher_state[teacher_names[name]].cpu()
+        )
         groups.append(replace(group, rel_error=error, layer_errors=[round(e, 6) for e in layer_errors]))
     meta = replace(
         pair.meta,

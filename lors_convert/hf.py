@@ -37,17 +37,6 @@ def is_causal_lm(folder: Path) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
-def hf_architecture(folder: Path) -> nn.Module:
-    """The model class named by config.json, with random weights (nothing is downloaded)."""
-    transformers = _transformers()
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        auto = transformers.AutoModelForCausalLM if is_causal_lm(folder) else transformers.AutoModel
-        return auto.from_config(config)
-    except Exception as e:  # an unknown model_type, a malformed config.json, …
-        raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
-
-
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -99,7 +88,7 @@ def factory_architecture(spec: str) -> nn.Module:
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Load weights strictly, except for buffers the class does not persist (e.g. BERT's position_ids)."""
+    """Load a plain PyTorch model's weights strictly, except for buffers the class does not persist."""
     not_persisted = {name for name, _ in model.named_buffers()} - set(model.state_dict())
     state = {k: v for k, v in state.items() if k not in not_persisted}
     prefix = getattr(model, "base_model_prefix", "")
@@ -107,35 +96,43 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
     if prefix and not set(state) & expected:  # a bare encoder checkpoint loaded into a model with a prefix
         state = {f"{prefix}.{k}": v for k, v in state.items()}
     missing, unexpected = expected - set(state), set(state) - expected
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if missing - tied or unexpected:
-        example = sorted(missing - tied or unexpected)[0]
+    if missing or unexpected:
+        example = sorted(missing or unexpected)[0]
         raise LorsError(
-            f"{where}: weights do not fit the architecture ({len(missing - tied)} missing, "
+            f"{where}: weights do not fit the architecture ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, e.g. {example!r})"
         )
     model.load_state_dict(state, strict=False)
-    if tied and hasattr(model, "tie_weights"):
-        model.tie_weights()
     return model.eval()
 
 
 def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
-    """The dense original: a Hugging Face directory, or a checkpoint plus --model-factory."""
+    """The dense original in float32: a Hugging Face folder through `from_pretrained` (its renames, tied weights
+    and buffers are transformers' business), or a checkpoint plus --model-factory."""
     source_path = Path(source_path)
     if factory:
-        model = factory_architecture(factory)
-    elif is_hf_dir(source_path):
-        model = hf_architecture(source_path)
-    elif is_hf_dir(source_path.parent):
-        model = hf_architecture(source_path.parent)
-    else:
+        source = open_checkpoint(source_path)
+        return load_state(factory_architecture(factory), {n: source.get(n) for n in source.info}, str(source_path))
+    folder = architecture_dir(source_path)
+    if folder is None:
         raise LorsError(
             f"{source_path}: cannot tell the architecture; give a Hugging Face model directory "
             "or --model-factory package.module:function"
         )
-    source = open_checkpoint(source_path)
-    return load_state(model, {name: source.get(name) for name in source.info}, str(source_path))
+    from lors_convert.model import model_class
+
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        cls = model_class(config)
+    except Exception as e:  # an unknown model_type, a malformed config.json, …
+        raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
+    option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True, **{option: torch.float32})
+    except Exception as e:
+        raise LorsError(f"{folder}: transformers cannot load it ({one_line(e)})") from e
+    return model.eval()
 
 
 def architecture_dir(source_path: Path) -> Path | None:

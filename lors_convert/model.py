@@ -24,9 +24,7 @@ from torch import nn
 from lors_convert import LorsError
 from lors_convert.checkpoint import SafetensorsWriter, TensorSource, check_output_path, metadata_bytes
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
-from lors_convert.nn import LorsLinear, is_conv1d, is_swappable
-
-SHARED_ATTRIBUTE = "lors_shared"
+from lors_convert.nn import SHARED_ATTRIBUTE, LorsLinear, is_conv1d, is_swappable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +110,34 @@ def resolve(names: list[str], mapping: dict[str, str], prefix: str) -> dict[str,
                 resolved[name] = mapping[candidate]
                 break
     return resolved
+
+
+def own_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The model's own name for each checkpoint tensor name it has a place for."""
+    return resolve(names, checkpoint_names(model), getattr(model, "base_model_prefix", ""))
+
+
+def layer_module(model: nn.Module, name: str, own: dict[str, str]) -> tuple[str, nn.Module] | None:
+    """(path, module) of the Linear or GPT-2 Conv1D whose weight a checkpoint tensor is, if any."""
+    target = own.get(name, "")
+    if not target.endswith(".weight"):
+        return None
+    path = target.removesuffix(".weight")
+    module = model.get_submodule(path)
+    return (path, module) if is_swappable(module) else None
+
+
+def block_paths(model: nn.Module, meta: LorsMeta) -> list[str]:
+    """Module paths of the blocks holding stacked layers (`encoder.layer.3` for template `encoder.layer.{i}.…`, in
+    the model's own names), in layer order."""
+    own = own_names(model, [n for g in meta.groups for n in g.names])
+    paths = set()
+    for group in meta.groups:
+        for index, name in zip(group.layers, group.names):
+            parts = own.get(name, name).split(".")
+            cut = next((k for k, part in enumerate(parts) if part == str(index)), len(parts) - 1)
+            paths.add(".".join(parts[: cut + 1]))
+    return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
 
 
 def swaps_for(model: nn.Module, meta: LorsMeta, own_name: dict[str, str]) -> list[Swap]:
@@ -241,12 +267,7 @@ def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
             skeleton = cls(config)
     except Exception as e:
         raise LorsError(f"{architecture}: cannot build the model its config describes ({one_line(e)})") from e
-    mapping = checkpoint_names(skeleton)
-    own_name = resolve(
-        list(source.info) + [n for g in meta.groups for n in g.names],
-        mapping,
-        getattr(skeleton, "base_model_prefix", ""),
-    )
+    own_name = own_names(skeleton, list(source.info) + [n for g in meta.groups for n in g.names])
     swaps = swaps_for(skeleton, meta, own_name)
     state = lors_state_dict(source, meta, own_name, swaps)
     dtype_option = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
@@ -268,16 +289,12 @@ def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
 def load_plain(build: Callable[[], nn.Module], source: TensorSource, meta: LorsMeta):
     """A plain PyTorch model from a function: built on the meta device when all its state is in the checkpoint
     (no dense copy of anything), else on the CPU."""
-    from lors_convert.nn import state_prefix
-
     for device in ("meta", "cpu"):
         with torch.device(device):
             model = build()
         if not isinstance(model, nn.Module):
             raise LorsError(f"the architecture function returned a {type(model).__name__}, not a torch.nn.Module")
-        names = [n for g in meta.groups for n in g.names]
-        prefix = state_prefix(model, names)
-        own_name = {name: prefix + name for name in list(source.info) + names}
+        own_name = own_names(model, list(source.info) + [n for g in meta.groups for n in g.names])
         swaps = swaps_for(model, meta, own_name)
         install_lors(model, swaps, meta.groups)
         state = lors_state_dict(source, meta, own_name, swaps)
@@ -315,7 +332,7 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False) -> list[Pat
 
 def checkpoint_tensors(model: nn.Module, loaded: Loaded) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint the model was loaded from, read from the model, in the file's dtype."""
-    state = model.state_dict()
+    state = {**dict(model.named_buffers()), **model.state_dict()}  # buffers a class stopped persisting too
     own = dict(loaded.own_name)
     for g, group in enumerate(loaded.meta.groups):
         if group.shared:

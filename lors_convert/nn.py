@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource
-from lors_convert.lors_format import LorsMeta, expand, factor_keys, shared_key
+SHARED_ATTRIBUTE = "lors_shared"  # the model's nn.ParameterDict of shared matrices, one per group
 
 
 class LorsLinear(nn.Module):
@@ -68,23 +66,6 @@ class LorsLinear(nn.Module):
         return f"{rows}x{cols}, shared={self.shared is not None}, rank={rank}, transposed={self.transposed}"
 
 
-def module_of(name: str, model: nn.Module, prefix: str) -> tuple[str, nn.Module]:
-    """The module whose `.weight` a checkpoint tensor is, refusing anything we cannot swap."""
-    if not name.endswith(".weight"):
-        raise LorsError(f"{name}: only Linear/Conv1D weights can run in LORS form; expand this group first")
-    path = prefix + name.removesuffix(".weight")
-    try:
-        module = model.get_submodule(path)
-    except AttributeError as e:
-        raise LorsError(f"{name}: no module {path!r} in the architecture") from e
-    if not is_swappable(module):
-        raise LorsError(
-            f"{name}: a {type(module).__name__} cannot run in LORS form (only Linear and GPT-2 "
-            "Conv1D); convert with --exclude for this group"
-        )
-    return path, module
-
-
 def is_swappable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -92,43 +73,6 @@ def is_swappable(module: nn.Module) -> bool:
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's transformers.pytorch_utils.Conv1D (a Linear with its weight stored in×out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-
-def state_prefix(model: nn.Module, names: list[str]) -> str:
-    """'' if the checkpoint's names are the model's, else the model's base prefix (bare encoder → with head)."""
-    own = set(model.state_dict())
-    if any(n in own for n in names):
-        return ""
-    prefix = getattr(model, "base_model_prefix", "")
-    if prefix and any(f"{prefix}.{n}" in own for n in names):
-        return prefix + "."
-    raise LorsError("the checkpoint's tensor names do not match the architecture's")
-
-
-def to_lors(model: nn.Module, source: TensorSource, meta: LorsMeta) -> nn.Module:
-    """Load a LORS checkpoint into a dense-architecture model: stacked modules become LorsLinear sharing one
-    float32 Parameter per group; every other tensor is loaded by name. Returns the model (changed in place)."""
-    from lors_convert.hf import load_state
-
-    load_state(model, {name: tensor.float() for name, tensor in expand(source, meta)}, str(source.path))
-    prefix = state_prefix(model, list(source.info))
-    for group in meta.groups:
-        rows, cols = group.rows_cols
-        shared = (
-            nn.Parameter(source.get(shared_key(group.template)).float().reshape(rows, cols)) if group.shared else None
-        )
-        for name, _ in group.factored():  # layers stored dense stay plain modules
-            path, dense = module_of(name, model, prefix)
-            if dense.weight.shape != (rows, cols):
-                raise LorsError(
-                    f"{name}: the module's weight is {list(dense.weight.shape)}, the group's {[rows, cols]}"
-                )
-            a_key, b_key = factor_keys(name)
-            lors = LorsLinear(
-                shared, source.get(a_key).float(), source.get(b_key).float(), dense.bias, transposed=is_conv1d(dense)
-            )
-            model.set_submodule(path, lors)
-    return model
 
 
 def merge_lors(model: nn.Module) -> nn.Module:
@@ -150,6 +94,8 @@ def merge_lors(model: nn.Module) -> nn.Module:
         if has_bias:
             dense.bias = module.bias
         model.set_submodule(path, dense)
+    if hasattr(model, SHARED_ATTRIBUTE):  # every layer now holds its own weight
+        delattr(model, SHARED_ATTRIBUTE)
     return model
 
 
@@ -160,24 +106,3 @@ def lors_groups(model: nn.Module) -> dict[int, list[LorsLinear]]:
         if isinstance(module, LorsLinear) and module.shared is not None:
             groups.setdefault(id(module.shared), []).append(module)
     return groups
-
-
-def lors_state(model: nn.Module, source: TensorSource, meta: LorsMeta) -> dict[str, torch.Tensor]:
-    """The model's weights under the LORS checkpoint's names and dtypes (the inverse of `to_lors`)."""
-    prefix = state_prefix(model, list(source.info))
-    state = model.state_dict()
-    out = {}
-    for group in meta.groups:
-        dtype = getattr(torch, group.dtype)
-        for name, _ in group.factored():
-            module = model.get_submodule(prefix + name.removesuffix(".weight"))
-            a_key, b_key = factor_keys(name)
-            out[a_key], out[b_key] = module.lora_A.detach().cpu().to(dtype), module.lora_B.detach().cpu().to(dtype)
-            if module.shared is not None:
-                out[shared_key(group.template)] = module.shared.detach().cpu().reshape(group.shape).to(dtype)
-    for name, info in source.info.items():
-        if name not in out:  # a buffer the class does not persist (BERT's position_ids) stays as it was
-            out[name] = (
-                state[prefix + name].detach().cpu().to(info.dtype) if prefix + name in state else source.get(name)
-            )
-    return out

@@ -104,11 +104,12 @@ def hf_dir(tmp_path, kind):
 
 def output_error_on(folder, lors, texts) -> float:
     """‖y_student − y_teacher‖ / ‖y_teacher‖ of every stacked layer's output, layer inputs from the teacher."""
-    from lors_convert.hf import dense_model, load_state, load_tokenizer
+    import lors_convert
+    from lors_convert.hf import dense_model, load_tokenizer
 
     teacher = dense_model(folder)
     source, meta = read_lors(lors)
-    student = load_state(dense_model(folder), dict(expand(source, meta)), "student")
+    student = lors_convert.load(lors, architecture=folder)
     tokenizer = load_tokenizer(folder)
     err = norm = 0.0
     for group in meta.groups:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,11 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+import lors_convert
 from lors_convert.evaluate import load_pair
 from lors_convert.finetune import stacked_layer_paths, step_loss
-from lors_convert.hf import hf_architecture, load_state
 from lors_convert.lors_format import read_lors
-from lors_convert.nn import LorsLinear, lors_groups, merge_lors, to_lors
+from lors_convert.nn import LorsLinear, lors_groups, merge_lors
 
 WORDS = (
     "the a function module returns value list string object class method file error type data name "
@@ -130,9 +131,11 @@ def random_ids(seed: int = 0) -> torch.Tensor:
 def test_lors_model_equals_expanded_dense_model_and_counts_as_the_report(tmp_path, cli, converted, kind, shared):
     folder, lors, report = converted(kind, "--rank", "4", "--shared", shared)
     assert cli("expand", lors, "-o", tmp_path / "dense.safetensors", "--quiet").code == 0
-    dense = load_state(hf_architecture(folder), load_file(tmp_path / "dense.safetensors"), "expanded")
-    source, meta = read_lors(lors)
-    model = to_lors(hf_architecture(folder), source, meta)
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    shutil.move(tmp_path / "dense.safetensors", tmp_path / "model.safetensors")
+    dense = transformers.AutoModel.from_pretrained(tmp_path) if kind == "bert" else None
+    dense = dense or transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    model = lors_convert.load(lors)
 
     assert sum(p.numel() for p in model.parameters()) == report["total"]["lors_params"]
     groups = lors_groups(model)

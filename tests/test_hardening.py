@@ -313,8 +313,9 @@ def test_errors_chain_their_cause_which_debug_shows(tmp_path):
 def test_a_write_puts_each_byte_on_disk_once(tmp_path, cli, monkeypatch, shard_size):
     """The header is written last into reserved space: what a conversion writes is the output, not a data file
     copied into it afterwards (which needed twice the output's size on disk)."""
-    from lors_convert import checkpoint
     from test_hostile import FullDisk, full_disk_open
+
+    from lors_convert import checkpoint
 
     save_file(small(), tmp_path / "m.safetensors")
     monkeypatch.setattr(checkpoint, "open", full_disk_open, raising=False)
