@@ -187,7 +187,10 @@ def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tenso
         out = call_model(model, batch, output_hidden_states=True)
         logits = getattr(out, "logits", None)
         hidden = getattr(out, "last_hidden_state", None)
-        return logits, hidden if hidden is not None else out.hidden_states[-1]
+        if hidden is None:  # a head on top, or an encoder-decoder (T5): the last layer the output comes from
+            states = getattr(out, "hidden_states", None) or getattr(out, "decoder_hidden_states", None)
+            hidden = states[-1]
+        return logits, hidden
     out = call_model(model, batch)
     if isinstance(out, (tuple, list)):
         out = out[0]

@@ -173,3 +173,36 @@ def test_load_into_the_wrong_architecture_is_one_clear_error(tmp_path, cli):
     assert cli(tmp_path / "llama", "-o", tmp_path / "m.safetensors", "--rank", "2", "--quiet").code == 0
     with pytest.raises(LorsError, match="no such layer|do not fit"):
         lors_convert.load(tmp_path / "m.safetensors", architecture=tmp_path / "bert")
+
+
+@pytest.mark.parametrize("kind", ["t5", "vit", "neox"])
+def test_finetune_and_eval_run_on_renamed_and_tied_architectures(tmp_path, cli, kind):
+    """ViT and GPT-NeoX are renamed by transformers 5 when they load, T5 ties its embeddings."""
+    model, inputs = tiny(kind)
+    model.save_pretrained(tmp_path / "model")
+    lors = tmp_path / "m.lors.safetensors"
+    assert cli(tmp_path / "model", "-o", lors, "--rank", "3", "--shared", "mean", "--quiet").code == 0
+    examples = 40
+    data = {k: torch.cat([v] * (examples // len(v))) for k, v in inputs.items()}
+    save_file({k: v.contiguous() for k, v in data.items()}, tmp_path / "data.safetensors")
+    result = cli(
+        "finetune",
+        lors,
+        "-d",
+        tmp_path / "data.safetensors",
+        "-o",
+        tmp_path / "ft.safetensors",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--eval-examples",
+        "8",
+        "--quiet",
+        "--json",
+    )
+    assert result.code == 0, result.err
+    assert result.json()["after"]["cos"] > 0
+    evaluated = cli("eval", tmp_path / "ft.safetensors", "-d", tmp_path / "data.safetensors", "--quiet", "--json")
+    assert evaluated.code == 0, evaluated.err
+    assert evaluated.json()["examples"] == examples
