@@ -24,7 +24,8 @@ from torch import nn
 from lors_convert import LorsError
 from lors_convert.checkpoint import SafetensorsWriter, TensorSource, check_output_path, metadata_bytes
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
-from lors_convert.nn import SHARED_ATTRIBUTE, LorsLinear, is_conv1d, is_swappable
+from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors, lors_model_class
+from lors_convert.nn import is_conv1d, is_swappable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +52,23 @@ class Swap:
     transposed: bool
 
 
-def install_lors(model: nn.Module, swaps: list[Swap], groups: list[GroupMeta]) -> None:
-    """Swap the listed layers for LorsLinear with empty factors (on whatever device the model is built on, meta
-    included) and register one shared Parameter per group on the model."""
-    reference = next(iter(model.parameters()))
-    empty = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=reference.dtype, device=reference.device))
-    shared = nn.ParameterDict(
-        {str(g): empty(*group.rows_cols) for g, group in enumerate(groups) if group.shared and group_used(g, swaps)}
-    )
-    setattr(model, SHARED_ATTRIBUTE, shared)
-    for swap in swaps:
-        dense = model.get_submodule(swap.path)
-        lors = LorsLinear(
-            (shared, str(swap.group)) if str(swap.group) in shared else None,
-            empty(swap.rank, swap.cols),
-            empty(swap.rows, swap.rank),
-            dense.bias,
-            transposed=swap.transposed,
-        )
-        model.set_submodule(swap.path, lors)
-        # Its weights come from the checkpoint, and a model's own initialisation may reach into a child's `.weight`
-        # (GPT-2 scales c_proj's), which LorsLinear does not hold: transformers skips modules marked initialised.
-        model.get_submodule(swap.path.rpartition(".")[0])._is_hf_initialized = True
+def lors_description(swaps: list[Swap], groups: list[GroupMeta]) -> dict:
+    """What lors_modeling.install_lors needs, as plain JSON (it goes into an exported folder's config.json)."""
+    used = {swap.group for swap in swaps}
+    return {
+        "swaps": [
+            {
+                "path": s.path,
+                "group": s.group,
+                "rank": s.rank,
+                "rows": s.rows,
+                "cols": s.cols,
+                "transposed": s.transposed,
+            }
+            for s in swaps
+        ],
+        "shared": {str(g): list(group.rows_cols) for g, group in enumerate(groups) if group.shared and g in used},
+    }
 
 
 def group_used(group: int, swaps: list[Swap]) -> bool:
@@ -246,16 +242,6 @@ def model_class(config):
     return auto._model_mapping[type(config)]
 
 
-def lors_class(cls: type, swaps: list[Swap], groups: list[GroupMeta]) -> type:
-    """A subclass of the model class that swaps in the LORS layers as it is built (before weights are loaded)."""
-
-    def __init__(self, config, *args, **kwargs):
-        cls.__init__(self, config, *args, **kwargs)
-        install_lors(self, swaps, groups)
-
-    return type(f"Lors{cls.__name__}", (cls,), {"__init__": __init__, "__module__": cls.__module__})
-
-
 def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
     from lors_convert.hf import _transformers, one_line
 
@@ -271,7 +257,8 @@ def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
     swaps = swaps_for(skeleton, meta, own_name)
     state = lors_state_dict(source, meta, own_name, swaps)
     dtype_option = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
-    model, info = lors_class(cls, swaps, meta.groups).from_pretrained(
+    config.lors = lors_description(swaps, meta.groups)
+    model, info = lors_model_class(cls).from_pretrained(
         None, config=config, state_dict=state, output_loading_info=True, **dtype_option
     )
     tensors = model.state_dict(keep_vars=True)
@@ -296,7 +283,7 @@ def load_plain(build: Callable[[], nn.Module], source: TensorSource, meta: LorsM
             raise LorsError(f"the architecture function returned a {type(model).__name__}, not a torch.nn.Module")
         own_name = own_names(model, list(source.info) + [n for g in meta.groups for n in g.names])
         swaps = swaps_for(model, meta, own_name)
-        install_lors(model, swaps, meta.groups)
+        install_lors(model, lors_description(swaps, meta.groups))
         state = lors_state_dict(source, meta, own_name, swaps)
         expected = set(model.state_dict())
         if device == "meta" and expected - set(state):

@@ -1,69 +1,15 @@
-"""Runtime LORS modules: swap a model's stacked Linear / GPT-2 Conv1D modules for ones computing with
-S + B_i A_i, one shared nn.Parameter per group, and merge them back to plain modules.
-
-Plain PyTorch; the model comes from `hf.py` (or --model-factory) with the dense architecture.
+"""Runtime LORS modules: which layers can run in LORS form, and merging them back to plain modules. The LORS layer
+itself (`LorsLinear`) lives in lors_modeling.py, the file export copies into model folders.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-SHARED_ATTRIBUTE = "lors_shared"  # the model's nn.ParameterDict of shared matrices, one per group
+from lors_convert.lors_modeling import SHARED_ATTRIBUTE, LorsLinear
 
-
-class LorsLinear(nn.Module):
-    """y = x Wᵀ + b with W = S + B A (nn.Linear layout: S out×in, B out×r, A r×in), or, for GPT-2's Conv1D
-    (`transposed`, weights stored in×out), y = x W + b with S in×out, B in×r, A r×out.
-
-    The weight is materialised before the matmul rather than computing x·Sᵀ + (x·Aᵀ)·Bᵀ. Measured with
-    scripts/bench_lors_forward.py (forward + backward of one layer, MiniLM shapes 384x384 r96, 1536x384 and
-    384x1536 r160, float32, 2-core shared CPU): at 8192 tokens per batch materialised took 0.92-1.20x the
-    dense layer's time and factored 1.43-1.60x; at 2048 tokens 0.91-1.37x against 1.00-1.82x. B A costs
-    out·in·r flops once per step, while the factored form pays N·r·(out + in) for each of N tokens and
-    two more thin matmuls in the backward. Only with a few tokens (16: decoding) was factored ahead;
-    fine-tuning batches are far above that.
-    """
-
-    def __init__(
-        self,
-        shared: tuple[nn.ParameterDict, str] | None,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        bias: nn.Parameter | None,
-        transposed: bool = False,
-    ):
-        super().__init__()
-        # Where the group's one shared Parameter lives: (the model's lors_shared dict, the group's key), or None for
-        # --shared none. Looked up at each use, so it stays right when loading replaces the Parameter; a tuple keeps
-        # nn.Module from registering the dict here again.
-        self._shared = shared
-        self.lora_A = nn.Parameter(lora_a)
-        self.lora_B = nn.Parameter(lora_b)
-        self.bias = bias
-        self.transposed = transposed
-
-    @property
-    def shared(self) -> nn.Parameter | None:
-        if self._shared is None:
-            return None
-        holder, key = self._shared
-        return holder[key]
-
-    def weight(self) -> torch.Tensor:
-        if self.shared is None:
-            return self.lora_B @ self.lora_A
-        return torch.addmm(self.shared, self.lora_B, self.lora_A)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight()
-        return F.linear(x, weight.t() if self.transposed else weight, self.bias)
-
-    def extra_repr(self) -> str:
-        rows, cols = self.lora_B.shape[0], self.lora_A.shape[1]
-        rank = self.lora_A.shape[0]
-        return f"{rows}x{cols}, shared={self.shared is not None}, rank={rank}, transposed={self.transposed}"
+__all__ = ["LorsLinear", "SHARED_ATTRIBUTE", "is_swappable", "is_conv1d", "merge_lors", "lors_groups"]
 
 
 def is_swappable(module: nn.Module) -> bool:
