@@ -26,7 +26,7 @@ app = typer.Typer(
     "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
     "Add --debug anywhere to see tracebacks.",
 )
-COMMANDS = {"convert", "report", "inspect", "expand", "verify", "finetune", "eval"}
+COMMANDS = {"convert", "report", "inspect", "expand", "export", "verify", "finetune", "eval"}
 
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
@@ -338,6 +338,38 @@ def expand(
             advance()
         files = writer.commit(metadata)
     stderr.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+@app.command()
+def export(
+    lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="DIR", help="The model folder to write.", show_default=False
+    ),
+    dense: bool = typer.Option(
+        False,
+        "--dense",
+        metavar=FLAG,
+        help="Write the plain dense model (config, "
+        "tokenizer, dense weights: loads with no remote code) instead of the LORS one.",
+    ),
+    architecture: Optional[Path] = typer.Option(
+        None,
+        "--architecture",
+        metavar="DIR",
+        show_default="the source folder recorded in the LORS metadata",
+        help="The Hugging Face folder the checkpoint was converted from.",
+    ),
+    force: bool = Force,
+    quiet: bool = Quiet,
+) -> None:
+    """Write a Hugging Face model folder: from_pretrained(DIR, trust_remote_code=True) loads the LORS model with
+    only torch and transformers installed (or, with --dense, the dense model with no remote code)."""
+    from lors_convert.model import export as run_export
+
+    folder = run_export(lors, output, dense=dense, architecture=architecture, force=force)
+    how = "from_pretrained(DIR)" if dense else "from_pretrained(DIR, trust_remote_code=True)"
+    stderr.print(f"wrote {folder} (load with {how})")
 
 
 @app.command()

@@ -169,7 +169,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_hf(model: nn.Module) -> bool:
-    return type(unwrap(model)).__module__.startswith("transformers.")
+    """A transformers model (or a subclass of one, like lors_convert.load's LorsBertModel)."""
+    return any(cls.__module__.startswith("transformers.") for cls in type(unwrap(model)).__mro__)
 
 
 def call_model(model: nn.Module, batch: dict, **options):

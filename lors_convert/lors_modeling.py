@@ -97,12 +97,42 @@ def install_lors(model: nn.Module, lors: dict) -> None:
         model.get_submodule(swap["path"].rpartition(".")[0])._is_hf_initialized = True
 
 
+_classes: dict[type, type] = {}
+
+
 def lors_model_class(base: type) -> type:
-    """A subclass of a Hugging Face model class that swaps in the LORS layers its config lists (`config.lors`) as
-    it is built, before `from_pretrained` loads the weights."""
+    """A subclass of a Hugging Face model class (`LorsBertModel` of `BertModel`) that swaps in the LORS layers its
+    config lists (`config.lors`) as it is built, before `from_pretrained` loads the weights. Its `save_pretrained`
+    writes this file beside the weights and names the class in config.json's `auto_map`, so what it saves loads
+    again with `trust_remote_code=True`."""
+    if base not in _classes:
 
-    def __init__(self, config, *args, **kwargs):
-        base.__init__(self, config, *args, **kwargs)
-        install_lors(self, config.lors)
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            install_lors(self, config.lors)
 
-    return type(f"Lors{base.__name__}", (base,), {"__init__": __init__, "__module__": base.__module__})
+        cls = type(f"Lors{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+        cls.register_for_auto_class(auto_class_of(base))
+        _classes[base] = cls
+    return _classes[base]
+
+
+def auto_class_of(base: type) -> str:
+    """The transformers Auto class that builds `base` for its config (AutoModel when no task class does)."""
+    import transformers
+
+    for name in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM"):
+        mapping = getattr(transformers, name)._model_mapping
+        if base.config_class in mapping and mapping[base.config_class] is base:
+            return name
+    return "AutoModel"
+
+
+def __getattr__(name: str) -> type:
+    """`LorsBertModel` and its kind, built on first use: how transformers finds the class config.json names."""
+    import transformers
+
+    base = getattr(transformers, name.removeprefix("Lors"), None) if name.startswith("Lors") else None
+    if base is None:
+        raise AttributeError(name)
+    return lors_model_class(base)

@@ -206,3 +206,83 @@ def test_finetune_and_eval_run_on_renamed_and_tied_architectures(tmp_path, cli, 
     evaluated = cli("eval", tmp_path / "ft.safetensors", "-d", tmp_path / "data.safetensors", "--quiet", "--json")
     assert evaluated.code == 0, evaluated.err
     assert evaluated.json()["examples"] == examples
+
+
+WITHOUT_LORS_CONVERT = """
+import sys, torch
+sys.modules["lors_convert"] = None  # `import lors_convert` fails here: only torch and transformers are used
+import transformers
+kind, folder, inputs_file, result_file, remote = sys.argv[1:6]
+auto = {"causal": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM}.get(
+    kind, transformers.AutoModel)
+model = auto.from_pretrained(folder, trust_remote_code=remote == "1").float().eval()
+inputs = torch.load(inputs_file)
+def out(model):
+    with torch.no_grad():
+        result = model(**inputs)
+    logits = getattr(result, "logits", None)
+    return logits if logits is not None else result.last_hidden_state
+result = {"out": out(model), "params": sum(p.numel() for p in model.parameters()), "class": type(model).__name__}
+if kind == "causal":
+    result["generated"] = model.generate(input_ids=inputs["input_ids"][:1, :4], max_new_tokens=6, do_sample=False)
+model.save_pretrained(folder + "-again")
+result["again"] = out(auto.from_pretrained(folder + "-again", trust_remote_code=remote == "1").float().eval())
+torch.save(result, result_file)
+"""
+
+
+def run_without_lors_convert(tmp_path, kind: str, folder, inputs: dict, remote: bool) -> dict:
+    import subprocess
+    import sys
+
+    torch.save(inputs, tmp_path / "inputs.pt")
+    family = {"gpt2": "causal", "llama": "causal", "neox": "causal", "t5": "seq2seq"}.get(kind, "base")
+    command = [
+        sys.executable,
+        "-c",
+        WITHOUT_LORS_CONVERT,
+        family,
+        str(folder),
+        str(tmp_path / "inputs.pt"),
+        str(tmp_path / "result.pt"),
+        "1" if remote else "0",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(tmp_path / "result.pt")
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_export_loads_with_trust_remote_code_and_without_lors_convert(tmp_path, cli, kind):
+    model, inputs = tiny(kind)
+    model.save_pretrained(tmp_path / "model")
+    lors_path = tmp_path / "m.lors.safetensors"
+    report = cli(tmp_path / "model", "-o", lors_path, "--rank", "3", "--shared", "mean", "--quiet", "--json")
+    assert report.code == 0
+    assert cli("export", lors_path, "-o", tmp_path / "lors", "--quiet").code == 0
+    assert cli("export", lors_path, "-o", tmp_path / "dense", "--dense", "--quiet").code == 0
+
+    exported = run_without_lors_convert(tmp_path, kind, tmp_path / "lors", inputs, remote=True)
+    plain = run_without_lors_convert(tmp_path, kind, tmp_path / "dense", inputs, remote=False)
+    expected = output(dense_reference(model, lors_path, tmp_path)(**inputs)).detach()
+    for result in (exported, plain):
+        assert (result["out"] - expected).norm() <= 1e-5 * expected.norm()
+        assert torch.equal(result["again"], result["out"])  # save_pretrained -> from_pretrained round trip
+    assert exported["class"].startswith("Lors") and not plain["class"].startswith("Lors")
+    buffers = sum(info.numel for info in read_lors(lors_path)[0].info.values() if not info.dtype.is_floating_point)
+    assert exported["params"] == report.json()["total"]["lors_params"] - buffers
+    if kind in ("gpt2", "llama", "neox"):
+        assert torch.equal(exported["generated"], plain["generated"])
+
+
+def test_export_of_minilm_keeps_its_tokenizer_and_sentence_transformers_files(tmp_path, cli, minilm):
+    assert cli(minilm, "-o", tmp_path / "m.lors.safetensors", "--quiet").code == 0
+    assert cli("export", tmp_path / "m.lors.safetensors", "-o", tmp_path / "out", "--quiet").code == 0
+    copied = {p.relative_to(minilm) for p in minilm.rglob("*") if p.is_file()}
+    written = {p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    kept = {p for p in copied if p.name not in ("model.safetensors", "config.json") and p.suffix != ".bin"}
+    assert kept <= written and "lors_modeling.py" in {p.name for p in written}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+    result = cli("export", tmp_path / "m.lors.safetensors", "-o", tmp_path / "out", "--quiet")
+    assert result.code == 1 and "already exists" in result.err
