@@ -3,16 +3,13 @@ moment C_i = X_iᵀX_i (float64, streaming), so residuals can be factored where 
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.evaluate import call_model, load_tensors
-from lors_convert.model import layer_module, own_names
+from lors_convert.model import call_model, layer_module, own_names
 from lors_convert.nn import is_conv1d
 from lors_convert.stacks import Stack
 
@@ -32,28 +29,6 @@ def _module_for(model: nn.Module, name: str, own: dict[str, str]) -> nn.Module |
     """The Linear (or GPT-2 Conv1D) module whose `.weight` is this checkpoint tensor, if any."""
     found = layer_module(model, name, own)
     return found[1] if found else None
-
-
-def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> list[dict]:
-    """One unpadded sequence per batch, so padding never enters the statistics."""
-    from lors_convert.hf import read_lines
-
-    lines = read_lines(files)
-    random.Random(seed).shuffle(lines)
-    return [
-        dict(tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length)) for line in lines[:samples]
-    ]
-
-
-def tensor_batches(files: list[Path], samples: int) -> list[dict]:
-    """Inputs for --model-factory models: safetensors/pt files of tensors sharing their first dimension (one row per
-    sample), read and checked as eval and fine-tuning read theirs."""
-    batches: list[dict] = []
-    for file in files:
-        tensors = load_tensors(Path(file))
-        rows = len(next(iter(tensors.values())))
-        batches += [{k: v[i : i + 1] for k, v in tensors.items()} for i in range(rows)]
-    return batches[:samples]
 
 
 FLUSH_BYTES = 2**23  # inputs buffered per module before one product: big enough for an efficient matmul

@@ -519,8 +519,8 @@ def evaluate(
     quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
-    from lors_convert.evaluate import fidelity, load_examples, load_pair, print_fidelity
-    from lors_convert.finetune import setup_device
+    from lors_convert.evaluate import fidelity, load_pair, print_fidelity
+    from lors_convert.model import load_examples, setup_device
 
     pair = load_pair(
         lors,

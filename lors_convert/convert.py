@@ -385,8 +385,8 @@ def refit_shared(source: TensorSource, plan: GroupPlan, seed: int) -> tuple[Grou
 
 def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict]]:
     """The dense model with the source's weights and the calibration batches."""
-    from lors_convert.calibrate import tensor_batches, text_batches
     from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
+    from lors_convert.model import tensor_batches, text_batches
 
     model = dense_model(source.path, settings.model_factory)
     if settings.model_factory:
@@ -395,10 +395,6 @@ def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.
     return model, text_batches(
         tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length, settings.seed
     )
-
-
-def compute_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
@@ -410,6 +406,7 @@ def calibrate_plans(
     model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
 ) -> tuple[list[GroupPlan], dict]:
     from lors_convert.calibrate import collect
+    from lors_convert.model import compute_device
 
     calibration = collect(model, [p.stack for p in plans], batches, compute_device())
     calibrated = []
@@ -447,7 +444,7 @@ def sequential_factors(
     before the layer changed), and B A minimises ‖(T − S − B A) K^{1/2}‖² with K = X̂ᵀX̂ + λI.
     """
     from lors_convert.calibrate import collect_pair
-    from lors_convert.model import own_names
+    from lors_convert.model import compute_device, own_names
 
     device = compute_device()
     converted = copy.deepcopy(original)  # collect() already moved the original to the device

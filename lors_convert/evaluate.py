@@ -4,10 +4,8 @@ tensor files and calls its models through here too."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +14,7 @@ from torch import nn
 from lors_convert import LorsError
 from lors_convert.checkpoint import open_checkpoint, sha256_files
 from lors_convert.lors_format import LorsMeta, read_lors
-
-TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
+from lors_convert.model import Examples, autocast, run
 
 
 @dataclass
@@ -83,139 +80,7 @@ def load_pair(
 # ---------------------------------------------------------------- examples
 
 
-@dataclass
-class Examples:
-    """Text lines (tokenised per batch) or a dict of tensors whose first dimension indexes examples."""
-
-    texts: list[str] | None = None
-    tensors: dict[str, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.texts) if self.texts is not None else len(next(iter(self.tensors.values())))
-
-    def subset(self, indices: list[int]) -> "Examples":
-        if self.texts is not None:
-            return Examples(texts=[self.texts[i] for i in indices])
-        index = torch.tensor(indices, dtype=torch.long)
-        return Examples(tensors={k: v[index] for k, v in self.tensors.items()})
-
-    def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device) -> dict:
-        if self.texts is None:
-            return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
-        encoded = tokenizer(
-            [self.texts[i] for i in indices],
-            padding=True,
-            truncation=True,
-            max_length=min(max_length, tokenizer.model_max_length),
-            return_tensors="pt",
-        )
-        return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def load_examples(files: list[Path], tokenizer) -> Examples:
-    """Text files (one example per line) or tensor files (.safetensors/.pt: tensors sharing dimension 0)."""
-    from lors_convert.hf import read_lines
-
-    files = [Path(f) for f in files]
-    if not files:
-        raise LorsError("give at least one --data file")
-    if not all(f.name.endswith(TENSOR_SUFFIXES) for f in files):
-        if tokenizer is None:
-            raise LorsError(
-                "text data needs the model's tokenizer, and the teacher's folder has no tokenizer files "
-                "(tokenizer.json, vocab.txt, …): copy them there, or give .safetensors/.pt files of "
-                "input tensors"
-            )
-        return Examples(texts=read_lines(files))
-    parts = [load_tensors(f) for f in files]
-    keys = sorted(parts[0])
-    if any(sorted(p) != keys for p in parts):
-        raise LorsError("the tensor data files hold different names")
-    return Examples(tensors={k: torch.cat([p[k] for p in parts]) for k in keys})
-
-
-def load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise LorsError(f"{file}: no such file")
-    try:
-        tensors = open_checkpoint(file)
-        data = {name: tensors.get(name) for name in tensors.info}
-    except LorsError:
-        raise
-    except Exception as e:
-        raise LorsError(f"{file}: cannot read tensors ({e.__class__.__name__})") from e
-    sizes = {t.shape[0] if t.dim() else None for t in data.values()}
-    if not data or len(sizes) != 1 or None in sizes:
-        raise LorsError(f"{file}: the tensors must share their first dimension (one row per example)")
-    return data
-
-
-def split_examples(examples: Examples, eval_examples: int, seed: int) -> tuple[Examples, Examples]:
-    """A seeded held-out slice for evaluation; the rest for training."""
-    n = len(examples)
-    n_eval = min(eval_examples, n // 5)
-    if n - n_eval < 2 or n_eval < 2:
-        raise LorsError(f"{n} examples are too few to hold some out for evaluation (need at least 10)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return examples.subset(order[n_eval:]), examples.subset(order[:n_eval])
-
-
 # ---------------------------------------------------------------- running a model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def is_hf(model: nn.Module) -> bool:
-    """A transformers model (or a subclass of one, like lors_convert.load's LorsBertModel)."""
-    return any(cls.__module__.startswith("transformers.") for cls in type(unwrap(model)).__mro__)
-
-
-def call_model(model: nn.Module, batch: dict, **options):
-    """The one way a batch is handed to a model (eval, fine-tuning, calibration): a Hugging Face model takes
-    everything by keyword; any other model takes a lone tensor positionally, whatever its name, and several by
-    keyword."""
-    if len(batch) == 1 and not is_hf(model):
-        return model(*batch.values(), **options)
-    return model(**batch, **options)
-
-
-def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(logits or None, final hidden states) of a model on a batch."""
-    if is_hf(model):
-        out = call_model(model, batch, output_hidden_states=True)
-        logits = getattr(out, "logits", None)
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is None:  # a head on top, or an encoder-decoder (T5): the last layer the output comes from
-            states = getattr(out, "hidden_states", None) or getattr(out, "decoder_hidden_states", None)
-            hidden = states[-1]
-        return logits, hidden
-    out = call_model(model, batch)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise LorsError(
-            f"--model-factory models must return a tensor (or a tuple starting with one), got {type(out).__name__}"
-        )
-    return None, out
-
-
-@contextmanager
-def layer_outputs(model: nn.Module, paths: list[str]) -> Iterator[list[torch.Tensor]]:
-    """Collects the outputs of the named modules (one per stacked layer) during each forward."""
-    captured: list[torch.Tensor] = []
-
-    def hook(module, inputs, output):
-        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-
-    handles = [unwrap(model).get_submodule(p).register_forward_hook(hook) for p in paths]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -275,7 +140,6 @@ def fidelity(
     device: torch.device = torch.device("cpu"),
 ) -> dict:
     """cos, top10 and, where the model has an LM head, ppl_teacher, ppl_student and kl."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     s_emb, t_emb = [], []
     nll_s = nll_t = kl = tokens = positions = 0.0
     lm = False
@@ -284,7 +148,7 @@ def fidelity(
             list(range(start, min(start + batch_size, len(examples)))), tokenizer, max_length, device
         )
         mask = batch.get("attention_mask")
-        with autocast:
+        with autocast(device):
             s_logits, s_hidden = run(student, batch)
             t_logits, t_hidden = run(teacher, batch)
         s_emb.append(mean_pool(s_hidden, mask).cpu())

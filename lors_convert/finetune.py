@@ -20,18 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.evaluate import (
-    Pair,
-    fidelity,
-    layer_outputs,
-    load_examples,
-    load_pair,
-    run,
-    split_examples,
-    token_kl,
-    token_log_probs,
-)
+from lors_convert.evaluate import Pair, fidelity, load_pair, token_kl, token_log_probs
 from lors_convert.lors_format import LorsMeta
+from lors_convert.model import autocast, layer_outputs, load_examples, run, setup_device, split_examples, world
 
 OBJECTIVES = ("distill", "lm")
 
@@ -59,32 +50,6 @@ class FinetuneSettings:
 
 
 # ---------------------------------------------------------------- processes and devices
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size): torchrun's environment, or a single process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def setup_device(world_size: int) -> torch.device:
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if local_rank >= torch.cuda.device_count():
-            raise LorsError(
-                f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; use at most "
-                "that many processes per node (or CUDA_VISIBLE_DEVICES= to train on the CPU)"
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ---------------------------------------------------------------- the loss

@@ -1,5 +1,6 @@
-"""Using a LORS checkpoint where models run: `load` builds the source's own model class with its stacked layers as
-LORS modules, `save` writes a LORS checkpoint back from such a model.
+"""Everything about running a model: `load` builds the source's own model class with its stacked layers as LORS
+modules, `save` writes a LORS checkpoint back from such a model, `export` writes a Hugging Face folder; checkpoint
+names against the model's own; devices and autocast; data files to batches and a batch to a model (one rule).
 
 Hugging Face models load through `from_pretrained` itself, so tied weights, buffers the checkpoint does not hold,
 dtypes and the meta-device build are transformers' business. The model class is a subclass of the source's
@@ -15,14 +16,19 @@ to `attention.q_proj` when it loads); the mapping is transformers' own, read fro
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import SafetensorsWriter, TensorSource, check_output_path, metadata_bytes
+from lors_convert.checkpoint import SafetensorsWriter, TensorSource, check_output_path, metadata_bytes, open_checkpoint
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
 from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors, lors_model_class
 from lors_convert.nn import is_conv1d, is_swappable
@@ -344,6 +350,197 @@ def loaded_shape(loaded: Loaded, name: str, tensor: torch.Tensor) -> tuple[int, 
     return tuple(tensor.shape)
 
 
+# ---------------------------------------------------------------- running a model: devices, data, batches
+
+
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def compute_device() -> torch.device:
+    """Where models run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Examples:
+    """Text lines (tokenised per batch) or a dict of tensors whose first dimension indexes examples."""
+
+    texts: list[str] | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else len(next(iter(self.tensors.values())))
+
+    def subset(self, indices: list[int]) -> "Examples":
+        if self.texts is not None:
+            return Examples(texts=[self.texts[i] for i in indices])
+        index = torch.tensor(indices, dtype=torch.long)
+        return Examples(tensors={k: v[index] for k, v in self.tensors.items()})
+
+    def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device) -> dict:
+        if self.texts is None:
+            return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
+        encoded = tokenizer(
+            [self.texts[i] for i in indices],
+            padding=True,
+            truncation=True,
+            max_length=min(max_length, tokenizer.model_max_length),
+            return_tensors="pt",
+        )
+        return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def load_examples(files: list[Path], tokenizer) -> Examples:
+    """Text files (one example per line) or tensor files (.safetensors/.pt: tensors sharing dimension 0)."""
+    from lors_convert.hf import read_lines
+
+    files = [Path(f) for f in files]
+    if not files:
+        raise LorsError("give at least one --data file")
+    if not all(f.name.endswith(TENSOR_SUFFIXES) for f in files):
+        if tokenizer is None:
+            raise LorsError(
+                "text data needs the model's tokenizer, and the teacher's folder has no tokenizer files "
+                "(tokenizer.json, vocab.txt, …): copy them there, or give .safetensors/.pt files of "
+                "input tensors"
+            )
+        return Examples(texts=read_lines(files))
+    parts = [load_tensors(f) for f in files]
+    keys = sorted(parts[0])
+    if any(sorted(p) != keys for p in parts):
+        raise LorsError("the tensor data files hold different names")
+    return Examples(tensors={k: torch.cat([p[k] for p in parts]) for k in keys})
+
+
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise LorsError(f"{file}: no such file")
+    try:
+        tensors = open_checkpoint(file)
+        data = {name: tensors.get(name) for name in tensors.info}
+    except LorsError:
+        raise
+    except Exception as e:
+        raise LorsError(f"{file}: cannot read tensors ({e.__class__.__name__})") from e
+    sizes = {t.shape[0] if t.dim() else None for t in data.values()}
+    if not data or len(sizes) != 1 or None in sizes:
+        raise LorsError(f"{file}: the tensors must share their first dimension (one row per example)")
+    return data
+
+
+def split_examples(examples: Examples, eval_examples: int, seed: int) -> tuple[Examples, Examples]:
+    """A seeded held-out slice for evaluation; the rest for training."""
+    n = len(examples)
+    n_eval = min(eval_examples, n // 5)
+    if n - n_eval < 2 or n_eval < 2:
+        raise LorsError(f"{n} examples are too few to hold some out for evaluation (need at least 10)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return examples.subset(order[n_eval:]), examples.subset(order[:n_eval])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_hf(model: nn.Module) -> bool:
+    """A transformers model (or a subclass of one, like lors_convert.load's LorsBertModel)."""
+    return any(cls.__module__.startswith("transformers.") for cls in type(unwrap(model)).__mro__)
+
+
+def call_model(model: nn.Module, batch: dict, **options):
+    """The one way a batch is handed to a model (eval, fine-tuning, calibration): a Hugging Face model takes
+    everything by keyword; any other model takes a lone tensor positionally, whatever its name, and several by
+    keyword."""
+    if len(batch) == 1 and not is_hf(model):
+        return model(*batch.values(), **options)
+    return model(**batch, **options)
+
+
+def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(logits or None, final hidden states) of a model on a batch."""
+    if is_hf(model):
+        out = call_model(model, batch, output_hidden_states=True)
+        logits = getattr(out, "logits", None)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:  # a head on top, or an encoder-decoder (T5): the last layer the output comes from
+            states = getattr(out, "hidden_states", None) or getattr(out, "decoder_hidden_states", None)
+            hidden = states[-1]
+        return logits, hidden
+    out = call_model(model, batch)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise LorsError(
+            f"--model-factory models must return a tensor (or a tuple starting with one), got {type(out).__name__}"
+        )
+    return None, out
+
+
+@contextmanager
+def layer_outputs(model: nn.Module, paths: list[str]) -> Iterator[list[torch.Tensor]]:
+    """Collects the outputs of the named modules (one per stacked layer) during each forward."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handles = [unwrap(model).get_submodule(p).register_forward_hook(hook) for p in paths]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, or a single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_device(world_size: int) -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise LorsError(
+                f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; use at most "
+                "that many processes per node (or CUDA_VISIBLE_DEVICES= to train on the CPU)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> list[dict]:
+    """One unpadded sequence per batch, so padding never enters the statistics."""
+    from lors_convert.hf import read_lines
+
+    lines = read_lines(files)
+    random.Random(seed).shuffle(lines)
+    return [
+        dict(tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length)) for line in lines[:samples]
+    ]
+
+
+def tensor_batches(files: list[Path], samples: int) -> list[dict]:
+    """Inputs for --model-factory models: safetensors/pt files of tensors sharing their first dimension (one row per
+    sample), read and checked as eval and fine-tuning read theirs."""
+    batches: list[dict] = []
+    for file in files:
+        tensors = load_tensors(Path(file))
+        rows = len(next(iter(tensors.values())))
+        batches += [{k: v[i : i + 1] for k, v in tensors.items()} for i in range(rows)]
+    return batches[:samples]
+
+
 # ---------------------------------------------------------------- export
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".msgpack", ".h5")
@@ -355,7 +552,6 @@ def export(
     """Write a Hugging Face model folder: the LORS model with its modeling file (`trust_remote_code=True`; needs
     only torch and transformers) or, with `dense`, the plain dense model. Tokenizer and sentence-transformers files
     are copied from the source folder. The folder appears under its name only once complete."""
-    import os
     import shutil
 
     source, meta = read_lors(path)

@@ -28,8 +28,9 @@ from bench_finetune import minilm_dir, package_prose
 
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import Settings, convert
-from lors_convert.evaluate import Examples, fidelity, load_pair
-from lors_convert.finetune import FinetuneSettings, finetune, setup_device
+from lors_convert.evaluate import fidelity, load_pair
+from lors_convert.finetune import FinetuneSettings, finetune
+from lors_convert.model import Examples, setup_device
 
 METHODS = {  # name -> (shared, calibrated, sequential)
     "mean + SVD (plain)": ("mean", False, False),

@@ -31,16 +31,10 @@ from bench_lors_forward import mean_seconds
 
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import Settings, convert
-from lors_convert.evaluate import Examples, fidelity, load_examples, load_pair, split_examples
-from lors_convert.finetune import (
-    FinetuneSettings,
-    autocast,
-    finetune,
-    setup_device,
-    stacked_layer_paths,
-    step_loss,
-)
+from lors_convert.evaluate import fidelity, load_pair
+from lors_convert.finetune import FinetuneSettings, finetune, stacked_layer_paths, step_loss
 from lors_convert.lors_format import read_lors
+from lors_convert.model import Examples, autocast, load_examples, setup_device, split_examples
 from lors_convert.report import build_report
 
 
