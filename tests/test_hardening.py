@@ -265,20 +265,7 @@ def test_report_of_a_checkpoint_with_corrupt_warnings_is_one_line(tmp_path, cli)
 
 
 def test_finetune_refuses_to_write_onto_its_teacher(tmp_path, cli):
-    pytest.importorskip("transformers")
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path / "teacher"
-    BertModel(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-        )
-    ).save_pretrained(folder)
+    folder = bert_folder(tmp_path, with_tokenizer=False)
     assert cli(folder, "-o", tmp_path / "s.lors.safetensors", "--rank", "2", "--quiet").code == 0
     data = tmp_path / "d.pt"
     torch.save({"input_ids": torch.randint(0, 64, (20, 8))}, data)
