@@ -26,7 +26,7 @@ app = typer.Typer(
     "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
     "Add --debug anywhere to see tracebacks.",
 )
-COMMANDS = {"convert", "report", "inspect", "expand", "export", "verify", "finetune", "eval"}
+COMMANDS = {"convert", "init", "report", "inspect", "expand", "export", "verify", "finetune", "eval"}
 
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
@@ -258,13 +258,44 @@ HIGH_ERROR = 0.3  # stacked rel. error above which conversion alone loses much o
 def recovery_hint(result: dict, output: Path) -> str | None:
     """One line on what recovers the function after a lossy conversion."""
     error = result["stacked"]["rel_error"]
-    if error <= HIGH_ERROR:
+    if error <= HIGH_ERROR or result["from_scratch"]:
         return None
     steps = (
         [] if result["calibrated"] else ["convert again with --calibrate TEXT (factors for the model's real inputs)"]
     )
     steps.append(f"then `lors-convert finetune {output} --data TEXT -o OUT` (distillation from the original)")
     return f"relative error {error:.2f} loses much of the model's function; " + ", ".join(steps)
+
+
+@app.command()
+def init(
+    config: Path = typer.Argument(..., help="A Hugging Face folder with config.json.", show_default=False),
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="FILE", help="The LORS .safetensors to write.", show_default=False
+    ),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", metavar="N", help="Rank of every layer's factors."),
+    reduction: Optional[float] = typer.Option(
+        None,
+        "--reduction",
+        metavar="F",
+        help="Instead of --rank: the rank per group that stores this fraction fewer stacked numbers.",
+    ),
+    shared: bool = typer.Option(True, "--shared/--no-shared", help="A shared matrix per group (the paper's form)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation."),
+    force: bool = Force,
+    quiet: bool = Quiet,
+    as_json: bool = AsJson,
+) -> None:
+    """A fresh LORS checkpoint for a config, initialised as the paper trains LORS (S: the layer's own default
+    initialisation, A kaiming-uniform, B zeros); train it with `finetune --objective lm`."""
+    from lors_convert.lors_format import read_lors
+    from lors_convert.model import init_checkpoint
+    from lors_convert.report import build_report, print_report
+
+    files, _ = init_checkpoint(config, output, rank=rank, reduction=reduction, shared=shared, seed=seed, force=force)
+    print_report(build_report(*read_lors(files[-1])), as_json)
+    if not as_json:
+        stderr.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
 @app.command()
@@ -462,11 +493,12 @@ def finetune(
     )
     if "files" not in results:  # not rank 0
         return
+    what = "next-token loss" if "loss" in results["eval_before"] else "fidelity against the teacher"
     print_fidelity(
         {"before": results["eval_before"], "after": results["eval_after"]},
         as_json,
-        f"fidelity against the teacher on {results['eval_before']['examples']} examples of "
-        f"{', '.join(f.name for f in data)} held out from training",
+        f"{what} on {results['eval_before']['examples']} examples of {', '.join(f.name for f in data)} held out "
+        "from training",
     )
     if not as_json:
         stderr.print(
@@ -519,7 +551,7 @@ def evaluate(
     quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
-    from lors_convert.evaluate import fidelity, load_pair, print_fidelity
+    from lors_convert.evaluate import fidelity, held_out_loss, load_pair, print_fidelity
     from lors_convert.model import load_examples, setup_device
 
     pair = load_pair(
@@ -531,19 +563,15 @@ def evaluate(
     )
     examples = load_examples(data, pair.tokenizer)
     device = setup_device(1)
-    result = fidelity(
-        pair.student.to(device),
-        pair.teacher.to(device),
-        examples,
-        pair.tokenizer,
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-    )
+    options = {"batch_size": batch_size, "max_length": max_length, "device": device}
+    if pair.teacher is None:  # a model from `lors-convert init`: its own next-token loss
+        result = held_out_loss(pair.student.to(device), examples, pair.tokenizer, **options)
+        what = "next-token loss"
+    else:
+        result = fidelity(pair.student.to(device), pair.teacher.to(device), examples, pair.tokenizer, **options)
+        what = "fidelity against the teacher"
     print_fidelity(
-        {"student": result},
-        as_json,
-        f"fidelity against the teacher on {', '.join(f.name for f in data)} ({len(examples)} examples)",
+        {"student": result}, as_json, f"{what} on {', '.join(f.name for f in data)} ({len(examples)} examples)"
     )
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.evaluate import Pair, fidelity, load_pair, token_kl, token_log_probs
+from lors_convert.evaluate import Pair, fidelity, held_out_loss, load_pair, token_kl, token_log_probs
 from lors_convert.lors_format import LorsMeta
 from lors_convert.model import autocast, layer_outputs, load_examples, run, setup_device, split_examples, world
 
@@ -188,10 +188,10 @@ def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: 
     from lors_convert.model import checkpoint_tensors, own_names
 
     tensors = checkpoint_tensors(pair.student, pair.student.lors)
-    teacher_state = pair.teacher.state_dict()
-    teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names])
-    groups = []
-    for group in pair.meta.groups:  # the weights moved: report their distance to the originals again
+    teacher_state = pair.teacher.state_dict() if pair.teacher is not None else {}
+    teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names]) if teacher_state else {}
+    groups = [] if teacher_state else list(pair.meta.groups)
+    for group in pair.meta.groups if teacher_state else []:  # the weights moved: their distance to the originals
         error, layer_errors = reconstruction_errors(
             tensors, group, lambda name: teacher_state[teacher_names[name]].cpu()
         )
@@ -221,7 +221,7 @@ def teacher_files(pair: Pair) -> list[Path]:
     """The teacher's weight files (and its folder's), which an output must never overwrite."""
     from lors_convert.checkpoint import open_checkpoint
 
-    return open_checkpoint(pair.teacher_path).files
+    return open_checkpoint(pair.teacher_path).files if pair.teacher is not None else []
 
 
 # ---------------------------------------------------------------- the loop
@@ -281,18 +281,20 @@ def finetune(
     torch.manual_seed(settings.seed)
     examples = load_examples(data, pair.tokenizer)
     train, held_out = split_examples(examples, settings.eval_examples, settings.seed)
-    student, teacher_model = pair.student.to(device), pair.teacher.to(device)
-    paths = stacked_layer_paths(teacher_model, pair.meta)  # the same paths in both; names match the dense one
+    if pair.teacher is None and settings.objective != "lm":
+        raise LorsError(
+            f"{lors} was made by `lors-convert init`: there is no teacher to distil from; train it with "
+            "--objective lm (or give --teacher)"
+        )
+    student = pair.student.to(device)
+    teacher_model = pair.teacher.to(device) if pair.teacher is not None else None
+    paths = stacked_layer_paths(student, pair.meta)  # the same paths in the teacher
     batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device)
-    evaluate = lambda: fidelity(
-        student,
-        teacher_model,
-        held_out,
-        pair.tokenizer,
-        batch_size=settings.batch_size,
-        max_length=settings.max_length,
-        device=device,
-    )
+    options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
+    if teacher_model is None:
+        evaluate = lambda: held_out_loss(student, held_out, pair.tokenizer, **options)
+    else:
+        evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
 
     frozen = freeze_unreached(student, teacher_model, batch_of(train, [0, 1]), paths, settings.objective)
     if frozen:

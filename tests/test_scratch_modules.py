@@ -81,3 +81,74 @@ def test_adaptive_shapes_initialisation_and_the_plain_generator_when_private_par
         expected = x @ mixer.mixing(q, stage)
         assert torch.allclose(mixer(x, q, stage), expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(mixer(x, q, 0), mixer(x, q, 5), atol=1e-3)  # stages differ through their private parts
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_init_then_finetune_lm_lowers_the_loss_and_the_checkpoint_works_like_any(tmp_path, cli, kind):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    import lors_convert
+    from lors_convert.lors_format import read_lors
+
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=32, n_embd=32, n_layer=3, n_head=2, n_positions=64)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    config.architectures = [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[kind]]
+    config.save_pretrained(tmp_path / "config")
+    lors = tmp_path / "init.lors.safetensors"
+    result = cli("init", tmp_path / "config", "-o", lors, "--reduction", "0.5", "--quiet", "--json")
+    assert result.code == 0, result.err
+    report = result.json()
+    assert report["from_scratch"] and report["groups"] and all(g["shared"] for g in report["groups"])
+    assert 0.4 <= report["stacked"]["reduction"] <= 0.6
+    source, meta = read_lors(lors)
+    assert all(torch.count_nonzero(source.get(n + ".lora_B")) == 0 for g in meta.groups for n in g.names)
+
+    # a repeating pattern a small model learns quickly
+    ids = torch.arange(32).repeat(6)[:160].reshape(10, 16).repeat(6, 1)
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "data.safetensors")
+    tuned = cli(
+        "finetune",
+        lors,
+        "-d",
+        tmp_path / "data.safetensors",
+        "-o",
+        tmp_path / "ft.safetensors",
+        "--objective",
+        "lm",
+        "--steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--eval-examples",
+        "10",
+        "--quiet",
+        "--json",
+    )
+    assert tuned.code == 0, tuned.err
+    assert tuned.json()["after"]["loss"] < tuned.json()["before"]["loss"] - 0.5
+    refused = cli("finetune", lors, "-d", tmp_path / "data.safetensors", "-o", tmp_path / "x.safetensors", "--quiet")
+    assert refused.code == 1 and "--objective lm" in refused.err
+
+    model = lors_convert.load(tmp_path / "ft.safetensors")
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == cli("report", tmp_path / "ft.safetensors", "--json").json()["total"]["lors_params"]
+    )
+    assert cli("expand", tmp_path / "ft.safetensors", "-o", tmp_path / "dense.safetensors", "--quiet").code == 0
+    assert cli("export", tmp_path / "ft.safetensors", "-o", tmp_path / "exported", "--quiet").code == 0
+    assert cli("eval", tmp_path / "ft.safetensors", "-d", tmp_path / "data.safetensors", "--quiet").code == 0
