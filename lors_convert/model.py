@@ -132,7 +132,8 @@ def layer_module(model: nn.Module, name: str, own: dict[str, str]) -> tuple[str,
 def block_paths(model: nn.Module, meta: LorsMeta) -> list[str]:
     """Module paths of the blocks holding stacked layers (`encoder.layer.3` for template `encoder.layer.{i}.…`, in
     the model's own names), in layer order."""
-    own = own_names(model, [n for g in meta.groups for n in g.names])
+    loaded = getattr(model, "lors", None)  # a LORS model no longer holds its stacked weights under their names
+    own = loaded.own_name if isinstance(loaded, Loaded) else own_names(model, [n for g in meta.groups for n in g.names])
     paths = set()
     for group in meta.groups:
         for index, name in zip(group.layers, group.names):
