@@ -452,6 +452,13 @@ def finetune(
     ),
     eval_examples: int = typer.Option(256, "--eval-examples", help="Held-out examples (at most a fifth)."),
     save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (0: never)."),
+    minutes: float = typer.Option(
+        0.0,
+        "--minutes",
+        metavar="N",
+        help="Stop training after N minutes, then evaluate "
+        "and save (0: no limit; the learning-rate schedule still runs over --steps).",
+    ),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
     nproc_per_node: int = typer.Option(
         0, "--nproc-per-node", help="Launch this many processes with torchrun (DistributedDataParallel; one per GPU)."
@@ -477,6 +484,7 @@ def finetune(
         objective=objective,
         eval_examples=eval_examples,
         save_every=save_every,
+        minutes=minutes,
     )
     results = run_finetune(
         lors,

@@ -39,10 +39,13 @@ class FinetuneSettings:
     objective: str = "distill"
     eval_examples: int = 256
     save_every: int = 0
+    minutes: float = 0.0  # stop after this much training time (0: run every step); evaluation and saving follow
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
             raise LorsError("--steps and --batch-size must be at least 1, --max-length at least 2")
+        if not self.minutes >= 0:
+            raise LorsError("--minutes must be 0 or more")
         if not self.lr > 0 or self.warmup < 0 or self.save_every < 0 or self.eval_examples < 2:
             raise LorsError("--lr must be positive, --warmup and --save-every 0 or more, --eval-examples >= 2")
         if self.objective not in OBJECTIVES:
@@ -227,6 +230,14 @@ def teacher_files(pair: Pair) -> list[Path]:
 # ---------------------------------------------------------------- the loop
 
 
+def out_of_time(started: float, minutes: float, world_size: int, device: torch.device) -> bool:
+    """Whether the time budget is spent: rank 0's clock decides for every process, so all stop at one step."""
+    spent = torch.tensor([time.perf_counter() - started >= minutes * 60], device=device)
+    if world_size > 1:
+        dist.broadcast(spent, 0)
+    return bool(spent.item())
+
+
 def train_progress(quiet: bool, total: int, done: int):
     """A rich bar with loss, tokens/s and ETA on stderr; returns (update(step, loss, tok_per_s), stop)."""
     if quiet:
@@ -313,7 +324,7 @@ def finetune(
 
     before = evaluate()
     update, stop = train_progress(quiet or rank != 0, settings.steps, start)
-    losses, tokens, started = [], 0, time.perf_counter()
+    losses, tokens, started, done = [], 0, time.perf_counter(), start
     try:
         for step in range(start, settings.steps):
             indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
@@ -328,6 +339,9 @@ def finetune(
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) * world_size if mask is not None else len(indices)
             update(step + 1, losses[-1], tokens / (time.perf_counter() - started))
+            done = step + 1
+            if settings.minutes and out_of_time(started, settings.minutes, world_size, device):
+                break
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
                 if rank == 0:
                     save_state(state_path(output), step + 1, student, optimizer, scheduler, fingerprint)
@@ -338,7 +352,7 @@ def finetune(
     seconds = time.perf_counter() - started
     after = evaluate()
     results = {
-        "steps": settings.steps,
+        "steps": done,
         "resumed_at": start,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
