@@ -26,7 +26,7 @@ app = typer.Typer(
     "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
     "Add --debug anywhere to see tracebacks.",
 )
-COMMANDS = {"convert", "init", "report", "inspect", "expand", "export", "verify", "finetune", "eval"}
+COMMANDS = {"convert", "compress", "init", "report", "inspect", "expand", "export", "verify", "finetune", "eval"}
 
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
@@ -265,6 +265,91 @@ def recovery_hint(result: dict, output: Path) -> str | None:
     )
     steps.append(f"then `lors-convert finetune {output} --data TEXT -o OUT` (distillation from the original)")
     return f"relative error {error:.2f} loses much of the model's function; " + ", ".join(steps)
+
+
+@app.command()
+def compress(
+    model: Path = typer.Argument(
+        ..., help="A Hugging Face model folder (or a checkpoint inside one).", show_default=False
+    ),
+    calibrate: List[Path] = typer.Option(
+        ...,
+        "--calibrate",
+        metavar="FILE",
+        show_default=False,
+        help="Text, one example per line: calibration, fine-tuning and held-out "
+        "evaluation (a seeded slice never trained on).",
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="FILE", help="The final LORS .safetensors.", show_default=False
+    ),
+    reduction: float = typer.Option(0.5, "--reduction", metavar="F", help="Fraction of stacked parameters removed."),
+    finetune_minutes: float = typer.Option(
+        0.0,
+        "--finetune-minutes",
+        metavar="N",
+        help="Distil for N minutes after converting (0: convert and evaluate only).",
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per fine-tuning step."),
+    seed: int = typer.Option(0, "--seed", help="Seed of calibration sampling, the held-out split and training."),
+    force: bool = Force,
+    quiet: bool = Quiet,
+    as_json: bool = AsJson,
+) -> None:
+    """The whole recipe: calibrated conversion, fine-tuning for a time budget, and fidelity before and after on
+    held-out lines. Run it again after an interruption: a finished conversion is reused and training resumes."""
+    from lors_convert.checkpoint import check_output_path, open_checkpoint
+    from lors_convert.convert import Settings
+    from lors_convert.convert import convert as run_convert
+    from lors_convert.evaluate import fidelity, load_pair, print_fidelity
+    from lors_convert.finetune import FinetuneSettings, state_path
+    from lors_convert.finetune import finetune as run_finetune
+    from lors_convert.lors_format import read_lors
+    from lors_convert.model import load_examples, setup_device, split_examples
+
+    settings = Settings(reduction=reduction, calibrate=calibrate, seed=seed)
+    settings.validate()
+    check_output_path(output, [model], force)
+    converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
+    reusable = converted.is_file() and read_lors(converted)[1].settings == settings.as_json()
+    if reusable:
+        stderr.print(f"reusing {converted} (converted with the same settings)")
+    else:
+        with progress_bars(quiet) as progress:
+            run_convert(open_checkpoint(model), converted, settings, force=True, progress=progress)
+    training = FinetuneSettings(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
+    if finetune_minutes > 0:
+        results = run_finetune(
+            converted,
+            calibrate,
+            output,
+            training,
+            resume=state_path(output).is_file(),
+            force=force,
+            quiet=quiet,
+            log=lambda message: stderr.print(escape(message)),
+        )
+        rows = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}
+        converted.unlink()
+    else:
+        pair = load_pair(converted)
+        examples = load_examples(calibrate, pair.tokenizer)
+        held_out = split_examples(examples, training.eval_examples, seed)[1]
+        device = setup_device(1)
+        rows = {
+            "converted": fidelity(
+                pair.student.to(device), pair.teacher.to(device), held_out, pair.tokenizer, device=device
+            )
+        }
+        converted.replace(output)
+    print_fidelity(
+        rows,
+        as_json,
+        f"fidelity against the original on {rows['converted']['examples']} held-out "
+        f"lines of {', '.join(f.name for f in calibrate)}",
+    )
+    if not as_json:
+        stderr.print(f"wrote {output}")
 
 
 @app.command()
