@@ -296,8 +296,10 @@ def compress(
     quiet: bool = Quiet,
     as_json: bool = AsJson,
 ) -> None:
-    """The whole recipe: calibrated conversion, fine-tuning for a time budget, and fidelity before and after on
-    held-out lines. Run it again after an interruption: a finished conversion is reused and training resumes."""
+    """The whole recipe: calibrated conversion, fine-tuning, fidelity before and after.
+
+    Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
+    conversion is reused and training resumes."""
     from lors_convert.checkpoint import check_output_path, open_checkpoint
     from lors_convert.convert import Settings
     from lors_convert.convert import convert as run_convert
@@ -371,8 +373,9 @@ def init(
     quiet: bool = Quiet,
     as_json: bool = AsJson,
 ) -> None:
-    """A fresh LORS checkpoint for a config, initialised as the paper trains LORS (S: the layer's own default
-    initialisation, A kaiming-uniform, B zeros); train it with `finetune --objective lm`."""
+    """A fresh LORS checkpoint for a config, to train from scratch (finetune --objective lm).
+
+    Initialised as the paper trains LORS: S the layer's own default initialisation, A kaiming-uniform, B zeros."""
     from lors_convert.lors_format import read_lors
     from lors_convert.model import init_checkpoint
     from lors_convert.report import build_report, print_report
@@ -479,8 +482,10 @@ def export(
     force: bool = Force,
     quiet: bool = Quiet,
 ) -> None:
-    """Write a Hugging Face model folder: from_pretrained(DIR, trust_remote_code=True) loads the LORS model with
-    only torch and transformers installed (or, with --dense, the dense model with no remote code)."""
+    """Write a Hugging Face model folder (LORS form with its modeling file, or --dense).
+
+    from_pretrained(DIR, trust_remote_code=True) loads the LORS model with only torch and transformers
+    installed; with --dense, the plain dense model loads with no remote code."""
     from lors_convert.model import export as run_export
 
     folder = run_export(lors, output, dense=dense, architecture=architecture, force=force)
