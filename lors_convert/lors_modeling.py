@@ -19,13 +19,12 @@ class LorsLinear(nn.Module):
     """y = x Wᵀ + b with W = S + B A (nn.Linear layout: S out×in, B out×r, A r×in), or, for GPT-2's Conv1D
     (`transposed`, weights stored in×out), y = x W + b with S in×out, B in×r, A r×out.
 
-    The weight is materialised before the matmul rather than computing x·Sᵀ + (x·Aᵀ)·Bᵀ. Measured with
-    scripts/bench_lors_forward.py (forward + backward of one layer, MiniLM shapes 384x384 r96, 1536x384 and
-    384x1536 r160, float32, 2-core shared CPU): at 8192 tokens per batch materialised took 0.92-1.20x the
-    dense layer's time and factored 1.43-1.60x; at 2048 tokens 0.91-1.37x against 1.00-1.82x. B A costs
-    out·in·r flops once per step, while the factored form pays N·r·(out + in) for each of N tokens and
-    two more thin matmuls in the backward. Only with a few tokens (16: decoding) was factored ahead;
-    fine-tuning batches are far above that.
+    `forward` chooses its computation by the number of tokens (`use_factored`): factored, x·Sᵀ + (x·Aᵀ)·Bᵀ,
+    for decoding and small batches, never forming an out×in matrix (under no_grad the memory held is the
+    LORS file's); materialised, S + B A formed then one linear, for training-size batches, where B A's
+    out·in·r flops are paid once instead of r·(out + in) per token. Speed against memory: merging every layer
+    back to a plain dense one (lors_convert.nn.merge_lors) is as fast as the original model and holds every
+    dense weight again.
     """
 
     def __init__(
@@ -59,13 +58,48 @@ class LorsLinear(nn.Module):
         return torch.addmm(self.shared, self.lora_B, self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight()
-        return F.linear(x, weight.t() if self.transposed else weight, self.bias)
+        rows, cols, rank = self.lora_B.shape[0], self.lora_A.shape[1], self.lora_A.shape[0]
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if use_factored(tokens, rows, cols, rank, self.shared is not None):
+            return factored_forward(self, x)
+        return materialised_forward(self, x)
 
     def extra_repr(self) -> str:
         rows, cols = self.lora_B.shape[0], self.lora_A.shape[1]
         rank = self.lora_A.shape[0]
         return f"{rows}x{cols}, shared={self.shared is not None}, rank={rank}, transposed={self.transposed}"
+
+
+FACTORED_PENALTY = 1.2  # thin rank-r matmuls cost this much more per flop than a full one (see use_factored)
+
+
+def use_factored(tokens: int, rows: int, cols: int, rank: int, shared: bool) -> bool:
+    """Whether `LorsLinear.forward` computes x·Sᵀ + (x·Aᵀ)·Bᵀ (factored) rather than materialising S + B A
+    for an input of `tokens` rows: factored costs tokens·r·(rows + cols) flops in thin matmuls (plus the
+    x·Sᵀ that a dense linear costs too), materialised rows·cols·r once plus tokens·rows·cols. With S that
+    means factored below tokens = rows·cols / (1.2·(rows + cols)), whatever the rank (TinyLlama 2048x2048:
+    853); without S, below rows·cols·r / (1.2·r·(rows + cols) − rows·cols), always when that is negative.
+    """
+    thin = FACTORED_PENALTY * tokens * rank * (rows + cols)  # (x·Aᵀ)·Bᵀ
+    full = tokens * rows * cols  # x·Sᵀ, or x·Wᵀ once W is materialised
+    return thin + (full if shared else 0) < rows * cols * rank + full
+
+
+def factored_forward(layer: LorsLinear, x: torch.Tensor) -> torch.Tensor:
+    """x·Sᵀ + (x·Aᵀ)·Bᵀ + b (for Conv1D: x·S + (x·B)·A + b), never forming an out×in matrix."""
+    shared, first, second = layer.shared, layer.lora_A, layer.lora_B
+    if layer.transposed:  # S in×out, B in×r, A r×out: the same computation on transposed views
+        shared, first, second = None if shared is None else shared.t(), second.t(), first.t()
+    low = F.linear(F.linear(x, first), second)
+    if shared is None:
+        return low if layer.bias is None else low.add_(layer.bias)
+    return F.linear(x, shared, layer.bias).add_(low)
+
+
+def materialised_forward(layer: LorsLinear, x: torch.Tensor) -> torch.Tensor:
+    """W = S + B A formed once, then one linear."""
+    weight = layer.weight()
+    return F.linear(x, weight.t() if layer.transposed else weight, layer.bias)
 
 
 def install_lors(model: nn.Module, lors: dict) -> None:
