@@ -26,7 +26,7 @@ app = typer.Typer(
     "low-rank residual per layer (LORS). `lors-convert MODEL` is `lors-convert convert MODEL`. "
     "Add --debug anywhere to see tracebacks.",
 )
-COMMANDS = {"convert", "report", "inspect", "expand", "export", "verify", "finetune", "eval"}
+COMMANDS = {"convert", "compress", "init", "report", "inspect", "expand", "export", "verify", "finetune", "eval"}
 
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
@@ -258,13 +258,132 @@ HIGH_ERROR = 0.3  # stacked rel. error above which conversion alone loses much o
 def recovery_hint(result: dict, output: Path) -> str | None:
     """One line on what recovers the function after a lossy conversion."""
     error = result["stacked"]["rel_error"]
-    if error <= HIGH_ERROR:
+    if error <= HIGH_ERROR or result["from_scratch"]:
         return None
     steps = (
         [] if result["calibrated"] else ["convert again with --calibrate TEXT (factors for the model's real inputs)"]
     )
     steps.append(f"then `lors-convert finetune {output} --data TEXT -o OUT` (distillation from the original)")
     return f"relative error {error:.2f} loses much of the model's function; " + ", ".join(steps)
+
+
+@app.command()
+def compress(
+    model: Path = typer.Argument(
+        ..., help="A Hugging Face model folder (or a checkpoint inside one).", show_default=False
+    ),
+    calibrate: List[Path] = typer.Option(
+        ...,
+        "--calibrate",
+        metavar="FILE",
+        show_default=False,
+        help="Text, one example per line: calibration, fine-tuning and held-out "
+        "evaluation (a seeded slice never trained on).",
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="FILE", help="The final LORS .safetensors.", show_default=False
+    ),
+    reduction: float = typer.Option(0.5, "--reduction", metavar="F", help="Fraction of stacked parameters removed."),
+    finetune_minutes: float = typer.Option(
+        0.0,
+        "--finetune-minutes",
+        metavar="N",
+        help="Distil for N minutes after converting (0: convert and evaluate only).",
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per fine-tuning step."),
+    seed: int = typer.Option(0, "--seed", help="Seed of calibration sampling, the held-out split and training."),
+    force: bool = Force,
+    quiet: bool = Quiet,
+    as_json: bool = AsJson,
+) -> None:
+    """The whole recipe: calibrated conversion, fine-tuning, fidelity before and after.
+
+    Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
+    conversion is reused and training resumes."""
+    from lors_convert.checkpoint import check_output_path, open_checkpoint
+    from lors_convert.convert import Settings
+    from lors_convert.convert import convert as run_convert
+    from lors_convert.evaluate import fidelity, load_pair, print_fidelity
+    from lors_convert.finetune import FinetuneSettings, state_path
+    from lors_convert.finetune import finetune as run_finetune
+    from lors_convert.lors_format import read_lors
+    from lors_convert.model import load_examples, setup_device, split_examples
+
+    settings = Settings(reduction=reduction, calibrate=calibrate, seed=seed)
+    settings.validate()
+    check_output_path(output, [model], force)
+    converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
+    reusable = converted.is_file() and read_lors(converted)[1].settings == settings.as_json()
+    if reusable:
+        stderr.print(f"reusing {converted} (converted with the same settings)")
+    else:
+        with progress_bars(quiet) as progress:
+            run_convert(open_checkpoint(model), converted, settings, force=True, progress=progress)
+    training = FinetuneSettings(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
+    if finetune_minutes > 0:
+        results = run_finetune(
+            converted,
+            calibrate,
+            output,
+            training,
+            resume=state_path(output).is_file(),
+            force=force,
+            quiet=quiet,
+            log=lambda message: stderr.print(escape(message)),
+        )
+        rows = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}
+        converted.unlink()
+    else:
+        pair = load_pair(converted)
+        examples = load_examples(calibrate, pair.tokenizer)
+        held_out = split_examples(examples, training.eval_examples, seed)[1]
+        device = setup_device(1)
+        rows = {
+            "converted": fidelity(
+                pair.student.to(device), pair.teacher.to(device), held_out, pair.tokenizer, device=device
+            )
+        }
+        converted.replace(output)
+    print_fidelity(
+        rows,
+        as_json,
+        f"fidelity against the original on {rows['converted']['examples']} held-out "
+        f"lines of {', '.join(f.name for f in calibrate)}",
+    )
+    if not as_json:
+        stderr.print(f"wrote {output}")
+
+
+@app.command()
+def init(
+    config: Path = typer.Argument(..., help="A Hugging Face folder with config.json.", show_default=False),
+    output: Path = typer.Option(
+        ..., "--output", "-o", metavar="FILE", help="The LORS .safetensors to write.", show_default=False
+    ),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", metavar="N", help="Rank of every layer's factors."),
+    reduction: Optional[float] = typer.Option(
+        None,
+        "--reduction",
+        metavar="F",
+        help="Instead of --rank: the rank per group that stores this fraction fewer stacked numbers.",
+    ),
+    shared: bool = typer.Option(True, "--shared/--no-shared", help="A shared matrix per group (the paper's form)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation."),
+    force: bool = Force,
+    quiet: bool = Quiet,
+    as_json: bool = AsJson,
+) -> None:
+    """A fresh LORS checkpoint for a config, to train from scratch (finetune --objective lm).
+
+    Initialised as the paper trains LORS: S the layer's own default initialisation, A kaiming-uniform, B zeros."""
+    from lors_convert.lors_format import read_lors
+    from lors_convert.model import init_checkpoint
+    from lors_convert.report import build_report, print_report
+
+    files, _ = init_checkpoint(config, output, rank=rank, reduction=reduction, shared=shared, seed=seed, force=force)
+    print_report(build_report(*read_lors(files[-1])), as_json)
+    if not as_json:
+        stderr.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
 @app.command()
@@ -363,8 +482,10 @@ def export(
     force: bool = Force,
     quiet: bool = Quiet,
 ) -> None:
-    """Write a Hugging Face model folder: from_pretrained(DIR, trust_remote_code=True) loads the LORS model with
-    only torch and transformers installed (or, with --dense, the dense model with no remote code)."""
+    """Write a Hugging Face model folder (LORS form with its modeling file, or --dense).
+
+    from_pretrained(DIR, trust_remote_code=True) loads the LORS model with only torch and transformers
+    installed; with --dense, the plain dense model loads with no remote code."""
     from lors_convert.model import export as run_export
 
     folder = run_export(lors, output, dense=dense, architecture=architecture, force=force)
@@ -421,6 +542,13 @@ def finetune(
     ),
     eval_examples: int = typer.Option(256, "--eval-examples", help="Held-out examples (at most a fifth)."),
     save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (0: never)."),
+    minutes: float = typer.Option(
+        0.0,
+        "--minutes",
+        metavar="N",
+        help="Stop training after N minutes, then evaluate "
+        "and save (0: no limit; the learning-rate schedule still runs over --steps).",
+    ),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
     nproc_per_node: int = typer.Option(
         0, "--nproc-per-node", help="Launch this many processes with torchrun (DistributedDataParallel; one per GPU)."
@@ -446,6 +574,7 @@ def finetune(
         objective=objective,
         eval_examples=eval_examples,
         save_every=save_every,
+        minutes=minutes,
     )
     results = run_finetune(
         lors,
@@ -462,11 +591,12 @@ def finetune(
     )
     if "files" not in results:  # not rank 0
         return
+    what = "next-token loss" if "loss" in results["eval_before"] else "fidelity against the teacher"
     print_fidelity(
         {"before": results["eval_before"], "after": results["eval_after"]},
         as_json,
-        f"fidelity against the teacher on {results['eval_before']['examples']} examples of "
-        f"{', '.join(f.name for f in data)} held out from training",
+        f"{what} on {results['eval_before']['examples']} examples of {', '.join(f.name for f in data)} held out "
+        "from training",
     )
     if not as_json:
         stderr.print(
@@ -519,7 +649,7 @@ def evaluate(
     quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
-    from lors_convert.evaluate import fidelity, load_pair, print_fidelity
+    from lors_convert.evaluate import fidelity, held_out_loss, load_pair, print_fidelity
     from lors_convert.model import load_examples, setup_device
 
     pair = load_pair(
@@ -531,19 +661,15 @@ def evaluate(
     )
     examples = load_examples(data, pair.tokenizer)
     device = setup_device(1)
-    result = fidelity(
-        pair.student.to(device),
-        pair.teacher.to(device),
-        examples,
-        pair.tokenizer,
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-    )
+    options = {"batch_size": batch_size, "max_length": max_length, "device": device}
+    if pair.teacher is None:  # a model from `lors-convert init`: its own next-token loss
+        result = held_out_loss(pair.student.to(device), examples, pair.tokenizer, **options)
+        what = "next-token loss"
+    else:
+        result = fidelity(pair.student.to(device), pair.teacher.to(device), examples, pair.tokenizer, **options)
+        what = "fidelity against the teacher"
     print_fidelity(
-        {"student": result},
-        as_json,
-        f"fidelity against the teacher on {', '.join(f.name for f in data)} ({len(examples)} examples)",
+        {"student": result}, as_json, f"{what} on {', '.join(f.name for f in data)} ({len(examples)} examples)"
     )
 
 

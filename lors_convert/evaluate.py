@@ -20,7 +20,7 @@ from lors_convert.model import Examples, autocast, run
 @dataclass
 class Pair:
     student: nn.Module
-    teacher: nn.Module
+    teacher: nn.Module | None  # None for a checkpoint from `lors-convert init`
     tokenizer: object | None
     source: object  # the LORS TensorSource
     meta: LorsMeta
@@ -47,6 +47,11 @@ def load_pair(
     from lors_convert.model import load
 
     source, meta = read_lors(lors)
+    if teacher is None and meta.source.sha256 is None:  # from `lors-convert init`: nothing to distil from
+        folder = Path(meta.source.path)
+        student = load(lors, architecture=(lambda: factory_architecture(factory)) if factory else folder)
+        tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
+        return Pair(student, None, fit_tokenizer(tokenizer, student), source, meta, folder, "")
     path = teacher_path_of(meta, teacher)
     digest = sha256_files(open_checkpoint(path).files)
     if digest != meta.source.sha256:
@@ -66,15 +71,20 @@ def load_pair(
     student = load(lors, architecture=(lambda: factory_architecture(factory)) if factory else folder)
     teacher_model = dense_model(path, factory).requires_grad_(False)
     tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
-    if tokenizer is not None:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        positions = getattr(teacher_model.config, "max_position_embeddings", None) or getattr(
-            teacher_model.config, "n_positions", None
-        )
-        if positions:
-            tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
-    return Pair(student.float().eval(), teacher_model.float().eval(), tokenizer, source, meta, path, digest)
+    return Pair(student, teacher_model.float().eval(), fit_tokenizer(tokenizer, student), source, meta, path, digest)
+
+
+def fit_tokenizer(tokenizer, model: nn.Module):
+    """A padding token, and no longer sequences than the model has positions for."""
+    if tokenizer is None:
+        return None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
+    return tokenizer
 
 
 # ---------------------------------------------------------------- examples
@@ -126,6 +136,33 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 1
     s, t = neighbours(student), neighbours(teacher)
     hits = (s.unsqueeze(-1) == t.unsqueeze(-2)).any(-1).float().sum(-1)
     return (hits / k).mean().item()
+
+
+@torch.no_grad()
+def held_out_loss(
+    model: nn.Module,
+    examples: Examples,
+    tokenizer,
+    *,
+    batch_size: int = 32,
+    max_length: int = 128,
+    device: torch.device = torch.device("cpu"),
+) -> dict:
+    """Next-token loss and perplexity on held-out examples (for models trained without a teacher)."""
+    nll = tokens = 0.0
+    for start in range(0, len(examples), batch_size):
+        batch = examples.batch(
+            list(range(start, min(start + batch_size, len(examples)))), tokenizer, max_length, device
+        )
+        with autocast(device):
+            logits, _ = run(model, batch)
+        if logits is None or "input_ids" not in batch:
+            raise LorsError("a next-token loss needs a causal language model and token ids")
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        total, count = token_log_probs(logits, batch["input_ids"], mask)
+        nll, tokens = nll + total.item(), tokens + count.item()
+    loss = nll / max(tokens, 1)
+    return {"examples": len(examples), "loss": loss, "ppl": float(torch.tensor(loss).exp())}
 
 
 @torch.no_grad()

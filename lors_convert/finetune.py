@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.evaluate import Pair, fidelity, load_pair, token_kl, token_log_probs
+from lors_convert.evaluate import Pair, fidelity, held_out_loss, load_pair, token_kl, token_log_probs
 from lors_convert.lors_format import LorsMeta
 from lors_convert.model import autocast, layer_outputs, load_examples, run, setup_device, split_examples, world
 
@@ -39,10 +39,13 @@ class FinetuneSettings:
     objective: str = "distill"
     eval_examples: int = 256
     save_every: int = 0
+    minutes: float = 0.0  # stop after this much training time (0: run every step); evaluation and saving follow
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
             raise LorsError("--steps and --batch-size must be at least 1, --max-length at least 2")
+        if not self.minutes >= 0:
+            raise LorsError("--minutes must be 0 or more")
         if not self.lr > 0 or self.warmup < 0 or self.save_every < 0 or self.eval_examples < 2:
             raise LorsError("--lr must be positive, --warmup and --save-every 0 or more, --eval-examples >= 2")
         if self.objective not in OBJECTIVES:
@@ -188,10 +191,10 @@ def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: 
     from lors_convert.model import checkpoint_tensors, own_names
 
     tensors = checkpoint_tensors(pair.student, pair.student.lors)
-    teacher_state = pair.teacher.state_dict()
-    teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names])
-    groups = []
-    for group in pair.meta.groups:  # the weights moved: report their distance to the originals again
+    teacher_state = pair.teacher.state_dict() if pair.teacher is not None else {}
+    teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names]) if teacher_state else {}
+    groups = [] if teacher_state else list(pair.meta.groups)
+    for group in pair.meta.groups if teacher_state else []:  # the weights moved: their distance to the originals
         error, layer_errors = reconstruction_errors(
             tensors, group, lambda name: teacher_state[teacher_names[name]].cpu()
         )
@@ -221,10 +224,18 @@ def teacher_files(pair: Pair) -> list[Path]:
     """The teacher's weight files (and its folder's), which an output must never overwrite."""
     from lors_convert.checkpoint import open_checkpoint
 
-    return open_checkpoint(pair.teacher_path).files
+    return open_checkpoint(pair.teacher_path).files if pair.teacher is not None else []
 
 
 # ---------------------------------------------------------------- the loop
+
+
+def out_of_time(started: float, minutes: float, world_size: int, device: torch.device) -> bool:
+    """Whether the time budget is spent: rank 0's clock decides for every process, so all stop at one step."""
+    spent = torch.tensor([time.perf_counter() - started >= minutes * 60], device=device)
+    if world_size > 1:
+        dist.broadcast(spent, 0)
+    return bool(spent.item())
 
 
 def train_progress(quiet: bool, total: int, done: int):
@@ -281,18 +292,20 @@ def finetune(
     torch.manual_seed(settings.seed)
     examples = load_examples(data, pair.tokenizer)
     train, held_out = split_examples(examples, settings.eval_examples, settings.seed)
-    student, teacher_model = pair.student.to(device), pair.teacher.to(device)
-    paths = stacked_layer_paths(teacher_model, pair.meta)  # the same paths in both; names match the dense one
+    if pair.teacher is None and settings.objective != "lm":
+        raise LorsError(
+            f"{lors} was made by `lors-convert init`: there is no teacher to distil from; train it with "
+            "--objective lm (or give --teacher)"
+        )
+    student = pair.student.to(device)
+    teacher_model = pair.teacher.to(device) if pair.teacher is not None else None
+    paths = stacked_layer_paths(student, pair.meta)  # the same paths in the teacher
     batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device)
-    evaluate = lambda: fidelity(
-        student,
-        teacher_model,
-        held_out,
-        pair.tokenizer,
-        batch_size=settings.batch_size,
-        max_length=settings.max_length,
-        device=device,
-    )
+    options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
+    if teacher_model is None:
+        evaluate = lambda: held_out_loss(student, held_out, pair.tokenizer, **options)
+    else:
+        evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
 
     frozen = freeze_unreached(student, teacher_model, batch_of(train, [0, 1]), paths, settings.objective)
     if frozen:
@@ -311,7 +324,7 @@ def finetune(
 
     before = evaluate()
     update, stop = train_progress(quiet or rank != 0, settings.steps, start)
-    losses, tokens, started = [], 0, time.perf_counter()
+    losses, tokens, started, done = [], 0, time.perf_counter(), start
     try:
         for step in range(start, settings.steps):
             indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
@@ -326,6 +339,9 @@ def finetune(
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) * world_size if mask is not None else len(indices)
             update(step + 1, losses[-1], tokens / (time.perf_counter() - started))
+            done = step + 1
+            if settings.minutes and out_of_time(started, settings.minutes, world_size, device):
+                break
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
                 if rank == 0:
                     save_state(state_path(output), step + 1, student, optimizer, scheduler, fingerprint)
@@ -336,7 +352,7 @@ def finetune(
     seconds = time.perf_counter() - started
     after = evaluate()
     results = {
-        "steps": settings.steps,
+        "steps": done,
         "resumed_at": start,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,

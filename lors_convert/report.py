@@ -57,6 +57,7 @@ def build_report(source: TensorSource, meta: LorsMeta) -> dict:
         "source": meta.source.path,
         "settings": meta.settings,
         "calibrated": meta.calibration is not None,
+        "from_scratch": meta.settings.get("init") == "scratch",
         "finetuned": meta.finetune is not None,
         "groups": groups,
         "kept_dense": kept,
@@ -114,6 +115,7 @@ def print_report(report: dict, as_json: bool = False) -> None:
     for g in report["groups"]:
         r = g["ranks"]
         error = f"{g['rel_error']:.4f}" + (f" (out {g['output_error']:.4f})" if "output_error" in g else "")
+        error = "from scratch" if report["from_scratch"] else error
         ranks = f"{r['min']}/{r['median']:g}/{r['max']}" if r["dense"] < len(g["layers"]) else ""
         ranks += f" +{r['dense']} dense" if r["dense"] else ""
         table.add_row(
@@ -142,7 +144,7 @@ def print_report(report: dict, as_json: bool = False) -> None:
         human(s["dense_params"]),
         human(s["lors_params"]),
         f"{s['reduction']:.1%}",
-        f"{s['rel_error']:.4f}",
+        "" if report["from_scratch"] else f"{s['rel_error']:.4f}",
         style="bold",
     )
     table.add_row(

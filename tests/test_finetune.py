@@ -328,3 +328,13 @@ def test_minilm_end_to_end(tmp_path, cli, minilm):
     assert after["cos"] > before["cos"]
     evaluated = cli("eval", tmp_path / "ft.safetensors", "-d", data, "--json")
     assert evaluated.code == 0 and evaluated.json()["examples"] == data.read_text().count("\n") + 1
+
+
+def test_minutes_stops_training_at_the_time_budget_then_evaluates_and_saves(tmp_path, cli, converted):
+    folder, lors, _ = converted("bert")
+    data = text_file(tmp_path / "train.txt", 60)
+    result = cli(*finetune_args(lors, data, tmp_path / "ft.safetensors", "--minutes", "0.0001", "--steps", "500"))
+    assert result.code == 0, result.err
+    out = result.json()
+    assert out["after"]["examples"] == 12 and (tmp_path / "ft.safetensors").is_file()
+    assert read_lors(tmp_path / "ft.safetensors")[1].finetune["steps"] == 1  # stopped after its first step

@@ -375,3 +375,30 @@ def test_the_eval_table_names_its_data(tmp_path, cli):
     result = cli("eval", tmp_path / "s.lors.safetensors", "--data", tmp_path / "other.txt", "--quiet")
     assert result.code == 0, result.err
     assert "other.txt (30 examples)" in result.out and "held-out" not in result.out
+
+
+def test_compress_converts_finetunes_and_shows_before_and_after(tmp_path, cli):
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    (tmp_path / "t.txt").write_text("\n".join(f"w{i % 50} w{(i * 7) % 50} w{(i * 3) % 50}" for i in range(80)))
+    out = tmp_path / "final.lors.safetensors"
+    result = cli(
+        "compress",
+        folder,
+        "--calibrate",
+        tmp_path / "t.txt",
+        "-o",
+        out,
+        "--finetune-minutes",
+        "0.02",
+        "--batch-size",
+        "8",
+        "--quiet",
+        "--json",
+    )
+    assert result.code == 0, result.err
+    table = result.json()
+    assert set(table) == {"converted", "fine-tuned"} and table["converted"]["examples"] == 16
+    assert out.is_file() and not (tmp_path / "final.lors.converted.safetensors").exists()
+    assert read_lors(out)[1].finetune is not None and read_lors(out)[1].calibration is not None
+    again = cli("compress", folder, "--calibrate", tmp_path / "t.txt", "-o", out, "--quiet")
+    assert again.code == 1 and "already exists" in again.err
