@@ -38,7 +38,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lors_convert.nn import SHARED_ATTRIBUTE, LorsLinear
+from lors_convert.checkpoint import TensorInfo
+from lors_convert.model import scratch_ranks
+from lors_convert.nn import SHARED_ATTRIBUTE, AdaptiveLors, LorsLinear, lorsify
 from lors_convert.stacks import find_stacks
 
 DATA = REPO.parent / "shared" / "data"
@@ -74,86 +76,16 @@ CORE_SIZES = (32, 24, 16, 12, 8, 6, 4)  # the official core size first, smaller 
 CORE_GROUPS = (1, 1, 2, 2, 3, 3)  # per stage, as in the official config
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# PRIVATE STAND-IN for lors_convert.nn.lorsify and lors_convert.nn.AdaptiveLors, which the other engineer is adding
-# to main. Same contract (scratch init only); delete once main has them.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _lorsify(model, *, rank, shared=True, init="scratch", include=None, exclude=None):
-    if init != "scratch":
-        raise NotImplementedError("the stand-in only does init='scratch'")
-    modules = {f"{path}.weight": m for path, m in model.named_modules() if isinstance(m, nn.Linear)}
-    from lors_convert.checkpoint import TensorInfo
-
-    info = {name: TensorInfo(tuple(m.weight.shape), m.weight.dtype) for name, m in modules.items()}
-    stacks, _ = find_stacks(info, include, exclude)
-    holder = getattr(model, SHARED_ATTRIBUTE, None)
-    if holder is None:
-        holder = nn.ParameterDict()
-        setattr(model, SHARED_ATTRIBUTE, holder)
-    for stack in stacks:
-        r, key = min(rank, stack.rows, stack.cols), str(len(holder))
-        if shared:
-            fresh = nn.Linear(stack.cols, stack.rows, bias=False)  # the layer's default init
-            holder[key] = nn.Parameter(fresh.weight.detach().clone())
-        for name in stack.names:
-            layer = modules[name]
-            a = torch.empty(r, stack.cols)
-            nn.init.kaiming_uniform_(a, a=5**0.5)
-            b = torch.zeros(stack.rows, r)
-            lors = LorsLinear((holder, key) if shared else None, a, b, layer.bias)
-            model.set_submodule(name.removesuffix(".weight"), lors)
-    return model
-
-
-class _AdaptiveLors(nn.Module):
-    """M_i(q) = G(q) + L_i Z_i(q) R_i; Z_i block-diagonal (core_groups[i] blocks of core_sizes[i]²), generators zero."""
-
-    def __init__(self, query_dim, in_dim, out_dim, stages, core_sizes=32, core_groups=CORE_GROUPS):
-        super().__init__()
-        sizes = (core_sizes,) * stages if isinstance(core_sizes, int) else tuple(core_sizes)
-        groups = (core_groups,) * stages if isinstance(core_groups, int) else tuple(core_groups)
-        self.in_dim, self.out_dim, self.sizes, self.groups = in_dim, out_dim, sizes, groups
-        self.common = nn.Linear(query_dim, in_dim * out_dim)
-        self.cores = nn.ModuleList(nn.Linear(query_dim, g * k * k) for g, k in zip(groups, sizes))
-        self.left = nn.ParameterList(nn.Parameter(torch.empty(in_dim, g * k)) for g, k in zip(groups, sizes))
-        self.right = nn.ParameterList(nn.Parameter(torch.empty(g * k, out_dim)) for g, k in zip(groups, sizes))
-        for generator in (self.common, *self.cores):
-            nn.init.zeros_(generator.weight)
-            nn.init.zeros_(generator.bias)
-        for factor in (*self.left, *self.right):
-            nn.init.kaiming_uniform_(factor, a=5**0.5)
-
-    def forward(self, x, query, stage):
-        g, k = self.groups[stage], self.sizes[stage]
-        out = x @ self.common(query).unflatten(-1, (self.in_dim, self.out_dim))
-        core = self.cores[stage](query).unflatten(-1, (g, k, k))
-        low = (x @ self.left[stage]).unflatten(-1, (g, k))
-        return out + torch.einsum("...pgk,...gkl->...pgl", low, core).flatten(-2) @ self.right[stage]
-
-
-try:
-    from lors_convert.nn import AdaptiveLors, lorsify
-except ImportError:
-    lorsify, AdaptiveLors = _lorsify, _AdaptiveLors
-
 # ------------------------------------------------------------------------------------------------ shared helpers
-
-
-def lors_rank(layers: int, rows: int, cols: int, fewer: float) -> int:
-    """The rank at which a group of `layers` rows×cols matrices stored as S + B_i A_i has `fewer` fewer parameters."""
-    return max(1, math.floor(((1 - fewer) * layers * rows * cols - rows * cols) / (layers * (rows + cols))))
 
 
 def lorsify_fewer(model: nn.Module, fewer: float) -> nn.Module:
     """lorsify every stacked Linear group of `model`, each at its own rank for `fewer` fewer parameters."""
     info = {f"{p}.weight": m.weight for p, m in model.named_modules() if isinstance(m, nn.Linear)}
-    from lors_convert.checkpoint import TensorInfo
-
     stacks, _ = find_stacks({n: TensorInfo(tuple(w.shape), w.dtype) for n, w in info.items()})
     for stack in stacks:
-        lorsify(model, rank=lors_rank(len(stack.layers), stack.rows, stack.cols, fewer), include=[stack.template])
+        rank = max(1, scratch_ranks(stack.rows, stack.cols, len(stack.layers), fewer))
+        lorsify(model, rank=rank, include=[stack.template])
     return model
 
 
