@@ -413,7 +413,8 @@ def det_variants(cfg: dict, classes: int) -> list[tuple[str, dict, float | None]
     to about 70% fewer parameters than the dense one."""
 
     def decoder_size(settings, fewer):
-        return det_params(build_det(settings, fewer, classes))["decoder"]
+        with torch.device("meta"):  # shapes only: many candidates are sized
+            return det_params(build_det(settings, fewer, classes))["decoder"]
 
     dense = decoder_size(cfg, None)
     target = 0.3 * dense
@@ -526,7 +527,8 @@ def build_lm(settings: dict, fewer: float | None, seed: int = 0) -> GPT:
 
 def lm_variants(cfg: dict) -> list[tuple[str, dict, float | None]]:
     def size(settings, fewer=None):
-        return lm_params(build_lm(settings, fewer))["stacked"]
+        with torch.device("meta"):
+            return lm_params(build_lm(settings, fewer))["stacked"]
 
     dense = size(cfg)
     out = [("dense", cfg, None)]
