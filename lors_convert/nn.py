@@ -4,6 +4,8 @@ itself (`LorsLinear`) lives in lors_modeling.py, the file export copies into mod
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -106,11 +108,8 @@ def lorsify(
         r = min(rank, stack.rows, stack.cols)
         key = str(len(holder))
         if shared:
-            if init == "scratch":
-                first = dense[0]
-                fresh = type(first).__new__(type(first))
-                fresh.__dict__.update(first.__dict__)
-                fresh.weight = nn.Parameter(torch.empty_like(first.weight))
+            if init == "scratch":  # a fresh copy of the first layer, re-initialised its own way
+                fresh = copy.deepcopy(dense[0])
                 reset = getattr(fresh, "reset_parameters", None) or (lambda: nn.init.normal_(fresh.weight, std=0.02))
                 reset()
                 matrix = fresh.weight.detach()

@@ -152,3 +152,10 @@ def test_init_then_finetune_lm_lowers_the_loss_and_the_checkpoint_works_like_any
     assert cli("expand", tmp_path / "ft.safetensors", "-o", tmp_path / "dense.safetensors", "--quiet").code == 0
     assert cli("export", tmp_path / "ft.safetensors", "-o", tmp_path / "exported", "--quiet").code == 0
     assert cli("eval", tmp_path / "ft.safetensors", "-d", tmp_path / "data.safetensors", "--quiet").code == 0
+
+
+def test_lorsify_leaves_the_layers_biases_as_they_were():
+    model = stacked()
+    biases = [layer[0].bias.detach().clone() for layer in model.layers]
+    lorsify(model, rank=2)
+    assert all(torch.equal(layer[0].bias, bias) for layer, bias in zip(model.layers, biases))
