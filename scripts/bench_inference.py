@@ -1,7 +1,7 @@
 """Inference with LORS models against their dense originals, in one run, each variant in its own process.
 
 Causal LM (a synthetic Llama-shaped checkpoint from make_synthetic.py, generated if absent, converted at
---reduction 0.5 with --shared mean and --shared none):
+--reduction 0.5 with each --shared setting asked for: auto (the default conversion), mean, none):
   - greedy decode latency, batch 1 with the KV cache: an 8-token prompt, then N new tokens fed back one at a
     time (past_key_values); ms per new token, median of a few runs after a warm-up;
   - prefill throughput, batch 8 x 512 tokens (logits for the last position only, as generation does);
@@ -259,7 +259,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lors-bench-inference"))
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16: the run's and the LORS files' dtype")
     parser.add_argument("--merged", action="store_true", help="also the LORS model merged to dense (merge_lors)")
-    parser.add_argument("--skip-none", action="store_true", help="no --shared none variant")
+    parser.add_argument(
+        "--shared", default="auto,mean,none", help="the --shared settings to convert with, comma-separated"
+    )
     parser.add_argument("--reconvert", action="store_true", help="convert again even if the LORS files exist")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--decode-tokens", type=int)
@@ -289,7 +291,7 @@ def main() -> None:
         run([sys.executable, ROOT / "scripts" / "make_synthetic.py", *synthetic, folder])
     load = os.getloadavg()[0]
     lm_rows = {"dense": measure("lm", "dense", folder, None, args)}
-    for shared in ("mean",) + (() if args.skip_none else ("none",)):
+    for shared in args.shared.split(","):
         lors = args.workdir / f"{args.preset}-{shared}-{args.dtype}.lors.safetensors"
         convert(folder, lors, shared, args.dtype, args.reconvert)
         lm_rows[f"LORS --shared {shared}"] = measure("lm", shared, folder, lors, args)
