@@ -142,16 +142,3 @@ def architecture_dir(source_path: Path) -> Path | None:
         if is_hf_dir(folder):
             return folder
     return None
-
-
-def read_lines(files: list[Path]) -> list[str]:
-    """Text examples, one per non-empty line."""
-    lines = []
-    for file in files:
-        try:
-            lines += [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise LorsError(f"{file}: cannot read text ({e.__class__.__name__})") from e
-    if not lines:
-        raise LorsError(f"no text in {', '.join(map(str, files))}")
-    return lines

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,19 +362,68 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class TextLines:
+    """The non-empty lines of text files, read from disk when asked for: only each line's file and byte offset
+    are held (16 bytes a line), so a corpus of any size costs no memory. Indexing gives the stripped line."""
+
+    def __init__(self, files: list[Path], positions: torch.Tensor | None = None):
+        self.files = [Path(f) for f in files]
+        self.positions = positions if positions is not None else self._index()  # rows of (file index, offset)
+
+    def _index(self) -> torch.Tensor:
+        positions = array("q")  # flat (file index, offset) pairs: 16 bytes a line while indexing too
+        for number, file in enumerate(self.files):
+            try:
+                with open(file, "rb") as stream:
+                    offset = 0
+                    for line in stream:
+                        if line.strip():
+                            line.decode("utf-8")
+                            positions.extend((number, offset))
+                        offset += len(line)
+            except (OSError, UnicodeDecodeError) as e:
+                raise LorsError(f"{file}: cannot read text ({e.__class__.__name__})") from e
+        if not positions:
+            raise LorsError(f"no text in {', '.join(map(str, self.files))}")
+        return torch.frombuffer(positions, dtype=torch.long).clone().view(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> str:
+        return self.read([i])[0]
+
+    def read(self, indices: list[int]) -> list[str]:
+        lines = []
+        for number, offset in self.positions[indices].tolist():
+            with open(self.files[number], "rb") as stream:
+                stream.seek(offset)
+                lines.append(stream.readline().decode("utf-8").strip())
+        return lines
+
+    def subset(self, indices: list[int]) -> "TextLines":
+        return TextLines(self.files, self.positions[torch.as_tensor(indices, dtype=torch.long)])
+
+
 @dataclass
 class Examples:
-    """Text lines (tokenised per batch) or a dict of tensors whose first dimension indexes examples."""
+    """Text lines (a list, or TextLines read from disk; tokenised per batch) or a dict of tensors whose first
+    dimension indexes examples."""
 
-    texts: list[str] | None = None
+    texts: list[str] | TextLines | None = None
     tensors: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else len(next(iter(self.tensors.values())))
 
+    def lines(self, indices: list[int]) -> list[str]:
+        return self.texts.read(indices) if isinstance(self.texts, TextLines) else [self.texts[i] for i in indices]
+
     def subset(self, indices: list[int]) -> "Examples":
+        if isinstance(self.texts, TextLines):
+            return Examples(texts=self.texts.subset(indices))
         if self.texts is not None:
-            return Examples(texts=[self.texts[i] for i in indices])
+            return Examples(texts=self.lines(indices))
         index = torch.tensor(indices, dtype=torch.long)
         return Examples(tensors={k: v[index] for k, v in self.tensors.items()})
 
@@ -382,7 +431,7 @@ class Examples:
         if self.texts is None:
             return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
         encoded = tokenizer(
-            [self.texts[i] for i in indices],
+            self.lines(indices),
             padding=True,
             truncation=True,
             max_length=min(max_length, tokenizer.model_max_length),
@@ -392,9 +441,8 @@ class Examples:
 
 
 def load_examples(files: list[Path], tokenizer) -> Examples:
-    """Text files (one example per line) or tensor files (.safetensors/.pt: tensors sharing dimension 0)."""
-    from lors_convert.hf import read_lines
-
+    """Text files (one example per line, streamed from disk) or tensor files (.safetensors/.pt: tensors sharing
+    dimension 0)."""
     files = [Path(f) for f in files]
     if not files:
         raise LorsError("give at least one --data file")
@@ -405,7 +453,7 @@ def load_examples(files: list[Path], tokenizer) -> Examples:
                 "(tokenizer.json, vocab.txt, …): copy them there, or give .safetensors/.pt files of "
                 "input tensors"
             )
-        return Examples(texts=read_lines(files))
+        return Examples(texts=TextLines(files))
     parts = [load_tensors(f) for f in files]
     keys = sorted(parts[0])
     if any(sorted(p) != keys for p in parts):
@@ -521,14 +569,12 @@ def autocast(device: torch.device):
 
 
 def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> list[dict]:
-    """One unpadded sequence per batch, so padding never enters the statistics."""
-    from lors_convert.hf import read_lines
-
-    lines = read_lines(files)
-    random.Random(seed).shuffle(lines)
-    return [
-        dict(tokenizer(line, return_tensors="pt", truncation=True, max_length=max_length)) for line in lines[:samples]
-    ]
+    """`samples` seeded lines of the files (streamed), one unpadded sequence per batch, so padding never enters
+    the statistics."""
+    lines = TextLines(files)
+    chosen = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+    texts = lines.read(chosen)
+    return [dict(tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)) for text in texts]
 
 
 def tensor_batches(files: list[Path], samples: int) -> list[dict]:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_finetune import minilm_dir, package_prose
+from bench_finetune import fortune_passages, minilm_dir
 
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import Settings, convert
@@ -63,7 +63,7 @@ def main() -> None:
     calib, train = work / "calib.txt", work / "train.txt"
     calib.write_text("\n".join(lines[: args.calib_lines]))
     train.write_text("\n".join(lines[args.calib_lines : -args.eval_lines]))
-    held_out, other = Examples(texts=lines[-args.eval_lines :]), Examples(texts=package_prose())
+    held_out, other = Examples(texts=lines[-args.eval_lines :]), Examples(texts=fortune_passages())
     print(
         f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; calibration "
         f"{args.calib_lines} lines ({args.calib_samples} sampled), held-out {len(held_out)} lines, other text "

@@ -1,0 +1,76 @@
+"""Text data files streamed from disk (TextLines): the lines, the errors, and the memory they do not take."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+import torch
+
+from lors_convert import LorsError
+from lors_convert.model import Examples, TextLines, load_examples, split_examples, text_batches
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_lines_of_several_files_in_order_stripped_blank_lines_skipped(tmp_path):
+    first = write(tmp_path / "a.txt", "  one \r\n\r\ntwo ünïcödé\n   \n".encode())
+    second = write(tmp_path / "b.txt", b"three\nfour")  # no final newline
+    lines = TextLines([first, second])
+    assert len(lines) == 4
+    assert [lines[i] for i in range(4)] == ["one", "two ünïcödé", "three", "four"]
+    assert lines.read([3, 0]) == ["four", "one"]
+    picked = lines.subset([2, 1])
+    assert len(picked) == 2 and picked.read([0, 1]) == ["three", "two ünïcödé"]
+
+
+def test_examples_split_and_batch_read_the_lines_back(tmp_path):
+    texts = [f"line number {i}" for i in range(50)]
+    data = write(tmp_path / "d.txt", ("\n".join(texts) + "\n").encode())
+    examples = load_examples([data], tokenizer=object())
+    assert isinstance(examples.texts, TextLines) and len(examples) == 50
+    train, held_out = split_examples(examples, eval_examples=10, seed=0)
+    seen = train.lines(list(range(len(train)))) + held_out.lines(list(range(len(held_out))))
+    assert sorted(seen) == sorted(texts) and len(held_out) == 10
+    listed = Examples(texts=texts).subset([4, 2])
+    assert listed.texts == ["line number 4", "line number 2"]
+
+
+def test_bad_or_empty_text_is_a_one_line_error_naming_the_file(tmp_path):
+    bad = write(tmp_path / "bad.txt", b"fine\n\xff\xfe broken\n")
+    with pytest.raises(LorsError, match=r"bad\.txt: cannot read text \(UnicodeDecodeError\)"):
+        TextLines([bad])
+    empty = write(tmp_path / "empty.txt", b"\n  \n")
+    with pytest.raises(LorsError, match="no text in"):
+        TextLines([empty])
+    with pytest.raises(LorsError, match="cannot read text"):
+        TextLines([tmp_path / "missing.txt"])
+
+
+def test_indexing_a_large_file_holds_offsets_not_text(tmp_path):
+    line = ("lorem ipsum dolor sit amet " * 4).encode() + b"\n"  # 109 bytes
+    count = 150_000
+    data = write(tmp_path / "big.txt", line * count)  # 16 MB
+    tracemalloc.start()
+    lines = TextLines([data])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(lines) == count and lines[count - 1] == line.decode().strip()
+    assert peak < data.stat().st_size / 4, f"indexing held {peak / 2**20:.1f} MB"
+
+
+def test_calibration_samples_are_distinct_seeded_lines(tmp_path):
+    data = write(tmp_path / "c.txt", "".join(f"sample {i}\n" for i in range(100)).encode())
+
+    def tokenizer(text, **_):  # enough of a tokenizer's call: the text back, as character codes
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    def texts(seed: int) -> list[str]:
+        return ["".join(map(chr, b["input_ids"][0].tolist())) for b in text_batches(tokenizer, [data], 20, 64, seed)]
+
+    first = texts(0)
+    assert len(first) == len(set(first)) == 20 and all(t.startswith("sample ") for t in first)
+    assert texts(0) == first and texts(1) != first
