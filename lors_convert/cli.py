@@ -62,6 +62,12 @@ Factory = typer.Option(
     help="package.module:function returning "
     "the architecture as an nn.Module (for checkpoints that are not Hugging Face directories).",
 )
+Plot = typer.Option(
+    None,
+    "--plot",
+    metavar="FILE.png",
+    help='Also draw it as a PNG (replaced if it exists; needs matplotlib: pip install "lors-convert\\[plot]").',
+)
 AllowMismatch = typer.Option(
     False, "--allow-teacher-mismatch", metavar=FLAG, help="Use a teacher whose sha256 differs from the recorded source."
 )
@@ -389,14 +395,26 @@ def init(
 @app.command()
 def report(
     lors: Path = typer.Argument(..., help="A LORS checkpoint.", show_default=False),
+    plot: Optional[Path] = Plot,
     as_json: bool = AsJson,
     quiet: bool = Quiet,
 ) -> None:
-    """Per-group ranks, parameters saved and reconstruction error of a LORS checkpoint."""
+    """Per-group ranks, parameters saved and reconstruction error of a LORS checkpoint.
+
+    With --plot, a picture of each layer's rank and error, a line per group."""
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
 
-    print_report(build_report(*read_lors(lors)), as_json)
+    if plot:
+        from lors_convert.plot import check_plot_path, plot_report
+
+        check_plot_path(plot)
+    result = build_report(*read_lors(lors))
+    print_report(result, as_json)
+    if plot:
+        plot_report(result, plot)
+        if not as_json:
+            stderr.print(f"wrote {plot}")
 
 
 @app.command()
@@ -411,10 +429,13 @@ def inspect(
     exclude: List[str] = typer.Option(
         [], "--exclude", metavar="GLOB", show_default=False, help="Skip groups matching this glob."
     ),
+    plot: Optional[Path] = Plot,
     as_json: bool = AsJson,
     quiet: bool = Quiet,
 ) -> None:
-    """The stacked groups that would be factored and what each rank would save. Writes nothing."""
+    """The stacked groups that would be factored and what each rank would save. Writes nothing but --plot.
+
+    With --plot, reads the weights and draws, per group, the fraction of the residual energy each rank keeps."""
     from lors_convert.checkpoint import open_checkpoint
     from lors_convert.lors_format import refuse_lors_input
     from lors_convert.report import inspect_data, print_inspect
@@ -422,12 +443,26 @@ def inspect(
 
     if any(r < 0 for r in rank):
         raise LorsError("--rank must be 0 or more")
+    if plot:
+        from lors_convert.plot import check_plot_path, plot_spectra
+
+        check_plot_path(plot)
     source = open_checkpoint(model)
     refuse_lors_input(source, model)
     stacks, warnings = find_stacks(source.info, include, exclude)
     if not stacks:
         raise LorsError(f"{model}: no stacked layers found")
-    print_inspect(inspect_data(source, stacks, warnings, sorted(set(rank))), as_json)
+    data = inspect_data(source, stacks, warnings, sorted(set(rank)))
+    if plot:
+        from lors_convert.convert import residual_spectra
+
+        with progress_bars(quiet) as progress:
+            spectra = residual_spectra(source, stacks, progress)
+    print_inspect(data, as_json)
+    if plot:
+        plot_spectra(data, spectra, plot)
+        if not as_json:
+            stderr.print(f"wrote {plot}")
 
 
 @app.command()

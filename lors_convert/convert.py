@@ -243,6 +243,13 @@ def measure(source: TensorSource, plans: list[GroupPlan], unshared: bool, advanc
     return measured
 
 
+def residual_spectra(source: TensorSource, stacks: list[Stack], progress: Progress = no_progress) -> list[Spectra]:
+    """Per stack, the spectra conversion measures for its default S (the mean): what `inspect --plot` draws."""
+    plans = [GroupPlan(stack, stack.dtype) for stack in stacks]
+    plans = [replace(p, shared_matrix=mean_matrix(source, p)) for p in plans]
+    return measure(source, plans, False, progress("spectra", sum(len(s.names) for s in stacks)))
+
+
 DECISION_LAYERS = 4  # layers per group sampled to decide, at a fixed rank, whether S lowers the error
 
 

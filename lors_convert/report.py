@@ -41,6 +41,7 @@ def build_report(source: TensorSource, meta: LorsMeta) -> dict:
             "lors_params": g.lors_params,
             "saved": 1 - g.lors_params / g.dense_params,
             "rel_error": g.rel_error,
+            "layer_errors": g.layer_errors,
             **({"output_error": g.output_error} if g.output_error is not None else {}),
         }
         for g in meta.groups
