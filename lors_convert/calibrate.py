@@ -1,5 +1,6 @@
 """Calibration: run the original model over sample inputs and accumulate each stacked layer's input second
-moment C_i = X_iᵀX_i (float64, streaming), so residuals can be factored where the inputs actually live."""
+moment C_i = X_iᵀX_i and input sum X_iᵀ1 (float64, streaming), so residuals can be factored where the inputs
+actually live."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from lors_convert.stacks import Stack
 @dataclass
 class Calibration:
     covariances: dict[str, torch.Tensor]  # tensor name -> C (input dim x input dim, float64, on CPU)
+    sums: dict[str, torch.Tensor]  # tensor name -> Xᵀ1 (input dim, float64): the mean input is sums / rows
+    rows: dict[str, int]  # tensor name -> input rows (tokens) seen
     transposed: set[str]  # names stored as in x out (GPT-2 Conv1D): their input side is dim 0
     tokens: int
 
@@ -68,6 +71,11 @@ def _flat_input(args: tuple) -> torch.Tensor:
     return args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32, copy=True)
 
 
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    """[X 1]: its products [X 1]ᵀ[Y 1] hold XᵀY, the column sums of X and Y, and the row count."""
+    return torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+
+
 def _hook_inputs(model: nn.Module, names: list[str], record) -> list:
     """Forward pre-hooks calling record(name, inputs) on the modules holding `names`; _Stop after the last one.
 
@@ -101,8 +109,8 @@ def collect_pair(
     original: nn.Module, converted: nn.Module, names: list[str], batches: list[dict], device: torch.device
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For `names` (Linear/Conv1D weights), run both models on the same batches, each only as far as those
-    modules, and return C = X̂ᵀX̂ and G = X̂ᵀX per name (float64, CPU), where X are the inputs in the original
-    model and X̂ those in the converted one."""
+    modules, and return [X̂ 1]ᵀ[X̂ 1] and [X̂ 1]ᵀ[X 1] per name (float64, CPU), where X are the inputs in the
+    original model and X̂ those in the converted one (with_ones)."""
     original_inputs: dict[str, torch.Tensor] = {}
     covariances, cross = Moments(), Moments()
 
@@ -110,8 +118,9 @@ def collect_pair(
         original_inputs[name] = x
 
     def accumulate(name: str, x_hat: torch.Tensor) -> None:
+        x_hat, x = with_ones(x_hat), with_ones(original_inputs.pop(name))
         covariances.add(name, x_hat, x_hat)
-        cross.add(name, x_hat, original_inputs.pop(name))
+        cross.add(name, x_hat, x)
 
     hooks = _hook_inputs(original, names, keep) + _hook_inputs(converted, names, accumulate)
     try:
@@ -132,7 +141,7 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
 
     def accumulate(name: str):
         def hook(module, args):
-            x = _flat_input(args)
+            x = with_ones(_flat_input(args))
             covariances.add(name, x, x)
 
         return hook
@@ -158,4 +167,11 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
     finally:
         for hook in hooks:
             hook.remove()
-    return Calibration(covariances.result(), transposed, tokens)
+    moments = covariances.result()
+    return Calibration(
+        covariances={name: m[:-1, :-1] for name, m in moments.items()},
+        sums={name: m[:-1, -1] for name, m in moments.items()},
+        rows={name: round(m[-1, -1].item()) for name, m in moments.items()},
+        transposed=transposed,
+        tokens=tokens,
+    )

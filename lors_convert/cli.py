@@ -581,8 +581,8 @@ def finetune(
         0.0,
         "--minutes",
         metavar="N",
-        help="Stop training after N minutes, then evaluate "
-        "and save (0: no limit; the learning-rate schedule still runs over --steps).",
+        help="Stop training after N minutes, then evaluate and save; the learning rate decays to zero over "
+        "the N minutes or the --steps, whichever ends first (0: no time limit).",
     ),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
     nproc_per_node: int = typer.Option(

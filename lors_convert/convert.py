@@ -143,6 +143,10 @@ class GroupPlan:
     transposed: bool = False  # stored as in x out (Conv1D)
     metrics: tuple[torch.Tensor, ...] | None = None  # K_i = C_i + λI per layer (float64), when calibrated
     covariances: tuple[torch.Tensor, ...] | None = None  # C_i, for reporting the output error
+    # μ_i, the mean input of layer i, where its bias absorbs the mean output shift (W − Ŵ)μ: then K_i is built on
+    # the centred C_i − n μ_i μ_iᵀ, since no rank needs to be spent on the mean
+    means: tuple[torch.Tensor | None, ...] | None = None
+    rows: int = 0  # n: the input rows (tokens) each layer saw in calibration
     shared: bool = True
     shared_matrix: torch.Tensor | None = None  # float32, out x in, already rounded to the storage dtype
     ranks: tuple[int | None, ...] = ()  # None: the layer is stored dense
@@ -409,8 +413,15 @@ def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
 
 
+def bias_name(source: TensorSource, name: str, rows: int) -> str | None:
+    """The bias tensor beside weight `name`, if the checkpoint has one of `rows` elements."""
+    bias = name.removesuffix("weight") + "bias"
+    info = source.info.get(bias) if name.endswith("weight") else None
+    return bias if info is not None and tuple(info.shape) == (rows,) else None
+
+
 def calibrate_plans(
-    model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
+    source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
 ) -> tuple[list[GroupPlan], dict]:
     from lors_convert.calibrate import collect
     from lors_convert.model import compute_device
@@ -418,13 +429,22 @@ def calibrate_plans(
     calibration = collect(model, [p.stack for p in plans], batches, compute_device())
     calibrated = []
     for plan in plans:
-        if all(name in calibration.covariances for name in plan.stack.names):
-            covariances = tuple(calibration.covariances.pop(name) for name in plan.stack.names)
+        names = plan.stack.names
+        if all(name in calibration.covariances for name in names):
+            covariances = tuple(calibration.covariances.pop(name) for name in names)
+            rows = calibration.rows[names[0]]
+            plan = replace(plan, transposed=names[0] in calibration.transposed)
+            means = tuple(
+                calibration.sums[name] / max(rows, 1) if bias_name(source, name, plan.out_in[0]) else None
+                for name in names
+            )
+            centred = [c if m is None else c - rows * torch.outer(m, m) for c, m in zip(covariances, means)]
             plan = replace(
                 plan,
-                transposed=plan.stack.names[0] in calibration.transposed,
                 covariances=covariances,
-                metrics=tuple(damped(c, settings.damping).to(plan.device) for c in covariances),
+                metrics=tuple(damped(c, settings.damping).to(plan.device) for c in centred),
+                means=means,
+                rows=rows,
             )
         calibrated.append(plan)
     return calibrated, {
@@ -441,14 +461,16 @@ def sequential_factors(
     plans: list[GroupPlan],
     settings: Settings,
     progress: Progress,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """--sequential: factor the calibrated layers in layer-index order, each against the inputs it receives once
     the layers before it are converted, so their errors are corrected instead of compounded. Returns the
-    factors (B, A) by tensor name, for the writer.
+    factors (B, A) and the bias shift (None for a layer without a bias) by tensor name, for the writer.
 
     With X the layer's inputs in the original model and X̂ those in the converted one, the target
     T = W (XᵀX̂ + μI)(X̂ᵀX̂ + μI)⁻¹ is the ridge regression of the original outputs X Wᵀ on X̂ (T = W when nothing
-    before the layer changed), and B A minimises ‖(T − S − B A) K^{1/2}‖² with K = X̂ᵀX̂ + λI.
+    before the layer changed), and B A minimises ‖(T − S − B A) K^{1/2}‖² with K = X̂ᵀX̂ + λI. A layer with a bias
+    regresses with an intercept: X and X̂ centred, and the bias shifted by W x̄ − Ŵ x̂̄, which the converted model
+    takes at once, so later layers see it.
     """
     from lors_convert.calibrate import collect_pair
     from lors_convert.model import compute_device, own_names
@@ -457,7 +479,7 @@ def sequential_factors(
     converted = copy.deepcopy(original)  # collect() already moved the original to the device
     own = own_names(converted, [n for p in plans for n in p.stack.names])
     todo = [p for p in plans if p.metrics is not None and not p.kept_dense]
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     advance = progress("sequential", sum(len(p.stack.names) for p in todo))
     for layer in sorted({index for p in todo for index in p.stack.layers}):
         here = [(p, i) for p in todo for i, index in enumerate(p.stack.layers) if index == layer]
@@ -467,21 +489,31 @@ def sequential_factors(
             if name not in covariances or plan.ranks[i] is None:  # never reached, or exact: factored at write time
                 advance()
                 continue
-            covariance = covariances[name]
+            moments, joint = covariances[name], cross[name]  # [X̂ 1]ᵀ[X̂ 1] and [X̂ 1]ᵀ[X 1]
+            rows = moments[-1, -1]
+            covariance, product = moments[:-1, :-1], joint[:-1, :-1]
+            mean_hat, mean = moments[:-1, -1] / rows, joint[-1, :-1] / rows
+            centred = plan.means is not None and plan.means[i] is not None
+            if centred:
+                covariance = covariance - rows * torch.outer(mean_hat, mean_hat)
+                product = product - rows * torch.outer(mean_hat, mean)
             k = damped(covariance, settings.damping)
             weights = read_matrix(source, plan, i).cpu().double()
             ridge = damped(covariance, SEQUENTIAL_RIDGE)
-            target = torch.linalg.solve(ridge, weights @ (cross[name].T + ridge - covariance), left=False)
+            target = torch.linalg.solve(ridge, weights @ (product.T + ridge - covariance), left=False)
             b, a = factor_layer(
                 plan, i, plan.residual(target.float().to(plan.device)), k.to(plan.device), settings.seed
             )
-            factors[name] = (b, a)
-            approx = b.float() @ a.float()
+            approx = b.double().cpu() @ a.double().cpu()
             if plan.shared:
-                approx += plan.shared_matrix
+                approx += plan.shared_matrix.double().cpu()
+            shift = weights @ mean - approx @ mean_hat if centred else None
+            factors[name] = (b, a, shift)
             module = converted.get_submodule(own[name].removesuffix(".weight"))
             with torch.no_grad():
                 module.weight.copy_(approx.T if plan.transposed else approx)
+                if shift is not None:
+                    module.bias.add_(shift.to(module.bias))
             advance()
     return factors
 
@@ -502,7 +534,7 @@ def refuse_unconvertible(source: TensorSource) -> None:
 
 def plan_conversion(
     source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress
-) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
     """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors."""
     plans = [
         GroupPlan(stack, settings.dtype or stack.dtype, settings.device, shared=settings.shared != "none")
@@ -511,7 +543,7 @@ def plan_conversion(
     calibration, model, batches = None, None, []
     if settings.calibrate:
         model, batches = calibration_inputs(source, settings)
-        plans, calibration = calibrate_plans(model, batches, plans, settings)
+        plans, calibration = calibrate_plans(source, model, batches, plans, settings)
         if not settings.sequential:
             model = None  # not needed again: free it before factoring
     advance = progress("shared matrices", sum(len(p.stack.names) for p in plans if p.shared))
@@ -601,7 +633,7 @@ def write_lors(
     meta: LorsMeta,
     dtype: torch.dtype | None,
     shard_size: int,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     seed: int,
     source_sha256: Callable[[], str],
     progress: Progress,
@@ -621,9 +653,13 @@ def write_lors(
     )
     with SafetensorsWriter(output, layout, shard_size, metadata_bytes(header_metadata(placeholder))) as writer:
         advance = progress("factoring", sum(len(p.stack.names) for p in plans))
-        groups = [write_group(source, plan, writer, factors, seed, advance) for plan in plans]
+        shifts: dict[str, torch.Tensor] = {}  # bias name -> (W − Ŵ)μ, added to the bias
+        groups = [write_group(source, plan, writer, factors, seed, advance, shifts) for plan in plans]
         for name, out_dtype, _ in kept_layout:
-            writer.add(name, source.get(name).to(out_dtype))
+            tensor = source.get(name)
+            if name in shifts:
+                tensor = tensor.float() + shifts[name].float().cpu()
+            writer.add(name, tensor.to(out_dtype))
         meta = replace(meta, dtypes=changed, groups=groups, source=replace(meta.source, sha256=source_sha256()))
         return writer.commit(header_metadata(meta)), meta
 
@@ -665,11 +701,13 @@ def write_group(
     source: TensorSource,
     plan: GroupPlan,
     writer: SafetensorsWriter,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     seed: int,
     advance: Callable[[], None],
+    shifts: dict[str, torch.Tensor],
 ) -> GroupMeta:
-    """Write one group's tensors in `plan.layout()` order and measure what they lose."""
+    """Write one group's tensors in `plan.layout()` order and measure what they lose. A layer with a mean input
+    μ gets its mean output shift (W − Ŵ)μ in `shifts`, for its bias."""
     stack = plan.stack
     if plan.shared:
         shared = plan.shared_matrix
@@ -691,7 +729,7 @@ def write_group(
         else:
             residual = plan.residual(matrix)
             del matrix
-            b, a = factors.get(name) or factor_layer(plan, i, residual, metric(plan, i), seed)
+            b, a, shift = factors.get(name) or (*factor_layer(plan, i, residual, metric(plan, i), seed), None)
             error = residual.addmm_(b.float(), a.float(), alpha=-1)  # in place: one full-size buffer per layer
             a_key, b_key = factor_keys(name)
             if plan.transposed:  # stored W is Wᵀ: (B A)ᵀ = Aᵀ Bᵀ
@@ -703,6 +741,11 @@ def write_group(
         layer_errors.append(round(rel_error(layer_err_sq, layer_norm_sq), 6))
         if covariance is not None:
             out_err_sq += metric_energy(error, covariance)
+            mean = plan.means[i] if plan.ranks[i] is not None else None
+            if mean is not None:  # the bias takes the mean shift: what is left is the error on centred inputs
+                mean_error = error.double() @ mean.to(error.device)
+                shifts[bias_name(source, name, plan.out_in[0])] = mean_error if shift is None else shift
+                out_err_sq -= plan.rows * mean_error.square().sum().item()
         advance()
     output_error = rel_error(out_err_sq, out_norm_sq) if plan.covariances is not None else None
     return group_entry(plan, rel_error(err_sq, norm_sq), layer_errors, output_error)

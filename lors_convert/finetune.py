@@ -114,13 +114,13 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     return indices
 
 
-def warmup_cosine(warmup: int, steps: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
-
-    return factor
+def learning_rate(settings: FinetuneSettings, step: int, spent: float) -> float:
+    """Linear warm-up, then cosine decay to zero over the steps, or over the time budget (--minutes) when that
+    ends first (`spent`: the fraction of it used), so a run stopped by the clock has finished its decay."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    progress = max((step - settings.warmup) / max(settings.steps - settings.warmup, 1), spent)
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def freeze_unreached(
@@ -151,15 +151,15 @@ def state_path(output: Path) -> Path:
     return Path(f"{output}.train-state.pt")
 
 
-def save_state(path: Path, step: int, student: nn.Module, optimizer, scheduler, fingerprint: dict) -> None:
+def save_state(path: Path, step: int, spent: float, student: nn.Module, optimizer, fingerprint: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(
             {
                 "step": step,
+                "spent": spent,
                 "fingerprint": fingerprint,
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
                 "parameters": {n: p.detach().cpu() for n, p in student.named_parameters()},
             },
             tmp,
@@ -169,7 +169,8 @@ def save_state(path: Path, step: int, student: nn.Module, optimizer, scheduler, 
         tmp.unlink(missing_ok=True)
 
 
-def load_state(path: Path, student: nn.Module, optimizer, scheduler, fingerprint: dict) -> int:
+def load_state(path: Path, student: nn.Module, optimizer, fingerprint: dict) -> tuple[int, float]:
+    """Restore a saved run; returns its step and the fraction of the time budget it had used."""
     if not path.is_file():
         raise LorsError(f"--resume: no training state at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -180,8 +181,7 @@ def load_state(path: Path, student: nn.Module, optimizer, scheduler, fingerprint
         for name, p in student.named_parameters():
             p.copy_(state["parameters"][name])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state["step"]
+    return state["step"], state["spent"]
 
 
 def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: dict, force: bool) -> list[Path]:
@@ -230,12 +230,15 @@ def teacher_files(pair: Pair) -> list[Path]:
 # ---------------------------------------------------------------- the loop
 
 
-def out_of_time(started: float, minutes: float, world_size: int, device: torch.device) -> bool:
-    """Whether the time budget is spent: rank 0's clock decides for every process, so all stop at one step."""
-    spent = torch.tensor([time.perf_counter() - started >= minutes * 60], device=device)
+def budget_spent(started: float, spent_before: float, minutes: float, world_size: int, device) -> float:
+    """The fraction of the --minutes budget used (0 without one). Rank 0's clock decides for every process, so
+    all set the same learning rate and stop at the same step."""
+    if not minutes:
+        return 0.0
+    spent = torch.tensor([spent_before + (time.perf_counter() - started) / (minutes * 60)], device=device)
     if world_size > 1:
         dist.broadcast(spent, 0)
-    return bool(spent.item())
+    return spent.item()
 
 
 def train_progress(quiet: bool, total: int, done: int):
@@ -312,14 +315,14 @@ def finetune(
         say(f"frozen (the loss does not reach them): {', '.join(frozen)}")
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup, settings.steps))
     fingerprint = {
         **asdict(settings),
         "lors_sha256": hashlib.sha256(pair.meta.to_json().encode()).hexdigest(),
         "world_size": world_size,
         "examples": len(examples),
     }
-    start = load_state(state_path(output), student, optimizer, scheduler, fingerprint) if resume else 0
+    start, spent = load_state(state_path(output), student, optimizer, fingerprint) if resume else (0, 0.0)
+    spent_before = spent
     trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
 
     before = evaluate()
@@ -332,19 +335,21 @@ def finetune(
             with autocast(device):
                 loss = step_loss(trained, teacher_model, batch, paths, settings.objective)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(settings, step, spent)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) * world_size if mask is not None else len(indices)
             update(step + 1, losses[-1], tokens / (time.perf_counter() - started))
             done = step + 1
-            if settings.minutes and out_of_time(started, settings.minutes, world_size, device):
+            spent = budget_spent(started, spent_before, settings.minutes, world_size, device)
+            if spent >= 1:
                 break
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
                 if rank == 0:
-                    save_state(state_path(output), step + 1, student, optimizer, scheduler, fingerprint)
+                    save_state(state_path(output), step + 1, spent, student, optimizer, fingerprint)
                 if world_size > 1:
                     dist.barrier()
     finally:

@@ -244,11 +244,13 @@ def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):
     stacks, _ = find_stacks(open_checkpoint(folder).info)
     names = [stack.names[1] for stack in stacks]  # the modules of layer 1 only
     covariances, cross = collect_pair(model, copy.deepcopy(model), names, batches, torch.device("cpu"))
-    full = collect(model, stacks, batches, torch.device("cpu")).covariances
+    full = collect(model, stacks, batches, torch.device("cpu"))
     assert covariances.keys() == cross.keys() == set(names)
-    for name in names:
-        torch.testing.assert_close(covariances[name], full[name])
-        torch.testing.assert_close(cross[name], full[name])
+    for name in names:  # [X 1]ᵀ[X 1]: the covariance, the input sums and the row count
+        torch.testing.assert_close(covariances[name][:-1, :-1], full.covariances[name])
+        torch.testing.assert_close(covariances[name][:-1, -1], full.sums[name])
+        assert covariances[name][-1, -1].item() == full.rows[name] > 0
+        torch.testing.assert_close(cross[name], covariances[name])
 
 
 def test_sequential_needs_calibration(tmp_path, cli):
@@ -257,3 +259,47 @@ def test_sequential_needs_calibration(tmp_path, cli):
     result = cli(tmp_path / "m.safetensors", "--sequential", "--quiet")
     assert result.code == 1 and "--sequential needs --calibrate" in result.err
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibrated_layers_with_a_bias_keep_their_mean_output(tmp_path, cli, sequential):
+    """Centred calibration: the bias takes the mean output shift (W − Ŵ)x̄, so on the calibration inputs each
+    converted layer's mean output is the original's (first layer: the same inputs in both models), and the
+    output error is measured after it."""
+    from factory_models import stacked_mlp
+
+    torch.manual_seed(0)
+    original = stacked_mlp()
+    save_file(original.state_dict(), tmp_path / "mlp.safetensors")
+    inputs = torch.randn(48, 5, 16) + 3 * torch.randn(16)  # inputs far from zero mean
+    save_file({"x": inputs}, tmp_path / "inputs.safetensors")
+    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "factory_models:stacked_mlp"]
+    options += ["--rank", "2", "--shared", "none", "--calib-samples", "48"] + (["--sequential"] if sequential else [])
+    report = convert_json(cli, tmp_path / "mlp.safetensors", *options, "-o", tmp_path / "lors.safetensors")
+    source, meta = read_lors(tmp_path / "lors.safetensors")
+    converted = stacked_mlp()
+    converted.load_state_dict(dict(expand(source, meta)))
+    first = converted.layers[0][0], original.layers[0][0]
+    x = inputs.reshape(-1, 16)
+    with torch.no_grad():
+        mean_converted, mean_original = (layer(x).mean(0) for layer in first)
+        assert not torch.allclose(first[0].weight, first[1].weight, atol=1e-3)  # rank 2 of 16: far from W
+        torch.testing.assert_close(mean_converted, mean_original, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(first[0].bias, first[1].bias, atol=1e-3)  # the bias took the shift
+    assert all(0 < g["output_error"] < 1 for g in report["groups"])
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_every_factored_layer_with_a_bias_gets_its_shift(tmp_path, cli, kind):
+    """HF layouts too, GPT-2's Conv1D (stored in x out, its bias as long as its output) included."""
+    pytest.importorskip("transformers")
+    folder, calib = hf_dir(tmp_path, kind)
+    options = ["--rank", "2", "--shared", "none", "--calibrate", calib, "--calib-samples", "32"]
+    convert_json(cli, folder, *options, "-o", tmp_path / "cal.safetensors")
+    lors, meta = read_lors(tmp_path / "cal.safetensors")
+    original = open_checkpoint(folder)
+    biases = [name.removesuffix("weight") + "bias" for g in meta.groups for name in g.names]
+    biases = [b for b in biases if b in original.info]
+    assert biases
+    for bias in biases:
+        assert not torch.allclose(lors.get(bias), original.get(bias), atol=1e-6), bias

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 import lors_convert
 from lors_convert.evaluate import load_pair
-from lors_convert.finetune import stacked_layer_paths, step_loss
+from lors_convert.finetune import FinetuneSettings, learning_rate, stacked_layer_paths, step_loss
 from lors_convert.lors_format import read_lors
 from lors_convert.nn import LorsLinear, lors_groups, merge_lors
 
@@ -338,3 +338,15 @@ def test_minutes_stops_training_at_the_time_budget_then_evaluates_and_saves(tmp_
     out = result.json()
     assert out["after"]["examples"] == 12 and (tmp_path / "ft.safetensors").is_file()
     assert read_lors(tmp_path / "ft.safetensors")[1].finetune["steps"] == 1  # stopped after its first step
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_over_steps_or_time_budget():
+    settings = FinetuneSettings(steps=110, warmup=10, lr=1e-3)
+    assert learning_rate(settings, 0, 0.0) == pytest.approx(1e-4)  # warm-up: (step + 1) / warmup
+    assert learning_rate(settings, 9, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(settings, 60, 0.0) == pytest.approx(0.5e-3)  # half way through the decay
+    assert learning_rate(settings, 110, 0.0) == pytest.approx(0.0, abs=1e-12)
+    # the clock ahead of the steps: the decay follows the time budget
+    assert learning_rate(settings, 20, 0.5) == pytest.approx(0.5e-3)
+    assert learning_rate(settings, 20, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(settings, 20, 0.05) == learning_rate(settings, 20, 0.0)  # the steps ahead: they decide

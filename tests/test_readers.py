@@ -237,13 +237,14 @@ def test_collect_pair_restarts_for_each_batch_when_a_forward_skips_a_layer():
         x[..., 0] = sign * x[..., 0].abs()
         batches.append({"x": x})
     covariances, cross = collect_pair(original, converted, names, batches, torch.device("cpu"))
-    expected_c = {name: torch.zeros(4, 4, dtype=torch.float64) for name in names}
-    expected_g = {name: torch.zeros(4, 4, dtype=torch.float64) for name in names}
+    expected_c = {name: torch.zeros(5, 5, dtype=torch.float64) for name in names}  # [X 1]ᵀ[X 1]
+    expected_g = {name: torch.zeros(5, 5, dtype=torch.float64) for name in names}
     with torch.no_grad():
         for batch in batches:
             x_orig, x_conv = original.inputs(batch["x"]), converted.inputs(batch["x"])
             for name, x_hat in x_conv.items():
                 x_hat, x = x_hat.reshape(-1, 4).double(), x_orig[name].reshape(-1, 4).double()
+                x_hat, x = (torch.cat([t, torch.ones(len(t), 1, dtype=t.dtype)], dim=1) for t in (x_hat, x))
                 expected_c[name] += x_hat.T @ x_hat
                 expected_g[name] += x_hat.T @ x
     for name in names:
