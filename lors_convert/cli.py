@@ -586,7 +586,16 @@ def finetune(
     ),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
     nproc_per_node: int = typer.Option(
-        0, "--nproc-per-node", help="Launch this many processes with torchrun (DistributedDataParallel; one per GPU)."
+        0,
+        "--nproc-per-node",
+        help="Launch this many processes with torchrun (DistributedDataParallel, or FSDP with --fsdp; one per GPU).",
+    ),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        metavar=FLAG,
+        help="Under torchrun, shard the student across the processes with FSDP2 instead of replicating it (DDP): "
+        "for a model whose weights, gradients and optimizer state do not fit one GPU.",
     ),
     force: bool = Force,
     quiet: bool = Quiet,
@@ -620,6 +629,7 @@ def finetune(
         factory=model_factory,
         allow_teacher_mismatch=allow_teacher_mismatch,
         resume=resume,
+        fsdp=fsdp,
         force=force,
         quiet=quiet,
         log=lambda message: stderr.print(escape(message), soft_wrap=True),

@@ -1,5 +1,6 @@
 """Distillation of a LORS model from its dense teacher (or next-token training with --objective lm), in one
-process or under torchrun with DistributedDataParallel. Reads top to bottom: load, split, train, write.
+process or under torchrun with DistributedDataParallel, or with FSDP2 (`--fsdp`: the student sharded across the
+processes). Reads top to bottom: load, split, train, write.
 
 The student trains in eval mode (no dropout): the goal is to recover the teacher's function, and it keeps a
 run reproducible from --seed. Parameters the loss cannot reach (e.g. BERT's pooler) are frozen, so every
@@ -12,6 +13,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -136,6 +138,29 @@ def freeze_unreached(
     return frozen
 
 
+def shard(student: nn.Module, paths: list[str]) -> None:
+    """FSDP2, in place: each stacked block is its own unit (gathered for its forward and its backward only), then
+    the root takes everything else, the groups' shared matrices (`lors_shared`) included. A shared matrix is one
+    Parameter used by every block of its group (LorsLinear only points at it), so it must be the root's: gathered
+    for the whole step, its gradient summed over all its uses by autograd, then reduce-scattered once, averaged
+    over the processes like DDP's all-reduce."""
+    from torch.distributed.fsdp import fully_shard
+
+    # GPT-2 returns views; the warning is about in-place ops on them, which neither the losses nor eval make
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    for path in sorted(paths, key=lambda p: -p.count(".")):  # a nested block before the one holding it
+        fully_shard(student.get_submodule(path))
+    fully_shard(student)
+
+
+def full_state(student: nn.Module) -> dict:
+    """The student's state dict in full, on rank 0's CPU (other ranks get {}); every rank must call it, since
+    under FSDP it gathers each sharded tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def parameter_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
@@ -151,46 +176,54 @@ def state_path(output: Path) -> Path:
     return Path(f"{output}.train-state.pt")
 
 
-def save_state(path: Path, step: int, spent: float, student: nn.Module, optimizer, fingerprint: dict) -> None:
+def save_state(
+    path: Path, step: int, spent: float, student: nn.Module, optimizer, fingerprint: dict, rank: int
+) -> None:
+    """The training state in full, by parameter name (gathered under FSDP, so a run resumes with or without
+    --fsdp): every rank calls it, rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, optim = get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(
-            {
-                "step": step,
-                "spent": spent,
-                "fingerprint": fingerprint,
-                "optimizer": optimizer.state_dict(),
-                "parameters": {n: p.detach().cpu() for n, p in student.named_parameters()},
-            },
-            tmp,
-        )
+        torch.save({"step": step, "spent": spent, "fingerprint": fingerprint, "model": model, "optimizer": optim}, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load_state(path: Path, student: nn.Module, optimizer, fingerprint: dict) -> tuple[int, float]:
-    """Restore a saved run; returns its step and the fraction of the time budget it had used."""
+    """Restore a saved run (every rank reads the whole state and keeps its part: its shard under FSDP); returns
+    its step and the fraction of the time budget it had used."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     if not path.is_file():
         raise LorsError(f"--resume: no training state at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["fingerprint"] != fingerprint:
         changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
         raise LorsError(f"--resume: {path} was saved by a run with other settings ({', '.join(changed)})")
-    with torch.no_grad():
-        for name, p in student.named_parameters():
-            p.copy_(state["parameters"][name])
-    optimizer.load_state_dict(state["optimizer"])
+    if "model" not in state or "spent" not in state:
+        raise LorsError(f"--resume: {path} was saved by an older lors-convert; start again without --resume")
+    options = StateDictOptions(full_state_dict=True)
+    set_state_dict(
+        student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
     return state["step"], state["spent"]
 
 
-def write_output(output: Path, pair: Pair, settings: FinetuneSettings, results: dict, force: bool) -> list[Path]:
-    """The fine-tuned LORS checkpoint: same names, ranks and dtypes, with the fine-tune recorded."""
+def write_output(
+    output: Path, pair: Pair, settings: FinetuneSettings, results: dict, force: bool, state: dict
+) -> list[Path]:
+    """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
+    fine-tune recorded."""
     from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes
     from lors_convert.lors_format import header_metadata, reconstruction_errors
     from lors_convert.model import checkpoint_tensors, own_names
 
-    tensors = checkpoint_tensors(pair.student, pair.student.lors)
+    tensors = checkpoint_tensors(pair.student, pair.student.lors, state)
     teacher_state = pair.teacher.state_dict() if pair.teacher is not None else {}
     teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names]) if teacher_state else {}
     groups = [] if teacher_state else list(pair.meta.groups)
@@ -279,6 +312,7 @@ def finetune(
     factory: str | None = None,
     allow_teacher_mismatch: bool = False,
     resume: bool = False,
+    fsdp: bool = False,
     force: bool = False,
     quiet: bool = False,
     log=print,
@@ -288,6 +322,10 @@ def finetune(
 
     settings.validate()
     rank, world_size = world()
+    if fsdp and world_size < 2:
+        raise LorsError(
+            "--fsdp shards the model across processes: run it with --nproc-per-node N (or torchrun), N >= 2"
+        )
     say = log if rank == 0 else (lambda *a: None)
     pair = load_pair(lors, teacher, factory, allow_teacher_mismatch, warn=say)
     check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
@@ -313,6 +351,8 @@ def finetune(
     frozen = freeze_unreached(student, teacher_model, batch_of(train, [0, 1]), paths, settings.objective)
     if frozen:
         say(f"frozen (the loss does not reach them): {', '.join(frozen)}")
+    if fsdp:
+        shard(student, paths)  # before the optimizer, which must hold the sharded parameters
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     fingerprint = {
@@ -323,7 +363,7 @@ def finetune(
     }
     start, spent = load_state(state_path(output), student, optimizer, fingerprint) if resume else (0, 0.0)
     spent_before = spent
-    trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
+    trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 and not fsdp else student
 
     before = evaluate()
     update, stop = train_progress(quiet or rank != 0, settings.steps, start)
@@ -348,8 +388,7 @@ def finetune(
             if spent >= 1:
                 break
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
-                if rank == 0:
-                    save_state(state_path(output), step + 1, spent, student, optimizer, fingerprint)
+                save_state(state_path(output), step + 1, spent, student, optimizer, fingerprint, rank)
                 if world_size > 1:
                     dist.barrier()
     finally:
@@ -364,15 +403,17 @@ def finetune(
         "seconds": round(seconds, 3),
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "world_size": world_size,
+        "fsdp": fsdp,
         "device": device.type,
         "frozen": frozen,
         "eval_before": before,
         "eval_after": after,
     }
-    if world_size > 1:
+    if world_size > 1 and not fsdp:  # FSDP holds no replicas to compare
         log(f"rank {rank}: parameter digest {parameter_digest(student)}")
+    state = full_state(student)
     if rank == 0:
-        results["files"] = [str(f) for f in write_output(output, pair, settings, results, force)]
+        results["files"] = [str(f) for f in write_output(output, pair, settings, results, force, state)]
         state_path(output).unlink(missing_ok=True)
     if world_size > 1:
         dist.barrier()

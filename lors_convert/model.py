@@ -324,9 +324,11 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False) -> list[Pat
         return writer.commit(metadata)
 
 
-def checkpoint_tensors(model: nn.Module, loaded: Loaded) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint the model was loaded from, read from the model, in the file's dtype."""
-    state = {**dict(model.named_buffers()), **model.state_dict()}  # buffers a class stopped persisting too
+def checkpoint_tensors(model: nn.Module, loaded: Loaded, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint the model was loaded from, read from the model (or from `state`, its state
+    dict gathered in full when FSDP shards it), in the file's dtype."""
+    state = model.state_dict() if state is None else state
+    state = {**dict(model.named_buffers()), **state}  # buffers a class stopped persisting too
     own = dict(loaded.own_name)
     for g, group in enumerate(loaded.meta.groups):
         if group.shared:

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 import lors_convert
 from lors_convert.evaluate import load_pair
 from lors_convert.finetune import FinetuneSettings, learning_rate, stacked_layer_paths, step_loss
-from lors_convert.lors_format import read_lors
+from lors_convert.lors_format import read_lors, shared_key
 from lors_convert.nn import LorsLinear, lors_groups, merge_lors
 
 WORDS = (
@@ -286,27 +286,107 @@ def test_factory_model_with_tensor_data(tmp_path, cli):
 # ---------------------------------------------------------------- multi-process
 
 
-def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(tmp_path, converted):
-    folder, lors, _ = converted("bert")
-    data = text_file(tmp_path / "train.txt")
-    out = tmp_path / "ddp.safetensors"
+def two_processes(*args, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`lors-convert ARGS` under torchrun with two processes, on the CPU with gloo (even on a one-GPU machine); or
+    `script ARGS` under torchrun, for a script that calls lors_convert.cli.main."""
     env = {
         **os.environ,
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
-    }  # gloo on the CPU, even on a one-GPU machine
-    args = [str(a) for a in finetune_args(lors, data, out, "--batch-size", "4", "--nproc-per-node", "2")]
-    done = subprocess.run(
-        [sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    }
+    if script is None:
+        command = ["-m", "lors_convert", *args, "--nproc-per-node", "2"]
+    else:
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *args]
+    return subprocess.run([sys.executable, *map(str, command)], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """(LORS file, training text, output, process) of a tiny BERT fine-tuned by two DDP processes with
+    --save-every 3: run once, for the DDP test and as the reference of the FSDP test."""
+    from lors_convert.cli import main
+
+    tmp = tmp_path_factory.mktemp("two_processes")
+    lors = tmp / "bert.lors.safetensors"
+    folder = make_model_dir(tmp / "bert", "bert")
+    main([str(a) for a in (folder, "-o", lors, "--quiet", "--json", "--rank", "4", "--shared", "mean")])
+    data, out = text_file(tmp / "train.txt"), tmp / "ddp.safetensors"
+    done = two_processes(*finetune_args(lors, data, out, "--batch-size", "4", "--save-every", "3"))
+    return lors, data, out, done
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(ddp_run):
+    lors, data, out, done = ddp_run
     assert done.returncode == 0, done.stderr[-3000:]
     digests = dict(line.split(": parameter digest ") for line in done.stderr.splitlines() if "digest" in line)
     assert set(digests) == {"rank 0", "rank 1"} and len(set(digests.values())) == 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ddp", ".ddp"))) == ["ddp.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(("ddp", ".ddp"))) == ["ddp.safetensors"]
     meta = read_lors(out)[1].finetune
-    assert meta["world_size"] == 2 and meta["loss_last"] < meta["loss_first"]
+    assert meta["world_size"] == 2 and not meta["fsdp"] and meta["loss_last"] < meta["loss_first"]
     assert json.loads(done.stdout)["after"]["cos"] > json.loads(done.stdout)["before"]["cos"]
+
+
+INTERRUPTED = """
+import torch
+from lors_convert.cli import main
+
+real_step, calls = torch.optim.AdamW.step, []
+
+
+def interrupted_step(self, *args, **kwargs):  # Ctrl-C during the 5th optimizer step, in every process
+    calls.append(1)
+    if len(calls) == 5:
+        raise KeyboardInterrupt
+    return real_step(self, *args, **kwargs)
+
+
+torch.optim.AdamW.step = interrupted_step
+main()
+"""
+
+
+def test_two_process_gloo_fsdp_trains_as_ddp_resumes_and_writes_one_output(tmp_path, ddp_run):
+    lors, data, ddp_out, ddp_done = ddp_run
+    assert ddp_done.returncode == 0, ddp_done.stderr[-3000:]
+    out = tmp_path / "fsdp.safetensors"
+    args = finetune_args(lors, data, out, "--batch-size", "4", "--save-every", "3", "--fsdp")
+    (tmp_path / "interrupted.py").write_text(INTERRUPTED)
+    stopped = two_processes(*args, script=tmp_path / "interrupted.py")  # the state at step 3 gathered from shards
+    assert stopped.returncode != 0 and not out.exists() and Path(f"{out}.train-state.pt").is_file()
+    done = two_processes(*args, "--resume")  # each process takes its shard of it
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if "fsdp" in p.name) == ["fsdp.safetensors"]
+    assert "digest" not in done.stderr  # no replicas: every process holds half of each tensor
+
+    meta = read_lors(out)[1]
+    assert meta.finetune["fsdp"] and meta.finetune["world_size"] == 2 and meta.finetune["resumed_at"] == 3
+    original, ddp, fsdp = load_file(lors), load_file(ddp_out), load_file(out)
+    assert set(fsdp) == set(ddp) == set(original)
+    assert all(
+        shared_key(g.template) in fsdp and list(fsdp[shared_key(g.template)].shape) == g.shape for g in meta.groups
+    )
+    for name in fsdp:
+        if name.endswith("attention.self.key.bias"):  # the loss ignores it (softmax drops a shift common to all
+            continue  # keys): its gradient is rounding noise, which AdamW scales to full steps
+        assert (fsdp[name] - ddp[name]).norm() <= 1e-5 * ddp[name].norm(), name
+    assert not torch.equal(fsdp[shared_key(meta.groups[0].template)], original[shared_key(meta.groups[0].template)])
+    groups = lors_groups(lors_convert.load(out))
+    assert len(groups) == len(meta.groups) and all(len(modules) == 3 for modules in groups.values())
+
+
+def test_two_process_gloo_fsdp_gradients_equal_ddp_and_one_process(ddp_run):
+    done = two_processes(ddp_run[0], script=REPO / "tests" / "fsdp_gradients.py")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "fsdp: largest relative gradient difference" in done.stdout
+
+
+def test_fsdp_needs_several_processes(tmp_path, cli, converted):
+    folder, lors, _ = converted("bert")
+    refused = cli(*finetune_args(lors, text_file(tmp_path / "train.txt"), tmp_path / "ft.safetensors", "--fsdp"))
+    assert refused.code == 1 and "--nproc-per-node" in refused.err and "\n" not in refused.err.strip()
+    assert not (tmp_path / "ft.safetensors").exists()
 
 
 # ---------------------------------------------------------------- the real model
