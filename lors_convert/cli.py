@@ -181,7 +181,7 @@ def convert(
         show_default=False,
         help="Text file(s), one example per line (tensor file(s) for "
         "--model-factory): factor to keep each layer's outputs on these inputs, "
-        "not its weights.",
+        "not its weights; a layer's bias takes its mean output shift.",
     ),
     calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration sequences."),
     calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration sequence."),

@@ -34,7 +34,7 @@ from lors_convert.convert import Settings, convert
 from lors_convert.evaluate import fidelity, load_pair
 from lors_convert.finetune import FinetuneSettings, finetune, stacked_layer_paths, step_loss
 from lors_convert.lors_format import read_lors
-from lors_convert.model import Examples, autocast, load_examples, setup_device, split_examples
+from lors_convert.model import Examples, TextLines, autocast, load_examples, setup_device, split_examples
 from lors_convert.report import build_report
 
 
@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--timing-seconds", type=float, default=20.0, help="budget for timing the two steps")
     parser.add_argument("--shared", default="auto", help="conversion's --shared [auto]")
     parser.add_argument(
+        "--other", type=Path, default=None, help="text of another kind, one passage a line [fortune passages]"
+    )
+    parser.add_argument(
         "--calibrate-lines",
         type=int,
         default=0,
@@ -143,7 +146,7 @@ def main() -> None:
     t_lors, t_dense = fastest_seconds(  # the dense student is a trainable copy of the teacher
         [training_step(m, teacher, batch, paths, device) for m in (student, teacher)], device, args.timing_seconds
     )
-    other = Examples(texts=fortune_passages())
+    other = Examples(texts=TextLines([args.other]) if args.other else fortune_passages())
     other_before = fidelity(student, teacher, other, pair.tokenizer, max_length=args.max_length, device=device)
     del student, pair
 

@@ -24,7 +24,11 @@ The TinyLlama preset (1.1B) is slow on a 2-core CPU: it decodes 16 new tokens pe
 hidden 512) is a smoke run of under a minute.
 
     python scripts/bench_inference.py --preset tinyllama [--merged] [--dtype float32]
+    python scripts/bench_inference.py --preset tinyllama --device cuda --dtype bfloat16   # on a GPU
     python scripts/bench_inference.py --preset small
+
+With --device cuda the models run on the GPU (timings after torch.cuda.synchronize) and the peak memory column
+is torch.cuda.max_memory_allocated instead of the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -110,6 +114,18 @@ def load(variant: str, folder: Path, lors: Path | None, dtype):
     return model
 
 
+DEVICE = "cpu"  # the child's --device
+
+
+def clock() -> float:
+    """perf_counter once the device's queued work is done."""
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def median(values: list[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
@@ -123,7 +139,7 @@ def decode_ms(model, new_tokens: int, runs: int, vocab: int) -> float:
 
     # transformers 5.x calls the KV cache `cache` (past_key_values is deprecated there), 4.x past_key_values
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    prompt = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     def greedy(ids, past):
         out = model(ids, use_cache=True, **({cache_arg: past} if past is not None else {}))
@@ -131,10 +147,10 @@ def decode_ms(model, new_tokens: int, runs: int, vocab: int) -> float:
 
     def run(steps: int) -> float:
         token, past = greedy(prompt, None)
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             token, past = greedy(token, past)
-        return (time.perf_counter() - start) / steps * 1e3
+        return (clock() - start) / steps * 1e3
 
     run(4)  # warm-up
     return median([run(new_tokens) for _ in range(runs)])
@@ -144,13 +160,13 @@ def prefill_tokens_per_s(model, runs: int, vocab: int) -> float:
     import torch
 
     gen = torch.Generator().manual_seed(1)
-    model(torch.randint(0, vocab, (1, 64), generator=gen), use_cache=True, logits_to_keep=1)  # warm-up
-    ids = torch.randint(0, vocab, (PREFILL_BATCH, PREFILL_LEN), generator=gen)
+    model(torch.randint(0, vocab, (1, 64), generator=gen).to(DEVICE), use_cache=True, logits_to_keep=1)  # warm-up
+    ids = torch.randint(0, vocab, (PREFILL_BATCH, PREFILL_LEN), generator=gen).to(DEVICE)
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = clock()
         model(ids, use_cache=True, logits_to_keep=1)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return PREFILL_BATCH * PREFILL_LEN / median(times)
 
 
@@ -158,13 +174,14 @@ def encode_sentences_per_s(model, runs: int, vocab: int) -> float:
     import torch
 
     ids = torch.randint(1000, vocab, (ENCODE_BATCH, ENCODE_LEN), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(DEVICE)
     mask = torch.ones_like(ids)
     model(input_ids=ids, attention_mask=mask)  # warm-up
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = clock()
         model(input_ids=ids, attention_mask=mask)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return ENCODE_BATCH / median(times)
 
 
@@ -180,10 +197,12 @@ def minilm_dir() -> Path | None:
 def child(args) -> None:
     import torch
 
+    global DEVICE
+    DEVICE = args.device
     dtype = getattr(torch, args.dtype)
     folder, lors = Path(args.folder), Path(args.lors) if args.lors else None
     start = time.perf_counter()
-    model = load(args.variant, folder, lors, dtype)
+    model = load(args.variant, folder, lors, dtype).to(args.device)
     with torch.inference_mode():
         result = {
             "load_s": time.perf_counter() - start,
@@ -199,6 +218,8 @@ def child(args) -> None:
         else:
             result["sentences_s"] = encode_sentences_per_s(model, args.encode_runs, vocab)
     result["rss_peak_self"] = status_mb("VmHWM")
+    if args.device == "cuda":  # the peak of memory held on the GPU, not the process's
+        result["cuda_peak"] = torch.cuda.max_memory_allocated() / 2**20
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -221,22 +242,23 @@ def run(cmd: list) -> tuple[float, float]:
 def measure(task: str, variant: str, folder: Path, lors: Path | None, args) -> dict:
     result_file = args.workdir / f"result-{task}-{variant}.json"
     cmd = [sys.executable, __file__, "--child", task, variant, folder, lors or "", result_file]
-    cmd += ["--dtype", args.dtype, "--decode-tokens", args.decode_tokens, "--decode-runs", args.decode_runs]
+    cmd += ["--device", args.device, "--dtype", args.dtype]
+    cmd += ["--decode-tokens", args.decode_tokens, "--decode-runs", args.decode_runs]
     cmd += ["--prefill-runs", args.prefill_runs, "--encode-runs", args.encode_runs]
     wall, peak = run(cmd)
     result = json.loads(result_file.read_text())
-    result["rss_peak"], result["wall"] = peak, wall
+    result["rss_peak"], result["wall"] = result.get("cuda_peak", peak), wall
     print(f"  {task} {variant}: {wall:.0f} s", flush=True)
     return result
 
 
-def convert(folder: Path, out: Path, shared: str | None, dtype: str, again: bool) -> None:
+def convert(folder: Path, out: Path, shared: str | None, dtype: str, again: bool, device: str) -> None:
     """Convert at 50%, or keep the file from an earlier run (converting TinyLlama takes minutes)."""
     if out.is_file() and not again:
         print(f"  kept {out.name} from an earlier run (--reconvert to convert again)", flush=True)
         return
     cmd = [sys.executable, "-m", "lors_convert", folder, "-o", out, "--reduction", "0.5", "--dtype", dtype]
-    cmd += ["--quiet", "--force"]
+    cmd += ["--quiet", "--force", "--device", device]
     wall, _ = run(cmd + (["--shared", shared] if shared else []))
     print(f"  converted {out.name} in {wall:.0f} s", flush=True)
 
@@ -257,6 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="tinyllama")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lors-bench-inference"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the models run")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16: the run's and the LORS files' dtype")
     parser.add_argument("--merged", action="store_true", help="also the LORS model merged to dense (merge_lors)")
     parser.add_argument(
@@ -293,7 +316,7 @@ def main() -> None:
     lm_rows = {"dense": measure("lm", "dense", folder, None, args)}
     for shared in args.shared.split(","):
         lors = args.workdir / f"{args.preset}-{shared}-{args.dtype}.lors.safetensors"
-        convert(folder, lors, shared, args.dtype, args.reconvert)
+        convert(folder, lors, shared, args.dtype, args.reconvert, args.device)
         lm_rows[f"LORS --shared {shared}"] = measure("lm", shared, folder, lors, args)
         if args.merged and shared == "mean":
             lm_rows["LORS --shared mean, merged to dense"] = measure("lm", "mean-merged", folder, lors, args)
@@ -302,14 +325,15 @@ def main() -> None:
     if minilm is not None:
         enc_rows["dense"] = measure("encode", "dense", minilm, None, args)
         lors = args.workdir / f"minilm-auto-{args.dtype}.lors.safetensors"
-        convert(minilm, lors, None, args.dtype, args.reconvert)
+        convert(minilm, lors, None, args.dtype, args.reconvert, args.device)
         enc_rows["LORS (--shared auto)"] = measure("encode", "auto", minilm, lors, args)
     load = max(load, os.getloadavg()[0])
 
     config = json.loads((folder / "config.json").read_text())
     print(
         f"\n{args.preset}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-        f"{args.dtype} on {os.cpu_count()} CPU cores ({torch.get_num_threads()} threads), torch "
+        f"{args.dtype} on {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, {os.cpu_count()} "
+        f"cores ({torch.get_num_threads()} threads), torch "
         f"{torch.__version__}, transformers {_transformers().__version__}; load average up to {load:.1f}; "
         f"decode: {args.decode_tokens} new tokens after {PROMPT}, median of {args.decode_runs} runs; "
         f"prefill {PREFILL_BATCH}x{PREFILL_LEN}, median of {args.prefill_runs}; "
@@ -317,7 +341,7 @@ def main() -> None:
     )
     print(
         "| variant | decode ms/token (b1) | vs dense | prefill tokens/s (8x512) | vs dense (time) | weights MB | "
-        "LORS file tensors MB | weights / file | RSS loaded MB | peak RSS MB |"
+        "LORS file tensors MB | weights / file | RSS loaded MB | peak MB (RSS; CUDA: max allocated) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = lm_rows["dense"]
@@ -331,7 +355,7 @@ def main() -> None:
         print(f"\nall-MiniLM-L6-v2 ({minilm}), encoding {ENCODE_BATCH}x{ENCODE_LEN}, median of {args.encode_runs}")
         print(
             "| variant | sentences/s | vs dense (time) | weights MB | LORS file tensors MB | weights / file | "
-            "peak RSS MB |"
+            "peak MB (RSS; CUDA: max allocated) |"
         )
         print("|---|---:|---:|---:|---:|---:|---:|")
         base = enc_rows["dense"]

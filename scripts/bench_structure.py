@@ -8,7 +8,7 @@ after. Same parameter budget, same time: whatever a row's step costs, it gets th
 Part 2, a decision table at 50%, each row with its stacked-weight bytes (what the stacked layers take on disk
 in the row's storage form) and fidelity:
   - LORS (--shared mean) + fine-tune, and per-layer low rank (--shared none) + fine-tune, stored in bfloat16;
-  - int8 weights of the original (symmetric, per output channel, torch.quantize_per_channel: weight-only int8);
+  - int8 weights of the original (weight-only, symmetric per output channel, as torchao stores them);
   - LORS + fine-tune with int8 factors and S (the same quantizer);
   - every other layer dropped (3 of 6), then distilled for --minutes (output loss), stored in bfloat16.
 Fidelity is eval's mean-pooled cos and top10 against the original, on held-out lines of --data (never used for
@@ -45,10 +45,11 @@ from lors_convert.model import Examples, TextLines, autocast, setup_device
 
 
 def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
-    """Weight-only int8, symmetric per output channel (dim 0), quantized and dequantized with torch's own ops."""
-    scales = weight.abs().amax(dim=1).clamp(min=1e-12).double() / 127
-    zeros = torch.zeros(len(weight), dtype=torch.long)
-    return torch.quantize_per_channel(weight.float(), scales, zeros, 0, torch.qint8).dequantize()
+    """Weight-only int8, symmetric per output channel (dim 0), as torchao's int8 weight-only stores it: round
+    to the nearest of 255 levels of max|w| / 127. (torch.ao.quantization and quantize_per_channel are
+    deprecated in torch 2.13; torchao is not a dependency.)"""
+    scales = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return (weight / scales).round().clamp(-127, 127) * scales
 
 
 def stored_as(model: nn.Module, names: set[str], form: str) -> int:
