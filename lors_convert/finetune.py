@@ -116,11 +116,14 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     return indices
 
 
+WARMUP_SHARE = 0.1  # of a --minutes budget: the warm-up ends by then, however few steps fit in it
+
+
 def learning_rate(settings: FinetuneSettings, step: int, spent: float) -> float:
     """Linear warm-up, then cosine decay to zero over the steps, or over the time budget (--minutes) when that
     ends first (`spent`: the fraction of it used), so a run stopped by the clock has finished its decay."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
+    if step < settings.warmup and spent < WARMUP_SHARE:
+        return settings.lr * max((step + 1) / settings.warmup, spent / WARMUP_SHARE)
     progress = max((step - settings.warmup) / max(settings.steps - settings.warmup, 1), spent)
     return settings.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import shutil
@@ -430,3 +431,6 @@ def test_learning_rate_warms_up_then_decays_to_zero_over_steps_or_time_budget():
     assert learning_rate(settings, 20, 0.5) == pytest.approx(0.5e-3)
     assert learning_rate(settings, 20, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert learning_rate(settings, 20, 0.05) == learning_rate(settings, 20, 0.0)  # the steps ahead: they decide
+    # few steps in a time budget: the warm-up ends at a tenth of it, not after --warmup steps
+    assert learning_rate(settings, 2, 0.05) == pytest.approx(0.5e-3)
+    assert learning_rate(settings, 3, 0.1) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.1)))
