@@ -396,11 +396,15 @@ class TextLines:
         return self.read([i])[0]
 
     def read(self, indices: list[int]) -> list[str]:
-        lines = []
-        for number, offset in self.positions[indices].tolist():
-            with open(self.files[number], "rb") as stream:
+        lines, streams = [], {}
+        try:
+            for number, offset in self.positions[indices].tolist():
+                stream = streams.get(number) or streams.setdefault(number, open(self.files[number], "rb"))
                 stream.seek(offset)
                 lines.append(stream.readline().decode("utf-8").strip())
+        finally:
+            for stream in streams.values():
+                stream.close()
         return lines
 
     def subset(self, indices: list[int]) -> "TextLines":
