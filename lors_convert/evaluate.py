@@ -150,10 +150,7 @@ def held_out_loss(
 ) -> dict:
     """Next-token loss and perplexity on held-out examples (for models trained without a teacher)."""
     nll = tokens = 0.0
-    for start in range(0, len(examples), batch_size):
-        batch = examples.batch(
-            list(range(start, min(start + batch_size, len(examples)))), tokenizer, max_length, device
-        )
+    for batch in examples.batches(batch_size, tokenizer, max_length, device):
         with autocast(device):
             logits, _ = run(model, batch)
         if logits is None or "input_ids" not in batch:
@@ -180,10 +177,7 @@ def fidelity(
     s_emb, t_emb = [], []
     nll_s = nll_t = kl = tokens = positions = 0.0
     lm = False
-    for start in range(0, len(examples), batch_size):
-        batch = examples.batch(
-            list(range(start, min(start + batch_size, len(examples)))), tokenizer, max_length, device
-        )
+    for batch in examples.batches(batch_size, tokenizer, max_length, device):
         mask = batch.get("attention_mask")
         with autocast(device):
             s_logits, s_hidden = run(student, batch)

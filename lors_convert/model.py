@@ -433,6 +433,11 @@ class Examples:
         index = torch.tensor(indices, dtype=torch.long)
         return Examples(tensors={k: v[index] for k, v in self.tensors.items()})
 
+    def batches(self, batch_size: int, tokenizer, max_length: int, device: torch.device) -> Iterator[dict]:
+        """All examples in order, `batch_size` at a time (evaluation)."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(list(range(start, min(start + batch_size, len(self)))), tokenizer, max_length, device)
+
     def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device) -> dict:
         if self.texts is None:
             return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
