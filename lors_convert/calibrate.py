@@ -175,3 +175,42 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
         transposed=transposed,
         tokens=tokens,
     )
+
+
+def output_fisher(model: nn.Module, stacks: list[Stack], batches: list[dict], device: torch.device, seed: int) -> dict:
+    """G_i = Σ_t J_tᵀJ_t per stacked layer, J_t the Jacobian of the model's output (the unit-norm mean-pooled final
+    hidden state: what fidelity's cosine compares) with respect to the layer's output at token t, so that an
+    output error δ_t moves the model's output by about δ_tᵀ G δ_t. Estimated with one random probe u per
+    sample: E[Jᵀu uᵀJ] = JᵀJ when E[u uᵀ] = I. Returns out x out matrices (float64, CPU)."""
+    from lors_convert.evaluate import mean_pool
+    from lors_convert.model import run
+
+    moments, hooks = Moments(), []
+
+    def keep_gradient(name: str):
+        def hook(module, args, output):
+            output.requires_grad_()  # the weights are frozen: only the layers' outputs need gradients
+            output.register_hook(lambda grad: moments.add(name, *(2 * [grad.reshape(-1, grad.shape[-1]).float()])))
+
+        return hook
+
+    own = own_names(model, [name for stack in stacks for name in stack.names])
+    model.to(device).eval().requires_grad_(False)
+    for stack in stacks:
+        for name in stack.names:
+            module = _module_for(model, name, own)
+            if module is not None:
+                hooks.append(module.register_forward_hook(keep_gradient(name)))
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                _, hidden = run(model, batch)
+                output = nn.functional.normalize(mean_pool(hidden, batch.get("attention_mask")), dim=-1)
+                probe = torch.randn(output.shape, generator=generator).to(device)
+                (output * probe).sum().backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return moments.result()

@@ -198,6 +198,14 @@ def convert(
         "each on the inputs produced by the already converted layers before it, "
         "correcting their error (one more pass over the samples per layer).",
     ),
+    fisher: bool = typer.Option(
+        False,
+        "--fisher",
+        metavar=FLAG,
+        help="With --calibrate: weight each layer's output error by how much it moves the model's output "
+        "(its gradients on the samples, one backward pass each), which also steers the rank budget "
+        "to where the output needs it. Holds one out x out matrix per layer while planning.",
+    ),
     model_factory: Optional[str] = typer.Option(
         None,
         "--model-factory",
@@ -238,6 +246,7 @@ def convert(
         calib_max_length=calib_max_length,
         damping=damping,
         sequential=sequential,
+        fisher=fisher,
         model_factory=model_factory,
         device=check_device(device),
     )
@@ -297,6 +306,13 @@ def compress(
         help="Distil for N minutes after converting (0: convert and evaluate only).",
     ),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per fine-tuning step."),
+    calib_samples: int = typer.Option(1024, "--calib-samples", help="Calibration sequences."),
+    fisher: bool = typer.Option(
+        True,
+        "--fisher/--no-fisher",
+        help="Weight each layer's error by its effect on the model's output (see convert --fisher); "
+        "--no-fisher for models whose out x out matrices per layer do not fit in memory.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of calibration sampling, the held-out split and training."),
     force: bool = Force,
     quiet: bool = Quiet,
@@ -315,7 +331,7 @@ def compress(
     from lors_convert.lors_format import read_lors
     from lors_convert.model import load_examples, setup_device, split_examples
 
-    settings = Settings(reduction=reduction, calibrate=calibrate, seed=seed)
+    settings = Settings(reduction=reduction, calibrate=calibrate, calib_samples=calib_samples, fisher=fisher, seed=seed)
     settings.validate()
     check_output_path(output, [model], force)
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")

@@ -38,6 +38,7 @@ from lors_convert.factorize import (
     metric_spectrum,
     rel_error,
     seed_for,
+    sqrt_psd,
     tail,
 )
 from lors_convert.lors_format import (
@@ -60,6 +61,9 @@ REFIT_MAX_ITERS, REFIT_TOL = 50, 1e-6
 # --sequential's correction is a regression from the drifted inputs to the original ones; with the metric's small
 # damping it fits noise in low-energy directions (MiniLM at 50%: cos 0.734 vs 0.761 with this ridge, README).
 SEQUENTIAL_RIDGE = 1.0
+# --fisher's G is damped more than the inputs' K: its estimate from one probe per sample is noisy (MiniLM at 50%,
+# text of another kind: cos 0.692 / 0.695 / 0.696 at 0.01 / 0.1 / 1, README)
+FISHER_DAMPING = 0.1
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Settings:
     calib_max_length: int = 128
     damping: float = 0.01
     sequential: bool = False
+    fisher: bool = False
     model_factory: str | None = None
     device: str = "cpu"  # where matrices are factored; not part of the output's description
 
@@ -102,6 +107,10 @@ class Settings:
             raise LorsError("--calib-samples and --calib-max-length must be at least 1")
         if self.sequential and not self.calibrate:
             raise LorsError("--sequential needs --calibrate (it recalibrates layer after layer)")
+        if self.fisher and not self.calibrate:
+            raise LorsError("--fisher needs --calibrate (it measures the output's gradients on those samples)")
+        if self.fisher and (self.sequential or self.shared == "refit"):
+            raise LorsError("--fisher does not combine with --sequential or --shared refit")
         if not 0 <= self.damping:
             raise LorsError(f"--damping must be 0 or more, got {self.damping}")
         if not 0 <= self.seed < 2**32:
@@ -115,6 +124,7 @@ class Settings:
                 "calib_max_length": self.calib_max_length,
                 "damping": self.damping,
                 "sequential": self.sequential,
+                "fisher": self.fisher,
             }
             if self.calibrate
             else {}
@@ -147,6 +157,9 @@ class GroupPlan:
     # the centred C_i − n μ_i μ_iᵀ, since no rank needs to be spent on the mean
     means: tuple[torch.Tensor | None, ...] | None = None
     rows: int = 0  # n: the input rows (tokens) each layer saw in calibration
+    # G_i^{1/2} per layer with --fisher (G_i: the model output's sensitivity to layer i's outputs, damped): the
+    # objective becomes ‖G^{1/2}(R − B A)K^{1/2}‖², solved as the one-sided problem on G^{1/2}R, B = G^{-1/2}B'
+    output_roots: tuple[torch.Tensor, ...] | None = None
     shared: bool = True
     shared_matrix: torch.Tensor | None = None  # float32, out x in, already rounded to the storage dtype
     ranks: tuple[int | None, ...] = ()  # None: the layer is stored dense
@@ -212,6 +225,11 @@ def metric(plan: GroupPlan, i: int) -> torch.Tensor | None:
     return plan.metrics[i] if plan.metrics is not None else None
 
 
+def output_weighted(plan: GroupPlan, i: int, matrix: torch.Tensor) -> torch.Tensor:
+    """G_i^{1/2} R under --fisher (R itself otherwise): what layer i's spectra and factors are taken of."""
+    return matrix if plan.output_roots is None else plan.output_roots[i] @ matrix
+
+
 def mean_matrix(source: TensorSource, plan: GroupPlan) -> torch.Tensor:
     """The shared matrix, rounded to the storage dtype (residuals are taken against what is stored)."""
     total = None
@@ -237,11 +255,11 @@ def measure(source: TensorSource, plans: list[GroupPlan], unshared: bool, advanc
         result = Spectra()
         for i in range(len(plan.stack.names)):
             matrix, k = read_matrix(source, plan, i), metric(plan, i)
-            result.norm_sq += metric_energy(matrix, k)
+            result.norm_sq += metric_energy(output_weighted(plan, i, matrix), k)
             if plan.shared:
-                result.shared.append(metric_spectrum(matrix - plan.shared_matrix, k).cpu())
+                result.shared.append(metric_spectrum(output_weighted(plan, i, matrix - plan.shared_matrix), k).cpu())
             if unshared:
-                result.unshared.append(metric_spectrum(matrix, k).cpu())
+                result.unshared.append(metric_spectrum(output_weighted(plan, i, matrix), k).cpu())
             advance()
         measured.append(result)
     return measured
@@ -276,6 +294,7 @@ def keep_shared_at_rank(source: TensorSource, plan: GroupPlan, seed: int) -> boo
         matrix, k = read_matrix(source, plan, i), metric(plan, i)
         layer_seed = seed_for(plan.stack.names[i], seed)
         for target, is_residual in ((matrix - plan.shared_matrix, True), (matrix, False)):
+            target = output_weighted(plan, i, target)
             values = metric_spectrum(target, k) if k is not None else head_spectrum(target, rank + 1, layer_seed)
             if is_residual:
                 with_s += tail([values.cpu()], [rank])
@@ -423,10 +442,12 @@ def bias_name(source: TensorSource, name: str, rows: int) -> str | None:
 def calibrate_plans(
     source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
 ) -> tuple[list[GroupPlan], dict]:
-    from lors_convert.calibrate import collect
+    from lors_convert.calibrate import collect, output_fisher
     from lors_convert.model import compute_device
 
-    calibration = collect(model, [p.stack for p in plans], batches, compute_device())
+    stacks, device = [p.stack for p in plans], compute_device()
+    calibration = collect(model, stacks, batches, device)
+    fisher = output_fisher(model, stacks, batches, device, settings.seed) if settings.fisher else {}
     calibrated = []
     for plan in plans:
         names = plan.stack.names
@@ -446,6 +467,9 @@ def calibrate_plans(
                 means=means,
                 rows=rows,
             )
+            if fisher:
+                roots = (sqrt_psd(damped(fisher.pop(name), FISHER_DAMPING)).to(plan.device) for name in names)
+                plan = replace(plan, output_roots=tuple(roots))
         calibrated.append(plan)
     return calibrated, {
         "samples": len(batches),
@@ -672,7 +696,9 @@ def factor_layer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer i's factors (B, A) of its residual, rounded to the storage dtype."""
     name = plan.stack.names[i]
-    b, a = metric_low_rank(residual, k, plan.ranks[i], seed_for(name, seed))
+    b, a = metric_low_rank(output_weighted(plan, i, residual), k, plan.ranks[i], seed_for(name, seed))
+    if plan.output_roots is not None:
+        b = torch.linalg.solve(plan.output_roots[i], b)
     b, a = b.to(plan.dtype), a.to(plan.dtype)
     if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
         raise LorsError(f"{name}: its low-rank factors overflow {dtype_name(plan.dtype)}; choose a wider --dtype")

@@ -270,7 +270,7 @@ def metric_energy(matrix: torch.Tensor, metric: torch.Tensor | None) -> float:
     return ((matrix.double() @ metric) * matrix.double()).sum().item()
 
 
-def _sqrt_psd(metric: torch.Tensor) -> torch.Tensor:
+def sqrt_psd(metric: torch.Tensor) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(metric)
     return ((vectors * values.clamp_min(0).sqrt()) @ vectors.T).float()
 
@@ -279,7 +279,7 @@ def _metric_gram(matrix: torch.Tensor, metric: torch.Tensor) -> tuple[torch.Tens
     """The Gram matrix of R K^{1/2} on its smaller side, and R K^{1/2} when that side is the columns."""
     if matrix.shape[0] <= matrix.shape[1]:
         return (matrix @ metric.float() @ matrix.T).double(), None
-    weighted = matrix @ _sqrt_psd(metric)
+    weighted = matrix @ sqrt_psd(metric)
     return (weighted.T @ weighted).double(), weighted
 
 

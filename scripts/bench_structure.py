@@ -14,7 +14,7 @@ in the row's storage form) and fidelity:
 Fidelity is eval's mean-pooled cos and top10 against the original, on held-out lines of --data (never used for
 calibration or training) and on text of another kind (literary and humorous fortune passages).
 
-    python scripts/bench_structure.py [--minutes 1.5] [--reductions 0.3 0.5 0.7] [--shared mean none]
+    python scripts/bench_structure.py [--minutes 1.5] [--reductions 0.3 0.5 0.7] [--shared mean none] [--fisher]
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--shared", nargs="+", default=["mean", "none"], choices=["mean", "refit", "none", "auto"])
     parser.add_argument("--minutes", type=float, default=1.5, help="distillation time of every row")
     parser.add_argument("--skip-decision", action="store_true", help="part 1 only")
+    parser.add_argument("--fisher", action="store_true", help="convert with --fisher (output-weighted factors)")
     args = parser.parse_args()
     model_dir = args.model or minilm_dir()
     device = setup_device(1)
@@ -147,7 +148,11 @@ def main() -> None:
     for reduction in args.reductions:
         for shared in args.shared:
             lors = work / f"{shared}-{reduction}.safetensors"
-            convert(open_checkpoint(model_dir), lors, Settings(reduction=reduction, shared=shared, calibrate=[calib]))
+            convert(
+                open_checkpoint(model_dir),
+                lors,
+                Settings(reduction=reduction, shared=shared, calibrate=[calib], fisher=args.fisher),
+            )
             before = score(load_pair(lors, model_dir).student)
             out = work / f"{shared}-{reduction}.tuned.safetensors"
             settings = FinetuneSettings(steps=10**6, minutes=args.minutes, eval_examples=32)

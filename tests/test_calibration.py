@@ -303,3 +303,99 @@ def test_every_factored_layer_with_a_bias_gets_its_shift(tmp_path, cli, kind):
     assert biases
     for bias in biases:
         assert not torch.allclose(lors.get(bias), original.get(bias), atol=1e-6), bias
+
+
+def saved_mlp(tmp_path) -> tuple[torch.nn.Module, list]:
+    from factory_models import stacked_mlp
+
+    torch.manual_seed(0)
+    model = stacked_mlp()
+    save_file(model.state_dict(), tmp_path / "mlp.safetensors")
+    stacks, _ = find_stacks(open_checkpoint(tmp_path / "mlp.safetensors").info)
+    return model, stacks
+
+
+def test_output_fisher_is_the_gram_of_the_outputs_jacobian(tmp_path):
+    """One random probe per sample: over many copies of one sample, Σ Jᵀu uᵀJ / copies tends to Σ_t J_tᵀJ_t,
+    J_t the Jacobian of the unit-norm mean-pooled output with respect to the layer's output at token t."""
+    from lors_convert.calibrate import output_fisher
+
+    model, stacks = saved_mlp(tmp_path)
+    x, layer, copies = torch.randn(1, 4, 16), model.layers[1][0], 4000
+    captured = []
+    handle = layer.register_forward_hook(lambda module, args, output: captured.append(output.detach()))
+    model(x)
+    handle.remove()
+
+    def pooled_given(layer_output):
+        handle = layer.register_forward_hook(lambda module, args, output: layer_output)
+        try:
+            return torch.nn.functional.normalize(model(x).mean(1), dim=-1)[0]
+        finally:
+            handle.remove()
+
+    jacobian = torch.autograd.functional.jacobian(pooled_given, captured[0])[:, 0]  # out x tokens x dim
+    exact = torch.einsum("otd,ote->de", jacobian, jacobian).double()
+    copied = [{"x": x.expand(copies, -1, -1)}]  # a probe per row: as many samples as copies
+    estimate = output_fisher(model, stacks, copied, torch.device("cpu"), seed=0)
+    assert (estimate["layers.1.0.weight"] / copies - exact).norm() <= 0.1 * exact.norm()
+    assert (estimate["layers.0.0.weight"] / copies - exact).norm() > 0.1 * exact.norm()  # each its own Jacobian
+
+
+@pytest.mark.parametrize("kind", ["factory", "bert", "gpt2"])
+def test_fisher_factors_minimise_the_output_weighted_error(tmp_path, cli, kind):
+    """--fisher's factors are the best rank-r ones for ‖G^{1/2}(W − Ŵ)K^{1/2}‖ (K the input covariance, centred
+    where the layer has a bias, G the output Fisher of the same samples, both damped): better on it, layer by
+    layer, than the plain calibrated factors, which minimise ‖(W − Ŵ)K^{1/2}‖. GPT-2's Conv1D (stored in x out)
+    included."""
+    from lors_convert.calibrate import collect, output_fisher
+    from lors_convert.convert import FISHER_DAMPING, damped
+    from lors_convert.factorize import sqrt_psd
+    from lors_convert.hf import dense_model, load_tokenizer
+    from lors_convert.model import tensor_batches, text_batches
+
+    model_path, calibration_options = model_and_calibration(tmp_path, kind)
+    options = [*calibration_options, "--rank", "3", "--shared", "none"]
+    plain = convert_json(cli, model_path, *options, "-o", tmp_path / "plain.safetensors")
+    fisher = convert_json(cli, model_path, *options, "--fisher", "-o", tmp_path / "f.safetensors")
+    assert (plain["settings"]["fisher"], fisher["settings"]["fisher"]) == (False, True)
+
+    factory = "factory_models:stacked_mlp" if kind == "factory" else None
+    model = dense_model(model_path, factory)
+    if factory:
+        batches = tensor_batches([calibration_options[1]], 256)
+    else:
+        batches = text_batches(load_tokenizer(model_path), [calibration_options[1]], 32, 128, seed=0)
+    original = open_checkpoint(model_path)
+    stacks, _ = find_stacks(original.info)
+    calibration = collect(model, stacks, batches, torch.device("cpu"))
+    gradients = output_fisher(model, stacks, batches, torch.device("cpu"), seed=0)
+    found = {"plain": factor_products(tmp_path / "plain.safetensors"), "f": factor_products(tmp_path / "f.safetensors")}
+    compared = 0
+    for name in found["f"]:
+        flip = (lambda m: m.T) if name in calibration.transposed else (lambda m: m)
+        covariance, rows, mean = calibration.covariances[name], calibration.rows[name], calibration.sums[name]
+        if name.removesuffix("weight") + "bias" in original.info:
+            covariance = covariance - torch.outer(mean, mean) / rows
+        k_root = sqrt_psd(damped(covariance, 0.01))
+        g_root = sqrt_psd(damped(gradients[name], FISHER_DAMPING))
+        weight = flip(original.get(name).float())
+        error = {key: (g_root @ (weight - flip(products[name])) @ k_root).norm() for key, products in found.items()}
+        assert error["f"] < 0.999 * error["plain"], (name, error)
+        compared += 1
+    assert compared >= 3
+
+
+@pytest.mark.parametrize("extra", [[], ["--sequential"], ["--shared", "refit"]])
+def test_fisher_refuses_what_it_cannot_serve(tmp_path, cli, extra):
+    layers = low_rank_stack(layers=3, rows=8, cols=8, rank=1)
+    save_file({f"blocks.{i}.w": w for i, w in enumerate(layers)}, tmp_path / "m.safetensors")
+    if extra:
+        save_file({"x": torch.randn(4, 8)}, tmp_path / "x.safetensors")
+        extra = extra + ["--calibrate", tmp_path / "x.safetensors", "--model-factory", "factory_models:stacked_mlp"]
+    result = cli(tmp_path / "m.safetensors", "--fisher", *extra, "--quiet")
+    expected = "--fisher does not combine" if extra else "--fisher needs --calibrate"
+    assert result.code == 1 and expected in result.err and len(result.err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.safetensors"] + (["x.safetensors"] if extra else [])
+    )
