@@ -105,6 +105,8 @@ def main() -> None:
         help="calibrate the conversion on the first N "
         "lines of --data and fine-tune on the rest (0: weight-space conversion on all of it)",
     )
+    parser.add_argument("--calib-samples", type=int, default=1024, help="calibration sequences [1024, as compress]")
+    parser.add_argument("--no-fisher", action="store_true", help="calibrate without --fisher (compress uses it)")
     args = parser.parse_args()
     model_dir = args.model or minilm_dir()
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
@@ -123,11 +125,12 @@ def main() -> None:
     if lors is None:
         lors = work / "minilm.lors.safetensors"
         start = time.perf_counter()
-        settings = Settings(reduction=0.5, shared=args.shared, calibrate=[calib] if args.calibrate_lines else [])
+        calibrated = dict(calibrate=[calib], calib_samples=args.calib_samples, fisher=not args.no_fisher)
+        settings = Settings(reduction=0.5, shared=args.shared, **(calibrated if args.calibrate_lines else {}))
         convert(open_checkpoint(model_dir), lors, settings)
+        how = f", calibrated on {args.calibrate_lines} lines, {args.calib_samples} samples, fisher {not args.no_fisher}"
         print(
-            f"converted {model_dir} at 50% (--shared {args.shared}"
-            f"{f', calibrated on {args.calibrate_lines} lines' if args.calibrate_lines else ''}) in "
+            f"converted {model_dir} at 50% (--shared {args.shared}{how if args.calibrate_lines else ''}) in "
             f"{time.perf_counter() - start:.1f} s"
         )
     report = build_report(*read_lors(lors))
