@@ -124,7 +124,7 @@ def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        cls = model_class(config)
+        cls = model_class(config, set(open_checkpoint(source_path).info))
     except Exception as e:  # an unknown model_type, a malformed config.json, …
         raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
     option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"

@@ -235,18 +235,40 @@ def is_config(value) -> bool:
     return type(value).__name__.endswith("Config") and hasattr(value, "to_dict")
 
 
-def model_class(config):
-    """The class config.json names (its `architectures`), else the auto class for its kind."""
+def model_class(config, names: set[str] | None = None):
+    """The class config.json names (its `architectures`), else the auto class for its kind. Given the
+    checkpoint's tensor names: where they are the base model's alone and hold none of the named task class's
+    own head weights, the base model (a sentence-transformers folder whose config names MPNetForMaskedLM over
+    the bare encoder would otherwise get a randomly initialised head)."""
     from lors_convert.hf import _transformers
 
     transformers = _transformers()
+    base = transformers.AutoModel._model_mapping.get(type(config), None)
     for name in config.architectures or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
-            return cls
+            return base if names is not None and base is not None and headless(cls, base, config, names) else cls
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     return auto._model_mapping[type(config)]
+
+
+def headless(cls, base: type, config, names: set[str]) -> bool:
+    """Whether a checkpoint of `names` is a bare `base` model rather than a `cls` one: none of the weights `cls`
+    adds to its base model are there (tied ones, like GPT-2's lm_head, do not count: checkpoints leave them
+    out), and every name is the base model's (a renamed head weight is not)."""
+    from lors_convert.lors_format import is_lors_key
+
+    if cls is base:
+        return False
+    with torch.device("meta"):
+        task, bare = cls(config), base(config)
+    in_base = {id(t) for t in task.base_model.state_dict(keep_vars=True).values()}
+    head = [k for k, t in task.state_dict(keep_vars=True).items() if id(t) not in in_base]
+    bare_names = set(bare.state_dict()) | {k for k, _ in bare.named_buffers()}
+    prefix = f"{task.base_model_prefix}."
+    plain = {n.removeprefix(prefix) for n in names if not is_lors_key(n)}
+    return bool(head) and not any(k in names for k in head) and plain <= bare_names
 
 
 def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
@@ -255,7 +277,7 @@ def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
     transformers = _transformers()
     try:
         config = architecture if is_config(architecture) else transformers.AutoConfig.from_pretrained(architecture)
-        cls = model_class(config)
+        cls = model_class(config, set(source.info))
         with torch.device("meta"):
             skeleton = cls(config)
     except Exception as e:

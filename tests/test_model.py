@@ -286,3 +286,29 @@ def test_export_of_minilm_keeps_its_tokenizer_and_sentence_transformers_files(tm
     assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
     result = cli("export", tmp_path / "m.lors.safetensors", "-o", tmp_path / "out", "--quiet")
     assert result.code == 1 and "already exists" in result.err
+
+
+def test_a_bare_encoder_under_a_task_class_name_loads_as_the_base_model(tmp_path, cli):
+    """all-mpnet-base-v2's config names MPNetForMaskedLM over the bare encoder's weights: the base model is built
+    (not the task class with a randomly initialised head), by lors_convert.load and for the teacher alike. A
+    checkpoint that has the head keeps its class."""
+    import json
+
+    from lors_convert.hf import dense_model
+
+    model, inputs = tiny("bert")
+    model.save_pretrained(tmp_path / "bare")
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    transformers.BertForMaskedLM(model.config).save_pretrained(tmp_path / "head")
+
+    assert type(dense_model(tmp_path / "bare")) is transformers.BertModel
+    assert type(dense_model(tmp_path / "head")) is transformers.BertForMaskedLM
+    for folder, cls in (("bare", transformers.BertModel), ("head", transformers.BertForMaskedLM)):
+        lors_path = tmp_path / f"{folder}.lors.safetensors"
+        assert cli(tmp_path / folder, "-o", lors_path, "--rank", "3", "--quiet").code == 0
+        loaded = lors_convert.load(lors_path)
+        assert isinstance(loaded, cls) and any(isinstance(m, LorsLinear) for m in loaded.modules())
+    with torch.no_grad():
+        teacher = dense_model(tmp_path / "bare")
+        torch.testing.assert_close(teacher(**inputs).last_hidden_state, model.eval()(**inputs).last_hidden_state)
