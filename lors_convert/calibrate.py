@@ -1,6 +1,6 @@
 """Calibration: run the original model over sample inputs and accumulate each stacked layer's input second
 moment C_i = X_iᵀX_i and input sum X_iᵀ1 (float64, streaming), so residuals can be factored where the inputs
-actually live."""
+actually live; with --fisher also the second moment of the output's gradients at each layer's output."""
 
 from __future__ import annotations
 
@@ -188,9 +188,13 @@ def output_fisher(model: nn.Module, stacks: list[Stack], batches: list[dict], de
     moments, hooks = Moments(), []
 
     def keep_gradient(name: str):
+        def accumulate(grad: torch.Tensor) -> None:
+            flat = grad.reshape(-1, grad.shape[-1]).float()
+            moments.add(name, flat, flat)
+
         def hook(module, args, output):
             output.requires_grad_()  # the weights are frozen: only the layers' outputs need gradients
-            output.register_hook(lambda grad: moments.add(name, *(2 * [grad.reshape(-1, grad.shape[-1]).float()])))
+            output.register_hook(accumulate)
 
         return hook
 
