@@ -32,15 +32,16 @@ from lors_convert.evaluate import fidelity, load_pair
 from lors_convert.finetune import FinetuneSettings, finetune
 from lors_convert.model import Examples, setup_device
 
-METHODS = {  # name -> (shared, calibrated, sequential)
-    "mean + SVD (plain)": ("mean", False, False),
-    "per-layer SVD, no sharing": ("none", False, False),
-    "auto, weight space": ("auto", False, False),
-    "refit, weight space": ("refit", False, False),
-    "mean, calibrated": ("mean", True, False),
-    "refit, calibrated": ("refit", True, False),
-    "auto, calibrated (recommended)": ("auto", True, False),
-    "auto, calibrated, sequential": ("auto", True, True),
+METHODS = {  # name -> (shared, calibrated, sequential, fisher)
+    "mean + SVD (plain)": ("mean", False, False, False),
+    "per-layer SVD, no sharing": ("none", False, False, False),
+    "auto, weight space": ("auto", False, False, False),
+    "refit, weight space": ("refit", False, False, False),
+    "mean, calibrated": ("mean", True, False, False),
+    "refit, calibrated": ("refit", True, False, False),
+    "auto, calibrated (recommended)": ("auto", True, False, False),
+    "auto, calibrated, sequential": ("auto", True, True, False),
+    "auto, calibrated, fisher": ("auto", True, False, True),
 }
 
 
@@ -82,14 +83,15 @@ def main() -> None:
     rows = []
     for reduction in args.reductions:
         for method in args.methods:
-            shared, calibrated, sequential = METHODS[method]
-            out = work / f"{shared}-{calibrated}-{sequential}-{reduction}.safetensors"
+            shared, calibrated, sequential, fisher = METHODS[method]
+            out = work / f"{shared}-{calibrated}-{sequential}-{fisher}-{reduction}.safetensors"
             settings = Settings(
                 reduction=reduction,
                 shared=shared,
                 calibrate=[calib] if calibrated else [],
                 calib_samples=args.calib_samples,
                 sequential=sequential,
+                fisher=fisher,
                 device=device.type,
             )
             start = time.perf_counter()
