@@ -13,14 +13,14 @@ class LorsError(Exception):
 
 
 def load(path, *, device="cpu", dtype=None, architecture=None):
-    """The model of a LORS checkpoint with its stacked layers as LORS modules (see lors_convert.model.load)."""
-    from lors_convert.model import load as load_model
+    """The model of a LORS checkpoint with its stacked layers as LORS modules (see lors_convert.loading.load)."""
+    from lors_convert.loading import load as load_model
 
     return load_model(path, device=device, dtype=dtype, architecture=architecture)
 
 
 def save(model, path, *, force=False):
-    """Write a LORS checkpoint from a model `load` returned (see lors_convert.model.save)."""
-    from lors_convert.model import save as save_model
+    """Write a LORS checkpoint from a model `load` returned (see lors_convert.loading.save)."""
+    from lors_convert.loading import save as save_model
 
     return save_model(model, path, force=force)

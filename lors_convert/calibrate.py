@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.model import call_model, layer_module, own_names
+from lors_convert.loading import layer_module, own_names
 from lors_convert.nn import is_conv1d
+from lors_convert.runtime import call_model
 from lors_convert.stacks import Stack
 
 
@@ -183,7 +184,7 @@ def output_fisher(model: nn.Module, stacks: list[Stack], batches: list[dict], de
     output error δ_t moves the model's output by about δ_tᵀ G δ_t. Estimated with one random probe u per
     sample: E[Jᵀu uᵀJ] = JᵀJ when E[u uᵀ] = I. Returns out x out matrices (float64, CPU)."""
     from lors_convert.evaluate import mean_pool
-    from lors_convert.model import run
+    from lors_convert.runtime import run
 
     moments, hooks = Moments(), []
 

@@ -325,11 +325,12 @@ def compress(
     from lors_convert.checkpoint import check_output_path, open_checkpoint
     from lors_convert.convert import Settings
     from lors_convert.convert import convert as run_convert
+    from lors_convert.data import load_examples, split_examples
     from lors_convert.evaluate import fidelity, load_pair, print_fidelity
     from lors_convert.finetune import FinetuneSettings, state_path
     from lors_convert.finetune import finetune as run_finetune
     from lors_convert.lors_format import read_lors
-    from lors_convert.model import load_examples, setup_device, split_examples
+    from lors_convert.runtime import setup_device
 
     settings = Settings(reduction=reduction, calibrate=calibrate, calib_samples=calib_samples, fisher=fisher, seed=seed)
     settings.validate()
@@ -399,8 +400,8 @@ def init(
 
     Initialised as the paper trains LORS: S the layer's own default initialisation, A kaiming-uniform, B zeros."""
     from lors_convert.lors_format import read_lors
-    from lors_convert.model import init_checkpoint
     from lors_convert.report import build_report, print_report
+    from lors_convert.scratch import init_checkpoint
 
     files, _ = init_checkpoint(config, output, rank=rank, reduction=reduction, shared=shared, seed=seed, force=force)
     print_report(build_report(*read_lors(files[-1])), as_json)
@@ -537,7 +538,7 @@ def export(
 
     from_pretrained(DIR, trust_remote_code=True) loads the LORS model with only torch and transformers
     installed; with --dense, the plain dense model loads with no remote code."""
-    from lors_convert.model import export as run_export
+    from lors_convert.export import export as run_export
 
     folder = run_export(lors, output, dense=dense, architecture=architecture, force=force)
     how = "from_pretrained(DIR)" if dense else "from_pretrained(DIR, trust_remote_code=True)"
@@ -710,8 +711,9 @@ def evaluate(
     quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
+    from lors_convert.data import load_examples
     from lors_convert.evaluate import fidelity, held_out_loss, load_pair, print_fidelity
-    from lors_convert.model import load_examples, setup_device
+    from lors_convert.runtime import setup_device
 
     pair = load_pair(
         lors,

@@ -415,8 +415,8 @@ def refit_shared(source: TensorSource, plan: GroupPlan, seed: int) -> tuple[Grou
 
 def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict]]:
     """The dense model with the source's weights and the calibration batches."""
+    from lors_convert.data import tensor_batches, text_batches
     from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
-    from lors_convert.model import tensor_batches, text_batches
 
     model = dense_model(source.path, settings.model_factory)
     if settings.model_factory:
@@ -443,7 +443,7 @@ def calibrate_plans(
     source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
 ) -> tuple[list[GroupPlan], dict]:
     from lors_convert.calibrate import collect, output_fisher
-    from lors_convert.model import compute_device
+    from lors_convert.runtime import compute_device
 
     stacks, device = [p.stack for p in plans], compute_device()
     calibration = collect(model, stacks, batches, device)
@@ -497,7 +497,8 @@ def sequential_factors(
     takes at once, so later layers see it.
     """
     from lors_convert.calibrate import collect_pair
-    from lors_convert.model import compute_device, own_names
+    from lors_convert.loading import own_names
+    from lors_convert.runtime import compute_device
 
     device = compute_device()
     converted = copy.deepcopy(original)  # collect() already moved the original to the device

@@ -13,8 +13,9 @@ from torch import nn
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import open_checkpoint, sha256_files
+from lors_convert.data import Examples
 from lors_convert.lors_format import LorsMeta, read_lors
-from lors_convert.model import Examples, autocast, run
+from lors_convert.runtime import autocast, run
 
 
 @dataclass
@@ -44,7 +45,7 @@ def load_pair(
 ) -> Pair:
     """The LORS student (runtime modules) and the dense teacher, on the CPU in float32."""
     from lors_convert.hf import architecture_dir, dense_model, factory_architecture, has_tokenizer, load_tokenizer
-    from lors_convert.model import load
+    from lors_convert.loading import load
 
     source, meta = read_lors(lors)
     if teacher is None and meta.source.sha256 is None:  # from `lors-convert init`: nothing to distil from

@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
+from lors_convert.data import load_examples, split_examples
 from lors_convert.evaluate import Pair, fidelity, held_out_loss, load_pair, token_kl, token_log_probs
 from lors_convert.lors_format import LorsMeta
-from lors_convert.model import autocast, layer_outputs, load_examples, run, setup_device, split_examples, world
+from lors_convert.runtime import autocast, layer_outputs, run, setup_device, world
 
 OBJECTIVES = ("distill", "lm")
 
@@ -63,7 +64,7 @@ class FinetuneSettings:
 def stacked_layer_paths(model: nn.Module, meta: LorsMeta) -> list[str]:
     """Module paths (in the dense model) of the blocks holding stacked layers: `encoder.layer.3` for
     template `encoder.layer.{i}.…` (in the model's own names, which transformers may have renamed)."""
-    from lors_convert.model import block_paths
+    from lors_convert.loading import block_paths
 
     return block_paths(model, meta)
 
@@ -223,8 +224,8 @@ def write_output(
     """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
     fine-tune recorded."""
     from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes
+    from lors_convert.loading import checkpoint_tensors, own_names
     from lors_convert.lors_format import header_metadata, reconstruction_errors
-    from lors_convert.model import checkpoint_tensors, own_names
 
     tensors = checkpoint_tensors(pair.student, pair.student.lors, state)
     teacher_state = pair.teacher.state_dict() if pair.teacher is not None else {}

@@ -1,10 +1,10 @@
-"""Getting an architecture to run: a Hugging Face model directory (the only place that imports transformers)
-or any PyTorch model through `--model-factory package.module:function`. Always offline."""
+"""Getting an architecture to run: a Hugging Face model directory (the only place that imports transformers:
+its model classes, tokenizers and checkpoint names) or any PyTorch model through `--model-factory
+package.module:function`. Always offline."""
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -30,11 +30,6 @@ def _transformers():
 
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
-
-
-def is_causal_lm(folder: Path) -> bool:
-    config = json.loads((folder / "config.json").read_text())
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
 TOKENIZER_FILES = (
@@ -70,6 +65,58 @@ def load_tokenizer(folder: Path | None):
 def one_line(error: Exception) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else error.__class__.__name__)[:200]
+
+
+def checkpoint_names(model: nn.Module) -> dict[str, str]:
+    """{checkpoint name: the model's own name} for every tensor of the model's state dict, as transformers would
+    write and read them (the same names where it renames nothing, and for plain PyTorch models)."""
+    state = model.state_dict(keep_vars=True)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 loads checkpoint names as they are
+        return {name: name for name in state}
+    own = {}
+    for name, tensor in state.items():
+        own.setdefault(id(tensor), []).append(name)
+    mapping = {}
+    for checkpoint_name, tensor in revert_weight_conversion(model, dict(state)).items():
+        candidates = own.get(id(tensor), [])
+        mapping[checkpoint_name] = checkpoint_name if checkpoint_name in candidates else next(iter(candidates), None)
+    return {k: v for k, v in mapping.items() if v is not None}
+
+
+def model_class(config, names: set[str] | None = None):
+    """The class config.json names (its `architectures`), else the auto class for its kind. Given the
+    checkpoint's tensor names: where they are the base model's alone and hold none of the named task class's
+    own head weights, the base model (a sentence-transformers folder whose config names MPNetForMaskedLM over
+    the bare encoder would otherwise get a randomly initialised head)."""
+    transformers = _transformers()
+    base = transformers.AutoModel._model_mapping.get(type(config), None)
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return base if names is not None and base is not None and headless(cls, base, config, names) else cls
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    return auto._model_mapping[type(config)]
+
+
+def headless(cls, base: type, config, names: set[str]) -> bool:
+    """Whether a checkpoint of `names` is a bare `base` model rather than a `cls` one: none of the weights `cls`
+    adds to its base model are there (tied ones, like GPT-2's lm_head, do not count: checkpoints leave them
+    out), and every name is the base model's (a renamed head weight is not)."""
+    from lors_convert.lors_format import is_lors_key
+
+    if cls is base:
+        return False
+    with torch.device("meta"):
+        task, bare = cls(config), base(config)
+    in_base = {id(t) for t in task.base_model.state_dict(keep_vars=True).values()}
+    head = [k for k, t in task.state_dict(keep_vars=True).items() if id(t) not in in_base]
+    bare_names = set(bare.state_dict()) | {k for k, _ in bare.named_buffers()}
+    prefix = f"{task.base_model_prefix}."
+    plain = {n.removeprefix(prefix) for n in names if not is_lors_key(n)}
+    return bool(head) and not any(k in names for k in head) and plain <= bare_names
 
 
 def factory_architecture(spec: str) -> nn.Module:
@@ -119,8 +166,6 @@ def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
             f"{source_path}: cannot tell the architecture; give a Hugging Face model directory "
             "or --model-factory package.module:function"
         )
-    from lors_convert.model import model_class
-
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)

@@ -28,9 +28,10 @@ from bench_finetune import fortune_passages, minilm_dir
 
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import Settings, convert
+from lors_convert.data import Examples
 from lors_convert.evaluate import fidelity, load_pair
 from lors_convert.finetune import FinetuneSettings, finetune
-from lors_convert.model import Examples, setup_device
+from lors_convert.runtime import setup_device
 
 METHODS = {  # name -> (shared, calibrated, sequential, fisher)
     "mean + SVD (plain)": ("mean", False, False, False),

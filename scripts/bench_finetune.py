@@ -31,11 +31,12 @@ from bench_lors_forward import fastest_seconds
 
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import Settings, convert
+from lors_convert.data import Examples, TextLines, load_examples, split_examples
 from lors_convert.evaluate import fidelity, load_pair
 from lors_convert.finetune import FinetuneSettings, finetune, stacked_layer_paths, step_loss
 from lors_convert.lors_format import read_lors
-from lors_convert.model import Examples, TextLines, autocast, load_examples, setup_device, split_examples
 from lors_convert.report import build_report
+from lors_convert.runtime import autocast, setup_device
 
 
 def minilm_dir() -> Path:

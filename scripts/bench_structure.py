@@ -38,10 +38,11 @@ from bench_finetune import fortune_passages, minilm_dir
 
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.convert import Settings, convert
+from lors_convert.data import Examples, TextLines
 from lors_convert.evaluate import fidelity, load_pair
 from lors_convert.finetune import FinetuneSettings, budget_spent, finetune, learning_rate, step_loss
 from lors_convert.hf import dense_model, load_tokenizer
-from lors_convert.model import Examples, TextLines, autocast, setup_device
+from lors_convert.runtime import autocast, setup_device
 
 
 def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:

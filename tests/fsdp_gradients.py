@@ -11,7 +11,7 @@ from torch import nn
 
 from lors_convert.evaluate import load_pair
 from lors_convert.finetune import freeze_unreached, shard, stacked_layer_paths, step_loss
-from lors_convert.model import setup_device, world
+from lors_convert.runtime import setup_device, world
 
 
 def gradients(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -168,8 +168,8 @@ def test_calibration_needs_an_architecture(tmp_path, cli):
 
 def test_calibrated_minilm_is_never_worse_than_plain(tmp_path, cli, minilm):
     pytest.importorskip("transformers")
+    from lors_convert.data import Examples
     from lors_convert.evaluate import fidelity, load_pair
-    from lors_convert.model import Examples
 
     lines = [line for line in (minilm / "README.md").read_text().splitlines() if len(line) > 40]
     calib, held_out = tmp_path / "calib.txt", lines[-40:]
@@ -235,8 +235,8 @@ def test_sequential_keeps_the_first_layer_and_corrects_the_later_ones(tmp_path, 
 def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):
     pytest.importorskip("transformers")
     from lors_convert.calibrate import collect, collect_pair
+    from lors_convert.data import text_batches
     from lors_convert.hf import dense_model, load_tokenizer
-    from lors_convert.model import text_batches
 
     folder, calib = hf_dir(tmp_path, "bert")
     model = dense_model(folder)
@@ -350,9 +350,9 @@ def test_fisher_factors_minimise_the_output_weighted_error(tmp_path, cli, kind):
     included."""
     from lors_convert.calibrate import collect, output_fisher
     from lors_convert.convert import FISHER_DAMPING, damped
+    from lors_convert.data import tensor_batches, text_batches
     from lors_convert.factorize import sqrt_psd
     from lors_convert.hf import dense_model, load_tokenizer
-    from lors_convert.model import tensor_batches, text_batches
 
     model_path, calibration_options = model_and_calibration(tmp_path, kind)
     options = [*calibration_options, "--rank", "3", "--shared", "none"]

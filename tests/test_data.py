@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lors_convert import LorsError
-from lors_convert.model import Examples, TextLines, load_examples, split_examples, text_batches
+from lors_convert.data import Examples, TextLines, load_examples, split_examples, text_batches
 
 
 def write(path, data: bytes):

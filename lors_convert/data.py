@@ -1,0 +1,170 @@
+"""Examples for evaluation, fine-tuning and calibration: text files (streamed line by line) and tensor files,
+the held-out split, and the batches they become."""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lors_convert import LorsError
+from lors_convert.checkpoint import open_checkpoint
+
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+class TextLines:
+    """The non-empty lines of text files, read from disk when asked for: only each line's file and byte offset
+    are held (16 bytes a line), so a corpus of any size costs no memory. Indexing gives the stripped line."""
+
+    def __init__(self, files: list[Path], positions: torch.Tensor | None = None):
+        self.files = [Path(f) for f in files]
+        self.positions = positions if positions is not None else self._index()  # rows of (file index, offset)
+
+    def _index(self) -> torch.Tensor:
+        positions = array("q")  # flat (file index, offset) pairs: 16 bytes a line while indexing too
+        for number, file in enumerate(self.files):
+            try:
+                with open(file, "rb") as stream:
+                    offset = 0
+                    for line in stream:
+                        if line.strip():
+                            line.decode("utf-8")
+                            positions.extend((number, offset))
+                        offset += len(line)
+            except (OSError, UnicodeDecodeError) as e:
+                raise LorsError(f"{file}: cannot read text ({e.__class__.__name__})") from e
+        if not positions:
+            raise LorsError(f"no text in {', '.join(map(str, self.files))}")
+        return torch.frombuffer(positions, dtype=torch.long).clone().view(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> str:
+        return self.read([i])[0]
+
+    def read(self, indices: list[int]) -> list[str]:
+        lines, streams = [], {}
+        try:
+            for number, offset in self.positions[indices].tolist():
+                stream = streams.get(number) or streams.setdefault(number, open(self.files[number], "rb"))
+                stream.seek(offset)
+                lines.append(stream.readline().decode("utf-8").strip())
+        finally:
+            for stream in streams.values():
+                stream.close()
+        return lines
+
+    def subset(self, indices: list[int]) -> "TextLines":
+        return TextLines(self.files, self.positions[torch.as_tensor(indices, dtype=torch.long)])
+
+
+@dataclass
+class Examples:
+    """Text lines (a list, or TextLines read from disk; tokenised per batch) or a dict of tensors whose first
+    dimension indexes examples."""
+
+    texts: list[str] | TextLines | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else len(next(iter(self.tensors.values())))
+
+    def lines(self, indices: list[int]) -> list[str]:
+        return self.texts.read(indices) if isinstance(self.texts, TextLines) else [self.texts[i] for i in indices]
+
+    def subset(self, indices: list[int]) -> "Examples":
+        if isinstance(self.texts, TextLines):
+            return Examples(texts=self.texts.subset(indices))
+        if self.texts is not None:
+            return Examples(texts=self.lines(indices))
+        index = torch.tensor(indices, dtype=torch.long)
+        return Examples(tensors={k: v[index] for k, v in self.tensors.items()})
+
+    def batches(self, batch_size: int, tokenizer, max_length: int, device: torch.device) -> Iterator[dict]:
+        """All examples in order, `batch_size` at a time (evaluation)."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(list(range(start, min(start + batch_size, len(self)))), tokenizer, max_length, device)
+
+    def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device) -> dict:
+        if self.texts is None:
+            return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
+        encoded = tokenizer(
+            self.lines(indices),
+            padding=True,
+            truncation=True,
+            max_length=min(max_length, tokenizer.model_max_length),
+            return_tensors="pt",
+        )
+        return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def load_examples(files: list[Path], tokenizer) -> Examples:
+    """Text files (one example per line, streamed from disk) or tensor files (.safetensors/.pt: tensors sharing
+    dimension 0)."""
+    files = [Path(f) for f in files]
+    if not files:
+        raise LorsError("give at least one --data file")
+    if not all(f.name.endswith(TENSOR_SUFFIXES) for f in files):
+        if tokenizer is None:
+            raise LorsError(
+                "text data needs the model's tokenizer, and the teacher's folder has no tokenizer files "
+                "(tokenizer.json, vocab.txt, …): copy them there, or give .safetensors/.pt files of "
+                "input tensors"
+            )
+        return Examples(texts=TextLines(files))
+    parts = [load_tensors(f) for f in files]
+    keys = sorted(parts[0])
+    if any(sorted(p) != keys for p in parts):
+        raise LorsError("the tensor data files hold different names")
+    return Examples(tensors={k: torch.cat([p[k] for p in parts]) for k in keys})
+
+
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise LorsError(f"{file}: no such file")
+    try:
+        tensors = open_checkpoint(file)
+        data = {name: tensors.get(name) for name in tensors.info}
+    except LorsError:
+        raise
+    except Exception as e:
+        raise LorsError(f"{file}: cannot read tensors ({e.__class__.__name__})") from e
+    sizes = {t.shape[0] if t.dim() else None for t in data.values()}
+    if not data or len(sizes) != 1 or None in sizes:
+        raise LorsError(f"{file}: the tensors must share their first dimension (one row per example)")
+    return data
+
+
+def split_examples(examples: Examples, eval_examples: int, seed: int) -> tuple[Examples, Examples]:
+    """A seeded held-out slice for evaluation; the rest for training."""
+    n = len(examples)
+    n_eval = min(eval_examples, n // 5)
+    if n - n_eval < 2 or n_eval < 2:
+        raise LorsError(f"{n} examples are too few to hold some out for evaluation (need at least 10)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return examples.subset(order[n_eval:]), examples.subset(order[:n_eval])
+
+
+def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> list[dict]:
+    """`samples` seeded lines of the files (streamed), one unpadded sequence per batch, so padding never enters
+    the statistics."""
+    lines = TextLines(files)
+    chosen = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+    texts = lines.read(chosen)
+    return [dict(tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)) for text in texts]
+
+
+def tensor_batches(files: list[Path], samples: int) -> list[dict]:
+    """Inputs for --model-factory models: safetensors/pt files of tensors sharing their first dimension (one row per
+    sample), read and checked as eval and fine-tuning read theirs."""
+    batches: list[dict] = []
+    for file in files:
+        tensors = load_tensors(Path(file))
+        rows = len(next(iter(tensors.values())))
+        batches += [{k: v[i : i + 1] for k, v in tensors.items()} for i in range(rows)]
+    return batches[:samples]

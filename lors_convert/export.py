@@ -1,0 +1,80 @@
+"""Hugging Face model folders from a LORS checkpoint: the LORS model with its modeling file, or the dense model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lors_convert import LorsError
+from lors_convert.checkpoint import SafetensorsWriter, TensorSource, metadata_bytes
+from lors_convert.loading import architecture_folder, load
+from lors_convert.lors_format import LorsMeta, read_lors
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".msgpack", ".h5")
+
+
+def export(
+    path: str | Path, output: str | Path, *, dense: bool = False, architecture=None, force: bool = False
+) -> Path:
+    """Write a Hugging Face model folder: the LORS model with its modeling file (`trust_remote_code=True`; needs
+    only torch and transformers) or, with `dense`, the plain dense model. Tokenizer and sentence-transformers files
+    are copied from the source folder. The folder appears under its name only once complete."""
+    import shutil
+
+    source, meta = read_lors(path)
+    folder = architecture_folder(meta, architecture)
+    if folder is None:
+        raise LorsError(f"{path}: export needs the source's Hugging Face folder (config.json); pass --architecture DIR")
+    output = Path(output)
+    if output.exists() and not force:
+        raise LorsError(f"{output}: already exists (use --force to replace it)")
+    if output.resolve() == folder.resolve():
+        raise LorsError(f"{output}: refusing to write onto the source folder")
+    staging = output.parent / f".{output.name}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for item in folder.iterdir():  # tokenizer, sentence-transformers modules, README…: not weights or config
+            if item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        if dense:
+            write_dense(source, meta, folder, staging)
+        else:
+            write_lors_folder(path, folder, staging)
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def write_dense(source: TensorSource, meta: LorsMeta, folder: Path, out: Path) -> None:
+    """config.json as it was and the dense weights under their checkpoint names: loads with no remote code."""
+    import shutil
+
+    from lors_convert.lors_format import dense_layout, expand
+
+    shutil.copy2(folder / "config.json", out / "config.json")
+    metadata = {"format": "pt"}
+    layout = dense_layout(source, meta)
+    with SafetensorsWriter(out / "model.safetensors", layout, 5 * 10**9, metadata_bytes(metadata)) as writer:
+        for name, tensor in expand(source, meta):
+            writer.add(name, tensor)
+        writer.commit(metadata)
+
+
+def write_lors_folder(path: Path, folder: Path, out: Path) -> None:
+    """transformers' own save of the LORS model: weights, config.json (with the swap and an auto_map naming the
+    class) and lors_modeling.py."""
+    import json
+
+    meta = read_lors(path)[1]
+    dtype = getattr(torch, meta.groups[0].dtype) if meta.groups else torch.float32
+    model = load(path, architecture=folder, dtype=dtype)
+    model.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"].setdefault("AutoModel", config["auto_map"][next(iter(config["auto_map"]))])
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,100 @@
+"""Running a model: devices, torchrun's world and process group, autocast, handing a batch to a model (one rule)
+and the outputs of its layers."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lors_convert import LorsError
+
+
+def compute_device() -> torch.device:
+    """Where models run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_hf(model: nn.Module) -> bool:
+    """A transformers model (or a subclass of one, like lors_convert.load's LorsBertModel)."""
+    return any(cls.__module__.startswith("transformers.") for cls in type(unwrap(model)).__mro__)
+
+
+def call_model(model: nn.Module, batch: dict, **options):
+    """The one way a batch is handed to a model (eval, fine-tuning, calibration): a Hugging Face model takes
+    everything by keyword; any other model takes a lone tensor positionally, whatever its name, and several by
+    keyword."""
+    if len(batch) == 1 and not is_hf(model):
+        return model(*batch.values(), **options)
+    return model(**batch, **options)
+
+
+def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(logits or None, final hidden states) of a model on a batch."""
+    if is_hf(model):
+        out = call_model(model, batch, output_hidden_states=True)
+        logits = getattr(out, "logits", None)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:  # a head on top, or an encoder-decoder (T5): the last layer the output comes from
+            states = getattr(out, "hidden_states", None) or getattr(out, "decoder_hidden_states", None)
+            hidden = states[-1]
+        return logits, hidden
+    out = call_model(model, batch)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise LorsError(
+            f"--model-factory models must return a tensor (or a tuple starting with one), got {type(out).__name__}"
+        )
+    return None, out
+
+
+@contextmanager
+def layer_outputs(model: nn.Module, paths: list[str]) -> Iterator[list[torch.Tensor]]:
+    """Collects the outputs of the named modules (one per stacked layer) during each forward."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handles = [unwrap(model).get_submodule(p).register_forward_hook(hook) for p in paths]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, or a single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_device(world_size: int) -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise LorsError(
+                f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; use at most "
+                "that many processes per node (or CUDA_VISIBLE_DEVICES= to train on the CPU)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

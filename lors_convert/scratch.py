@@ -1,0 +1,104 @@
+"""A fresh LORS checkpoint for a Hugging Face config (training from scratch, as the paper does): `init`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lors_convert import LorsError
+from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes
+from lors_convert.hf import _transformers, checkpoint_names, model_class, one_line
+from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, shared_key
+
+
+def scratch_ranks(rows: int, cols: int, layers: int, reduction: float) -> int:
+    """The rank whose group (S + L rank-r factor pairs) stores `reduction` fewer numbers than L dense layers."""
+    return max(0, int(((1 - reduction) * layers * rows * cols - rows * cols) // (layers * (rows + cols))))
+
+
+def init_checkpoint(
+    config_dir: str | Path,
+    output: str | Path,
+    *,
+    rank: int | None = None,
+    reduction: float | None = None,
+    shared: bool = True,
+    seed: int = 0,
+    force: bool = False,
+) -> tuple[list[Path], LorsMeta]:
+    """A fresh LORS checkpoint for a Hugging Face config, initialised as the paper trains LORS: per group S with
+    the layer's own default initialisation (a freshly initialised layer of the group), A kaiming-uniform, B zeros,
+    every other tensor as transformers initialises it. `finetune --objective lm` trains it without a teacher."""
+    from lors_convert.checkpoint import TensorInfo
+    from lors_convert.lors_format import SourceMeta
+    from lors_convert.stacks import find_stacks
+
+    if (rank is None) == (reduction is None):
+        raise LorsError("choose one of --rank and --reduction")
+    if (rank is not None and rank < 1) or (reduction is not None and not 0 < reduction < 1):
+        raise LorsError("--rank must be at least 1 and --reduction in (0, 1)")
+    config_dir, output = Path(config_dir), Path(output)
+    check_output_path(output, [], force)
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(config_dir, local_files_only=True)
+        cls = model_class(config)
+    except Exception as e:
+        raise LorsError(f"{config_dir}: cannot build the model its config describes ({one_line(e)})") from e
+    torch.manual_seed(seed)
+    model = cls(config)
+    state = model.state_dict()
+    own = checkpoint_names(model)
+    tensors, seen = {}, set()
+    for (
+        checkpoint_name,
+        own_name,
+    ) in own.items():  # tied tensors (GPT-2's lm_head) are stored once, as transformers does
+        if own_name in state and state[own_name].data_ptr() not in seen:
+            seen.add(state[own_name].data_ptr())
+            tensors[checkpoint_name] = state[own_name]
+    info = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    stacks, warnings = find_stacks({n: i for n, i in info.items() if n.endswith(".weight")})
+    groups, out = [], {}
+    for stack in stacks:
+        r = rank if rank is not None else scratch_ranks(stack.rows, stack.cols, len(stack.layers), reduction)
+        r = min(r, stack.rows, stack.cols)
+        if shared:
+            out[shared_key(stack.template)] = tensors[stack.names[0]].clone()  # a layer's own default initialisation
+        for name in stack.names:
+            a = torch.empty(r, stack.cols)
+            torch.nn.init.kaiming_uniform_(a, a=5**0.5)
+            a_key, b_key = factor_keys(name)
+            out[a_key], out[b_key] = a.to(tensors[name].dtype), torch.zeros(stack.rows, r, dtype=tensors[name].dtype)
+        groups.append(
+            GroupMeta(
+                template=stack.template,
+                layers=stack.layers,
+                names=stack.names,
+                shape=list(stack.shape),
+                dtype=str(stack.dtype).removeprefix("torch."),
+                ranks=[r] * len(stack.layers),
+                dense_params=stack.dense_params,
+                lors_params=(stack.rows * stack.cols if shared else 0)
+                + len(stack.layers) * r * (stack.rows + stack.cols),
+                rel_error=0.0,
+                shared=shared,
+            )
+        )
+    stacked = {name for stack in stacks for name in stack.names}
+    out.update({name: t for name, t in tensors.items() if name not in stacked})
+    meta = LorsMeta(
+        source=SourceMeta(str(config_dir.resolve()), [], 0, None),
+        settings={"init": "scratch", "rank": rank, "reduction": reduction, "shared": shared, "seed": seed},
+        groups=groups,
+        kept_dense=[],
+        warnings=warnings,
+        tool="lors-convert init",
+    )
+    metadata = header_metadata(meta)
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(out.items())]
+    with SafetensorsWriter(output, layout, 5 * 10**9, metadata_bytes(metadata)) as writer:
+        for name, _, _ in layout:
+            writer.add(name, out[name].contiguous())
+        return writer.commit(metadata), meta
