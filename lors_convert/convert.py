@@ -10,7 +10,6 @@ its factors on the way out), so that calibration can weight the input side: the 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 
 from lors_convert import LorsError, __version__
+from lors_convert.calibrate import calibrate_plans, calibration_inputs, sequential_factors
 from lors_convert.checkpoint import (
     SafetensorsWriter,
     TensorSource,
@@ -32,13 +32,11 @@ from lors_convert.factorize import (
     capped,
     energy_rank,
     head_spectrum,
-    lors_params,
     metric_energy,
     metric_low_rank,
     metric_spectrum,
     rel_error,
     seed_for,
-    sqrt_psd,
     tail,
 )
 from lors_convert.lors_format import (
@@ -53,181 +51,24 @@ from lors_convert.lors_format import (
     refuse_lors_input,
     shared_key,
 )
+from lors_convert.plan import (
+    GroupPlan,
+    Progress,
+    Settings,
+    bias_name,
+    factor_layer,
+    metric,
+    no_progress,
+    output_weighted,
+    read_matrix,
+)
 from lors_convert.stacks import Stack, find_stacks
 
-Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
-SHARED_CHOICES = ("auto", "mean", "refit", "none")
 REFIT_MAX_ITERS, REFIT_TOL = 50, 1e-6
-# --sequential's correction is a regression from the drifted inputs to the original ones; with the metric's small
-# damping it fits noise in low-energy directions (MiniLM at 50%: cos 0.734 vs 0.761 with this ridge, README).
-SEQUENTIAL_RIDGE = 1.0
-# --fisher's G is damped more than the inputs' K: its estimate from one probe per sample is noisy (MiniLM at 50%,
-# text of another kind: cos 0.737 / 0.740 / 0.724 at 0.01 / 0.1 / 1, README)
-FISHER_DAMPING = 0.1
-
-
-@dataclass
-class Settings:
-    rank: int | None = None
-    reduction: float | None = None
-    energy: float | None = None
-    shared: str = "auto"
-    dtype: torch.dtype | None = None
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    seed: int = 0
-    calibrate: list[Path] = field(default_factory=list)
-    calib_samples: int = 256
-    calib_max_length: int = 128
-    damping: float = 0.01
-    sequential: bool = False
-    fisher: bool = False
-    model_factory: str | None = None
-    device: str = "cpu"  # where matrices are factored; not part of the output's description
-
-    def validate(self) -> None:
-        chosen = [
-            n
-            for n, v in (("--rank", self.rank), ("--reduction", self.reduction), ("--energy", self.energy))
-            if v is not None
-        ]
-        if len(chosen) > 1:
-            raise LorsError(f"choose one of --rank, --reduction, --energy (got {' and '.join(chosen)})")
-        if not chosen:
-            self.reduction = 0.5
-        if self.rank is not None and self.rank < 0:
-            raise LorsError(f"--rank must be 0 or more, got {self.rank}")
-        if self.reduction is not None and not 0 <= self.reduction < 1:
-            raise LorsError(f"--reduction must be in [0, 1), got {self.reduction}")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise LorsError(f"--energy must be in (0, 1], got {self.energy}")
-        if self.shared not in SHARED_CHOICES:
-            raise LorsError(f"--shared must be one of {', '.join(SHARED_CHOICES)}, got {self.shared!r}")
-        if self.calib_samples < 1 or self.calib_max_length < 1:
-            raise LorsError("--calib-samples and --calib-max-length must be at least 1")
-        if self.sequential and not self.calibrate:
-            raise LorsError("--sequential needs --calibrate (it recalibrates layer after layer)")
-        if self.fisher and not self.calibrate:
-            raise LorsError("--fisher needs --calibrate (it measures the output's gradients on those samples)")
-        if self.fisher and (self.sequential or self.shared == "refit"):
-            raise LorsError("--fisher does not combine with --sequential or --shared refit")
-        if not 0 <= self.damping:
-            raise LorsError(f"--damping must be 0 or more, got {self.damping}")
-        if not 0 <= self.seed < 2**32:
-            raise LorsError(f"--seed must be in [0, 2**32), got {self.seed}")
-
-    def as_json(self) -> dict:
-        calibration = (
-            {
-                "calibrate": [str(p) for p in self.calibrate],
-                "calib_samples": self.calib_samples,
-                "calib_max_length": self.calib_max_length,
-                "damping": self.damping,
-                "sequential": self.sequential,
-                "fisher": self.fisher,
-            }
-            if self.calibrate
-            else {}
-        )
-        return {
-            "rank": self.rank,
-            "reduction": self.reduction,
-            "energy": self.energy,
-            "shared": self.shared,
-            "dtype": dtype_name(self.dtype) if self.dtype else None,
-            "include": self.include,
-            "exclude": self.exclude,
-            "seed": self.seed,
-            **calibration,
-        }
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """What conversion does with one stack, decided before anything is written. Planning returns new plans
-    (dataclasses.replace) phase by phase; the writer only reads them."""
-
-    stack: Stack
-    dtype: torch.dtype  # storage dtype of S and the factors
-    device: str = "cpu"
-    transposed: bool = False  # stored as in x out (Conv1D)
-    metrics: tuple[torch.Tensor, ...] | None = None  # K_i = C_i + λI per layer (float64), when calibrated
-    covariances: tuple[torch.Tensor, ...] | None = None  # C_i, for reporting the output error
-    # μ_i, the mean input of layer i, where its bias absorbs the mean output shift (W − Ŵ)μ: then K_i is built on
-    # the centred C_i − n μ_i μ_iᵀ, since no rank needs to be spent on the mean
-    means: tuple[torch.Tensor | None, ...] | None = None
-    rows: int = 0  # n: the input rows (tokens) each layer saw in calibration
-    # G_i^{1/2} per layer with --fisher (G_i: the model output's sensitivity to layer i's outputs, damped): the
-    # objective becomes ‖G^{1/2}(R − B A)K^{1/2}‖², solved as the one-sided problem on G^{1/2}R, B = G^{-1/2}B'
-    output_roots: tuple[torch.Tensor, ...] | None = None
-    shared: bool = True
-    shared_matrix: torch.Tensor | None = None  # float32, out x in, already rounded to the storage dtype
-    ranks: tuple[int | None, ...] = ()  # None: the layer is stored dense
-
-    @property
-    def out_in(self) -> tuple[int, int]:
-        rows, cols = self.stack.rows, self.stack.cols
-        return (cols, rows) if self.transposed else (rows, cols)
-
-    @property
-    def lors_params(self) -> int:
-        return lors_params(*self.out_in, list(self.ranks), self.shared)
-
-    @property
-    def kept_dense(self) -> bool:
-        return self.lors_params >= self.stack.dense_params
-
-    def residual(self, matrix: torch.Tensor) -> torch.Tensor:
-        """W − S as a new tensor (a copy of W when unshared), so callers may change it in place."""
-        return matrix - self.shared_matrix if self.shared else matrix.clone()
-
-    def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """The tensors this group writes, in the order it writes them."""
-        stack = self.stack
-        rows, cols = stack.rows, stack.cols
-        out = [(shared_key(stack.template), self.dtype, stack.shape)] if self.shared else []
-        for name, rank in zip(stack.names, self.ranks):
-            if rank is None:
-                out.append((name, self.dtype, stack.shape))
-            else:
-                a_key, b_key = factor_keys(name)
-                out += [(a_key, self.dtype, (rank, cols)), (b_key, self.dtype, (rows, rank))]
-        return out
-
-
-def no_progress(description: str, total: int) -> Callable[[], None]:
-    return lambda: None
-
-
-LARGEST = 1e15  # beyond this, sums of squares in float32 arithmetic can overflow
 
 
 def squared_norm(matrix: torch.Tensor) -> float:
     return torch.linalg.vector_norm(matrix).item() ** 2
-
-
-def check_finite(matrix: torch.Tensor, name: str) -> None:
-    low, high = torch.aminmax(matrix)  # one pass; NaN propagates and fails both comparisons
-    if not (-LARGEST <= low.item() and high.item() <= LARGEST):
-        raise LorsError(
-            f"{name}: weights contain NaN or Inf (or magnitudes above {LARGEST:g}); refusing to factor them"
-        )
-
-
-def read_matrix(source: TensorSource, plan: GroupPlan, i: int) -> torch.Tensor:
-    name = plan.stack.names[i]
-    matrix = as_matrix(source.get(name), plan.device)
-    check_finite(matrix, name)
-    return matrix.T if plan.transposed else matrix
-
-
-def metric(plan: GroupPlan, i: int) -> torch.Tensor | None:
-    return plan.metrics[i] if plan.metrics is not None else None
-
-
-def output_weighted(plan: GroupPlan, i: int, matrix: torch.Tensor) -> torch.Tensor:
-    """G_i^{1/2} R under --fisher (R itself otherwise): what layer i's spectra and factors are taken of."""
-    return matrix if plan.output_roots is None else plan.output_roots[i] @ matrix
 
 
 def mean_matrix(source: TensorSource, plan: GroupPlan) -> torch.Tensor:
@@ -410,139 +251,6 @@ def refit_shared(source: TensorSource, plan: GroupPlan, seed: int) -> tuple[Grou
     return replace(plan, shared_matrix=best[1]), history
 
 
-# ---------------------------------------------------------------- calibration
-
-
-def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict]]:
-    """The dense model with the source's weights and the calibration batches."""
-    from lors_convert.data import tensor_batches, text_batches
-    from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
-
-    model = dense_model(source.path, settings.model_factory)
-    if settings.model_factory:
-        return model, tensor_batches(settings.calibrate, settings.calib_samples)
-    tokenizer = load_tokenizer(architecture_dir(source.path))
-    return model, text_batches(
-        tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length, settings.seed
-    )
-
-
-def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
-    """K = C + λI with λ relative to the mean input energy, so rank-deficient covariances still work."""
-    return covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
-
-
-def bias_name(source: TensorSource, name: str, rows: int) -> str | None:
-    """The bias tensor beside weight `name`, if the checkpoint has one of `rows` elements."""
-    bias = name.removesuffix("weight") + "bias"
-    info = source.info.get(bias) if name.endswith("weight") else None
-    return bias if info is not None and tuple(info.shape) == (rows,) else None
-
-
-def calibrate_plans(
-    source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
-) -> tuple[list[GroupPlan], dict]:
-    from lors_convert.calibrate import collect, output_fisher
-    from lors_convert.runtime import compute_device
-
-    stacks, device = [p.stack for p in plans], compute_device()
-    calibration = collect(model, stacks, batches, device)
-    fisher = output_fisher(model, stacks, batches, device, settings.seed) if settings.fisher else {}
-    calibrated = []
-    for plan in plans:
-        names = plan.stack.names
-        if all(name in calibration.covariances for name in names):
-            covariances = tuple(calibration.covariances.pop(name) for name in names)
-            rows = calibration.rows[names[0]]
-            plan = replace(plan, transposed=names[0] in calibration.transposed)
-            means = tuple(
-                calibration.sums[name] / max(rows, 1) if bias_name(source, name, plan.out_in[0]) else None
-                for name in names
-            )
-            centred = [c if m is None else c - rows * torch.outer(m, m) for c, m in zip(covariances, means)]
-            plan = replace(
-                plan,
-                covariances=covariances,
-                metrics=tuple(damped(c, settings.damping).to(plan.device) for c in centred),
-                means=means,
-                rows=rows,
-            )
-            if all(name in fisher for name in names):  # layers the output does not depend on have no G
-                roots = (sqrt_psd(damped(fisher.pop(name), FISHER_DAMPING)).to(plan.device) for name in names)
-                plan = replace(plan, output_roots=tuple(roots))
-        calibrated.append(plan)
-    return calibrated, {
-        "samples": len(batches),
-        "tokens": calibration.tokens,
-        "groups": sum(p.metrics is not None for p in calibrated),
-    }
-
-
-def sequential_factors(
-    source: TensorSource,
-    original: torch.nn.Module,
-    batches: list[dict],
-    plans: list[GroupPlan],
-    settings: Settings,
-    progress: Progress,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """--sequential: factor the calibrated layers in layer-index order, each against the inputs it receives once
-    the layers before it are converted, so their errors are corrected instead of compounded. Returns the
-    factors (B, A) and the bias shift (None for a layer without a bias) by tensor name, for the writer.
-
-    With X the layer's inputs in the original model and X̂ those in the converted one, the target
-    T = W (XᵀX̂ + μI)(X̂ᵀX̂ + μI)⁻¹ is the ridge regression of the original outputs X Wᵀ on X̂ (T = W when nothing
-    before the layer changed), and B A minimises ‖(T − S − B A) K^{1/2}‖² with K = X̂ᵀX̂ + λI. A layer with a bias
-    regresses with an intercept: X and X̂ centred, and the bias shifted by W x̄ − Ŵ x̂̄, which the converted model
-    takes at once, so later layers see it.
-    """
-    from lors_convert.calibrate import collect_pair
-    from lors_convert.loading import own_names
-    from lors_convert.runtime import compute_device
-
-    device = compute_device()
-    converted = copy.deepcopy(original)  # collect() already moved the original to the device
-    own = own_names(converted, [n for p in plans for n in p.stack.names])
-    todo = [p for p in plans if p.metrics is not None and not p.kept_dense]
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-    advance = progress("sequential", sum(len(p.stack.names) for p in todo))
-    for layer in sorted({index for p in todo for index in p.stack.layers}):
-        here = [(p, i) for p in todo for i, index in enumerate(p.stack.layers) if index == layer]
-        covariances, cross = collect_pair(original, converted, [p.stack.names[i] for p, i in here], batches, device)
-        for plan, i in here:
-            name = plan.stack.names[i]
-            if name not in covariances or plan.ranks[i] is None:  # never reached, or exact: factored at write time
-                advance()
-                continue
-            moments, joint = covariances[name], cross[name]  # [X̂ 1]ᵀ[X̂ 1] and [X̂ 1]ᵀ[X 1]
-            rows = moments[-1, -1]
-            covariance, product = moments[:-1, :-1], joint[:-1, :-1]
-            mean_hat, mean = moments[:-1, -1] / rows, joint[-1, :-1] / rows
-            centred = plan.means is not None and plan.means[i] is not None
-            if centred:
-                covariance = covariance - rows * torch.outer(mean_hat, mean_hat)
-                product = product - rows * torch.outer(mean_hat, mean)
-            k = damped(covariance, settings.damping)
-            weights = read_matrix(source, plan, i).cpu().double()
-            ridge = damped(covariance, SEQUENTIAL_RIDGE)
-            target = torch.linalg.solve(ridge, weights @ (product.T + ridge - covariance), left=False)
-            b, a = factor_layer(
-                plan, i, plan.residual(target.float().to(plan.device)), k.to(plan.device), settings.seed
-            )
-            approx = b.double().cpu() @ a.double().cpu()
-            if plan.shared:
-                approx += plan.shared_matrix.double().cpu()
-            shift = weights @ mean - approx @ mean_hat if centred else None
-            factors[name] = (b, a, shift)
-            module = converted.get_submodule(own[name].removesuffix(".weight"))
-            with torch.no_grad():
-                module.weight.copy_(approx.T if plan.transposed else approx)
-                if shift is not None:
-                    module.bias.add_(shift.to(module.bias))
-            advance()
-    return factors
-
-
 # ---------------------------------------------------------------- the pipeline
 
 
@@ -690,20 +398,6 @@ def write_lors(
 
 
 WIDEST_FLOAT = 2.2250738585072014e-308  # a float with the longest JSON form an error can take: reserves room
-
-
-def factor_layer(
-    plan: GroupPlan, i: int, residual: torch.Tensor, k: torch.Tensor | None, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer i's factors (B, A) of its residual, rounded to the storage dtype."""
-    name = plan.stack.names[i]
-    b, a = metric_low_rank(output_weighted(plan, i, residual), k, plan.ranks[i], seed_for(name, seed))
-    if plan.output_roots is not None:
-        b = torch.linalg.solve(plan.output_roots[i], b)
-    b, a = b.to(plan.dtype), a.to(plan.dtype)
-    if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
-        raise LorsError(f"{name}: its low-rank factors overflow {dtype_name(plan.dtype)}; choose a wider --dtype")
-    return b, a
 
 
 def group_entry(plan: GroupPlan, rel_err: float, layer_errors: list[float], output_error: float | None) -> GroupMeta:

@@ -11,9 +11,10 @@ from conftest import low_rank_stack, rand
 from safetensors.torch import save_file
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.convert import GroupPlan, mean_matrix, refit_shared
+from lors_convert.convert import mean_matrix, refit_shared
 from lors_convert.factorize import metric_low_rank
 from lors_convert.lors_format import expand, factor_keys, read_lors
+from lors_convert.plan import GroupPlan
 from lors_convert.stacks import find_stacks
 
 
@@ -348,8 +349,7 @@ def test_fisher_factors_minimise_the_output_weighted_error(tmp_path, cli, kind):
     where the layer has a bias, G the output Fisher of the same samples, both damped): better on it, layer by
     layer, than the plain calibrated factors, which minimise ‖(W − Ŵ)K^{1/2}‖. GPT-2's Conv1D (stored in x out)
     included."""
-    from lors_convert.calibrate import collect, output_fisher
-    from lors_convert.convert import FISHER_DAMPING, damped
+    from lors_convert.calibrate import FISHER_DAMPING, collect, damped, output_fisher
     from lors_convert.data import tensor_batches, text_batches
     from lors_convert.factorize import sqrt_psd
     from lors_convert.hf import dense_model, load_tokenizer

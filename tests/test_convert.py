@@ -353,10 +353,10 @@ def test_existing_output_needs_force(tmp_path, cli):
 
 def test_failure_mid_write_leaves_nothing(tmp_path, cli, monkeypatch):
     save_file(bert(), tmp_path / "m.safetensors")
-    import lors_convert.convert as convert_module
+    import lors_convert.plan as plan_module
 
     calls = {"n": 0}
-    real = convert_module.metric_low_rank
+    real = plan_module.metric_low_rank
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -364,7 +364,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, cli, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "metric_low_rank", interrupted)
+    monkeypatch.setattr(plan_module, "metric_low_rank", interrupted)
     result = cli(tmp_path / "m.safetensors", "--quiet", "--rank", "2")
     assert result.code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

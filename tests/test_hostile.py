@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import lors_convert.checkpoint as checkpoint
 import lors_convert.convert as convert_module
 import lors_convert.lors_format as lors_format
+import lors_convert.plan as plan_module
 from lors_convert.lors_format import FORMAT_VERSION
 
 
@@ -449,7 +450,7 @@ INTERRUPTS = {
     "hashing the source": (checkpoint, "sha256_files", 1, ["--rank", "2"]),
     "the shared matrices": (convert_module, "mean_matrix", 2, ["--rank", "2"]),
     "the spectra": (convert_module, "metric_spectrum", 4, ["--reduction", "0.4"]),
-    "factoring": (convert_module, "metric_low_rank", 5, ["--rank", "2"]),
+    "factoring": (plan_module, "metric_low_rank", 5, ["--rank", "2"]),
     "writing tensors": (checkpoint.SafetensorsWriter, "add", 20, ["--rank", "2"]),
     "syncing the output": (os, "fsync", 1, ["--rank", "2"]),
     "renaming the shards": (os, "replace", 2, ["--rank", "2", "--shard-size", "8kB"]),

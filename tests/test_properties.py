@@ -120,7 +120,8 @@ def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, 
     from pathlib import Path
 
     from lors_convert.checkpoint import TensorInfo, TensorSource
-    from lors_convert.convert import GroupPlan, mean_matrix, refit_shared
+    from lors_convert.convert import mean_matrix, refit_shared
+    from lors_convert.plan import GroupPlan
     from lors_convert.stacks import Stack
 
     generator = torch.Generator().manual_seed(seed)
