@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -587,6 +587,32 @@ class SafetensorsWriter:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+SHARD_SIZE = 5 * 10**9  # output above this size is sharded, unless told otherwise (the CLI's --shard-size 5GB)
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+    *,
+    layout: Layout | None = None,
+    shard_size: int = SHARD_SIZE,
+    advance: Callable[[], None] | None = None,
+) -> list[Path]:
+    """Write a safetensors checkpoint atomically (SafetensorsWriter) and return its files: a dict of tensors, in
+    name order, or (name, tensor) pairs produced one at a time in the order `layout` declares them (memory one
+    tensor). `advance` is called after each tensor."""
+    if layout is None:
+        layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
+    pairs = ((name, tensors[name]) for name, _, _ in layout) if isinstance(tensors, Mapping) else tensors
+    with SafetensorsWriter(path, layout, shard_size, metadata_bytes(metadata)) as writer:
+        for name, tensor in pairs:
+            writer.add(name, tensor)
+            if advance is not None:
+                advance()
+        return writer.commit(metadata)
 
 
 def metadata_bytes(metadata: dict[str, str]) -> int:

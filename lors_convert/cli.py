@@ -30,6 +30,8 @@ COMMANDS = {"convert", "compress", "init", "report", "inspect", "expand", "expor
 
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
+# checkpoint.SHARD_SIZE as the option spells it (importing checkpoint here would load torch for --help)
+ShardSize = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size.")
 Force = typer.Option(
     False,
     "--force",
@@ -165,7 +167,7 @@ def convert(
         show_default="the source's",
         help="Storage dtype of the output (float32, float16, bfloat16).",
     ),
-    shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size."),
+    shard_size: str = ShardSize,
     shared: str = typer.Option(
         "auto",
         "--shared",
@@ -488,12 +490,12 @@ def expand(
     output: Path = typer.Option(
         ..., "--output", "-o", metavar="FILE", help="Dense output .safetensors.", show_default=False
     ),
-    shard_size: str = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size."),
+    shard_size: str = ShardSize,
     force: bool = Force,
     quiet: bool = Quiet,
 ) -> None:
     """Write the dense state dict back (original names, shapes and dtypes)."""
-    from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes, parse_size
+    from lors_convert.checkpoint import check_output_path, parse_size, write_safetensors
     from lors_convert.lors_format import dense_layout, read_lors
     from lors_convert.lors_format import expand as expand_tensors
 
@@ -501,13 +503,11 @@ def expand(
     source, meta = read_lors(lors)
     check_output_path(output, [source.path, *source.files], force)
     layout = dense_layout(source, meta)
-    metadata = {"format": "pt"}
-    with progress_bars(quiet) as progress, SafetensorsWriter(output, layout, size, metadata_bytes(metadata)) as writer:
+    with progress_bars(quiet) as progress:
         advance = progress("expanding", len(layout))
-        for name, tensor in expand_tensors(source, meta):
-            writer.add(name, tensor)
-            advance()
-        files = writer.commit(metadata)
+        files = write_safetensors(
+            output, expand_tensors(source, meta), {"format": "pt"}, layout=layout, shard_size=size, advance=advance
+        )
     stderr.print(f"wrote {', '.join(str(f) for f in files)}")
 
 

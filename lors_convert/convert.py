@@ -19,6 +19,7 @@ import torch
 from lors_convert import LorsError, __version__
 from lors_convert.calibrate import calibrate_plans, calibration_inputs, sequential_factors
 from lors_convert.checkpoint import (
+    SHARD_SIZE,
     SafetensorsWriter,
     TensorSource,
     check_output_path,
@@ -304,7 +305,7 @@ def convert(
     output: Path,
     settings: Settings,
     *,
-    shard_size: int = 5 * 10**9,
+    shard_size: int = SHARD_SIZE,
     force: bool = False,
     progress: Progress = no_progress,
 ) -> tuple[list[Path], LorsMeta]:

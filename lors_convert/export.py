@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import SafetensorsWriter, TensorSource, metadata_bytes
+from lors_convert.checkpoint import TensorSource, write_safetensors
 from lors_convert.loading import architecture_folder, load
 from lors_convert.lors_format import LorsMeta, read_lors
 
@@ -58,12 +58,9 @@ def write_dense(source: TensorSource, meta: LorsMeta, folder: Path, out: Path) -
     from lors_convert.lors_format import dense_layout, expand
 
     shutil.copy2(folder / "config.json", out / "config.json")
-    metadata = {"format": "pt"}
-    layout = dense_layout(source, meta)
-    with SafetensorsWriter(out / "model.safetensors", layout, 5 * 10**9, metadata_bytes(metadata)) as writer:
-        for name, tensor in expand(source, meta):
-            writer.add(name, tensor)
-        writer.commit(metadata)
+    write_safetensors(
+        out / "model.safetensors", expand(source, meta), {"format": "pt"}, layout=dense_layout(source, meta)
+    )
 
 
 def write_lors_folder(path: Path, folder: Path, out: Path) -> None:

@@ -223,7 +223,7 @@ def write_output(
 ) -> list[Path]:
     """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
     fine-tune recorded."""
-    from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes
+    from lors_convert.checkpoint import check_output_path, write_safetensors
     from lors_convert.loading import checkpoint_tensors, own_names
     from lors_convert.lors_format import header_metadata, reconstruction_errors
 
@@ -249,12 +249,7 @@ def write_output(
         },
     )
     check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
-    metadata = header_metadata(meta)
-    layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
-    with SafetensorsWriter(output, layout, 5 * 10**9, metadata_bytes(metadata)) as writer:
-        for name in sorted(tensors):
-            writer.add(name, tensors[name])
-        return writer.commit(metadata)
+    return write_safetensors(output, tensors, header_metadata(meta))
 
 
 def teacher_files(pair: Pair) -> list[Path]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import SafetensorsWriter, TensorSource, check_output_path, metadata_bytes
+from lors_convert.checkpoint import TensorSource, check_output_path, write_safetensors
 from lors_convert.hf import _transformers, checkpoint_names, model_class, one_line
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
 from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors, lors_model_class
@@ -278,12 +278,7 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False) -> list[Pat
     tensors = checkpoint_tensors(model, loaded)
     path = Path(path)
     check_output_path(path, [], force)
-    metadata = header_metadata(loaded.meta)
-    layout = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in sorted(tensors)]
-    with SafetensorsWriter(path, layout, 5 * 10**9, metadata_bytes(metadata)) as writer:
-        for name, _, _ in layout:
-            writer.add(name, tensors[name])
-        return writer.commit(metadata)
+    return write_safetensors(path, tensors, header_metadata(loaded.meta))
 
 
 def checkpoint_tensors(model: nn.Module, loaded: Loaded, state: dict | None = None) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import SafetensorsWriter, check_output_path, metadata_bytes
+from lors_convert.checkpoint import check_output_path, write_safetensors
 from lors_convert.hf import _transformers, checkpoint_names, model_class, one_line
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, shared_key
 
@@ -96,9 +96,4 @@ def init_checkpoint(
         warnings=warnings,
         tool="lors-convert init",
     )
-    metadata = header_metadata(meta)
-    layout = [(name, t.dtype, tuple(t.shape)) for name, t in sorted(out.items())]
-    with SafetensorsWriter(output, layout, 5 * 10**9, metadata_bytes(metadata)) as writer:
-        for name, _, _ in layout:
-            writer.add(name, out[name].contiguous())
-        return writer.commit(metadata), meta
+    return write_safetensors(output, out, header_metadata(meta)), meta

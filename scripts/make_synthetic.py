@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lors_convert.checkpoint import SafetensorsWriter, metadata_bytes, parse_size
+from lors_convert.checkpoint import parse_size, write_safetensors
 
 # name: (layers, hidden, mlp, heads, kv_heads, vocab)
 PRESETS = {
@@ -92,8 +92,8 @@ def generate(
         )
     shapes_by_name.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     layout = [(name, torch.bfloat16, shape) for name, shape in shapes_by_name.items()]
-    metadata = {"format": "pt"}
-    with SafetensorsWriter(out_dir / "model.safetensors", layout, shard_size, metadata_bytes(metadata)) as writer:
+
+    def tensors():
         for name, (rows, *cols) in shapes_by_name.items():
             if name == "model.embed_tokens.weight" or name == "lm_head.weight":
                 generator = torch.Generator().manual_seed(seed + (name == "lm_head.weight"))
@@ -107,9 +107,10 @@ def generate(
                     shared[part].float(), alpha=math.sqrt(SHARED_ENERGY)
                 )
                 tensor = weight.mul_(WEIGHT_STD)
-            writer.add(name, tensor.bfloat16())
+            yield name, tensor.bfloat16()
             print(f"\r{name:60s}", end="", file=sys.stderr, flush=True)
-        writer.commit(metadata)
+
+    write_safetensors(out_dir / "model.safetensors", tensors(), {"format": "pt"}, layout=layout, shard_size=shard_size)
     print(file=sys.stderr)
     config = {
         "architectures": ["LlamaForCausalLM"],
