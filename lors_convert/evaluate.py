@@ -1,6 +1,5 @@
 """Fidelity of a LORS model against its dense teacher, and what fine-tuning and eval share: loading the
-pair of models, examples (text lines or tensor files) and running a model on a batch. Calibration reads its
-tensor files and calls its models through here too."""
+pair of models and comparing their outputs (examples are data.py's, running a model on a batch runtime.py's)."""
 
 from __future__ import annotations
 
