@@ -184,10 +184,14 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
 
 
 def output_fisher(model: nn.Module, stacks: list[Stack], batches: list[dict], device: torch.device, seed: int) -> dict:
-    """G_i = Σ_t J_tᵀJ_t per stacked layer, J_t the Jacobian of the model's output (the unit-norm mean-pooled final
-    hidden state: what fidelity's cosine compares) with respect to the layer's output at token t, so that an
-    output error δ_t moves the model's output by about δ_tᵀ G δ_t. Estimated with one random probe u per
-    sample: E[Jᵀu uᵀJ] = JᵀJ when E[u uᵀ] = I. Returns out x out matrices (float64, CPU)."""
+    """G_i = E[g gᵀ] per stacked layer, summed over tokens, g the gradient at the layer's output of a random
+    scalar of the model's output, so that an output error δ moves that output by about δᵀ G δ.
+
+    A language model (logits and token ids): the scalar is the next-token loss of labels sampled from the
+    model's own distribution, so G is the Fisher of the next-token distributions, and δᵀ G δ / 2 the KL
+    divergence an error δ causes (E_y[∇ log p(y) ∇ log p(y)ᵀ] = Jᵀ(diag p − p pᵀ)J, summed over the positions
+    each layer output reaches). Any other model: its unit-norm mean-pooled final hidden state (what fidelity's
+    cosine compares) against a random probe u, E[Jᵀu uᵀJ] = JᵀJ. Returns out x out matrices (float64, CPU)."""
     from lors_convert.evaluate import mean_pool
     from lors_convert.runtime import run
 
@@ -216,14 +220,29 @@ def output_fisher(model: nn.Module, stacks: list[Stack], batches: list[dict], de
         with torch.enable_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                _, hidden = run(model, batch)
-                output = nn.functional.normalize(mean_pool(hidden, batch.get("attention_mask")), dim=-1)
+                logits, hidden = run(model, batch)
+                mask = batch.get("attention_mask")
+                if logits is not None and "input_ids" in batch:
+                    sampled_label_loss(logits, mask, generator).backward()
+                    continue
+                output = nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
                 probe = torch.randn(output.shape, generator=generator).to(device)
                 (output * probe).sum().backward()
     finally:
         for hook in hooks:
             hook.remove()
     return moments.result()
+
+
+def sampled_label_loss(logits: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """Σ_t −log p(y_t) over the unmasked positions, y_t drawn from the model's own p(· | x_≤t): its gradient's
+    second moment is the Fisher information of the next-token distributions (true labels would give the
+    empirical Fisher, which is biased where the model is wrong)."""
+    flat = logits.float().flatten(0, -2)
+    probabilities = flat.detach().softmax(-1).cpu()
+    labels = torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(flat.device)
+    losses = nn.functional.cross_entropy(flat, labels, reduction="none")
+    return (losses * mask.flatten()).sum() if mask is not None else losses.sum()
 
 
 # ---------------------------------------------------------------- calibrating the plans

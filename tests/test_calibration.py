@@ -10,7 +10,7 @@ import torch
 from conftest import low_rank_stack, rand
 from safetensors.torch import save_file
 
-from lors_convert.checkpoint import open_checkpoint
+from lors_convert.checkpoint import TensorInfo, open_checkpoint
 from lors_convert.convert import mean_matrix, refit_shared
 from lors_convert.factorize import metric_low_rank
 from lors_convert.lors_format import expand, factor_keys, read_lors
@@ -399,3 +399,48 @@ def test_fisher_refuses_what_it_cannot_serve(tmp_path, cli, extra):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["m.safetensors"] + (["x.safetensors"] if extra else [])
     )
+
+
+def test_lm_fisher_is_the_fisher_of_the_next_token_distributions():
+    """For a causal LM, G_s = Σ_t J_tsᵀ (diag p_t − p_t p_tᵀ) J_ts at each layer output h_s (J_ts = ∂logits_t/∂h_s),
+    summed over s: the exact Fisher of the model's next-token distributions, computed here with autograd on a
+    tiny Llama, against output_fisher's estimate from labels sampled over many copies of one sample."""
+    transformers = pytest.importorskip("transformers")
+    from lors_convert.calibrate import output_fisher
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=24,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        initializer_range=0.3,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    stacks, _ = find_stacks({n: TensorInfo(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()})
+    ids, copies = torch.randint(0, 24, (1, 5)), 3000
+    name = "model.layers.0.mlp.down_proj.weight"
+    layer = model.get_submodule(name.removesuffix(".weight"))
+    captured = []
+    handle = layer.register_forward_hook(lambda module, args, output: captured.append(output.detach()))
+    with torch.no_grad():
+        probabilities = model(input_ids=ids).logits[0].softmax(-1)
+    handle.remove()
+
+    def logits_given(layer_output):
+        handle = layer.register_forward_hook(lambda module, args, output: layer_output)
+        try:
+            return model(input_ids=ids).logits[0]
+        finally:
+            handle.remove()
+
+    jacobian = torch.autograd.functional.jacobian(logits_given, captured[0])[:, :, 0]  # t x vocab x s x dim
+    fisher = torch.diag_embed(probabilities) - probabilities[:, :, None] * probabilities[:, None, :]
+    exact = torch.einsum("tvsd,tvw,twse->de", jacobian, fisher, jacobian).double()
+    batches = [{"input_ids": ids.expand(copies, -1)}]
+    estimate = output_fisher(model, stacks, batches, torch.device("cpu"), seed=0)[name] / copies
+    assert (estimate - exact).norm() <= 0.1 * exact.norm()
+    other = output_fisher(model, stacks, batches, torch.device("cpu"), seed=0)["model.layers.1.mlp.down_proj.weight"]
+    assert (other / copies - exact).norm() > 0.1 * exact.norm()  # each layer its own Jacobian
