@@ -66,6 +66,9 @@ from lors_convert.plan import (
 from lors_convert.stacks import Stack, find_stacks
 
 REFIT_MAX_ITERS, REFIT_TOL = 50, 1e-6
+# --reduction gives every factored layer at least this fraction of its break-even rank: an error that looks cheap
+# to the allocation's objective can still harm the model (scripts/bench_llm.py measures it)
+RANK_FLOOR = 0.1
 
 
 def squared_norm(matrix: torch.Tensor) -> float:
@@ -174,7 +177,11 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
         source, plans, auto or settings.shared == "none", progress("spectra", sum(len(p.stack.names) for p in plans))
     )
     spectra = [m.shared if p.shared else m.unshared for p, m in zip(plans, measured)]
-    norms = [m.norm_sq for m in measured]
+    # Under --fisher every error is in one unit, the model output's (for a language model, twice the KL divergence
+    # it causes), so the budget goes where their sum falls most; otherwise each group's error is taken relative to
+    # its own energy. Relative errors let an LLM's massive activations hide harm: they dominate ‖W K^{1/2}‖, and
+    # SmolLM2's down_proj was cut to median rank 1.5 (ppl ×1,000) while it reported 5% error.
+    norms = [1.0 if settings.fisher else m.norm_sq for m in measured]
     if settings.energy is not None:
         ranks = [
             [capped(energy_rank(sq, settings.energy), *shape) for sq in layers]
@@ -194,7 +201,7 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
                 f"{shared_cost / dense:.1%} of the stacked parameters, so at most "
                 f"{1 - shared_cost / dense:.3f} can be removed (or use --shared none)"
             )
-        ranks = allocate_ranks(spectra, norms, shapes, budget)
+        ranks = allocate_ranks(spectra, norms, shapes, budget, floor=RANK_FLOOR)
     planned = []
     for plan, group_ranks, shape, m in zip(plans, ranks, shapes, measured):
         plan = replace(plan, ranks=tuple(group_ranks))

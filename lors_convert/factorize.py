@@ -178,7 +178,11 @@ def capped(rank: int, rows: int, cols: int) -> int | None:
 
 
 def allocate_ranks(
-    spectra: list[list[torch.Tensor]], norms_sq: list[float], shapes: list[tuple[int, int]], budget: int
+    spectra: list[list[torch.Tensor]],
+    norms_sq: list[float],
+    shapes: list[tuple[int, int]],
+    budget: int,
+    floor: float = 0.0,
 ) -> list[list[int | None]]:
     """Greedy allocation of rank units across all groups and layers under a parameter budget.
 
@@ -187,10 +191,16 @@ def allocate_ranks(
     that still fits; its steps are its rank units in order up to its break-even rank, then storing it dense,
     which removes the rest of its error for the few numbers between the factors' cost and the matrix's. Greedy
     knapsack can lose to a uniform rank when costs differ, so the better of the two is kept. None in the result
-    means: store the layer dense.
+    means: store the layer dense. Every layer starts at `floor` times its break-even rank where the budget
+    covers that, so no layer is cut to nothing because its error looks cheap.
     """
-    ranks: list[list[int | None]] = [[0] * len(layers) for layers in spectra]
     caps = [break_even_cap(rows, cols) for rows, cols in shapes]
+    ranks: list[list[int | None]] = [
+        [min(math.ceil(floor * cap), len(sq)) for sq in layers] for layers, cap in zip(spectra, caps)
+    ]
+    floor_cost = sum(r * (rows + cols) for layers, (rows, cols) in zip(ranks, shapes) for r in layers)
+    if floor_cost > budget:
+        ranks, floor_cost = [[0] * len(layers) for layers in spectra], 0
 
     def next_step(g: int, j: int) -> tuple[float, int, int, int] | None:
         """(−gain per number, cost, g, j) of layer j's next step, None once it is dense or has nothing left."""
@@ -206,7 +216,7 @@ def allocate_ranks(
 
     steps = [step for g, layers in enumerate(spectra) for j in range(len(layers)) if (step := next_step(g, j))]
     heapq.heapify(steps)
-    left = max(budget, 0)
+    left = max(budget - floor_cost, 0)
     while steps:
         _, cost, g, j = heapq.heappop(steps)
         if cost > left:

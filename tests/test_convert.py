@@ -443,3 +443,19 @@ def test_real_minilm(tmp_path, cli, minilm):
         )
         norm = sum(original.get(g["template"].format(i=i)).square().sum() for i in g["layers"])
         assert abs((err / norm).sqrt().item() - g["rel_error"]) < 1e-5
+
+
+def test_allocation_floor_keeps_every_layer_above_a_tenth_of_break_even():
+    """A group whose error looks free to the objective (tiny spectrum) still gets a tenth of its break-even rank
+    where the budget allows it; without a floor the greedy gives it nothing."""
+    from lors_convert.factorize import allocate_ranks, break_even_cap, lors_params
+
+    shapes = [(64, 64), (64, 64)]
+    loud = [torch.linspace(100, 1, 64) for _ in range(3)]
+    quiet = [torch.full((64,), 1e-9) for _ in range(3)]
+    budget = 3 * 40 * 128
+    floor = math.ceil(0.1 * break_even_cap(64, 64))
+    assert min(allocate_ranks([loud, quiet], [1.0, 1.0], shapes, budget)[1]) == 0
+    floored = allocate_ranks([loud, quiet], [1.0, 1.0], shapes, budget, floor=0.1)
+    assert min(floored[1]) == floor
+    assert sum(lors_params(64, 64, group, shared=False) for group in floored) <= budget
