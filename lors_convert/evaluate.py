@@ -173,9 +173,10 @@ def fidelity(
     max_length: int = 128,
     device: torch.device = torch.device("cpu"),
 ) -> dict:
-    """cos, top10 and, where the model has an LM head, ppl_teacher, ppl_student and kl."""
+    """cos, top10 and, where the model has an LM head, ppl_teacher, ppl_student, kl (teacher ‖ student, per token)
+    and top1 (the fraction of positions where both predict the same next token)."""
     s_emb, t_emb = [], []
-    nll_s = nll_t = kl = tokens = positions = 0.0
+    nll_s = nll_t = kl = agree = tokens = positions = 0.0
     lm = False
     for batch in examples.batches(batch_size, tokenizer, max_length, device):
         mask = batch.get("attention_mask")
@@ -191,6 +192,7 @@ def fidelity(
             nll_s, tokens = nll_s + nll.item(), tokens + count.item()
             nll_t += token_log_probs(t_logits, batch["input_ids"], mask)[0].item()
             kl += token_kl(s_logits, t_logits, mask).item()
+            agree += ((s_logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum().item()
             positions += mask.sum().item()
     s_all, t_all = torch.cat(s_emb), torch.cat(t_emb)
     result = {
@@ -203,6 +205,7 @@ def fidelity(
             ppl_teacher=float(torch.tensor(nll_t / tokens).exp()),
             ppl_student=float(torch.tensor(nll_s / tokens).exp()),
             kl=kl / positions,
+            top1=agree / positions,
         )
     return result
 

@@ -242,7 +242,7 @@ def test_eval_and_teacher_mismatch(tmp_path, cli, converted):
     assert result.code == 0, result.err
     metrics = result.json()
     assert metrics["examples"] == 30 and 0 < metrics["cos"] <= 1 and 0 <= metrics["top10"] <= 1
-    assert metrics["kl"] > 0 and metrics["ppl_student"] > 1
+    assert metrics["kl"] > 0 and metrics["ppl_student"] > 1 and 0 < metrics["top1"] < 1
 
     other = tmp_path / "other"
     other.mkdir()
@@ -434,3 +434,17 @@ def test_learning_rate_warms_up_then_decays_to_zero_over_steps_or_time_budget():
     # few steps in a time budget: the warm-up ends at a tenth of it, not after --warmup steps
     assert learning_rate(settings, 2, 0.05) == pytest.approx(0.5e-3)
     assert learning_rate(settings, 3, 0.1) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.1)))
+
+
+def test_fidelity_of_a_model_against_itself_agrees_everywhere(tmp_path, converted):
+    """top1 counts positions where both models predict the same next token: 1 for a model against itself, with
+    KL 0; lower for a converted student."""
+    from lors_convert.data import Examples
+    from lors_convert.evaluate import fidelity, load_pair
+
+    _, lors, _ = converted("llama")
+    pair = load_pair(lors)
+    examples = Examples(texts=text_file(tmp_path / "t.txt", lines=12).read_text().splitlines())
+    same = fidelity(pair.teacher, pair.teacher, examples, pair.tokenizer)
+    assert same["top1"] == 1.0 and abs(same["kl"]) < 1e-6
+    assert fidelity(pair.student, pair.teacher, examples, pair.tokenizer)["top1"] < 1.0
