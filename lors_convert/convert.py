@@ -173,9 +173,20 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
             decided.append(plan)
             advance()
         return decided
-    measured = measure(
-        source, plans, auto or settings.shared == "none", progress("spectra", sum(len(p.stack.names) for p in plans))
-    )
+    return ranks_for(plans, measure_spectra(source, plans, settings, progress), settings)
+
+
+def measure_spectra(
+    source: TensorSource, plans: list[GroupPlan], settings: Settings, progress: Progress
+) -> list[Spectra]:
+    unshared = settings.shared in ("auto", "none")
+    return measure(source, plans, unshared, progress("spectra", sum(len(p.stack.names) for p in plans)))
+
+
+def ranks_for(plans: list[GroupPlan], measured: list[Spectra], settings: Settings) -> list[GroupPlan]:
+    """The plans with ranks for --energy or --reduction, from the spectra measured once."""
+    shapes = [p.out_in for p in plans]
+    auto = settings.shared == "auto"
     spectra = [m.shared if p.shared else m.unshared for p, m in zip(plans, measured)]
     # Under --fisher every error is in one unit, the model output's (for a language model, twice the KL divergence
     # it causes), so the budget goes where their sum falls most; otherwise each group's error is taken relative to

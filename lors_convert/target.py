@@ -1,0 +1,133 @@
+"""--max-ppl-increase: the largest reduction whose converted language model keeps its perplexity within a factor of
+the dense model's, measured on selection lines (never calibration lines, never the held-out lines reports use).
+
+Cheap estimate first: with --fisher the allocation's objective is, to second order, twice the KL divergence the
+errors cause, and it is known for every reduction from the spectra measured once. A real measurement (every
+layer factored, the model run on the selection lines) calibrates that estimate's scale; a few more bisect on real
+perplexity alone.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lors_convert import LorsError
+from lors_convert.checkpoint import TensorSource
+from lors_convert.factorize import tail
+from lors_convert.loading import own_names
+from lors_convert.plan import GroupPlan, Progress, Settings, factor_layer, metric, read_matrix
+from lors_convert.runtime import run
+
+LOWEST, HIGHEST = 0.0, 0.9  # the reductions searched
+MEASUREMENTS = 5  # real perplexity measurements at most: each factors every layer once
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: list[dict]) -> float:
+    """Token-weighted next-token perplexity over unpadded single-sequence batches."""
+    from lors_convert.evaluate import token_log_probs
+
+    nll = tokens = 0.0
+    device = next(model.parameters()).device
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits, _ = run(model, batch)
+        if logits is None:
+            raise LorsError("--max-ppl-increase needs a language model (its logits): use --reduction")
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        total, count = token_log_probs(logits, batch["input_ids"], mask)
+        nll, tokens = nll + total.item(), tokens + count.item()
+    return math.exp(nll / max(tokens, 1))
+
+
+@contextmanager
+def converted_weights(model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int) -> Iterator[None]:
+    """The dense model with every factored layer's weight replaced by S + B A, restored on exit."""
+    own = own_names(model, [n for p in plans for n in p.stack.names])
+    saved = {}
+    try:
+        with torch.no_grad():
+            for plan in plans:
+                for i, name in enumerate(plan.stack.names):
+                    if plan.ranks[i] is None or name not in own:
+                        continue
+                    b, a = factor_layer(plan, i, plan.residual(read_matrix(source, plan, i)), metric(plan, i), seed)
+                    approx = b.float() @ a.float() + (plan.shared_matrix if plan.shared else 0)
+                    weight = model.get_submodule(own[name].removesuffix(".weight")).weight
+                    saved[name] = weight.detach().clone()
+                    weight.copy_((approx.T if plan.transposed else approx).reshape(weight.shape))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                model.get_submodule(own[name].removesuffix(".weight")).weight.copy_(original)
+
+
+def choose_reduction(
+    source: TensorSource,
+    model: nn.Module,
+    selection: list[dict],
+    plans: list[GroupPlan],
+    settings: Settings,
+    progress: Progress,
+) -> tuple[float, dict]:
+    """The largest reduction in [LOWEST, HIGHEST] whose converted model's perplexity on `selection` is at most
+    settings.max_ppl_increase times the dense model's; and what was measured, for the report."""
+    from lors_convert.convert import measure_spectra, ranks_for
+
+    measured = measure_spectra(source, plans, settings, progress)
+    dense = perplexity(model, selection)
+    allowed = math.log(settings.max_ppl_increase)
+
+    def planned(reduction: float) -> list[GroupPlan]:
+        return ranks_for(plans, measured, replace(settings, reduction=reduction))
+
+    def estimate(reduction: float) -> float:
+        chosen = planned(reduction)
+        return sum(tail(m.shared if p.shared else m.unshared, p.ranks) for p, m in zip(chosen, measured))
+
+    def solve(predict) -> float:
+        """The reduction where `predict` (non-decreasing in it) reaches the allowed log-ratio, by bisection."""
+        low, high = LOWEST, HIGHEST
+        if predict(high) <= allowed:
+            return high
+        for _ in range(12):
+            middle = (low + high) / 2
+            low, high = (middle, high) if predict(middle) <= allowed else (low, middle)
+        return low
+
+    tokens = sum(p.rows for p in plans if p.rows) / max(sum(1 for p in plans if p.rows), 1)
+    scale = 1 / (2 * max(tokens, 1) ** 2)  # Σ over tokens of δᵀGδ / 2 with G and K both summed over tokens
+    trials: list[dict] = []
+    advance = progress("quality target", MEASUREMENTS)
+    met, failed = LOWEST, HIGHEST
+    for _ in range(MEASUREMENTS):
+        if trials and failed - met < 0.01:
+            break
+        reduction = min(max(solve(lambda f: scale * estimate(f)), met), failed)
+        if trials and not met < reduction < failed:
+            reduction = (met + failed) / 2  # the estimate points outside what is known: bisect instead
+        with converted_weights(model, source, planned(reduction), settings.seed):
+            ratio = perplexity(model, selection) / dense
+        trials.append({"reduction": round(reduction, 4), "ppl_ratio": round(ratio, 4)})
+        advance()
+        if ratio <= settings.max_ppl_increase:
+            met = reduction
+        else:
+            failed = reduction
+        predicted = estimate(reduction)
+        if predicted > 0 and ratio > 1:
+            scale = math.log(ratio) / predicted  # the estimate's scale, from the real measurement
+    return met, {
+        "max_ppl_increase": settings.max_ppl_increase,
+        "chosen_reduction": round(met, 4),
+        "selection_lines": len(selection),
+        "dense_ppl": round(dense, 4),
+        "trials": trials,
+    }
