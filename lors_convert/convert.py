@@ -276,8 +276,9 @@ def plan_conversion(
     ]
     calibration, model, batches = None, None, []
     if settings.calibrate:
-        model, batches = calibration_inputs(source, settings)
+        model, batches, data = calibration_inputs(source, settings)
         plans, calibration = calibrate_plans(source, model, batches, plans, settings)
+        calibration["data"] = data
         if not settings.sequential:
             model = None  # not needed again: free it before factoring
     advance = progress("shared matrices", sum(len(p.stack.names) for p in plans if p.shared))

@@ -221,16 +221,9 @@ def test_a_transformers_model_that_reads_q_proj_weight_dtype_runs_with_lors_laye
         return sdpa_attention_forward(module, query.to(target), key, value, attention_mask, **kwargs)
 
     transformers.AttentionInterface.register("dtype_reading", dtype_reading_attention)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        vocab_size=64,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    from test_model import tiny
+
+    tiny("llama")[0].save_pretrained(tmp_path / "llama")
     lors = tmp_path / "llama.lors.safetensors"
     assert cli(tmp_path / "llama", "-o", lors, "--rank", "3", "--quiet").code == 0
     model = lors_convert.load(lors).eval()
