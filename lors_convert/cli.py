@@ -338,14 +338,14 @@ def compress(
 
     settings = Settings(reduction=reduction, calibrate=calibrate, calib_samples=calib_samples, fisher=fisher, seed=seed)
     settings.validate()
+    source = open_checkpoint(model)
     check_output_path(output, [model], force)
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
-    reusable = converted.is_file() and read_lors(converted)[1].settings == settings.as_json()
-    if reusable:
-        stderr.print(f"reusing {converted} (converted with the same settings)")
+    if converted.is_file() and leftover_of(read_lors(converted)[1], source, settings):
+        stderr.print(f"reusing {converted} (converted from the same source with the same settings)")
     else:
         with progress_bars(quiet) as progress:
-            run_convert(open_checkpoint(model), converted, settings, force=True, progress=progress)
+            run_convert(source, converted, settings, force=True, progress=progress)
     training = FinetuneSettings(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
     if finetune_minutes > 0:
         results = run_finetune(
@@ -374,6 +374,14 @@ def compress(
     print_fidelity(rows, as_json, f"fidelity against the original on {words}")
     if not as_json:
         stderr.print(f"wrote {output}")
+
+
+def leftover_of(meta, source, settings) -> bool:
+    """Whether an earlier conversion is of this source (path and sha256) with these settings."""
+    from lors_convert.checkpoint import sha256_files
+
+    same = meta.settings == settings.as_json() and meta.source.path == str(source.path.resolve())
+    return same and meta.source.sha256 == sha256_files(source.files)
 
 
 @app.command()

@@ -422,3 +422,18 @@ def test_compress_holds_out_lines_it_never_calibrates_or_trains_on(tmp_path, cli
     assert not roles["held-out"] & roles["calibration"] and not roles["held-out"] & roles["training"]
     assert "16 held-out lines of t.txt, disjoint from calibration and training" in " ".join(result.out.split())
     assert "of the 80 lines of t.txt, none held out" in read_lors(out)[1].calibration["data"]
+
+
+def test_compress_reuses_a_leftover_conversion_only_of_the_same_source(tmp_path, cli):
+    """Defect 9: a leftover OUT.converted.safetensors of another model with the same settings was reused."""
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
+    first, second = (bert_folder(tmp_path / name, with_tokenizer=True) for name in ("first", "second"))
+    out = tmp_path / "second.lors.safetensors"
+    assert cli(*compress_args(first, text, tmp_path / "first.lors.safetensors")).code == 0
+    (tmp_path / "first.lors.safetensors").rename(tmp_path / "second.lors.converted.safetensors")  # the leftover
+
+    result = cli(*compress_args(second, text, out))
+    assert result.code == 0, result.err
+    assert "reusing" not in result.err
+    assert Path(read_lors(out)[1].source.path).parent == second.resolve()  # the second model, converted afresh
