@@ -339,7 +339,7 @@ def compress(
     settings = Settings(reduction=reduction, calibrate=calibrate, calib_samples=calib_samples, fisher=fisher, seed=seed)
     settings.validate()
     source = open_checkpoint(model)
-    check_output_path(output, [model], force)
+    check_output_path(output, source.files, force)
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
     if converted.is_file() and leftover_of(read_lors(converted)[1], source, settings):
         stderr.print(f"reusing {converted} (converted from the same source with the same settings)")

@@ -437,3 +437,13 @@ def test_compress_reuses_a_leftover_conversion_only_of_the_same_source(tmp_path,
     assert result.code == 0, result.err
     assert "reusing" not in result.err
     assert Path(read_lors(out)[1].source.path).parent == second.resolve()  # the second model, converted afresh
+
+
+def test_compress_refuses_to_write_onto_its_source_even_with_force(tmp_path, cli):
+    """Defect 10: -o MODEL_DIR/model.safetensors --force overwrote the model being compressed."""
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    (tmp_path / "t.txt").write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
+    before = (folder / "model.safetensors").read_bytes()
+    result = cli(*compress_args(folder, tmp_path / "t.txt", folder / "model.safetensors", "--force"))
+    assert result.code == 1 and "refusing to write onto the input" in result.err
+    assert (folder / "model.safetensors").read_bytes() == before
