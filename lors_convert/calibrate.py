@@ -255,16 +255,17 @@ SEQUENTIAL_RIDGE = 1.0
 FISHER_DAMPING = 0.1
 
 
-def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict]]:
-    """The dense model with the source's weights and the calibration batches."""
+def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict], str]:
+    """The dense model with the source's weights, the calibration batches, and the words that say which lines
+    (or rows) they are."""
     from lors_convert.data import tensor_batches, text_batches
     from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
 
     model = dense_model(source.path, settings.model_factory)
     if settings.model_factory:
-        return model, tensor_batches(settings.calibrate, settings.calib_samples)
+        return model, *tensor_batches(settings.calibrate, settings.calib_samples, settings.seed)
     tokenizer = load_tokenizer(architecture_dir(source.path))
-    return model, text_batches(
+    return model, *text_batches(
         tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length, settings.seed
     )
 

@@ -295,7 +295,7 @@ def compress(
         metavar="FILE",
         show_default=False,
         help="Text, one example per line: calibration, fine-tuning and held-out "
-        "evaluation (a seeded slice never trained on).",
+        "evaluation (a fixed slice never calibrated or trained on).",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", metavar="FILE", help="The final LORS .safetensors.", show_default=False
@@ -315,7 +315,9 @@ def compress(
         help="Weight each layer's error by its effect on the model's output (see convert --fisher); "
         "--no-fisher for models whose out x out matrices per layer do not fit in memory.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of calibration sampling, the held-out split and training."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of calibration sampling and training (not of the held-out lines)."
+    ),
     force: bool = Force,
     quiet: bool = Quiet,
     as_json: bool = AsJson,
@@ -327,7 +329,7 @@ def compress(
     from lors_convert.checkpoint import check_output_path, open_checkpoint
     from lors_convert.convert import Settings
     from lors_convert.convert import convert as run_convert
-    from lors_convert.data import load_examples, split_examples
+    from lors_convert.data import held_out_words, load_examples, split_examples
     from lors_convert.evaluate import fidelity, load_pair, print_fidelity
     from lors_convert.finetune import FinetuneSettings, state_path
     from lors_convert.finetune import finetune as run_finetune
@@ -336,14 +338,14 @@ def compress(
 
     settings = Settings(reduction=reduction, calibrate=calibrate, calib_samples=calib_samples, fisher=fisher, seed=seed)
     settings.validate()
-    check_output_path(output, [model], force)
+    source = open_checkpoint(model)
+    check_output_path(output, source.files, force)
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
-    reusable = converted.is_file() and read_lors(converted)[1].settings == settings.as_json()
-    if reusable:
-        stderr.print(f"reusing {converted} (converted with the same settings)")
+    if converted.is_file() and leftover_of(read_lors(converted)[1], source, settings):
+        stderr.print(f"reusing {converted} (converted from the same source with the same settings)")
     else:
         with progress_bars(quiet) as progress:
-            run_convert(open_checkpoint(model), converted, settings, force=True, progress=progress)
+            run_convert(source, converted, settings, force=True, progress=progress)
     training = FinetuneSettings(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
     if finetune_minutes > 0:
         results = run_finetune(
@@ -356,27 +358,30 @@ def compress(
             quiet=quiet,
             log=lambda message: stderr.print(escape(message)),
         )
-        rows = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}
+        rows, words = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}, results["held_out"]
         converted.unlink()
     else:
         pair = load_pair(converted)
-        examples = load_examples(calibrate, pair.tokenizer)
-        held_out = split_examples(examples, training.eval_examples, seed)[1]
+        held_out = split_examples(load_examples(calibrate, pair.tokenizer), training.eval_examples)[1]
         device = setup_device(1)
         rows = {
             "converted": fidelity(
                 pair.student.to(device), pair.teacher.to(device), held_out, pair.tokenizer, device=device
             )
         }
+        words = held_out_words(held_out, calibrate)
         converted.replace(output)
-    print_fidelity(
-        rows,
-        as_json,
-        f"fidelity against the original on {rows['converted']['examples']} held-out "
-        f"lines of {', '.join(f.name for f in calibrate)}",
-    )
+    print_fidelity(rows, as_json, f"fidelity against the original on {words}")
     if not as_json:
         stderr.print(f"wrote {output}")
+
+
+def leftover_of(meta, source, settings) -> bool:
+    """Whether an earlier conversion is of this source (path and sha256) with these settings."""
+    from lors_convert.checkpoint import sha256_files
+
+    same = meta.settings == settings.as_json() and meta.source.path == str(source.path.resolve())
+    return same and meta.source.sha256 == sha256_files(source.files)
 
 
 @app.command()
@@ -588,7 +593,7 @@ def finetune(
     lr: float = typer.Option(5e-4, "--lr", help="Peak AdamW learning rate (linear warmup, then cosine decay)."),
     warmup: int = typer.Option(50, "--warmup", help="Warmup steps."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and the data order."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order (not of the held-out lines)."),
     objective: str = typer.Option(
         "distill", "--objective", help="distill (match the teacher) or lm (next-token loss on the text, causal LMs)."
     ),
@@ -655,10 +660,7 @@ def finetune(
         return
     what = "next-token loss" if "loss" in results["eval_before"] else "fidelity against the teacher"
     print_fidelity(
-        {"before": results["eval_before"], "after": results["eval_after"]},
-        as_json,
-        f"{what} on {results['eval_before']['examples']} examples of {', '.join(f.name for f in data)} held out "
-        "from training",
+        {"before": results["eval_before"], "after": results["eval_after"]}, as_json, f"{what} on {results['held_out']}"
     )
     if not as_json:
         stderr.print(
@@ -707,11 +709,18 @@ def evaluate(
     allow_teacher_mismatch: bool = AllowMismatch,
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward pass."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
+    held_out: bool = typer.Option(
+        False,
+        "--held-out",
+        metavar=FLAG,
+        help="Only the data's held-out examples: those finetune and compress hold out (at their default "
+        "--eval-examples) and calibration never draws.",
+    ),
     as_json: bool = AsJson,
     quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
-    from lors_convert.data import load_examples
+    from lors_convert.data import held_out_words, load_examples, split_examples
     from lors_convert.evaluate import fidelity, held_out_loss, load_pair, print_fidelity
     from lors_convert.runtime import setup_device
 
@@ -723,6 +732,10 @@ def evaluate(
         warn=lambda message: stderr.print(escape(message), soft_wrap=True),
     )
     examples = load_examples(data, pair.tokenizer)
+    words = f"{', '.join(f.name for f in data)} ({len(examples)} examples)"
+    if held_out:
+        examples = split_examples(examples)[1]
+        words = held_out_words(examples, data)
     device = setup_device(1)
     options = {"batch_size": batch_size, "max_length": max_length, "device": device}
     if pair.teacher is None:  # a model from `lors-convert init`: its own next-token loss
@@ -731,9 +744,7 @@ def evaluate(
     else:
         result = fidelity(pair.student.to(device), pair.teacher.to(device), examples, pair.tokenizer, **options)
         what = "fidelity against the teacher"
-    print_fidelity(
-        {"student": result}, as_json, f"{what} on {', '.join(f.name for f in data)} ({len(examples)} examples)"
-    )
+    print_fidelity({"student": result}, as_json, f"{what} on {words}")
 
 
 def default_output(model: Path) -> Path:

@@ -294,8 +294,9 @@ def plan_conversion(
     ]
     calibration, model, batches = None, None, []
     if settings.calibrate:
-        model, batches = calibration_inputs(source, settings)
+        model, batches, data = calibration_inputs(source, settings)
         plans, calibration = calibrate_plans(source, model, batches, plans, settings)
+        calibration["data"] = data
         if not settings.sequential:
             model = None  # not needed again: free it before factoring
     advance = progress("shared matrices", sum(len(p.stack.names) for p in plans if p.shared))
@@ -407,13 +408,29 @@ def write_lors(
         advance = progress("factoring", sum(len(p.stack.names) for p in plans))
         shifts: dict[str, torch.Tensor] = {}  # bias name -> (W − Ŵ)μ, added to the bias
         groups = [write_group(source, plan, writer, factors, seed, advance, shifts) for plan in plans]
+        overflowed = []
         for name, out_dtype, _ in kept_layout:
             tensor = source.get(name)
             if name in shifts:
                 tensor = tensor.float() + shifts[name].float().cpu()
-            writer.add(name, tensor.to(out_dtype))
+            stored = tensor.to(out_dtype)
+            if overflows(tensor, stored):
+                overflowed.append(name)
+            writer.add(name, stored)
+        if overflowed:  # raised before the commit: nothing is left on disk
+            refuse_overflow(overflowed, dtype)
         meta = replace(meta, dtypes=changed, groups=groups, source=replace(meta.source, sha256=source_sha256()))
         return writer.commit(header_metadata(meta)), meta
+
+
+def overflows(original: torch.Tensor, rounded: torch.Tensor) -> bool:
+    """Whether rounding to a narrower dtype made finite values infinite."""
+    return rounded.is_floating_point() and bool(torch.isfinite(rounded).sum() < torch.isfinite(original).sum())
+
+
+def refuse_overflow(names: list[str], dtype: torch.dtype | None) -> None:
+    what = f"--dtype {dtype_name(dtype)}" if dtype else "their dtype"
+    raise LorsError(f"{what} cannot hold {', '.join(names)}: values would become inf; choose a wider --dtype")
 
 
 WIDEST_FLOAT = 2.2250738585072014e-308  # a float with the longest JSON form an error can take: reserves room
@@ -451,9 +468,10 @@ def write_group(
     stack = plan.stack
     if plan.shared:
         shared = plan.shared_matrix
-        writer.add(
-            shared_key(stack.template), (shared.T if plan.transposed else shared).to(plan.dtype).reshape(stack.shape)
-        )
+        stored = (shared.T if plan.transposed else shared).to(plan.dtype).reshape(stack.shape)
+        if overflows(shared, stored):
+            refuse_overflow([shared_key(stack.template)], plan.dtype)
+        writer.add(shared_key(stack.template), stored)
     err_sq, norm_sq, out_err_sq, out_norm_sq, layer_errors = 0.0, 0.0, 0.0, 0.0, []
     for i, name in enumerate(stack.names):
         matrix = read_matrix(source, plan, i)
@@ -463,6 +481,8 @@ def write_group(
             out_norm_sq += metric_energy(matrix, covariance)
         if plan.ranks[i] is None:  # stored dense: only rounding to the storage dtype is lost
             stored = (matrix.T if plan.transposed else matrix).reshape(stack.shape).to(plan.dtype)
+            if overflows(matrix, stored):
+                refuse_overflow([name], plan.dtype)
             writer.add(name, stored.cpu())
             stored_matrix = as_matrix(stored, plan.device)
             error = matrix - (stored_matrix.T if plan.transposed else stored_matrix)

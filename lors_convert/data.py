@@ -140,31 +140,69 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def split_examples(examples: Examples, eval_examples: int, seed: int) -> tuple[Examples, Examples]:
-    """A seeded held-out slice for evaluation; the rest for training."""
+# ---------------------------------------------------------------- the one split rule
+
+HELD_OUT = 256  # held-out examples unless asked otherwise (at most a fifth of the data)
+SPLIT_SEED = 0  # the order behind every role, whatever --seed: convert, finetune, compress and eval agree on it
+
+
+def roles(n: int, held_out: int = HELD_OUT) -> tuple[list[int], list[int], list[int]]:
+    """The package's one split rule for n examples (lines of text, or rows of tensor files): (held-out,
+    calibration, training) indices. One fixed seeded order; its first fifth is the held-out reserve, of which
+    evaluation takes the first `held_out`; calibration draws only from the other four fifths, so no held-out
+    slice, of any size, ever holds a calibration line; training takes every line not held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    count = min(held_out, n // 5)
+    return order[:count], order[n // 5 :], order[count:]
+
+
+def split_examples(examples: Examples, eval_examples: int = HELD_OUT) -> tuple[Examples, Examples]:
+    """(training, held-out) examples by `roles`."""
     n = len(examples)
-    n_eval = min(eval_examples, n // 5)
-    if n - n_eval < 2 or n_eval < 2:
+    held_out, _, train = roles(n, eval_examples)
+    if len(train) < 2 or len(held_out) < 2:
         raise LorsError(f"{n} examples are too few to hold some out for evaluation (need at least 10)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return examples.subset(order[n_eval:]), examples.subset(order[:n_eval])
+    return examples.subset(train), examples.subset(held_out)
 
 
-def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> list[dict]:
-    """`samples` seeded lines of the files (streamed), one unpadded sequence per batch, so padding never enters
-    the statistics."""
+def held_out_words(held_out: Examples, files: list[Path]) -> str:
+    """How a table names its held-out examples."""
+    unit = "lines" if held_out.texts is not None else "rows"
+    names = ", ".join(f.name for f in files)
+    return f"{len(held_out)} held-out {unit} of {names}, disjoint from calibration and training"
+
+
+def calibration_choice(n: int, samples: int, seed: int) -> list[int]:
+    """`samples` seeded picks among the calibration lines of `roles` (fewer when the data has fewer)."""
+    pool = roles(n)[1]
+    picked = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:samples]
+    return [pool[i] for i in picked.tolist()]
+
+
+def calibration_words(count: int, n: int, files: list[Path], unit: str = "lines") -> str:
+    """How a report names its calibration lines (or rows)."""
+    return f"{count} of the {n} {unit} of {', '.join(f.name for f in files)}, none held out"
+
+
+def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> tuple[list[dict], str]:
+    """Calibration: `samples` seeded lines of the files (streamed), one unpadded sequence per batch, so padding
+    never enters the statistics; and the words that say which."""
     lines = TextLines(files)
-    chosen = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
-    texts = lines.read(chosen)
-    return [dict(tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)) for text in texts]
+    chosen = calibration_choice(len(lines), samples, seed)
+    batches = [
+        dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=max_length)) for t in lines.read(chosen)
+    ]
+    return batches, calibration_words(len(chosen), len(lines), files)
 
 
-def tensor_batches(files: list[Path], samples: int) -> list[dict]:
-    """Inputs for --model-factory models: safetensors/pt files of tensors sharing their first dimension (one row per
-    sample), read and checked as eval and fine-tuning read theirs."""
-    batches: list[dict] = []
-    for file in files:
-        tensors = load_tensors(Path(file))
-        rows = len(next(iter(tensors.values())))
-        batches += [{k: v[i : i + 1] for k, v in tensors.items()} for i in range(rows)]
-    return batches[:samples]
+def tensor_batches(files: list[Path], samples: int, seed: int) -> tuple[list[dict], str]:
+    """Calibration inputs for --model-factory models: rows of safetensors/pt files of tensors sharing their first
+    dimension (one row per sample), read and checked as eval and fine-tuning read theirs, chosen as text lines are."""
+    if not all(Path(f).name.endswith(TENSOR_SUFFIXES) for f in files):
+        raise LorsError("--model-factory calibrates on tensor files (.safetensors, .pt)")
+    tensors = load_examples(files, tokenizer=None).tensors
+    n = len(next(iter(tensors.values())))
+    chosen = calibration_choice(n, samples, seed)
+    return [{k: v[i : i + 1] for k, v in tensors.items()} for i in chosen], calibration_words(
+        len(chosen), n, files, "rows"
+    )

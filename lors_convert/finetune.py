@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.data import load_examples, split_examples
+from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import Pair, fidelity, held_out_loss, load_pair, token_kl, token_log_probs
 from lors_convert.lors_format import LorsMeta
 from lors_convert.runtime import autocast, layer_outputs, run, setup_device, world
@@ -331,7 +331,7 @@ def finetune(
     device = setup_device(world_size)
     torch.manual_seed(settings.seed)
     examples = load_examples(data, pair.tokenizer)
-    train, held_out = split_examples(examples, settings.eval_examples, settings.seed)
+    train, held_out = split_examples(examples, settings.eval_examples)
     if pair.teacher is None and settings.objective != "lm":
         raise LorsError(
             f"{lors} was made by `lors-convert init`: there is no teacher to distil from; train it with "
@@ -407,6 +407,7 @@ def finetune(
         "frozen": frozen,
         "eval_before": before,
         "eval_after": after,
+        "held_out": held_out_words(held_out, data),
     }
     if world_size > 1 and not fsdp:  # FSDP holds no replicas to compare
         log(f"rank {rank}: parameter digest {parameter_digest(student)}")

@@ -52,10 +52,22 @@ class LorsLinear(nn.Module):
         holder, key = self._shared
         return holder[key]
 
+    @property
     def weight(self) -> torch.Tensor:
+        """S + B A, formed on each read (an out×in matrix, in×out for Conv1D, like the weight of the layer it
+        replaced), in the factors' dtype and device. It tracks gradients to S, B and A like any computed tensor
+        (none under no_grad); writing into it changes nothing."""
         if self.shared is None:
             return self.lora_B @ self.lora_A
         return torch.addmm(self.shared, self.lora_B, self.lora_A)
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_B.shape[0] if self.transposed else self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_A.shape[1] if self.transposed else self.lora_B.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols, rank = self.lora_B.shape[0], self.lora_A.shape[1], self.lora_A.shape[0]
@@ -98,7 +110,7 @@ def factored_forward(layer: LorsLinear, x: torch.Tensor) -> torch.Tensor:
 
 def materialised_forward(layer: LorsLinear, x: torch.Tensor) -> torch.Tensor:
     """W = S + B A formed once, then one linear."""
-    weight = layer.weight()
+    weight = layer.weight
     return F.linear(x, weight.t() if layer.transposed else weight, layer.bias)
 
 
@@ -127,7 +139,7 @@ def install_lors(model: nn.Module, lors: dict) -> None:
         )
         model.set_submodule(swap["path"], layer)
         # Its weights come from the checkpoint, and a model's own initialisation may reach into a child's `.weight`
-        # (GPT-2 scales c_proj's), which LorsLinear does not hold: transformers skips modules marked initialised.
+        # (GPT-2 scales c_proj's), which LorsLinear only computes: transformers skips modules marked initialised.
         model.get_submodule(swap["path"].rpartition(".")[0])._is_hf_initialized = True
 
 

@@ -38,7 +38,7 @@ def merge_lors(model: nn.Module) -> nn.Module:
         if not isinstance(module, LorsLinear):
             continue
         with torch.no_grad():
-            weight = module.weight().detach().clone()
+            weight = module.weight  # a new tensor, S + B A
         has_bias = module.bias is not None
         if module.transposed:
             from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have these

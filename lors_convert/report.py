@@ -58,6 +58,7 @@ def build_report(source: TensorSource, meta: LorsMeta) -> dict:
         "source": meta.source.path,
         "settings": meta.settings,
         "calibrated": meta.calibration is not None,
+        "calibration_data": (meta.calibration or {}).get("data"),
         "from_scratch": meta.settings.get("init") == "scratch",
         "finetuned": meta.finetune is not None,
         "groups": groups,
@@ -165,6 +166,8 @@ def print_report(report: dict, as_json: bool = False) -> None:
         f"file size: {human_bytes(b['before'])} -> {human_bytes(b['after'])}"
         "   rel. error = ‖W − Ŵ‖_F / ‖W‖_F over each group; S: stored with a shared matrix"
     )
+    if report["calibration_data"]:
+        stdout.print(f"calibrated on {escape(report['calibration_data'])}")
     if any(g["ranks"]["dense"] for g in report["groups"]):
         stdout.print("+k dense: k layers stored whole (their factors would cost as many numbers as the matrix)")
     for k in report["kept_dense"]:

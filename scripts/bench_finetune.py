@@ -144,7 +144,7 @@ def main() -> None:
     pair = load_pair(lors, model_dir)
     student, teacher = pair.student.to(device), pair.teacher.to(device)
     examples = load_examples([data], pair.tokenizer)
-    train, _ = split_examples(examples, args.eval_examples, seed=0)
+    train, _ = split_examples(examples, args.eval_examples)
     batch = train.batch(list(range(args.batch_size)), pair.tokenizer, args.max_length, device)
     paths = stacked_layer_paths(teacher, pair.meta)
     t_lors, t_dense = fastest_seconds(  # the dense student is a trainable copy of the teacher

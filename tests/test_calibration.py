@@ -241,7 +241,7 @@ def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):
 
     folder, calib = hf_dir(tmp_path, "bert")
     model = dense_model(folder)
-    batches = text_batches(load_tokenizer(folder), [calib], 16, 32, seed=0)
+    batches, _ = text_batches(load_tokenizer(folder), [calib], 16, 32, seed=0)
     stacks, _ = find_stacks(open_checkpoint(folder).info)
     names = [stack.names[1] for stack in stacks]  # the modules of layer 1 only
     covariances, cross = collect_pair(model, copy.deepcopy(model), names, batches, torch.device("cpu"))
@@ -269,6 +269,8 @@ def test_calibrated_layers_with_a_bias_keep_their_mean_output(tmp_path, cli, seq
     output error is measured after it."""
     from factory_models import stacked_mlp
 
+    from lors_convert.data import calibration_choice
+
     torch.manual_seed(0)
     original = stacked_mlp()
     save_file(original.state_dict(), tmp_path / "mlp.safetensors")
@@ -281,7 +283,7 @@ def test_calibrated_layers_with_a_bias_keep_their_mean_output(tmp_path, cli, seq
     converted = stacked_mlp()
     converted.load_state_dict(dict(expand(source, meta)))
     first = converted.layers[0][0], original.layers[0][0]
-    x = inputs.reshape(-1, 16)
+    x = inputs[calibration_choice(48, 48, seed=0)].reshape(-1, 16)  # the rows calibration drew (none held out)
     with torch.no_grad():
         mean_converted, mean_original = (layer(x).mean(0) for layer in first)
         assert not torch.allclose(first[0].weight, first[1].weight, atol=1e-3)  # rank 2 of 16: far from W
@@ -363,9 +365,9 @@ def test_fisher_factors_minimise_the_output_weighted_error(tmp_path, cli, kind):
     factory = "factory_models:stacked_mlp" if kind == "factory" else None
     model = dense_model(model_path, factory)
     if factory:
-        batches = tensor_batches([calibration_options[1]], 256)
+        batches, _ = tensor_batches([calibration_options[1]], 256, seed=0)
     else:
-        batches = text_batches(load_tokenizer(model_path), [calibration_options[1]], 32, 128, seed=0)
+        batches, _ = text_batches(load_tokenizer(model_path), [calibration_options[1]], 32, 128, seed=0)
     original = open_checkpoint(model_path)
     stacks, _ = find_stacks(original.info)
     calibration = collect(model, stacks, batches, torch.device("cpu"))

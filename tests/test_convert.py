@@ -315,6 +315,23 @@ def test_dtype_is_kept_or_chosen(tmp_path, cli):
     assert {t.dtype for t in dense.values()} == {torch.bfloat16}
 
 
+def test_a_narrower_dtype_that_cannot_hold_a_tensor_is_refused_naming_it(tmp_path, cli):
+    """Defect 11: --dtype float16 wrote inf for kept tensors above 65,504, without a word."""
+    sd = llama()
+    sd["model.embed_tokens.weight"][3, 5] = 1e5  # kept (not stacked), beyond float16's largest 65,504
+    sd["model.norm.weight"][0] = -7e4
+    save_file(sd, tmp_path / "m.safetensors")
+    result = cli(tmp_path / "m.safetensors", "--rank", "3", "--dtype", "float16", "-o", tmp_path / "h.safetensors")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "model.embed_tokens.weight" in result.err and "model.norm.weight" in result.err
+    assert not list(tmp_path.glob("h*"))
+    convert_json(
+        cli, tmp_path / "m.safetensors", "--rank", "3", "--dtype", "bfloat16", "-o", tmp_path / "b.safetensors"
+    )
+    source, _ = read_lors(tmp_path / "b.safetensors")
+    assert all(torch.isfinite(source.get(name)).all() for name in source.info)
+
+
 # ---------------------------------------------------------------- writes and refusals
 
 

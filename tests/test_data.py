@@ -32,7 +32,7 @@ def test_examples_split_and_batch_read_the_lines_back(tmp_path):
     data = write(tmp_path / "d.txt", ("\n".join(texts) + "\n").encode())
     examples = load_examples([data], tokenizer=object())
     assert isinstance(examples.texts, TextLines) and len(examples) == 50
-    train, held_out = split_examples(examples, eval_examples=10, seed=0)
+    train, held_out = split_examples(examples, eval_examples=10)
     seen = train.lines(list(range(len(train)))) + held_out.lines(list(range(len(held_out))))
     assert sorted(seen) == sorted(texts) and len(held_out) == 10
     listed = Examples(texts=texts).subset([4, 2])
@@ -69,8 +69,21 @@ def test_calibration_samples_are_distinct_seeded_lines(tmp_path):
         return {"input_ids": torch.tensor([[ord(c) for c in text]])}
 
     def texts(seed: int) -> list[str]:
-        return ["".join(map(chr, b["input_ids"][0].tolist())) for b in text_batches(tokenizer, [data], 20, 64, seed)]
+        batches, _ = text_batches(tokenizer, [data], 20, 64, seed)
+        return ["".join(map(chr, b["input_ids"][0].tolist())) for b in batches]
 
     first = texts(0)
     assert len(first) == len(set(first)) == 20 and all(t.startswith("sample ") for t in first)
     assert texts(0) == first and texts(1) != first
+
+
+def test_no_held_out_slice_of_any_size_holds_a_calibration_or_training_line():
+    """Defect 1: one split rule, the same whatever the seed, for convert, finetune, compress and eval."""
+    from lors_convert.data import calibration_choice, roles
+
+    for n in (10, 80, 1000):
+        for held_out in (2, 16, 256, 10**6):
+            held, _, train = roles(n, held_out)
+            assert len(held) == min(held_out, n // 5) and sorted(held + train) == list(range(n))
+            for seed in (0, 1):
+                assert not set(held) & set(calibration_choice(n, 10**6, seed))

@@ -377,24 +377,15 @@ def test_the_eval_table_names_its_data(tmp_path, cli):
     assert "other.txt (30 examples)" in result.out and "held-out" not in result.out
 
 
+def compress_args(folder, data, out, *more) -> list:
+    return ["compress", folder, "--calibrate", data, "-o", out, "--batch-size", "8", "--quiet", *more]
+
+
 def test_compress_converts_finetunes_and_shows_before_and_after(tmp_path, cli):
     folder = bert_folder(tmp_path, with_tokenizer=True)
     (tmp_path / "t.txt").write_text("\n".join(f"w{i % 50} w{(i * 7) % 50} w{(i * 3) % 50}" for i in range(80)))
     out = tmp_path / "final.lors.safetensors"
-    result = cli(
-        "compress",
-        folder,
-        "--calibrate",
-        tmp_path / "t.txt",
-        "-o",
-        out,
-        "--finetune-minutes",
-        "0.02",
-        "--batch-size",
-        "8",
-        "--quiet",
-        "--json",
-    )
+    result = cli(*compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.02", "--json"))
     assert result.code == 0, result.err
     table = result.json()
     assert set(table) == {"converted", "fine-tuned"} and table["converted"]["examples"] == 16
@@ -402,3 +393,57 @@ def test_compress_converts_finetunes_and_shows_before_and_after(tmp_path, cli):
     assert read_lors(out)[1].finetune is not None and read_lors(out)[1].calibration is not None
     again = cli("compress", folder, "--calibrate", tmp_path / "t.txt", "-o", out, "--quiet")
     assert again.code == 1 and "already exists" in again.err
+
+
+def test_compress_holds_out_lines_it_never_calibrates_or_trains_on(tmp_path, cli, monkeypatch):
+    """Defect 1: calibration and the held-out split each drew their own permutation of the same file, so compress
+    measured "held-out" fidelity on its calibration lines. Every line compress reads is recorded with its role
+    (the function that asked for it)."""
+    import inspect
+
+    from lors_convert.data import TextLines
+
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    (tmp_path / "t.txt").write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))  # 80 distinct lines
+    read, roles = TextLines.read, {"calibration": set(), "held-out": set(), "training": set()}
+
+    def spy(self, indices):
+        lines = read(self, indices)
+        callers = {frame.function for frame in inspect.stack()}
+        role = "held-out" if "fidelity" in callers else "calibration" if "text_batches" in callers else "training"
+        roles[role].update(lines)
+        return lines
+
+    monkeypatch.setattr(TextLines, "read", spy)
+    out = tmp_path / "final.lors.safetensors"
+    result = cli(*compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.02"))
+    assert result.code == 0, result.err
+    assert all(roles.values()), {role: len(lines) for role, lines in roles.items()}
+    assert not roles["held-out"] & roles["calibration"] and not roles["held-out"] & roles["training"]
+    assert "16 held-out lines of t.txt, disjoint from calibration and training" in " ".join(result.out.split())
+    assert "of the 80 lines of t.txt, none held out" in read_lors(out)[1].calibration["data"]
+
+
+def test_compress_reuses_a_leftover_conversion_only_of_the_same_source(tmp_path, cli):
+    """Defect 9: a leftover OUT.converted.safetensors of another model with the same settings was reused."""
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
+    first, second = (bert_folder(tmp_path / name, with_tokenizer=True) for name in ("first", "second"))
+    out = tmp_path / "second.lors.safetensors"
+    assert cli(*compress_args(first, text, tmp_path / "first.lors.safetensors")).code == 0
+    (tmp_path / "first.lors.safetensors").rename(tmp_path / "second.lors.converted.safetensors")  # the leftover
+
+    result = cli(*compress_args(second, text, out))
+    assert result.code == 0, result.err
+    assert "reusing" not in result.err
+    assert Path(read_lors(out)[1].source.path).parent == second.resolve()  # the second model, converted afresh
+
+
+def test_compress_refuses_to_write_onto_its_source_even_with_force(tmp_path, cli):
+    """Defect 10: -o MODEL_DIR/model.safetensors --force overwrote the model being compressed."""
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    (tmp_path / "t.txt").write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
+    before = (folder / "model.safetensors").read_bytes()
+    result = cli(*compress_args(folder, tmp_path / "t.txt", folder / "model.safetensors", "--force"))
+    assert result.code == 1 and "refusing to write onto the input" in result.err
+    assert (folder / "model.safetensors").read_bytes() == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lors_convert.lors_modeling import LorsLinear, factored_forward, materialised_forward, use_factored
@@ -181,3 +182,56 @@ def test_generate_with_the_lors_model_gives_the_dense_expansion_tokens(tmp_path,
         got = model.generate(prompt, **settings)
     assert expected.shape == (1, 50)
     assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- LorsLinear passes for nn.Linear (and Conv1D)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["S", "noS"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_lors_linear_has_nn_linears_attributes(shared, transposed):
+    """No isinstance: what code that takes an nn.Linear reads (weight, in_features, out_features, bias)."""
+    module = layer(shared, transposed, grad=True)
+    dense = nn.Linear(*((ROWS, COLS) if transposed else (COLS, ROWS)))  # (in, out)
+    assert (module.in_features, module.out_features) == (dense.in_features, dense.out_features)
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor) and weight.shape == (ROWS, COLS)  # the stored layout, as Conv1D's
+    assert (weight.dtype, weight.device) == (module.lora_A.dtype, module.lora_A.device)
+    expected = module.lora_B @ module.lora_A + (module.shared if shared else 0)
+    torch.testing.assert_close(weight, expected)
+    assert module.bias is not None and module.bias.shape == (COLS if transposed else ROWS,)
+    x = inputs(16, module)
+    torch.testing.assert_close(module(x), F.linear(x, weight.t() if transposed else weight, module.bias))
+    weight.sum().backward()  # the weight is S + B A: its gradient reaches the factors, as nn.Linear's reaches it
+    assert module.lora_A.grad is not None and (module.shared is None or module.shared.grad is not None)
+    with torch.no_grad():
+        assert not module.weight.requires_grad
+
+
+def test_a_transformers_model_that_reads_q_proj_weight_dtype_runs_with_lors_layers(tmp_path, cli):
+    """GPT-Neo's and Falcon's flash-attention paths cast the query to `self.q_proj.weight.dtype`; this attention
+    function, registered through transformers' AttentionInterface, does the same on a converted Llama."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import lors_convert
+
+    def dtype_reading_attention(module, query, key, value, attention_mask, **kwargs):
+        target = module.q_proj.weight.dtype  # the line that raised AttributeError on a LorsLinear
+        return sdpa_attention_forward(module, query.to(target), key, value, attention_mask, **kwargs)
+
+    transformers.AttentionInterface.register("dtype_reading", dtype_reading_attention)
+    from test_model import tiny
+
+    tiny("llama")[0].save_pretrained(tmp_path / "llama")
+    lors = tmp_path / "llama.lors.safetensors"
+    assert cli(tmp_path / "llama", "-o", lors, "--rank", "3", "--quiet").code == 0
+    model = lors_convert.load(lors).eval()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LorsLinear) and q_proj.weight.dtype == torch.float32
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.set_attn_implementation("dtype_reading")
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected)

@@ -33,7 +33,7 @@ def test_scratch_layers_start_as_their_shared_matrix_and_s_learns_from_every_lay
     layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
     shared = layers[0].shared
     assert all(torch.count_nonzero(m.lora_B) == 0 for m in layers)  # B = 0 at init
-    assert all(torch.equal(m.weight(), shared) for m in layers)  # so each layer is S
+    assert all(torch.equal(m.weight, shared) for m in layers)  # so each layer is S
     x = torch.randn(8, 16)
     with torch.no_grad():
         expected = x
