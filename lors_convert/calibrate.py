@@ -270,6 +270,26 @@ def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.
     )
 
 
+SELECTION_LINES = 128  # lines --max-ppl-increase measures perplexity on: ±3% on SmolLM2 (scripts/bench_llm.py)
+
+
+def selection_batches(source: TensorSource, settings: Settings) -> list[dict]:
+    """The lines --max-ppl-increase chooses on: the calibration pool's next picks after the calibration samples."""
+    from lors_convert.data import text_batches
+    from lors_convert.hf import architecture_dir, load_tokenizer
+
+    tokenizer = load_tokenizer(architecture_dir(source.path))
+    batches, _ = text_batches(
+        tokenizer, settings.calibrate, SELECTION_LINES, settings.calib_max_length, settings.seed, settings.calib_samples
+    )
+    if len(batches) < SELECTION_LINES // 4:
+        raise LorsError(
+            f"--max-ppl-increase needs {SELECTION_LINES} lines beside the {settings.calib_samples} calibration samples "
+            f"and the held-out fifth; {', '.join(map(str, settings.calibrate))} has only {len(batches)} left"
+        )
+    return batches
+
+
 def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     """K = C + λI with λ relative to the mean input energy, so rank-deficient covariances still work."""
     return covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)

@@ -31,6 +31,14 @@ COMMANDS = {"convert", "compress", "init", "report", "inspect", "expand", "expor
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
 # checkpoint.SHARD_SIZE as the option spells it (importing checkpoint here would load torch for --help)
+MaxPplIncrease = typer.Option(
+    None,
+    "--max-ppl-increase",
+    metavar="R",
+    help="Instead of --reduction, for a language model with --calibrate and --fisher: remove as much as keeps "
+    "perplexity within R times the original's (1.2: 20% higher), measured on lines of the calibration text that "
+    "are neither calibration samples nor held out.",
+)
 ShardSize = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size.")
 Force = typer.Option(
     False,
@@ -146,6 +154,7 @@ def convert(
     energy: Optional[float] = typer.Option(
         None, "--energy", metavar="E", help="Smallest rank keeping this fraction of each residual's energy."
     ),
+    max_ppl_increase: Optional[float] = MaxPplIncrease,
     include: List[str] = typer.Option(
         [],
         "--include",
@@ -238,6 +247,7 @@ def convert(
         rank=rank,
         reduction=reduction,
         energy=energy,
+        max_ppl_increase=max_ppl_increase,
         shared=shared,
         include=include,
         exclude=exclude,
@@ -300,7 +310,10 @@ def compress(
     output: Path = typer.Option(
         ..., "--output", "-o", metavar="FILE", help="The final LORS .safetensors.", show_default=False
     ),
-    reduction: float = typer.Option(0.5, "--reduction", metavar="F", help="Fraction of stacked parameters removed."),
+    reduction: Optional[float] = typer.Option(
+        None, "--reduction", metavar="F", show_default="0.5", help="Fraction of stacked parameters removed."
+    ),
+    max_ppl_increase: Optional[float] = MaxPplIncrease,
     finetune_minutes: float = typer.Option(
         0.0,
         "--finetune-minutes",
@@ -336,7 +349,14 @@ def compress(
     from lors_convert.lors_format import read_lors
     from lors_convert.runtime import setup_device
 
-    settings = Settings(reduction=reduction, calibrate=calibrate, calib_samples=calib_samples, fisher=fisher, seed=seed)
+    settings = Settings(
+        reduction=reduction,
+        max_ppl_increase=max_ppl_increase,
+        calibrate=calibrate,
+        calib_samples=calib_samples,
+        fisher=fisher,
+        seed=seed,
+    )
     settings.validate()
     source = open_checkpoint(model)
     check_output_path(output, source.files, force)

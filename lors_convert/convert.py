@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from lors_convert import LorsError, __version__
-from lors_convert.calibrate import calibrate_plans, calibration_inputs, sequential_factors
+from lors_convert.calibrate import calibrate_plans, calibration_inputs, selection_batches, sequential_factors
 from lors_convert.checkpoint import (
     SHARD_SIZE,
     SafetensorsWriter,
@@ -64,6 +64,7 @@ from lors_convert.plan import (
     read_matrix,
 )
 from lors_convert.stacks import Stack, find_stacks
+from lors_convert.target import choose_reduction
 
 REFIT_MAX_ITERS, REFIT_TOL = 50, 1e-6
 # --reduction gives every factored layer at least this fraction of its break-even rank: an error that looks cheap
@@ -297,7 +298,7 @@ def plan_conversion(
         model, batches, data = calibration_inputs(source, settings)
         plans, calibration = calibrate_plans(source, model, batches, plans, settings)
         calibration["data"] = data
-        if not settings.sequential:
+        if not (settings.sequential or settings.max_ppl_increase):
             model = None  # not needed again: free it before factoring
     advance = progress("shared matrices", sum(len(p.stack.names) for p in plans if p.shared))
     with_mean = []
@@ -307,7 +308,22 @@ def plan_conversion(
             for _ in plan.stack.names:
                 advance()
         with_mean.append(plan)
-    plans = plan_ranks(source, with_mean, settings, progress)
+    if settings.max_ppl_increase:
+        selection = selection_batches(source, settings)
+        measured = measure_spectra(source, with_mean, settings, progress)
+        reduction, calibration["quality_target"] = choose_reduction(
+            source,
+            model,
+            selection,
+            lambda f: ranks_for(with_mean, measured, replace(settings, reduction=f)),
+            measured,
+            settings,
+            progress,
+        )
+        settings, model = replace(settings, reduction=reduction), None
+        plans = ranks_for(with_mean, measured, settings)
+    else:
+        plans = plan_ranks(source, with_mean, settings, progress)
     if settings.shared == "refit":
         advance = progress("refitting S", len(plans))
         refitted = []

@@ -172,10 +172,12 @@ def held_out_words(held_out: Examples, files: list[Path]) -> str:
     return f"{len(held_out)} held-out {unit} of {names}, disjoint from calibration and training"
 
 
-def calibration_choice(n: int, samples: int, seed: int) -> list[int]:
-    """`samples` seeded picks among the calibration lines of `roles` (fewer when the data has fewer)."""
+def calibration_choice(n: int, samples: int, seed: int, skip: int = 0) -> list[int]:
+    """`samples` seeded picks among the calibration lines of `roles` (fewer when the data has fewer), after the
+    first `skip` picks: --max-ppl-increase chooses on the lines after the calibration samples, so they are never
+    calibration lines nor held-out ones."""
     pool = roles(n)[1]
-    picked = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:samples]
+    picked = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[skip : skip + samples]
     return [pool[i] for i in picked.tolist()]
 
 
@@ -184,11 +186,13 @@ def calibration_words(count: int, n: int, files: list[Path], unit: str = "lines"
     return f"{count} of the {n} {unit} of {', '.join(f.name for f in files)}, none held out"
 
 
-def text_batches(tokenizer, files: list[Path], samples: int, max_length: int, seed: int) -> tuple[list[dict], str]:
-    """Calibration: `samples` seeded lines of the files (streamed), one unpadded sequence per batch, so padding
-    never enters the statistics; and the words that say which."""
+def text_batches(
+    tokenizer, files: list[Path], samples: int, max_length: int, seed: int, skip: int = 0
+) -> tuple[list[dict], str]:
+    """Calibration: `samples` seeded lines of the files (streamed; after `skip` picks), one unpadded sequence per
+    batch, so padding never enters the statistics; and the words that say which."""
     lines = TextLines(files)
-    chosen = calibration_choice(len(lines), samples, seed)
+    chosen = calibration_choice(len(lines), samples, seed, skip)
     batches = [
         dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=max_length)) for t in lines.read(chosen)
     ]

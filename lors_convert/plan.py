@@ -36,6 +36,7 @@ class Settings:
     damping: float = 0.01
     sequential: bool = False
     fisher: bool = False
+    max_ppl_increase: float | None = None  # choose the reduction: the largest keeping ppl within this factor
     model_factory: str | None = None
     device: str = "cpu"  # where matrices are factored; not part of the output's description
 
@@ -45,8 +46,18 @@ class Settings:
             for n, v in (("--rank", self.rank), ("--reduction", self.reduction), ("--energy", self.energy))
             if v is not None
         ]
+        if self.max_ppl_increase is not None:
+            chosen.append("--max-ppl-increase")
         if len(chosen) > 1:
-            raise LorsError(f"choose one of --rank, --reduction, --energy (got {' and '.join(chosen)})")
+            raise LorsError(
+                f"choose one of --rank, --reduction, --energy, --max-ppl-increase (got {' and '.join(chosen)})"
+            )
+        if self.max_ppl_increase is not None and not self.max_ppl_increase > 1:
+            raise LorsError(
+                f"--max-ppl-increase is a factor above 1 (1.2: at most 20% higher), got {self.max_ppl_increase}"
+            )
+        if self.max_ppl_increase is not None and not (self.calibrate and self.fisher and self.model_factory is None):
+            raise LorsError("--max-ppl-increase needs --calibrate TEXT and --fisher on a language model")
         if not chosen:
             self.reduction = 0.5
         if self.rank is not None and self.rank < 0:
@@ -79,6 +90,7 @@ class Settings:
                 "damping": self.damping,
                 "sequential": self.sequential,
                 "fisher": self.fisher,
+                "max_ppl_increase": self.max_ppl_increase,
             }
             if self.calibrate
             else {}

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -73,20 +72,16 @@ def choose_reduction(
     source: TensorSource,
     model: nn.Module,
     selection: list[dict],
-    plans: list[GroupPlan],
+    planned: Callable[[float], list[GroupPlan]],
+    measured: list,
     settings: Settings,
     progress: Progress,
 ) -> tuple[float, dict]:
     """The largest reduction in [LOWEST, HIGHEST] whose converted model's perplexity on `selection` is at most
-    settings.max_ppl_increase times the dense model's; and what was measured, for the report."""
-    from lors_convert.convert import measure_spectra, ranks_for
-
-    measured = measure_spectra(source, plans, settings, progress)
+    settings.max_ppl_increase times the dense model's; and what was measured, for the report. `planned(f)` gives
+    the plans at reduction f, from `measured`, each group's spectra (convert.Spectra)."""
     dense = perplexity(model, selection)
     allowed = math.log(settings.max_ppl_increase)
-
-    def planned(reduction: float) -> list[GroupPlan]:
-        return ranks_for(plans, measured, replace(settings, reduction=reduction))
 
     def estimate(reduction: float) -> float:
         chosen = planned(reduction)
@@ -102,7 +97,8 @@ def choose_reduction(
             low, high = (middle, high) if predict(middle) <= allowed else (low, middle)
         return low
 
-    tokens = sum(p.rows for p in plans if p.rows) / max(sum(1 for p in plans if p.rows), 1)
+    rows = [p.rows for p in planned(LOWEST) if p.rows]
+    tokens = sum(rows) / max(len(rows), 1)
     scale = 1 / (2 * max(tokens, 1) ** 2)  # Σ over tokens of δᵀGδ / 2 with G and K both summed over tokens
     trials: list[dict] = []
     advance = progress("quality target", MEASUREMENTS)

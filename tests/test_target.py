@@ -1,0 +1,66 @@
+"""--max-ppl-increase: the largest reduction that keeps a language model's perplexity within a factor of the
+original's, chosen on lines that are neither calibration samples nor held out; through the real CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from test_finetune import make_model_dir, text_file
+
+import lors_convert
+from lors_convert.data import TextLines, calibration_choice, roles
+from lors_convert.hf import load_tokenizer
+from lors_convert.lors_format import read_lors
+from lors_convert.target import perplexity
+
+
+def batches_of(tokenizer, lines: list[str]) -> list[dict]:
+    return [dict(tokenizer(line, return_tensors="pt")) for line in lines]
+
+
+@pytest.mark.slow
+def test_max_ppl_increase_keeps_perplexity_within_the_factor_on_the_lines_it_chose_on(tmp_path, cli):
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    data = text_file(tmp_path / "text.txt", lines=600)
+    common = ["--calibrate", data, "--calib-samples", "48", "--fisher", "--quiet", "--json"]
+    loose = cli(folder, *common, "--max-ppl-increase", "1.5", "-o", tmp_path / "loose.safetensors")
+    tight = cli(folder, *common, "--max-ppl-increase", "1.05", "-o", tmp_path / "tight.safetensors")
+    assert loose.code == 0 and tight.code == 0, loose.err + tight.err
+    chosen = {}
+    for name, factor in (("loose", 1.5), ("tight", 1.05)):
+        meta = read_lors(tmp_path / f"{name}.safetensors")[1]
+        target = meta.calibration["quality_target"]
+        assert target["max_ppl_increase"] == factor and target["trials"]
+        chosen[name] = target["chosen_reduction"]
+        # every measured reduction above the chosen one missed the target; the chosen one met it (or is 0)
+        for trial in target["trials"]:
+            assert (trial["ppl_ratio"] <= factor) == (trial["reduction"] <= chosen[name]) or trial["reduction"] == 0
+    assert 0 < chosen["loose"] and chosen["tight"] <= chosen["loose"]
+
+    # the written model meets the target on the selection lines, measured again from the file
+    lines = TextLines([data])
+    tokenizer = load_tokenizer(folder)
+    picks = calibration_choice(len(lines), 128, seed=0, skip=48)
+    assert not set(picks) & set(calibration_choice(len(lines), 48, seed=0)) and not set(picks) & set(roles(600)[0])
+    selection = batches_of(tokenizer, lines.read(picks))
+    dense = perplexity(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), selection)
+    student = perplexity(lors_convert.load(tmp_path / "loose.safetensors"), selection)
+    assert student <= 1.5 * dense * 1.01
+
+
+def test_max_ppl_increase_refuses_what_it_cannot_serve(tmp_path, cli):
+    folder = make_model_dir(tmp_path / "bert", "bert")
+    data = text_file(tmp_path / "text.txt", lines=600)
+    out = tmp_path / "o.safetensors"
+    cases = [
+        (["--max-ppl-increase", "1.2"], "needs --calibrate TEXT and --fisher"),
+        (["--max-ppl-increase", "0.9", "--calibrate", data, "--fisher"], "a factor above 1"),
+        (["--max-ppl-increase", "1.2", "--reduction", "0.3"], "choose one of"),
+        (["--max-ppl-increase", "1.2", "--calibrate", data, "--fisher"], "needs a language model"),
+    ]
+    for options, message in cases:
+        result = cli(folder, *options, "-o", out, "--quiet")
+        assert result.code == 1 and message in result.err and len(result.err.strip().splitlines()) == 1, result.err
+        assert not out.exists()
