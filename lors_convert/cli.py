@@ -739,7 +739,7 @@ def evaluate(
 def default_output(model: Path) -> Path:
     """<input stem>.lors.safetensors beside the input (beside the folder for a model directory)."""
     name = model.resolve().name
-    for suffix in (".index.json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+    for suffix in (".index.json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf"):
         name = name.removesuffix(suffix)
     return model.resolve().parent / f"{name}.lors.safetensors"
 
