@@ -117,7 +117,9 @@ def root(
 @app.command()
 def convert(
     model: Path = typer.Argument(
-        ..., help="Checkpoint: .safetensors, *.safetensors.index.json, HF directory, .pt/.pth/.bin.", show_default=False
+        ...,
+        help="Checkpoint: .safetensors, *.safetensors.index.json, HF directory, .pt/.pth/.bin, .gguf.",
+        show_default=False,
     ),
     output: Optional[Path] = typer.Option(
         None,
@@ -287,7 +289,7 @@ def recovery_hint(result: dict, output: Path) -> str | None:
 @app.command()
 def compress(
     model: Path = typer.Argument(
-        ..., help="A Hugging Face model folder (or a checkpoint inside one).", show_default=False
+        ..., help="A Hugging Face model folder (or a checkpoint inside one), or a GGUF file.", show_default=False
     ),
     calibrate: List[Path] = typer.Option(
         ...,
