@@ -120,7 +120,7 @@ def without_gguf_bar() -> Iterator[None]:
             module.tqdm = bar
 
 
-def gguf_fields(path: Path):
+def gguf_reader(path: Path):
     """The gguf package's reading of a GGUF: `.fields` (metadata) and `.tensors` (their types)."""
     pretrained_args(path)  # the one-line error where the gguf package is missing
     import gguf
@@ -140,7 +140,7 @@ def gguf_dtype(path: Path) -> torch.dtype:
         gguf.GGMLQuantizationType.F16: torch.float16,
         gguf.GGMLQuantizationType.BF16: torch.bfloat16,
     }
-    kinds = {floats.get(t.tensor_type) for t in gguf_fields(path).tensors if len(t.shape) >= 2}
+    kinds = {floats.get(t.tensor_type) for t in gguf_reader(path).tensors if len(t.shape) >= 2}
     return kinds.pop() if len(kinds) == 1 and None not in kinds else torch.float32
 
 
@@ -164,16 +164,16 @@ TOKENIZER_FILES = (
 
 def has_tokenizer(folder: Path | None) -> bool:
     if folder is not None and gguf_file(folder) is not None:
-        return "tokenizer.ggml.model" in gguf_fields(gguf_file(folder)).fields
+        return "tokenizer.ggml.model" in gguf_reader(gguf_file(folder)).fields
     return folder is not None and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(folder: Path | None):
     """The folder's own tokenizer, or the one a GGUF file carries; without its files transformers would build an
     empty one that maps all text to unknown tokens, so that is refused."""
-    if folder is not None and gguf_file(folder) is not None and not has_tokenizer(folder):
-        raise LorsError(f"{folder}: the GGUF file holds no tokenizer (no tokenizer.ggml.* fields) for text data")
     if not has_tokenizer(folder):
+        if folder is not None and gguf_file(folder) is not None:
+            raise LorsError(f"{folder}: the GGUF file holds no tokenizer (no tokenizer.ggml.* fields) for text data")
         raise LorsError(
             f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) for text data; copy "
             "the model's tokenizer into that folder (or, for eval/finetune, give --teacher a folder "
@@ -307,7 +307,7 @@ def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
             model = cls.from_pretrained(where, **options, **{option: torch.float32})
     except Exception as e:
         raise LorsError(f"{folder}: transformers cannot load it ({one_line(e)})") from e
-    if getattr(model, "hf_quantizer", None) is not None:  # dequantized: a plain model (it casts, trains and saves)
+    if gguf and getattr(model, "hf_quantizer", None) is not None:  # dequantized: a plain model (casts, trains, saves)
         model.hf_quantizer.remove_quantization_config(model)
     return model.eval()
 

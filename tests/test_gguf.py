@@ -33,7 +33,7 @@ def byte_alphabet() -> list[str]:
     return [spelled[b] for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, dtype=np.float32, seed: int = 0) -> dict[str, np.ndarray]:
+def write_tiny_gguf(path: Path, dtype=np.float32, seed: int = 0, tokenizer: bool = True) -> dict[str, np.ndarray]:
     """A 3-layer Llama (hidden 64, GQA 4/2 heads) as llama.cpp writes one; returns the matrices written."""
     merges = ["Ġ t", "h e", "Ġt he", "i n", "a n", "e r", "Ġ a", "o n", "a t", "Ġ c"]
     tokens = byte_alphabet() + ["".join(m.split()) for m in merges] + ["<|endoftext|>"]
@@ -55,13 +55,14 @@ def write_tiny_gguf(path: Path, dtype=np.float32, seed: int = 0) -> dict[str, np
     writer.add_rope_freq_base(10000.0)
     writer.add_rope_dimension_count(HIDDEN // HEADS)
     writer.add_vocab_size(len(tokens))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * (len(tokens) - 1) + [3])  # the last is a control token
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(len(tokens) - 1)
-    writer.add_eos_token_id(len(tokens) - 1)
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * (len(tokens) - 1) + [3])  # the last is a control token
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(len(tokens) - 1)
+        writer.add_eos_token_id(len(tokens) - 1)
     matrix("token_embd.weight", len(tokens), HIDDEN)  # no output.weight: the head is tied to it
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
     kv = KV_HEADS * HIDDEN // HEADS
@@ -187,3 +188,11 @@ def test_missing_gguf_package_names_the_extra(tiny_gguf, monkeypatch, cli):
     assert result.code != 0 and "pip install 'lors-convert[gguf]'" in result.err
     with pytest.raises(LorsError, match=r"lors-convert\[gguf\]"):
         open_checkpoint(tiny_gguf[0])
+
+
+def test_gguf_without_a_tokenizer_converts_but_refuses_text(tmp_path, cli):
+    path = tmp_path / "bare.gguf"
+    write_tiny_gguf(path, tokenizer=False)
+    assert cli(path, "-o", tmp_path / "bare.lors.safetensors", "--quiet").code == 0
+    result = cli(path, "-o", tmp_path / "text.lors.safetensors", "--calibrate", lines(tmp_path / "t.txt"), "--quiet")
+    assert result.code != 0 and "holds no tokenizer" in result.err
