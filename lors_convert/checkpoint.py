@@ -380,14 +380,34 @@ def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     return files, weight_map
 
 
+def gguf_file(path: str | Path) -> Path | None:
+    """The GGUF file a source names, if it names one: a .gguf file (or a file that starts with GGUF's magic), or a
+    folder holding exactly one .gguf and no config.json."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        return found[0] if len(found) == 1 and not (path / "config.json").exists() else None
+    if not path.is_file():
+        return None
+    if path.suffix == ".gguf":
+        return path
+    with open(path, "rb") as f:
+        return path if f.read(4) == b"GGUF" else None
+
+
 def open_checkpoint(path: str | Path) -> TensorSource:
-    """Open any supported checkpoint lazily."""
+    """Open any supported checkpoint lazily (a GGUF through transformers: hf.open_gguf)."""
     path = Path(path)
     if not path.exists():
         index = Path(f"{path}.index.json")
         if path.suffix == ".safetensors" and index.is_file():
             return open_checkpoint(index)
         raise LorsError(f"{path}: no such file or directory")
+    gguf = gguf_file(path)
+    if gguf is not None:
+        from lors_convert.hf import open_gguf
+
+        return open_gguf(gguf)
     if path.is_dir():
         for name in (
             "model.safetensors.index.json",

@@ -125,7 +125,9 @@ def root(
 @app.command()
 def convert(
     model: Path = typer.Argument(
-        ..., help="Checkpoint: .safetensors, *.safetensors.index.json, HF directory, .pt/.pth/.bin.", show_default=False
+        ...,
+        help="Checkpoint: .safetensors, *.safetensors.index.json, HF directory, .pt/.pth/.bin, .gguf.",
+        show_default=False,
     ),
     output: Optional[Path] = typer.Option(
         None,
@@ -297,7 +299,7 @@ def recovery_hint(result: dict, output: Path) -> str | None:
 @app.command()
 def compress(
     model: Path = typer.Argument(
-        ..., help="A Hugging Face model folder (or a checkpoint inside one).", show_default=False
+        ..., help="A Hugging Face model folder (or a checkpoint inside one), or a GGUF file.", show_default=False
     ),
     calibrate: List[Path] = typer.Option(
         ...,
@@ -770,7 +772,7 @@ def evaluate(
 def default_output(model: Path) -> Path:
     """<input stem>.lors.safetensors beside the input (beside the folder for a model directory)."""
     name = model.resolve().name
-    for suffix in (".index.json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+    for suffix in (".index.json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf"):
         name = name.removesuffix(suffix)
     return model.resolve().parent / f"{name}.lors.safetensors"
 

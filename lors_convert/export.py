@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource, write_safetensors
+from lors_convert.checkpoint import TensorSource, gguf_file, write_safetensors
+from lors_convert.hf import save_gguf_description
 from lors_convert.loading import architecture_folder, load
 from lors_convert.lors_format import LorsMeta, read_lors
 
@@ -20,13 +21,16 @@ def export(
 ) -> Path:
     """Write a Hugging Face model folder: the LORS model with its modeling file (`trust_remote_code=True`; needs
     only torch and transformers) or, with `dense`, the plain dense model. Tokenizer and sentence-transformers files
-    are copied from the source folder. The folder appears under its name only once complete."""
+    are copied from the source folder; from a GGUF source, config.json and the tokenizer are written from it. The
+    folder appears under its name only once complete."""
     import shutil
 
     source, meta = read_lors(path)
     folder = architecture_folder(meta, architecture)
     if folder is None:
-        raise LorsError(f"{path}: export needs the source's Hugging Face folder (config.json); pass --architecture DIR")
+        raise LorsError(
+            f"{path}: export needs the source's Hugging Face folder (config.json) or GGUF; pass --architecture DIR"
+        )
     output = Path(output)
     if output.exists() and not force:
         raise LorsError(f"{output}: already exists (use --force to replace it)")
@@ -36,9 +40,12 @@ def export(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        for item in folder.iterdir():  # tokenizer, sentence-transformers modules, README…: not weights or config
-            if item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES):
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        if gguf_file(folder) is not None:
+            save_gguf_description(folder, staging)  # config.json and tokenizer: the folder needs no GGUF
+        else:
+            for item in folder.iterdir():  # tokenizer, sentence-transformers modules, README…: not weights or config
+                if item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES):
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         if dense:
             write_dense(source, meta, folder, staging)
         else:
@@ -52,12 +59,14 @@ def export(
 
 
 def write_dense(source: TensorSource, meta: LorsMeta, folder: Path, out: Path) -> None:
-    """config.json as it was and the dense weights under their checkpoint names: loads with no remote code."""
+    """config.json as it was (a GGUF's is already written) and the dense weights under their checkpoint names:
+    loads with no remote code."""
     import shutil
 
     from lors_convert.lors_format import dense_layout, expand
 
-    shutil.copy2(folder / "config.json", out / "config.json")
+    if gguf_file(folder) is None:
+        shutil.copy2(folder / "config.json", out / "config.json")
     write_safetensors(
         out / "model.safetensors", expand(source, meta), {"format": "pt"}, layout=dense_layout(source, meta)
     )

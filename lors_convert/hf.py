@@ -1,19 +1,24 @@
-"""Getting an architecture to run: a Hugging Face model directory (the only place that imports transformers:
-its model classes, tokenizers and checkpoint names) or any PyTorch model through `--model-factory
-package.module:function`. Always offline."""
+"""Getting an architecture to run: a Hugging Face model directory or a GGUF file (the only place that imports
+transformers: its model classes, tokenizers, checkpoint names and GGUF reading) or any PyTorch model through
+`--model-factory package.module:function`. Always offline.
+
+Where a function takes a Hugging Face folder, it also takes a GGUF file (`checkpoint.gguf_file`): its config,
+tokenizer and weights are transformers' reading of the GGUF."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import open_checkpoint
+from lors_convert.checkpoint import TensorInfo, TensorSource, gguf_file, open_checkpoint
 
 
 def _transformers():
@@ -32,6 +37,120 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+GGUF_INSTALL = "pip install 'lors-convert[gguf]'"
+
+
+def pretrained_args(where: Path) -> tuple[Path, dict]:
+    """`from_pretrained`'s folder and options for a Hugging Face folder or a GGUF file."""
+    gguf = gguf_file(where)
+    if gguf is None:
+        return Path(where), {"local_files_only": True}
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LorsError(f"{gguf}: reading GGUF files needs {' and '.join(missing)}: {GGUF_INSTALL}")
+    return gguf.parent, {"gguf_file": gguf.name, "local_files_only": True}
+
+
+def auto_config(where: Path):
+    """The config of a Hugging Face folder or a GGUF file. A GGUF names no model class: it gets the causal LM of
+    its kind (what llama.cpp runs), so the model built and a config.json written from it are the language model."""
+    transformers = _transformers()
+    folder, options = pretrained_args(where)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, **options)
+    except Exception as e:  # an unknown model_type, a malformed config.json, a corrupt or unsupported GGUF, …
+        if "gguf_file" in options:
+            raise LorsError(f"{gguf_file(where)}: transformers cannot read this GGUF ({one_line(e)})") from e
+        raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
+    causal = transformers.AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if "gguf_file" in options and not config.architectures and causal is not None:
+        config.architectures = [causal.__name__]
+    return config
+
+
+def open_gguf(path: Path) -> TensorSource:
+    """A GGUF file as a checkpoint: the tensors of the transformers model it loads as, under that model's own
+    checkpoint names (what `save_pretrained` writes: a tied `lm_head.weight` is left out), dequantized.
+
+    Names and shapes come from the config (the model built on the meta device). The first `get` loads the whole
+    model in float32 (transformers dequantizes) and keeps its weights until the source is dropped: memory is the
+    model's float32 size, fine up to a few billion parameters. Tensors are given in the GGUF's own float type
+    where all its matrices have one (F32, F16, BF16), else (quantized) in float32."""
+    config = auto_config(path)
+    try:
+        with torch.device("meta"):
+            skeleton = model_class(config)(config)
+    except Exception as e:
+        raise LorsError(f"{path}: cannot build the model it describes ({one_line(e)})") from e
+    state = skeleton.state_dict(keep_vars=True)
+    names, seen = {}, set()
+    for name, own in checkpoint_names(skeleton).items():
+        if id(state[own]) not in seen:  # tied weights: the first name (the embedding) stands for both
+            seen.add(id(state[own]))
+            names[name] = own
+    dtype = gguf_dtype(path)
+    info = {name: TensorInfo(tuple(state[own].shape), dtype) for name, own in names.items()}
+    loaded: dict[str, torch.Tensor] = {}
+
+    def read(name: str) -> torch.Tensor:
+        if not loaded:
+            loaded.update(dense_model(path).state_dict())
+        if names[name] not in loaded:
+            raise LorsError(f"{path}: transformers' model of it has no tensor {names[name]!r}")
+        return loaded[names[name]].detach().to(dtype, copy=True)
+
+    return TensorSource(path, [path], info, read)
+
+
+@contextlib.contextmanager
+def without_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF reading draws a tqdm bar of its own, which its progress-bar switch does not reach (it
+    would leak through --quiet); it becomes a plain loop while a model loads."""
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        module = None
+    bar = getattr(module, "tqdm", None)
+    if bar is not None:
+        module.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if bar is not None:
+            module.tqdm = bar
+
+
+def gguf_reader(path: Path):
+    """The gguf package's reading of a GGUF: `.fields` (metadata) and `.tensors` (their types)."""
+    pretrained_args(path)  # the one-line error where the gguf package is missing
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # a truncated or corrupt file
+        raise LorsError(f"{path}: not a readable GGUF file ({one_line(e)})") from e
+
+
+def gguf_dtype(path: Path) -> torch.dtype:
+    """The float type all of a GGUF's matrices are stored in, else (quantized or mixed) float32."""
+    import gguf
+
+    floats = {
+        gguf.GGMLQuantizationType.F32: torch.float32,
+        gguf.GGMLQuantizationType.F16: torch.float16,
+        gguf.GGMLQuantizationType.BF16: torch.bfloat16,
+    }
+    kinds = {floats.get(t.tensor_type) for t in gguf_reader(path).tensors if len(t.shape) >= 2}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else torch.float32
+
+
+def save_gguf_description(gguf: Path, out: Path) -> None:
+    """config.json and the tokenizer files of a GGUF: a folder exported from it loads without it."""
+    auto_config(gguf).save_pretrained(out)
+    if has_tokenizer(gguf):
+        load_tokenizer(gguf).save_pretrained(out)
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -44,20 +163,26 @@ TOKENIZER_FILES = (
 
 
 def has_tokenizer(folder: Path | None) -> bool:
+    if folder is not None and gguf_file(folder) is not None:
+        return "tokenizer.ggml.model" in gguf_reader(gguf_file(folder)).fields
     return folder is not None and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(folder: Path | None):
-    """The folder's own tokenizer; without its files transformers would build an empty one that maps all text
-    to unknown tokens, so that is refused."""
+    """The folder's own tokenizer, or the one a GGUF file carries; without its files transformers would build an
+    empty one that maps all text to unknown tokens, so that is refused."""
     if not has_tokenizer(folder):
+        if folder is not None and gguf_file(folder) is not None:
+            raise LorsError(f"{folder}: the GGUF file holds no tokenizer (no tokenizer.ggml.* fields) for text data")
         raise LorsError(
             f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) for text data; copy "
             "the model's tokenizer into that folder (or, for eval/finetune, give --teacher a folder "
             "that has them)"
         )
+    transformers = _transformers()
+    where, options = pretrained_args(folder)
     try:
-        return _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(where, **options)
     except Exception as e:  # transformers raises many kinds for a broken tokenizer; the user needs one line
         raise LorsError(f"{folder}: cannot load its tokenizer ({one_line(e)})") from e
 
@@ -154,8 +279,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
 
 
 def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
-    """The dense original in float32: a Hugging Face folder through `from_pretrained` (its renames, tied weights
-    and buffers are transformers' business), or a checkpoint plus --model-factory."""
+    """The dense original in float32: a Hugging Face folder or a GGUF file through `from_pretrained` (its renames,
+    tied weights, buffers and dequantizing are transformers' business), or a checkpoint plus --model-factory."""
     source_path = Path(source_path)
     if factory:
         source = open_checkpoint(source_path)
@@ -167,22 +292,31 @@ def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
             "or --model-factory package.module:function"
         )
     transformers = _transformers()
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        cls = model_class(config, set(open_checkpoint(source_path).info))
-    except Exception as e:  # an unknown model_type, a malformed config.json, …
-        raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
+    config = auto_config(folder)
+    gguf = gguf_file(folder)
+    try:  # a GGUF's names are its model's own: no headless checkpoint to tell apart
+        cls = model_class(config, None if gguf else set(open_checkpoint(source_path).info))
+    except Exception as e:
+        raise LorsError(f"{gguf or folder / 'config.json'}: cannot build the model it describes ({one_line(e)})") from e
     option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    where, options = pretrained_args(folder)
+    if gguf and hasattr(transformers, "GgufConfig"):  # transformers 5 keeps quantized blocks where it has kernels
+        options["quantization_config"] = transformers.GgufConfig(dequantize=True)
     try:
-        model = cls.from_pretrained(folder, local_files_only=True, **{option: torch.float32})
+        with without_gguf_bar() if gguf else contextlib.nullcontext():
+            model = cls.from_pretrained(where, **options, **{option: torch.float32})
     except Exception as e:
         raise LorsError(f"{folder}: transformers cannot load it ({one_line(e)})") from e
+    if gguf and getattr(model, "hf_quantizer", None) is not None:  # dequantized: a plain model (casts, trains, saves)
+        model.hf_quantizer.remove_quantization_config(model)
     return model.eval()
 
 
 def architecture_dir(source_path: Path) -> Path | None:
-    """The Hugging Face directory that describes a checkpoint, if any."""
+    """The Hugging Face directory that describes a checkpoint, if any; for a GGUF source, its GGUF file."""
     source_path = Path(source_path)
+    if gguf_file(source_path) is not None:
+        return gguf_file(source_path)
     for folder in (source_path, source_path.parent):
         if is_hf_dir(folder):
             return folder

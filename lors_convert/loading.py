@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource, check_output_path, write_safetensors
-from lors_convert.hf import _transformers, checkpoint_names, model_class, one_line
+from lors_convert.checkpoint import TensorSource, check_output_path, gguf_file, write_safetensors
+from lors_convert.hf import _transformers, auto_config, checkpoint_names, model_class, one_line
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
 from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors, lors_model_class
 from lors_convert.nn import is_conv1d, is_swappable
@@ -171,11 +171,14 @@ def lors_state_dict(source: TensorSource, meta: LorsMeta, own_name: dict[str, st
 
 
 def architecture_folder(meta: LorsMeta, architecture) -> Path | None:
-    """The Hugging Face folder describing the model: given, or the one the LORS file was converted from."""
+    """The Hugging Face folder (or GGUF file) describing the model: given, or the one the LORS file was converted
+    from."""
     candidates = [Path(architecture)] if isinstance(architecture, (str, Path)) else []
     if architecture is None:
         source = Path(meta.source.path)
         candidates = [source, source.parent]
+    if candidates and gguf_file(candidates[0]) is not None:
+        return gguf_file(candidates[0])
     for folder in candidates:
         if folder.is_file() and folder.name == "config.json":
             folder = folder.parent
@@ -189,9 +192,9 @@ def load(
 ) -> nn.Module:
     """The model of a LORS checkpoint, ready to run: its stacked Linear/Conv1D layers are LorsLinear modules.
 
-    `architecture`: a Hugging Face folder (or its config.json, or a `PretrainedConfig`), or a callable returning
-    the model (plain PyTorch); by default the folder the checkpoint was converted from. The model is in eval mode,
-    float32 unless `dtype` says otherwise, on `device`.
+    `architecture`: a Hugging Face folder (or its config.json, or a `PretrainedConfig`), a GGUF file, or a callable
+    returning the model (plain PyTorch); by default the folder or GGUF the checkpoint was converted from. The model
+    is in eval mode, float32 unless `dtype` says otherwise, on `device`.
     """
     source, meta = read_lors(path)
     if callable(architecture) and not isinstance(architecture, (str, Path)) and not is_config(architecture):
@@ -215,8 +218,8 @@ def is_config(value) -> bool:
 
 def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
     transformers = _transformers()
+    config = architecture if is_config(architecture) else auto_config(architecture)
     try:
-        config = architecture if is_config(architecture) else transformers.AutoConfig.from_pretrained(architecture)
         cls = model_class(config, set(source.info))
         with torch.device("meta"):
             skeleton = cls(config)
