@@ -326,7 +326,9 @@ def compress(
         help="Distil for N minutes after converting (0: convert and evaluate only).",
     ),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per fine-tuning step."),
-    calib_samples: int = typer.Option(1024, "--calib-samples", help="Calibration sequences."),
+    calib_samples: int = typer.Option(
+        256, "--calib-samples", help="Calibration sequences (MiniLM: 1,024 gain 0.01 cos, at 4x the time)."
+    ),
     fisher: bool = typer.Option(
         True,
         "--fisher/--no-fisher",
