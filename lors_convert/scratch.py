@@ -12,9 +12,11 @@ from lors_convert.hf import _transformers, checkpoint_names, model_class, one_li
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, shared_key
 
 
-def scratch_ranks(rows: int, cols: int, layers: int, reduction: float) -> int:
-    """The rank whose group (S + L rank-r factor pairs) stores `reduction` fewer numbers than L dense layers."""
-    return max(0, int(((1 - reduction) * layers * rows * cols - rows * cols) // (layers * (rows + cols))))
+def scratch_ranks(rows: int, cols: int, layers: int, reduction: float, shared: bool = True) -> int:
+    """The rank whose group (S, when `shared`, and L rank-r factor pairs) stores `reduction` fewer numbers than L
+    dense layers."""
+    budget = (1 - reduction) * layers * rows * cols - (rows * cols if shared else 0)
+    return max(0, int(budget // (layers * (rows + cols))))
 
 
 def init_checkpoint(
@@ -62,7 +64,7 @@ def init_checkpoint(
     stacks, warnings = find_stacks({n: i for n, i in info.items() if n.endswith(".weight")})
     groups, out = [], {}
     for stack in stacks:
-        r = rank if rank is not None else scratch_ranks(stack.rows, stack.cols, len(stack.layers), reduction)
+        r = rank if rank is not None else scratch_ranks(stack.rows, stack.cols, len(stack.layers), reduction, shared)
         r = min(r, stack.rows, stack.cols)
         if shared:
             out[shared_key(stack.template)] = tensors[stack.names[0]].clone()  # a layer's own default initialisation

@@ -159,3 +159,27 @@ def test_lorsify_leaves_the_layers_biases_as_they_were():
     biases = [layer[0].bias.detach().clone() for layer in model.layers]
     lorsify(model, rank=2)
     assert all(torch.equal(layer[0].bias, bias) for layer, bias in zip(model.layers, biases))
+
+
+def tiny_llama_config(folder, layers: int = 3) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+
+
+def test_init_no_shared_reduction_removes_that_fraction(tmp_path, cli):
+    """Without S nothing is spent on it: --reduction 0.5 stores half the stacked numbers, not less."""
+    tiny_llama_config(tmp_path / "config")
+    out = tmp_path / "init.lors.safetensors"
+    result = cli("init", tmp_path / "config", "-o", out, "--reduction", "0.5", "--no-shared", "--quiet", "--json")
+    assert result.code == 0, result.err
+    assert 0.5 <= result.json()["stacked"]["reduction"] <= 0.55  # ranks round down; subtracting S's size gave 0.87
