@@ -405,7 +405,8 @@ def init(
 ) -> None:
     """A fresh LORS checkpoint for a config, to train from scratch (finetune --objective lm).
 
-    Initialised as the paper trains LORS: S the layer's own default initialisation, A kaiming-uniform, B zeros."""
+    Initialised as the paper trains LORS: S the layer's own default initialisation, A kaiming-uniform, B zeros
+    (with --no-shared, B random: B A has the variance of the layer's own initialisation)."""
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
     from lors_convert.scratch import init_checkpoint

@@ -84,13 +84,15 @@ def lorsify(
     Stacks are found as in conversion (same name up to one layer index, same shape; `include`/`exclude` are globs
     over the templates). Each group gets one shared matrix S (unless `shared=False`), held by the model under
     `lors_shared`, and per layer rank-`rank` factors B (out×r) and A (r×in):
-    - `init="scratch"`, the paper's: S with the layer's own default initialisation, A kaiming-uniform, B zeros,
-      so every layer starts as S;
+    - `init="scratch"`, the paper's (`scratch.scratch_factors`): S with the layer's own default initialisation,
+      A kaiming-uniform, B zeros, so every layer starts as S; without S, B random so that B A has the variance
+      of that initialisation (B = 0 would make every layer the zero map);
     - `init="convert"`: S the mean of the group's weights and B A the truncated SVD of each residual.
     A group then has rows·cols (S) + Σ r·(rows + cols) parameters.
     """
     from lors_convert.checkpoint import TensorInfo
     from lors_convert.factorize import low_rank
+    from lors_convert.scratch import scratch_factors
     from lors_convert.stacks import find_stacks
 
     if init not in INITS:
@@ -107,20 +109,18 @@ def lorsify(
         weights = [m.weight.detach() for m in dense]
         r = min(rank, stack.rows, stack.cols)
         key = str(len(holder))
+        if init == "scratch":  # a fresh copy of the first layer, re-initialised its own way
+            fresh = copy.deepcopy(dense[0])
+            reset = getattr(fresh, "reset_parameters", None) or (lambda: nn.init.normal_(fresh.weight, std=0.02))
+            reset()
+            matrix = fresh.weight.detach()
+        elif shared:
+            matrix = torch.stack(weights).float().mean(0).to(weights[0].dtype)
         if shared:
-            if init == "scratch":  # a fresh copy of the first layer, re-initialised its own way
-                fresh = copy.deepcopy(dense[0])
-                reset = getattr(fresh, "reset_parameters", None) or (lambda: nn.init.normal_(fresh.weight, std=0.02))
-                reset()
-                matrix = fresh.weight.detach()
-            else:
-                matrix = torch.stack(weights).float().mean(0).to(weights[0].dtype)
             holder[key] = nn.Parameter(matrix.clone())
         for name, layer, weight in zip(stack.names, dense, weights):
             if init == "scratch":
-                a = torch.empty(r, stack.cols, dtype=weight.dtype, device=weight.device)
-                nn.init.kaiming_uniform_(a, a=5**0.5)
-                b = torch.zeros(stack.rows, r, dtype=weight.dtype, device=weight.device)
+                b, a = scratch_factors(matrix, r, shared)
             else:
                 residual = weight.float() - (holder[key].float() if shared else 0)
                 b, a = (t.to(weight.dtype) for t in low_rank(residual, r))

@@ -183,3 +183,22 @@ def test_init_no_shared_reduction_removes_that_fraction(tmp_path, cli):
     result = cli("init", tmp_path / "config", "-o", out, "--reduction", "0.5", "--no-shared", "--quiet", "--json")
     assert result.code == 0, result.err
     assert 0.5 <= result.json()["stacked"]["reduction"] <= 0.55  # ranks round down; subtracting S's size gave 0.87
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_scratch_layers_are_not_zero_maps_with_or_without_s(tmp_path, cli, shared):
+    """B = 0 only where S carries the function; without S, B A starts with the variance of the layer's own init."""
+    import lors_convert
+
+    tiny_llama_config(tmp_path / "config")
+    out = tmp_path / "init.lors.safetensors"
+    flag = "--shared" if shared else "--no-shared"
+    assert cli("init", tmp_path / "config", "-o", out, "--rank", "8", flag, "--quiet").code == 0
+    # Llama initialises its Linear weights normal(0, 0.02); nn.Linear uniform(±1/sqrt(in)), variance 1/(3 in)
+    for model, variance in (
+        (lors_convert.load(out), lambda m: 0.02**2),
+        (lorsify(stacked(dim=64), rank=8, shared=shared), lambda m: 1 / (3 * m.in_features)),
+    ):
+        layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
+        assert layers and all(torch.count_nonzero(m.weight) > 0 for m in layers)
+        assert all(0.5 < m.weight.detach().var().item() / variance(m) < 2 for m in layers)
