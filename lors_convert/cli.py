@@ -174,7 +174,8 @@ def convert(
         metavar="auto|mean|refit|none",
         help="Shared matrix per group: "
         "mean, refit (alternating least squares), none (per-layer low rank only), or auto "
-        "(per group, S only where it leaves less error than the same numbers spent on rank).",
+        "(per group, S only where it leaves less error than the same numbers spent on rank; "
+        "with --rank, only where it lowers the error at that rank and the group stays smaller than dense).",
     ),
     calibrate: List[Path] = typer.Option(
         [],
