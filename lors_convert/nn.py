@@ -33,23 +33,25 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def merge_lors(model: nn.Module) -> nn.Module:
-    """Replace every LorsLinear by a plain nn.Linear (or GPT-2 Conv1D) holding S + B A. In place."""
+    """Replace every LorsLinear by a plain nn.Linear (or GPT-2 Conv1D) holding S + B A, built on the meta device
+    and given that weight (and the layer's bias). In place."""
     for path, module in list(model.named_modules()):
         if not isinstance(module, LorsLinear):
             continue
         with torch.no_grad():
             weight = module.weight  # a new tensor, S + B A
-        has_bias = module.bias is not None
-        if module.transposed:
-            from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have these
+        bias = module.bias
+        with torch.device("meta"):  # no random init of a weight replaced at once
+            if module.transposed:
+                from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have these
 
-            dense = Conv1D(weight.shape[1], weight.shape[0])
-        else:
-            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
-        dense = dense.to(weight.device)
+                dense = Conv1D(weight.shape[1], weight.shape[0])
+                bias = nn.Parameter(weight.new_zeros(weight.shape[1])) if bias is None else bias  # it always has one
+            else:
+                dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         dense.weight = nn.Parameter(weight)
-        if has_bias:
-            dense.bias = module.bias
+        if bias is not None:
+            dense.bias = bias
         model.set_submodule(path, dense)
     if hasattr(model, SHARED_ATTRIBUTE):  # every layer now holds its own weight
         delattr(model, SHARED_ATTRIBUTE)

@@ -202,3 +202,33 @@ def test_scratch_layers_are_not_zero_maps_with_or_without_s(tmp_path, cli, share
         layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
         assert layers and all(torch.count_nonzero(m.weight) > 0 for m in layers)
         assert all(0.5 < m.weight.detach().var().item() / variance(m) < 2 for m in layers)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_merge_lors_initialises_no_dense_weight_it_then_replaces(monkeypatch, conv1d):
+    """The dense layers are built on the meta device: their own random init never touches real memory."""
+    model = stacked()
+    if conv1d:  # GPT-2's layers
+        conv = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        for layer in model.layers:
+            layer[0] = conv(16, 16)
+    lorsify(model, rank=3, init="convert")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    initialised = []
+
+    def recording(real):
+        def init(tensor, *args, **kwargs):
+            initialised.append(tensor.device)
+            return real(tensor, *args, **kwargs)
+
+        return init
+
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        monkeypatch.setattr(nn.init, name, recording(getattr(nn.init, name)))
+    merge_lors(model)
+    assert all(device.type == "meta" for device in initialised)
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-6)
