@@ -491,5 +491,6 @@ def write_group(
                 shifts[bias_name(source, name, plan.out_in[0])] = mean_error if shift is None else shift
                 out_err_sq -= plan.rows * mean_error.square().sum().item()
         advance()
-    output_error = rel_error(out_err_sq, out_norm_sq) if plan.covariances is not None else None
+    # the centred error is a difference of sums, ≥ 0 exactly but not always once rounded (inputs with no spread)
+    output_error = rel_error(max(out_err_sq, 0.0), out_norm_sq) if plan.covariances is not None else None
     return group_entry(plan, rel_error(err_sq, norm_sq), layer_errors, output_error)
