@@ -27,7 +27,6 @@ class Calibration:
     sums: dict[str, torch.Tensor]  # tensor name -> Xᵀ1 (input dim, float64): the mean input is sums / rows
     rows: dict[str, int]  # tensor name -> input rows (tokens) seen
     transposed: set[str]  # names stored as in x out (GPT-2 Conv1D): their input side is dim 0
-    tokens: int
 
 
 class _Stop(Exception):
@@ -164,12 +163,9 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
     if not hooks:
         raise LorsError("calibration found no stacked nn.Linear layers in the model to measure")
     model.to(device).eval()
-    tokens = 0
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            call_model(model, batch)
-            tokens += next(iter(batch.values())).numel()
+            call_model(model, {k: v.to(device) for k, v in batch.items()})
     finally:
         for hook in hooks:
             hook.remove()
@@ -179,7 +175,6 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
         sums={name: m[:-1, -1] for name, m in moments.items()},
         rows={name: round(m[-1, -1].item()) for name, m in moments.items()},
         transposed=transposed,
-        tokens=tokens,
     )
 
 
@@ -326,7 +321,7 @@ def calibrate_plans(
         calibrated.append(plan)
     return calibrated, {
         "samples": len(batches),
-        "tokens": calibration.tokens,
+        "tokens": max(calibration.rows.values(), default=0),  # input rows (tokens, patches) of the busiest layer
         "groups": sum(p.metrics is not None for p in calibrated),
     }
 

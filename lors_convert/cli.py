@@ -188,7 +188,8 @@ def convert(
         metavar="auto|mean|refit|none",
         help="Shared matrix per group: "
         "mean, refit (alternating least squares), none (per-layer low rank only), or auto "
-        "(per group, S only where it leaves less error than the same numbers spent on rank).",
+        "(per group, S only where it leaves less error than the same numbers spent on rank; "
+        "with --rank, only where it lowers the error at that rank and the group stays smaller than dense).",
     ),
     calibrate: List[Path] = typer.Option(
         [],
@@ -442,7 +443,8 @@ def init(
 ) -> None:
     """A fresh LORS checkpoint for a config, to train from scratch (finetune --objective lm).
 
-    Initialised as the paper trains LORS: S the layer's own default initialisation, A kaiming-uniform, B zeros."""
+    Initialised as the paper trains LORS: S the layer's own default initialisation, A kaiming-uniform, B zeros
+    (with --no-shared, B random: B A has the variance of the layer's own initialisation)."""
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
     from lors_convert.scratch import init_checkpoint

@@ -153,9 +153,9 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
     """Choose, per group, shared or not and the rank of every layer (None: stored dense).
 
     --rank N gives every layer rank N (dense where N is past its break-even rank) and, under `auto`, S where
-    it lowers the error at those ranks; --energy the smallest rank keeping that energy; --reduction allocates a
-    budget. Under `auto` with --energy or --reduction, a group keeps S only where S leaves less error than the
-    same numbers spent on rank without it.
+    it lowers the error at those ranks and the group with S is still smaller than dense; --energy the smallest
+    rank keeping that energy; --reduction allocates a budget. Under `auto` with --energy or --reduction, a group
+    keeps S only where S leaves less error than the same numbers spent on rank without it.
     """
     shapes = [p.out_in for p in plans]
     auto = settings.shared == "auto"
@@ -169,7 +169,9 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
         advance = progress("choosing S", len(plans))
         decided = []
         for plan in plans:
-            if plan.shared and not plan.kept_dense and not keep_shared_at_rank(source, plan, settings.seed):
+            # S stays where the group with it is smaller than dense and it lowers the error; otherwise the group
+            # goes without S (and stays dense only if it is no smaller without)
+            if plan.shared and (plan.kept_dense or not keep_shared_at_rank(source, plan, settings.seed)):
                 plan = replace(plan, shared=False, shared_matrix=None)
             decided.append(plan)
             advance()
@@ -523,5 +525,6 @@ def write_group(
                 shifts[bias_name(source, name, plan.out_in[0])] = mean_error if shift is None else shift
                 out_err_sq -= plan.rows * mean_error.square().sum().item()
         advance()
-    output_error = rel_error(out_err_sq, out_norm_sq) if plan.covariances is not None else None
+    # the centred error is a difference of sums, ≥ 0 exactly but not always once rounded (inputs with no spread)
+    output_error = rel_error(max(out_err_sq, 0.0), out_norm_sq) if plan.covariances is not None else None
     return group_entry(plan, rel_error(err_sq, norm_sq), layer_errors, output_error)

@@ -231,11 +231,14 @@ def write_output(
     teacher_state = pair.teacher.state_dict() if pair.teacher is not None else {}
     teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names]) if teacher_state else {}
     groups = [] if teacher_state else list(pair.meta.groups)
-    for group in pair.meta.groups if teacher_state else []:  # the weights moved: their distance to the originals
+    # the weights moved: their distance to the originals is measured again; the output error was measured on
+    # calibration inputs this run does not have (and the tuned model's layers see other inputs): it is dropped
+    for group in pair.meta.groups if teacher_state else []:
         error, layer_errors = reconstruction_errors(
             tensors, group, lambda name: teacher_state[teacher_names[name]].cpu()
         )
-        groups.append(replace(group, rel_error=error, layer_errors=[round(e, 6) for e in layer_errors]))
+        layer_errors = [round(e, 6) for e in layer_errors]
+        groups.append(replace(group, rel_error=error, layer_errors=layer_errors, output_error=None))
     meta = replace(
         pair.meta,
         groups=groups,

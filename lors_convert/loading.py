@@ -147,7 +147,8 @@ def swaps_for(model: nn.Module, meta: LorsMeta, own_name: dict[str, str]) -> lis
 
 def lors_state_dict(source: TensorSource, meta: LorsMeta, own_name: dict[str, str], swaps: list[Swap]) -> dict:
     """The LORS file's tensors under the model's own names (factors as `<layer>.lora_A`/`.lora_B`, shared
-    matrices as `lors_shared.<group>`), read lazily one at a time by the loader."""
+    matrices as `lors_shared.<group>`), every one read into memory here: loading holds the whole file's tensors
+    at once (the LORS tensors, not a dense copy of the stacked layers)."""
     state = {}
     factored = {swap.name: swap for swap in swaps}
     owned = meta.group_keys()
@@ -194,7 +195,8 @@ def load(
 
     `architecture`: a Hugging Face folder (or its config.json, or a `PretrainedConfig`), a GGUF file, or a callable
     returning the model (plain PyTorch); by default the folder or GGUF the checkpoint was converted from. The model
-    is in eval mode, float32 unless `dtype` says otherwise, on `device`.
+    is in eval mode, float32 unless `dtype` says otherwise, on `device`. Every tensor of the file is read before the
+    model takes them (not lazily): peak memory is about the file's tensors plus the model.
     """
     source, meta = read_lors(path)
     if callable(architecture) and not isinstance(architecture, (str, Path)) and not is_config(architecture):

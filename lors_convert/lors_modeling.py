@@ -115,26 +115,30 @@ def materialised_forward(layer: LorsLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def install_lors(model: nn.Module, lors: dict) -> None:
-    """Swap the layers `lors["swaps"]` lists for LorsLinear with empty factors (on whatever device the model is
-    being built on, meta included) and register one shared Parameter per group (`lors["shared"]`: group → shape).
+    """Swap the layers `lors["swaps"]` lists for LorsLinear with empty factors, each in the dtype and on the device
+    of the layer it replaces (meta included), and register one shared Parameter per group (`lors["shared"]`:
+    group → shape), in the dtype and on the device of the group's first layer.
 
     A swap is {"path", "group", "rank", "rows", "cols", "transposed"} in the layer's stored layout.
     """
-    reference = next(iter(model.parameters()))
+    dense = {swap["path"]: model.get_submodule(swap["path"]) for swap in lors["swaps"]}
+    first = {}  # group → the weight of its first layer, whose dtype and device S takes
+    for swap in lors["swaps"]:
+        first.setdefault(str(swap["group"]), dense[swap["path"]].weight)
 
-    def empty(*shape: int) -> nn.Parameter:
-        return nn.Parameter(torch.empty(*shape, dtype=reference.dtype, device=reference.device))
+    def empty(like: torch.Tensor, *shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, dtype=like.dtype, device=like.device))
 
-    shared = nn.ParameterDict({group: empty(*shape) for group, shape in lors["shared"].items()})
+    shared = nn.ParameterDict({group: empty(first[group], *shape) for group, shape in lors["shared"].items()})
     setattr(model, SHARED_ATTRIBUTE, shared)
     for swap in lors["swaps"]:
-        dense = model.get_submodule(swap["path"])
+        replaced = dense[swap["path"]]
         group = str(swap["group"])
         layer = LorsLinear(
             (shared, group) if group in shared else None,
-            empty(swap["rank"], swap["cols"]),
-            empty(swap["rows"], swap["rank"]),
-            dense.bias,
+            empty(replaced.weight, swap["rank"], swap["cols"]),
+            empty(replaced.weight, swap["rows"], swap["rank"]),
+            replaced.bias,
             transposed=swap["transposed"],
         )
         model.set_submodule(swap["path"], layer)

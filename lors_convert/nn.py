@@ -33,23 +33,25 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def merge_lors(model: nn.Module) -> nn.Module:
-    """Replace every LorsLinear by a plain nn.Linear (or GPT-2 Conv1D) holding S + B A. In place."""
+    """Replace every LorsLinear by a plain nn.Linear (or GPT-2 Conv1D) holding S + B A, built on the meta device
+    and given that weight (and the layer's bias). In place."""
     for path, module in list(model.named_modules()):
         if not isinstance(module, LorsLinear):
             continue
         with torch.no_grad():
             weight = module.weight  # a new tensor, S + B A
-        has_bias = module.bias is not None
-        if module.transposed:
-            from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have these
+        bias = module.bias
+        with torch.device("meta"):  # no random init of a weight replaced at once
+            if module.transposed:
+                from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have these
 
-            dense = Conv1D(weight.shape[1], weight.shape[0])
-        else:
-            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
-        dense = dense.to(weight.device)
+                dense = Conv1D(weight.shape[1], weight.shape[0])
+                bias = nn.Parameter(weight.new_zeros(weight.shape[1])) if bias is None else bias  # it always has one
+            else:
+                dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         dense.weight = nn.Parameter(weight)
-        if has_bias:
-            dense.bias = module.bias
+        if bias is not None:
+            dense.bias = bias
         model.set_submodule(path, dense)
     if hasattr(model, SHARED_ATTRIBUTE):  # every layer now holds its own weight
         delattr(model, SHARED_ATTRIBUTE)
@@ -84,13 +86,15 @@ def lorsify(
     Stacks are found as in conversion (same name up to one layer index, same shape; `include`/`exclude` are globs
     over the templates). Each group gets one shared matrix S (unless `shared=False`), held by the model under
     `lors_shared`, and per layer rank-`rank` factors B (out×r) and A (r×in):
-    - `init="scratch"`, the paper's: S with the layer's own default initialisation, A kaiming-uniform, B zeros,
-      so every layer starts as S;
+    - `init="scratch"`, the paper's (`scratch.scratch_factors`): S with the layer's own default initialisation,
+      A kaiming-uniform, B zeros, so every layer starts as S; without S, B random so that B A has the variance
+      of that initialisation (B = 0 would make every layer the zero map);
     - `init="convert"`: S the mean of the group's weights and B A the truncated SVD of each residual.
     A group then has rows·cols (S) + Σ r·(rows + cols) parameters.
     """
     from lors_convert.checkpoint import TensorInfo
     from lors_convert.factorize import low_rank
+    from lors_convert.scratch import scratch_factors
     from lors_convert.stacks import find_stacks
 
     if init not in INITS:
@@ -107,20 +111,18 @@ def lorsify(
         weights = [m.weight.detach() for m in dense]
         r = min(rank, stack.rows, stack.cols)
         key = str(len(holder))
+        if init == "scratch":  # a fresh copy of the first layer, re-initialised its own way
+            fresh = copy.deepcopy(dense[0])
+            reset = getattr(fresh, "reset_parameters", None) or (lambda: nn.init.normal_(fresh.weight, std=0.02))
+            reset()
+            matrix = fresh.weight.detach()
+        elif shared:
+            matrix = torch.stack(weights).float().mean(0).to(weights[0].dtype)
         if shared:
-            if init == "scratch":  # a fresh copy of the first layer, re-initialised its own way
-                fresh = copy.deepcopy(dense[0])
-                reset = getattr(fresh, "reset_parameters", None) or (lambda: nn.init.normal_(fresh.weight, std=0.02))
-                reset()
-                matrix = fresh.weight.detach()
-            else:
-                matrix = torch.stack(weights).float().mean(0).to(weights[0].dtype)
             holder[key] = nn.Parameter(matrix.clone())
         for name, layer, weight in zip(stack.names, dense, weights):
             if init == "scratch":
-                a = torch.empty(r, stack.cols, dtype=weight.dtype, device=weight.device)
-                nn.init.kaiming_uniform_(a, a=5**0.5)
-                b = torch.zeros(stack.rows, r, dtype=weight.dtype, device=weight.device)
+                b, a = scratch_factors(matrix, r, shared)
             else:
                 residual = weight.float() - (holder[key].float() if shared else 0)
                 b, a = (t.to(weight.dtype) for t in low_rank(residual, r))

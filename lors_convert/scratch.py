@@ -12,9 +12,26 @@ from lors_convert.hf import _transformers, checkpoint_names, model_class, one_li
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, shared_key
 
 
-def scratch_ranks(rows: int, cols: int, layers: int, reduction: float) -> int:
-    """The rank whose group (S + L rank-r factor pairs) stores `reduction` fewer numbers than L dense layers."""
-    return max(0, int(((1 - reduction) * layers * rows * cols - rows * cols) // (layers * (rows + cols))))
+def scratch_ranks(rows: int, cols: int, layers: int, reduction: float, shared: bool = True) -> int:
+    """The rank whose group (S, when `shared`, and L rank-r factor pairs) stores `reduction` fewer numbers than L
+    dense layers."""
+    budget = (1 - reduction) * layers * rows * cols - (rows * cols if shared else 0)
+    return max(0, int(budget // (layers * (rows + cols))))
+
+
+def scratch_factors(weight: torch.Tensor, rank: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (rows × rank) and A (rank × cols) for a layer trained from scratch, in `weight`'s dtype and device; `weight`
+    is a freshly initialised layer of the group. A is kaiming-uniform (nn.Linear's default). B is zeros where S
+    carries the layer's function (the paper's init: each layer starts as S); without S that would make every layer
+    the zero map, so there B is kaiming-uniform, scaled so that B A has the variance of `weight`."""
+    rows, cols = weight.shape
+    a = torch.empty(rank, cols, device=weight.device)
+    torch.nn.init.kaiming_uniform_(a, a=5**0.5)  # variance 1 / (3 cols)
+    b = torch.zeros(rows, rank, device=weight.device)
+    if not shared and rank:
+        torch.nn.init.kaiming_uniform_(b, a=5**0.5)  # variance 1 / (3 rank): B A has variance 1 / (9 cols)
+        b *= (9 * cols * weight.float().var()).sqrt()
+    return b.to(weight.dtype), a.to(weight.dtype)
 
 
 def init_checkpoint(
@@ -28,8 +45,9 @@ def init_checkpoint(
     force: bool = False,
 ) -> tuple[list[Path], LorsMeta]:
     """A fresh LORS checkpoint for a Hugging Face config, initialised as the paper trains LORS: per group S with
-    the layer's own default initialisation (a freshly initialised layer of the group), A kaiming-uniform, B zeros,
-    every other tensor as transformers initialises it. `finetune --objective lm` trains it without a teacher."""
+    the layer's own default initialisation (a freshly initialised layer of the group), factors by `scratch_factors`
+    (A kaiming-uniform, B zeros, or random without S), every other tensor as transformers initialises it.
+    `finetune --objective lm` trains it without a teacher."""
     from lors_convert.checkpoint import TensorInfo
     from lors_convert.lors_format import SourceMeta
     from lors_convert.stacks import find_stacks
@@ -62,15 +80,13 @@ def init_checkpoint(
     stacks, warnings = find_stacks({n: i for n, i in info.items() if n.endswith(".weight")})
     groups, out = [], {}
     for stack in stacks:
-        r = rank if rank is not None else scratch_ranks(stack.rows, stack.cols, len(stack.layers), reduction)
+        r = rank if rank is not None else scratch_ranks(stack.rows, stack.cols, len(stack.layers), reduction, shared)
         r = min(r, stack.rows, stack.cols)
         if shared:
             out[shared_key(stack.template)] = tensors[stack.names[0]].clone()  # a layer's own default initialisation
         for name in stack.names:
-            a = torch.empty(r, stack.cols)
-            torch.nn.init.kaiming_uniform_(a, a=5**0.5)
             a_key, b_key = factor_keys(name)
-            out[a_key], out[b_key] = a.to(tensors[name].dtype), torch.zeros(stack.rows, r, dtype=tensors[name].dtype)
+            out[b_key], out[a_key] = scratch_factors(tensors[name], r, shared)
         groups.append(
             GroupMeta(
                 template=stack.template,

@@ -292,6 +292,32 @@ def test_calibrated_layers_with_a_bias_keep_their_mean_output(tmp_path, cli, seq
     assert all(0 < g["output_error"] < 1 for g in report["groups"])
 
 
+def test_calibration_tokens_count_the_rows_the_stacked_layers_saw(tmp_path, cli):
+    """Samples of 5 positions x 16 features: 5 input rows per sample for each layer, not 80 tensor elements."""
+    from factory_models import stacked_mlp
+
+    torch.manual_seed(0)
+    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
+    save_file({"x": torch.randn(24, 5, 16)}, tmp_path / "inputs.safetensors")
+    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "factory_models:stacked_mlp"]
+    convert_json(cli, tmp_path / "mlp.safetensors", *options, "--rank", "2", "-o", tmp_path / "lors.safetensors")
+    calibration = read_lors(tmp_path / "lors.safetensors")[1].calibration
+    assert calibration["tokens"] == calibration["samples"] * 5  # the first batch tensor's elements: samples x 80
+
+
+def test_output_error_of_inputs_with_no_spread_is_zero_not_a_crash(tmp_path, cli):
+    """Every calibration row the same: the bias takes the whole output error, and the centred error, a difference
+    of two equal sums, rounds to either side of zero (it was math.sqrt of a negative number)."""
+    from factory_models import stacked_mlp
+
+    torch.manual_seed(0)
+    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
+    save_file({"x": (3 * torch.randn(16)).expand(8, 5, 16).contiguous()}, tmp_path / "inputs.safetensors")
+    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "factory_models:stacked_mlp"]
+    report = convert_json(cli, tmp_path / "mlp.safetensors", *options, "--rank", "2", "--shared", "none")
+    assert all(0 <= g["output_error"] < 1e-6 for g in report["groups"])
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_every_factored_layer_with_a_bias_gets_its_shift(tmp_path, cli, kind):
     """HF layouts too, GPT-2's Conv1D (stored in x out, its bias as long as its output) included."""

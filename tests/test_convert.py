@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bert, detr, gpt2, llama, low_rank_stack, t5, vit
+from conftest import bert, detr, gpt2, llama, low_rank_stack, rand, t5, vit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -288,6 +288,18 @@ def test_reduction_allocation_beats_uniform_rank(tmp_path, cli):
     assert allocated["stacked"]["lors_params"] <= uniform["stacked"]["lors_params"]
     objective = lambda r: sum(g["rel_error"] ** 2 for g in r["groups"])
     assert objective(allocated) <= objective(uniform) + 1e-9
+
+
+def test_rank_under_auto_drops_s_before_keeping_a_group_dense(tmp_path, cli):
+    """2 x 64x64 at --rank 20: with S the group stores 9,216 numbers (dense: 8,192), without S 5,120."""
+    save_file({f"layers.{i}.w": rand(64, 64, seed=i) for i in range(2)}, tmp_path / "m.safetensors")
+    report = convert_json(cli, tmp_path / "m.safetensors", "--rank", "20")
+    assert not report["kept_dense"] and [g["shared"] for g in report["groups"]] == [False]
+    assert report["stacked"]["lors_params"] == 5120 == stored_numbers(tmp_path / "m.lors.safetensors")
+    # where S lowers the error and the group stays smaller than dense, auto keeps it
+    shared = {f"layers.{i}.w": w for i, w in enumerate(low_rank_stack(layers=4, rows=64, cols=64, rank=3))}
+    save_file(shared, tmp_path / "s.safetensors")
+    assert [g["shared"] for g in convert_json(cli, tmp_path / "s.safetensors", "--rank", "3")["groups"]] == [True]
 
 
 def test_group_that_cannot_shrink_stays_dense(tmp_path, cli):

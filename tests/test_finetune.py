@@ -196,6 +196,19 @@ def test_finetune_lowers_the_loss_and_trains_exactly_the_lors_and_unshared_param
     assert not (tmp_path / "ft.safetensors.train-state.pt").exists()
 
 
+def test_finetune_drops_the_output_error_of_the_weights_it_changed(tmp_path, cli, converted):
+    """output_error describes the converted factors on calibration inputs; fine-tuning changes both."""
+    data = text_file(tmp_path / "train.txt")
+    folder, lors, report = converted("bert", "--rank", "1", "--calibrate", data, "--calib-samples", "16")
+    assert all(g["output_error"] > 0 for g in report["groups"])
+    assert cli(*finetune_args(lors, data, tmp_path / "ft.safetensors")).code == 0
+    before, after = read_lors(lors)[1].groups, read_lors(tmp_path / "ft.safetensors")[1].groups
+    assert all(g.output_error is None for g in after)
+    assert [g.rel_error for g in after] != [g.rel_error for g in before]  # recomputed on the tuned weights
+    tuned = cli("report", tmp_path / "ft.safetensors", "--json").json()
+    assert not any("output_error" in g for g in tuned["groups"])
+
+
 def test_resume_continues_where_the_run_stopped(tmp_path, cli, converted, monkeypatch):
     folder, lors, _ = converted("bert")
     data = text_file(tmp_path / "train.txt")

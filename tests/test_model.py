@@ -154,6 +154,27 @@ def test_load_a_plain_pytorch_model_from_a_function(tmp_path, cli):
     assert all(torch.equal(before.get(name), after.get(name)) for name in before.info)
 
 
+def test_swapped_layers_take_the_dtype_of_the_layer_they_replace():
+    """A mixed-dtype model (float32 embedding first, bfloat16 attention, float64 MLP): each LorsLinear and each
+    group's S are in its own layers' dtype, not the model's first parameter's."""
+    from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 16)
+    model.attn = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3)).to(torch.bfloat16)
+    model.mlp = torch.nn.ModuleList(torch.nn.Linear(16, 32) for _ in range(3)).to(torch.float64)
+    swap = dict(rank=2, cols=16, transposed=False)
+    swaps = [{"path": f"attn.{i}", "group": 0, "rows": 16, **swap} for i in range(3)]
+    swaps += [{"path": f"mlp.{i}", "group": 1, "rows": 32, **swap} for i in range(3)]
+    install_lors(model, {"swaps": swaps, "shared": {"0": [16, 16], "1": [32, 16]}})
+    for part, dtype in (("attn", torch.bfloat16), ("mlp", torch.float64)):
+        layers = getattr(model, part)
+        assert all(isinstance(m, LorsLinear) for m in layers)
+        assert {p.dtype for m in layers for p in m.parameters()} == {dtype}
+    assert [p.dtype for p in getattr(model, SHARED_ATTRIBUTE).values()] == [torch.bfloat16, torch.float64]
+    assert model.embed.weight.dtype == torch.float32
+
+
 def test_load_without_an_architecture_is_one_clear_error(tmp_path, cli):
     from factory_models import StackedMLP
 

@@ -159,3 +159,76 @@ def test_lorsify_leaves_the_layers_biases_as_they_were():
     biases = [layer[0].bias.detach().clone() for layer in model.layers]
     lorsify(model, rank=2)
     assert all(torch.equal(layer[0].bias, bias) for layer, bias in zip(model.layers, biases))
+
+
+def tiny_llama_config(folder, layers: int = 3) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+
+
+def test_init_no_shared_reduction_removes_that_fraction(tmp_path, cli):
+    """Without S nothing is spent on it: --reduction 0.5 stores half the stacked numbers, not less."""
+    tiny_llama_config(tmp_path / "config")
+    out = tmp_path / "init.lors.safetensors"
+    result = cli("init", tmp_path / "config", "-o", out, "--reduction", "0.5", "--no-shared", "--quiet", "--json")
+    assert result.code == 0, result.err
+    assert 0.5 <= result.json()["stacked"]["reduction"] <= 0.55  # ranks round down; subtracting S's size gave 0.87
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_scratch_layers_are_not_zero_maps_with_or_without_s(tmp_path, cli, shared):
+    """B = 0 only where S carries the function; without S, B A starts with the variance of the layer's own init."""
+    import lors_convert
+
+    tiny_llama_config(tmp_path / "config")
+    out = tmp_path / "init.lors.safetensors"
+    flag = "--shared" if shared else "--no-shared"
+    assert cli("init", tmp_path / "config", "-o", out, "--rank", "8", flag, "--quiet").code == 0
+    # Llama initialises its Linear weights normal(0, 0.02); nn.Linear uniform(±1/sqrt(in)), variance 1/(3 in)
+    for model, variance in (
+        (lors_convert.load(out), lambda m: 0.02**2),
+        (lorsify(stacked(dim=64), rank=8, shared=shared), lambda m: 1 / (3 * m.in_features)),
+    ):
+        layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
+        assert layers and all(torch.count_nonzero(m.weight) > 0 for m in layers)
+        assert all(0.5 < m.weight.detach().var().item() / variance(m) < 2 for m in layers)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_merge_lors_initialises_no_dense_weight_it_then_replaces(monkeypatch, conv1d):
+    """The dense layers are built on the meta device: their own random init never touches real memory."""
+    model = stacked()
+    if conv1d:  # GPT-2's layers
+        conv = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        for layer in model.layers:
+            layer[0] = conv(16, 16)
+    lorsify(model, rank=3, init="convert")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    initialised = []
+
+    def recording(real):
+        def init(tensor, *args, **kwargs):
+            initialised.append(tensor.device)
+            return real(tensor, *args, **kwargs)
+
+        return init
+
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        monkeypatch.setattr(nn.init, name, recording(getattr(nn.init, name)))
+    merge_lors(model)
+    assert all(device.type == "meta" for device in initialised)
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-6)
