@@ -355,6 +355,7 @@ def compress(
     from lors_convert.finetune import FinetuneSettings, state_path
     from lors_convert.finetune import finetune as run_finetune
     from lors_convert.lors_format import read_lors
+    from lors_convert.report import build_report, print_report
     from lors_convert.runtime import setup_device
 
     settings = Settings(
@@ -374,6 +375,8 @@ def compress(
     else:
         with progress_bars(quiet) as progress:
             run_convert(source, converted, settings, force=True, progress=progress)
+    if not (quiet or as_json):
+        print_report(build_report(*read_lors(converted)))
     training = FinetuneSettings(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
     if finetune_minutes > 0:
         results = run_finetune(

@@ -59,6 +59,7 @@ def build_report(source: TensorSource, meta: LorsMeta) -> dict:
         "settings": meta.settings,
         "calibrated": meta.calibration is not None,
         "calibration_data": (meta.calibration or {}).get("data"),
+        "quality_target": (meta.calibration or {}).get("quality_target"),
         "from_scratch": meta.settings.get("init") == "scratch",
         "finetuned": meta.finetune is not None,
         "groups": groups,
@@ -168,6 +169,14 @@ def print_report(report: dict, as_json: bool = False) -> None:
     )
     if report["calibration_data"]:
         stdout.print(f"calibrated on {escape(report['calibration_data'])}")
+    if report["quality_target"]:
+        q = report["quality_target"]
+        tried = ", ".join(f"{t['reduction']:.1%} -> {t['ppl_ratio']:.2f}x" for t in q["trials"])
+        stdout.print(
+            f"--max-ppl-increase {q['max_ppl_increase']:g}: reduction {q['chosen_reduction']:.1%}, the largest whose "
+            f"perplexity on {q['selection_lines']} lines after the calibration samples (original {q['dense_ppl']:.1f}) "
+            f"stays within {q['max_ppl_increase']:g}x; measured: {tried}"
+        )
     if any(g["ranks"]["dense"] for g in report["groups"]):
         stdout.print("+k dense: k layers stored whole (their factors would cost as many numbers as the matrix)")
     for k in report["kept_dense"]:
