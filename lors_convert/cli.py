@@ -649,6 +649,12 @@ def finetune(
         "the N minutes or the --steps, whichever ends first (0: no time limit).",
     ),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
+    pack: bool = typer.Option(
+        True,
+        "--pack/--no-pack",
+        help="A causal LM trains on its lines joined end to end (end-of-text between them) and cut into rows of "
+        "--max-length, not on padded lines.",
+    ),
     nproc_per_node: int = typer.Option(
         0,
         "--nproc-per-node",
@@ -683,6 +689,7 @@ def finetune(
         eval_examples=eval_examples,
         save_every=save_every,
         minutes=minutes,
+        pack=pack,
     )
     results = run_finetune(
         lors,

@@ -90,9 +90,14 @@ class Examples:
         for start in range(0, len(self), batch_size):
             yield self.batch(list(range(start, min(start + batch_size, len(self)))), tokenizer, max_length, device)
 
-    def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device) -> dict:
+    def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device, pack: bool = False) -> dict:
+        """The examples at `indices` as one batch: padded to the longest, or with `pack` (text for a causal LM)
+        joined end to end, each line followed by the end-of-text token, and cut into rows of `max_length`, so no
+        step spends compute on padding (short lines padded to a long one can be most of a batch)."""
         if self.texts is None:
             return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
+        if pack:
+            return packed(self.lines(indices), tokenizer, min(max_length, tokenizer.model_max_length), device)
         encoded = tokenizer(
             self.lines(indices),
             padding=True,
@@ -101,6 +106,24 @@ class Examples:
             return_tensors="pt",
         )
         return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def packed(lines: list[str], tokenizer, length: int, device: torch.device) -> dict:
+    """Lines tokenised, joined with the end-of-text token after each, cut into rows of `length` tokens; the last
+    row is padded, and its padding masked."""
+    if tokenizer.eos_token_id is None:
+        raise LorsError("packing lines needs a tokenizer with an end-of-text token (--no-pack pads instead)")
+    stream = [
+        t
+        for ids in tokenizer(lines, truncation=True, max_length=length)["input_ids"]
+        for t in ids + [tokenizer.eos_token_id]
+    ]
+    rows = -(-len(stream) // length)
+    ids = torch.full((rows, length), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((rows, length), dtype=torch.long)
+    ids.view(-1)[: len(stream)] = torch.tensor(stream)
+    mask.view(-1)[: len(stream)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def load_examples(files: list[Path], tokenizer) -> Examples:

@@ -25,7 +25,7 @@ from lors_convert import LorsError, __version__
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import Pair, fidelity, held_out_loss, load_pair, token_kl, token_log_probs
 from lors_convert.lors_format import LorsMeta
-from lors_convert.runtime import autocast, layer_outputs, run, setup_device, world
+from lors_convert.runtime import autocast, is_causal_lm, layer_outputs, run, setup_device, world
 
 OBJECTIVES = ("distill", "lm")
 
@@ -43,6 +43,7 @@ class FinetuneSettings:
     eval_examples: int = 256
     save_every: int = 0
     minutes: float = 0.0  # stop after this much training time (0: run every step); evaluation and saving follow
+    pack: bool = True  # a causal LM trains on lines packed into full rows (data.packed), not padded ones
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
@@ -343,7 +344,8 @@ def finetune(
     student = pair.student.to(device)
     teacher_model = pair.teacher.to(device) if pair.teacher is not None else None
     paths = stacked_layer_paths(student, pair.meta)  # the same paths in the teacher
-    batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device)
+    pack = settings.pack and examples.texts is not None and is_causal_lm(student)
+    batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device, pack)
     options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
     if teacher_model is None:
         evaluate = lambda: held_out_loss(student, held_out, pair.tokenizer, **options)

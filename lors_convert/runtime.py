@@ -38,6 +38,11 @@ def call_model(model: nn.Module, batch: dict, **options):
     return model(**batch, **options)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A decoder that predicts the next token (transformers' *ForCausalLM and *LMHeadModel classes)."""
+    return type(unwrap(model)).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(logits or None, final hidden states) of a model on a batch."""
     if is_hf(model):

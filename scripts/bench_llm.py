@@ -61,6 +61,7 @@ def smollm2_gguf() -> Path:
 @torch.no_grad()
 def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> float:
     nll = tokens = 0.0
+    lines = sorted(lines, key=len)  # batches of similar lengths: little padding
     for start in range(0, len(lines), batch_size):
         encoded = tokenizer(
             lines[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=128

@@ -87,3 +87,24 @@ def test_no_held_out_slice_of_any_size_holds_a_calibration_or_training_line():
             assert len(held) == min(held_out, n // 5) and sorted(held + train) == list(range(n))
             for seed in (0, 1):
                 assert not set(held) & set(calibration_choice(n, 10**6, seed))
+
+
+def test_packed_rows_hold_every_token_once_with_end_of_text_between_lines():
+    """Packing joins the lines' tokens (each cut to the row length), an end-of-text token after each, into rows
+    of the given length: every token once and in order, only the last row padded, its padding masked."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lors_convert.data import packed
+
+    words = ["<eos>", "<pad>", *"a b c d e f g".split()]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    lines = ["a b c", "d", "e f g a b"]
+    batch = packed(lines, tokenizer, 4, torch.device("cpu"))
+    stream = [2, 3, 4, 0, 5, 0, 6, 7, 8, 2, 0]  # "e f g a b" cut to 4 tokens
+    assert batch["input_ids"].tolist() == [stream[0:4], stream[4:8], stream[8:11] + [1]]
+    assert batch["attention_mask"].view(-1).tolist() == [1] * 11 + [0]
+    short = packed(["a b"], tokenizer, 4, torch.device("cpu"))
+    assert short["input_ids"].tolist() == [[2, 3, 0, 1]] and short["attention_mask"].tolist() == [[1, 1, 1, 0]]
