@@ -112,7 +112,7 @@ def packed(lines: list[str], tokenizer, length: int, device: torch.device) -> di
     """Lines tokenised, joined with the end-of-text token after each, cut into rows of `length` tokens; the last
     row is padded, and its padding masked."""
     if tokenizer.eos_token_id is None:
-        raise LorsError("packing lines needs a tokenizer with an end-of-text token (--no-pack pads instead)")
+        raise LorsError("packing lines needs a tokenizer with an end-of-text token")
     stream = [
         t
         for ids in tokenizer(lines, truncation=True, max_length=length)["input_ids"]

@@ -344,7 +344,13 @@ def finetune(
     student = pair.student.to(device)
     teacher_model = pair.teacher.to(device) if pair.teacher is not None else None
     paths = stacked_layer_paths(student, pair.meta)  # the same paths in the teacher
-    pack = settings.pack and examples.texts is not None and is_causal_lm(student)
+    # packing needs the end-of-text token between lines: a tokenizer without one pads
+    pack = (
+        settings.pack
+        and examples.texts is not None
+        and is_causal_lm(student)
+        and pair.tokenizer.eos_token_id is not None
+    )
     batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device, pack)
     options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
     if teacher_model is None:
