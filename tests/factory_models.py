@@ -1,6 +1,7 @@
-"""Models that are not from Hugging Face, for --model-factory tests: `layers.N` stacked Linear blocks, and
-Swin-style nested indices (`layers.S.blocks.B`)."""
+"""Models that are not from Hugging Face, for --model-factory tests: `layers.N` stacked Linear blocks, Swin-style
+nested indices (`layers.S.blocks.B`), and a token-routed mixture of experts."""
 
+import torch
 from torch import nn
 
 
@@ -47,3 +48,40 @@ class NestedStages(nn.Module):
 
 def nested_stages() -> nn.Module:
     return NestedStages()
+
+
+# Which expert each of a sequence's 6 positions goes to, per block: the experts see different token counts, and
+# block 1's expert 3 sees none
+ROUTES = ((0, 1, 1, 2, 2, 3), (0, 1, 1, 2, 2, 2))
+
+
+class RoutedBlock(nn.Module):
+    def __init__(self, dim: int, route: tuple[int, ...], experts: int = 4):
+        super().__init__()
+        self.route = route
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(experts))
+
+    def forward(self, x):
+        out = x.clone()
+        for e, expert in enumerate(self.experts):
+            positions = [t for t in range(x.shape[1]) if self.route[t % len(self.route)] == e]
+            if positions:  # an expert no token is routed to does not run, as in a real MoE
+                out[:, positions] = x[:, positions] + torch.tanh(expert(x[:, positions]))
+        return out
+
+
+class RoutedExperts(nn.Module):
+    """A tiny MoE whose tokens are routed by position (ROUTES): `blocks.K.experts.E`, each block's experts a group."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList(RoutedBlock(dim, route) for route in ROUTES)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def routed_experts() -> nn.Module:
+    return RoutedExperts()
