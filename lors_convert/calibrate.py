@@ -25,7 +25,7 @@ from lors_convert.stacks import Stack
 class Calibration:
     covariances: dict[str, torch.Tensor]  # tensor name -> C (input dim x input dim, float64, on CPU)
     sums: dict[str, torch.Tensor]  # tensor name -> Xᵀ1 (input dim, float64): the mean input is sums / rows
-    rows: dict[str, int]  # tensor name -> input rows (tokens) seen
+    rows: dict[str, int]  # tensor name -> input rows (tokens) seen; 0 for a hooked layer never reached
     transposed: set[str]  # names stored as in x out (GPT-2 Conv1D): their input side is dim 0
 
 
@@ -142,7 +142,7 @@ def collect_pair(
 @torch.no_grad()
 def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: torch.device) -> Calibration:
     """Hook every stacked Linear/Conv1D, run the batches, and return C_i per tensor name."""
-    covariances, transposed, hooks = Moments(), set(), []
+    covariances, transposed, hooks, hooked = Moments(), set(), [], []
 
     def accumulate(name: str):
         def hook(module, args):
@@ -156,6 +156,7 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
         found = [_module_for(model, name, own) for name in stack.names]
         if any(module is None for module in found):
             continue  # calibrate whole groups only; this one stays in weight space
+        hooked += stack.names
         for name, module in zip(stack.names, found):
             hooks.append(module.register_forward_pre_hook(accumulate(name)))
             if is_conv1d(module):  # y = x @ W + b: the input side is dim 0
@@ -173,7 +174,7 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
     return Calibration(
         covariances={name: m[:-1, :-1] for name, m in moments.items()},
         sums={name: m[:-1, -1] for name, m in moments.items()},
-        rows={name: round(m[-1, -1].item()) for name, m in moments.items()},
+        rows={name: 0 for name in hooked} | {name: round(m[-1, -1].item()) for name, m in moments.items()},
         transposed=transposed,
     )
 
@@ -292,38 +293,63 @@ def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
 
 def calibrate_plans(
     source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
-) -> tuple[list[GroupPlan], dict]:
+) -> tuple[list[GroupPlan], dict, list[str]]:
+    """The plans with their calibration (per layer: each saw its own number of tokens), the calibration's summary,
+    and warnings about stacked layers that saw no calibration tokens (experts no token was routed to)."""
     stacks, device = [p.stack for p in plans], compute_device()
     calibration = collect(model, stacks, batches, device)
     fisher = output_fisher(model, stacks, batches, device, settings.seed) if settings.fisher else {}
-    calibrated = []
+    calibrated, warnings = [], []
     for plan in plans:
-        names = plan.stack.names
-        if all(name in calibration.covariances for name in names):
-            covariances = tuple(calibration.covariances.pop(name) for name in names)
-            rows = calibration.rows[names[0]]
-            plan = replace(plan, transposed=names[0] in calibration.transposed)
-            means = tuple(
-                calibration.sums[name] / max(rows, 1) if bias_name(source, name, plan.out_in[0]) else None
-                for name in names
-            )
-            centred = [c if m is None else c - rows * torch.outer(m, m) for c, m in zip(covariances, means)]
-            plan = replace(
-                plan,
-                covariances=covariances,
-                metrics=tuple(damped(c, settings.damping).to(plan.device) for c in centred),
-                means=means,
-                rows=rows,
-            )
+        names, template = plan.stack.names, plan.stack.template
+        rows = tuple(calibration.rows.get(name, 0) for name in names)
+        if any(rows):
+            plan = calibrated_plan(source, plan, calibration, rows, settings.damping)
+            unseen = [str(layer) for layer, n in zip(plan.stack.layers, rows) if not n]
+            if unseen:
+                warnings.append(
+                    f"{template}: layer{'s' * (len(unseen) > 1)} {', '.join(unseen)} saw no calibration tokens; "
+                    "factored with its group's mean inputs"
+                )
             if all(name in fisher for name in names):  # layers the output does not depend on have no G
                 roots = (sqrt_psd(damped(fisher.pop(name), FISHER_DAMPING)).to(plan.device) for name in names)
                 plan = replace(plan, output_roots=tuple(roots))
+        elif names[0] in calibration.rows:
+            warnings.append(f"{template}: no layer saw calibration tokens; factored in weight space")
         calibrated.append(plan)
-    return calibrated, {
+    summary = {
         "samples": len(batches),
         "tokens": max(calibration.rows.values(), default=0),  # input rows (tokens, patches) of the busiest layer
         "groups": sum(p.metrics is not None for p in calibrated),
     }
+    return calibrated, summary, warnings
+
+
+def calibrated_plan(
+    source: TensorSource, plan: GroupPlan, calibration: Calibration, rows: tuple[int, ...], damping: float
+) -> GroupPlan:
+    """A group's plan with each layer's C_i, K_i, mean input μ_i (where a bias takes the mean shift) and row count
+    n_i. A layer that saw no tokens gets the mean K of the group's other layers, C = 0, and no μ."""
+    names = plan.stack.names
+    plan = replace(plan, transposed=names[0] in calibration.transposed)
+    covariances = [calibration.covariances.pop(name, None) for name in names]
+    means = tuple(
+        calibration.sums[name] / n if n and bias_name(source, name, plan.out_in[0]) else None
+        for name, n in zip(names, rows)
+    )
+    metrics = [
+        None if c is None else damped(c if m is None else c - n * torch.outer(m, m), damping)
+        for c, m, n in zip(covariances, means, rows)
+    ]
+    seen = [m for m in metrics if m is not None]
+    fallback = sum(seen) / len(seen)
+    return replace(
+        plan,
+        covariances=tuple(torch.zeros_like(fallback) if c is None else c for c in covariances),
+        metrics=tuple((fallback if m is None else m).to(plan.device) for m in metrics),
+        means=means,
+        rows=rows,
+    )
 
 
 def sequential_factors(

@@ -288,9 +288,10 @@ def refuse_unconvertible(source: TensorSource) -> None:
 
 
 def plan_conversion(
-    source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress
+    source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress, warnings: list[str]
 ) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
-    """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors."""
+    """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors; what
+    calibration warns about is added to `warnings`."""
     plans = [
         GroupPlan(stack, settings.dtype or stack.dtype, settings.device, shared=settings.shared != "none")
         for stack in stacks
@@ -298,7 +299,8 @@ def plan_conversion(
     calibration, model, batches = None, None, []
     if settings.calibrate:
         model, batches, data = calibration_inputs(source, settings)
-        plans, calibration = calibrate_plans(source, model, batches, plans, settings)
+        plans, calibration, unseen = calibrate_plans(source, model, batches, plans, settings)
+        warnings += unseen
         calibration["data"] = data
         if not (settings.sequential or settings.max_ppl_increase):
             model = None  # not needed again: free it before factoring
@@ -357,7 +359,7 @@ def convert(
             "whose names differ only in a layer index)"
         )
     with hashing_in_background(source.files) as source_sha256:  # overlaps the work below
-        plans, calibration, factors = plan_conversion(source, stacks, settings, progress)
+        plans, calibration, factors = plan_conversion(source, stacks, settings, progress, warnings)
         factored = [p for p in plans if not p.kept_dense]
         kept = [
             KeptDense(
@@ -523,7 +525,7 @@ def write_group(
             if mean is not None:  # the bias takes the mean shift: what is left is the error on centred inputs
                 mean_error = error.double() @ mean.to(error.device)
                 shifts[bias_name(source, name, plan.out_in[0])] = mean_error if shift is None else shift
-                out_err_sq -= plan.rows * mean_error.square().sum().item()
+                out_err_sq -= plan.rows[i] * mean_error.square().sum().item()
         advance()
     # the centred error is a difference of sums, ≥ 0 exactly but not always once rounded (inputs with no spread)
     output_error = rel_error(max(out_err_sq, 0.0), out_norm_sq) if plan.covariances is not None else None

@@ -28,6 +28,7 @@ from lors_convert.hf import _transformers, auto_config, checkpoint_names, model_
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
 from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors, lors_model_class
 from lors_convert.nn import is_conv1d, is_swappable
+from lors_convert.stacks import is_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +113,18 @@ def block_paths(model: nn.Module, meta: LorsMeta) -> list[str]:
     the model's own names), in layer order."""
     loaded = getattr(model, "lors", None)  # a LORS model no longer holds its stacked weights under their names
     own = loaded.own_name if isinstance(loaded, Loaded) else own_names(model, [n for g in meta.groups for n in g.names])
-    paths = set()
-    for group in meta.groups:
-        for index, name in zip(group.layers, group.names):
-            parts = own.get(name, name).split(".")
-            cut = next((k for k, part in enumerate(parts) if part == str(index)), len(parts) - 1)
-            paths.add(".".join(parts[: cut + 1]))
+    paths = {block_path(own.get(name, name), group.template) for group in meta.groups for name in group.names}
     return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
+
+
+def block_path(name: str, template: str) -> str:
+    """`name` up to its index segment in the template's `{i}` place, counted among the index segments (Swin's
+    `layers.1.blocks.{i}.…` is the second), so a prefix added or a rename inside the block does not move it."""
+    before = template.split("{i}")[0].split(".")
+    ordinal = sum(is_index(part) for part in before)
+    parts = name.split(".")
+    indices = [k for k, part in enumerate(parts) if is_index(part)] + [len(parts) - 1]
+    return ".".join(parts[: indices[min(ordinal, len(indices) - 1)] + 1])
 
 
 def swaps_for(model: nn.Module, meta: LorsMeta, own_name: dict[str, str]) -> list[Swap]:

@@ -5,6 +5,7 @@ itself (`LorsLinear`) lives in lors_modeling.py, the file export copies into mod
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,21 +16,43 @@ __all__ = [
     "LorsLinear",
     "SHARED_ATTRIBUTE",
     "AdaptiveLors",
+    "LORS_LAYERS",
+    "lors_layout",
     "is_swappable",
     "is_conv1d",
+    "swappable_weights",
     "lorsify",
     "lors_groups",
     "merge_lors",
 ]
 
 
+# Which modules run in LORS form, PEFT-style: (does this table entry take the module, is its weight stored
+# in x out). Everything that swaps or stacks layers of a model asks it: convert's calibration, load, init, lorsify.
+# A stacked conv kernel is none of these: convert factors it in weight space, but no model runs it as LorsLinear.
+LORS_LAYERS: tuple[tuple[Callable[[nn.Module], bool], bool], ...] = (
+    (lambda module: isinstance(module, nn.Linear), False),
+    # GPT-2's transformers.pytorch_utils.Conv1D: a Linear with its weight stored in x out
+    (lambda module: type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2, True),
+)
+
+
+def lors_layout(module: nn.Module) -> bool | None:
+    """None when the module cannot run as LorsLinear; else whether its weight is stored transposed (in x out)."""
+    return next((transposed for takes, transposed in LORS_LAYERS if takes(module)), None)
+
+
 def is_swappable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return lors_layout(module) is not None
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's transformers.pytorch_utils.Conv1D (a Linear with its weight stored in×out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+    return lors_layout(module) is True
+
+
+def swappable_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """`<module path>.weight` of every module that can run as LorsLinear, with the module."""
+    return {f"{path}.weight": m for path, m in model.named_modules() if is_swappable(m)}
 
 
 def merge_lors(model: nn.Module) -> nn.Module:
@@ -99,7 +122,7 @@ def lorsify(
 
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    modules = {f"{path}.weight": m for path, m in model.named_modules() if is_swappable(m)}
+    modules = swappable_weights(model)
     info = {name: TensorInfo(tuple(m.weight.shape), m.weight.dtype) for name, m in modules.items()}
     stacks, _ = find_stacks(info, include, exclude)
     holder = getattr(model, SHARED_ATTRIBUTE, None)

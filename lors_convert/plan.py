@@ -122,7 +122,7 @@ class GroupPlan:
     # μ_i, the mean input of layer i, where its bias absorbs the mean output shift (W − Ŵ)μ: then K_i is built on
     # the centred C_i − n μ_i μ_iᵀ, since no rank needs to be spent on the mean
     means: tuple[torch.Tensor | None, ...] | None = None
-    rows: int = 0  # n: the input rows (tokens) each layer saw in calibration
+    rows: tuple[int, ...] = ()  # n_i: the input rows (tokens) layer i saw in calibration (an MoE's experts differ)
     # G_i^{1/2} per layer with --fisher (G_i: the model output's sensitivity to layer i's outputs, damped): the
     # objective becomes ‖G^{1/2}(R − B A)K^{1/2}‖², solved as the one-sided problem on G^{1/2}R, B = G^{-1/2}B'
     output_roots: tuple[torch.Tensor, ...] | None = None

@@ -10,6 +10,7 @@ from lors_convert import LorsError
 from lors_convert.checkpoint import check_output_path, write_safetensors
 from lors_convert.hf import _transformers, checkpoint_names, model_class, one_line
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, shared_key
+from lors_convert.nn import swappable_weights
 
 
 def scratch_ranks(rows: int, cols: int, layers: int, reduction: float, shared: bool = True) -> int:
@@ -77,7 +78,8 @@ def init_checkpoint(
             seen.add(state[own_name].data_ptr())
             tensors[checkpoint_name] = state[own_name]
     info = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in tensors.items()}
-    stacks, warnings = find_stacks({n: i for n, i in info.items() if n.endswith(".weight")})
+    swappable = swappable_weights(model)  # only what load can swap back in: no conv kernels
+    stacks, warnings = find_stacks({n: i for n, i in info.items() if own[n] in swappable})
     groups, out = [], {}
     for stack in stacks:
         r = rank if rank is not None else scratch_ranks(stack.rows, stack.cols, len(stack.layers), reduction, shared)

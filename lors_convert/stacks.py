@@ -34,15 +34,18 @@ class Stack:
         return len(self.layers) * self.rows * self.cols
 
 
-def _templates(name: str) -> list[tuple[str, int, int]]:
-    """Every (template, layer index, segment position) obtained by replacing one integer segment with {i}.
+def is_index(part: str) -> bool:
+    """Whether a path segment is a layer index. Only ASCII digits make one: str.isdigit also accepts "²" or "٣",
+    which int() refuses or reads as 3."""
+    return re.fullmatch(r"0|[1-9][0-9]*", part) is not None
 
-    Only ASCII digits make an index: str.isdigit also accepts "²" or "٣", which int() refuses or reads as 3.
-    """
+
+def _templates(name: str) -> list[tuple[str, int, int]]:
+    """Every (template, layer index, segment position) obtained by replacing one integer segment with {i}."""
     parts = name.split(".")
     out = []
     for pos, part in enumerate(parts):
-        if re.fullmatch(r"0|[1-9][0-9]*", part):
+        if is_index(part):
             out.append((".".join(parts[:pos] + ["{i}"] + parts[pos + 1 :]), int(part), pos))
     return out
 

@@ -97,8 +97,7 @@ def choose_reduction(
             low, high = (middle, high) if predict(middle) <= allowed else (low, middle)
         return low
 
-    rows = [p.rows for p in planned(LOWEST) if p.rows]
-    tokens = sum(rows) / max(len(rows), 1)
+    tokens = max((n for p in planned(LOWEST) for n in p.rows), default=1)
     scale = 1 / (2 * max(tokens, 1) ** 2)  # Σ over tokens of δᵀGδ / 2 with G and K both summed over tokens
     trials: list[dict] = []
     advance = progress("quality target", MEASUREMENTS)

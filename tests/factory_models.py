@@ -1,5 +1,7 @@
-"""A model that is not from Hugging Face, for --model-factory tests: `layers.N` stacked Linear blocks."""
+"""Models that are not from Hugging Face, for --model-factory tests: `layers.N` stacked Linear blocks, Swin-style
+nested indices (`layers.S.blocks.B`), and a token-routed mixture of experts."""
 
+import torch
 from torch import nn
 
 
@@ -17,3 +19,69 @@ class StackedMLP(nn.Module):
 
 def stacked_mlp() -> nn.Module:
     return StackedMLP()
+
+
+class Stage(nn.Module):
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.GELU()) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class NestedStages(nn.Module):
+    """Stages of blocks, as Swin names them: `layers.S.blocks.B.0.weight`; each stage's blocks make a group."""
+
+    def __init__(self, dim: int = 16, stages: int = 2, depth: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(Stage(dim, depth) for _ in range(stages))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+
+def nested_stages() -> nn.Module:
+    return NestedStages()
+
+
+# Which expert each of a sequence's 6 positions goes to, per block: the experts see different token counts, and
+# block 1's expert 3 sees none
+ROUTES = ((0, 1, 1, 2, 2, 3), (0, 1, 1, 2, 2, 2))
+
+
+class RoutedBlock(nn.Module):
+    def __init__(self, dim: int, route: tuple[int, ...], experts: int = 4):
+        super().__init__()
+        self.route = route
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(experts))
+
+    def forward(self, x):
+        out = x.clone()
+        for e, expert in enumerate(self.experts):
+            positions = [t for t in range(x.shape[1]) if self.route[t % len(self.route)] == e]
+            if positions:  # an expert no token is routed to does not run, as in a real MoE
+                out[:, positions] = x[:, positions] + torch.tanh(expert(x[:, positions]))
+        return out
+
+
+class RoutedExperts(nn.Module):
+    """A tiny MoE whose tokens are routed by position (ROUTES): `blocks.K.experts.E`, each block's experts a group."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList(RoutedBlock(dim, route) for route in ROUTES)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def routed_experts() -> nn.Module:
+    return RoutedExperts()

@@ -262,6 +262,23 @@ def test_sequential_needs_calibration(tmp_path, cli):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def calibrated_factory_model(cli, tmp_path, factory: str, positions: int, dim: int, *options):
+    """A factory_models model (seed 0) converted at --rank 2 without S, calibrated on all of 48 samples of
+    `positions` x `dim` inputs far from zero mean: (the original model, the inputs, the report, the LORS file's
+    tensors and description)."""
+    import factory_models
+
+    torch.manual_seed(0)
+    original = getattr(factory_models, factory)()
+    save_file(original.state_dict(), tmp_path / "m.safetensors")
+    inputs = torch.randn(48, positions, dim) + 3 * torch.randn(dim)
+    save_file({"x": inputs}, tmp_path / "inputs.safetensors")
+    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", f"factory_models:{factory}", *options]
+    options += ["--rank", "2", "--shared", "none", "--calib-samples", "48", "-o", tmp_path / "lors.safetensors"]
+    report = convert_json(cli, tmp_path / "m.safetensors", *options)
+    return original, inputs, report, *read_lors(tmp_path / "lors.safetensors")
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_calibrated_layers_with_a_bias_keep_their_mean_output(tmp_path, cli, sequential):
     """Centred calibration: the bias takes the mean output shift (W − Ŵ)x̄, so on the calibration inputs each
@@ -271,15 +288,8 @@ def test_calibrated_layers_with_a_bias_keep_their_mean_output(tmp_path, cli, seq
 
     from lors_convert.data import calibration_choice
 
-    torch.manual_seed(0)
-    original = stacked_mlp()
-    save_file(original.state_dict(), tmp_path / "mlp.safetensors")
-    inputs = torch.randn(48, 5, 16) + 3 * torch.randn(16)  # inputs far from zero mean
-    save_file({"x": inputs}, tmp_path / "inputs.safetensors")
-    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "factory_models:stacked_mlp"]
-    options += ["--rank", "2", "--shared", "none", "--calib-samples", "48"] + (["--sequential"] if sequential else [])
-    report = convert_json(cli, tmp_path / "mlp.safetensors", *options, "-o", tmp_path / "lors.safetensors")
-    source, meta = read_lors(tmp_path / "lors.safetensors")
+    options = ["--sequential"] if sequential else []
+    original, inputs, report, source, meta = calibrated_factory_model(cli, tmp_path, "stacked_mlp", 5, 16, *options)
     converted = stacked_mlp()
     converted.load_state_dict(dict(expand(source, meta)))
     first = converted.layers[0][0], original.layers[0][0]
@@ -472,3 +482,38 @@ def test_lm_fisher_is_the_fisher_of_the_next_token_distributions():
     assert (estimate - exact).norm() <= 0.1 * exact.norm()
     other = output_fisher(model, stacks, batches, torch.device("cpu"), seed=0)["model.layers.1.mlp.down_proj.weight"]
     assert (other / copies - exact).norm() > 0.1 * exact.norm()  # each layer its own Jacobian
+
+
+def test_routed_experts_are_calibrated_on_their_own_tokens(tmp_path, cli):
+    """A token-routed MoE (factory_models.ROUTES): per sample, block 0's experts see 1, 2, 2 and 1 tokens, block 1's
+    1, 2, 3 and none. Each reached expert's mean input, bias shift and output error come from its own token count,
+    so its converted mean output on its tokens is the original's; block 1's expert 3 is still factored (with its
+    group's other experts' inputs) and the report says it saw no calibration tokens."""
+    from factory_models import ROUTES, routed_experts
+
+    from lors_convert.data import calibration_choice
+
+    original, inputs, report, source, meta = calibrated_factory_model(cli, tmp_path, "routed_experts", 6, 8)
+    assert meta.calibration["groups"] == 2
+    assert [w for w in report["warnings"] if "calibration" in w] == [
+        "blocks.1.experts.{i}.weight: layer 3 saw no calibration tokens; factored with its group's mean inputs"
+    ]
+    converted = routed_experts()
+    converted.load_state_dict(dict(expand(source, meta)))
+    x = inputs[calibration_choice(48, 48, seed=0)]  # the rows calibration drew (none held out)
+    with torch.no_grad():
+        block_inputs = [x, original.blocks[0](x)]  # what each block sees in the original model
+        for b, (route, block_input, group) in enumerate(zip(ROUTES, block_inputs, report["groups"])):
+            err_sq, norm_sq = 0.0, 0.0
+            for e, (new, old) in enumerate(zip(converted.blocks[b].experts, original.blocks[b].experts)):
+                tokens = block_input[:, [t for t in range(6) if route[t] == e]].reshape(-1, 8)
+                if not len(tokens):
+                    assert new.weight.norm() > 0 and not torch.equal(new.weight, old.weight)  # factored
+                    continue
+                torch.testing.assert_close(new(tokens).mean(0), old(tokens).mean(0), rtol=1e-4, atol=1e-4)
+                error = (old.weight - new.weight).double() @ (tokens - tokens.mean(0)).double().T
+                err_sq, norm_sq = (
+                    err_sq + error.square().sum(),
+                    norm_sq + (old.weight.double() @ tokens.double().T).square().sum(),
+                )
+            assert group["output_error"] == pytest.approx((err_sq / norm_sq).sqrt().item(), rel=1e-3)

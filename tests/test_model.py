@@ -333,3 +333,18 @@ def test_a_bare_encoder_under_a_task_class_name_loads_as_the_base_model(tmp_path
     with torch.no_grad():
         teacher = dense_model(tmp_path / "bare")
         torch.testing.assert_close(teacher(**inputs).last_hidden_state, model.eval()(**inputs).last_hidden_state)
+
+
+def test_block_paths_take_the_templates_index_in_nested_models(tmp_path, cli):
+    """Swin-style `layers.S.blocks.B`: each block is one path, not its stage where B equals S (layers.0 for block
+    0 of stage 0, which dropped that block and made the whole stage one "block" for the layer loss and FSDP)."""
+    from factory_models import NestedStages, nested_stages
+
+    from lors_convert.loading import block_paths
+
+    torch.manual_seed(0)
+    save_file(NestedStages().state_dict(), tmp_path / "m.safetensors")
+    assert cli(tmp_path / "m.safetensors", "--rank", "4", "--quiet").code == 0
+    loaded = lors_convert.load(tmp_path / "m.lors.safetensors", architecture=nested_stages)
+    assert [g.template for g in loaded.lors.meta.groups] == [f"layers.{s}.blocks.{{i}}.0.weight" for s in (0, 1)]
+    assert block_paths(loaded, loaded.lors.meta) == [f"layers.{s}.blocks.{b}" for s in (0, 1) for b in range(3)]

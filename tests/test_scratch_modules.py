@@ -232,3 +232,34 @@ def test_merge_lors_initialises_no_dense_weight_it_then_replaces(monkeypatch, co
     assert not any(p.is_meta for p in model.parameters())
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def test_init_stacks_only_the_layers_load_can_swap(tmp_path, cli):
+    """wav2vec2's feature extractor stacks conv kernels (conv_layers.1 and .2, 8 x 8 x 3): init keeps them as the
+    model initialises them, since load swaps only what the one dispatch table (nn.lors_layout) names; before, init
+    stacked every floating >= 2-D weight (and crashed on the 3-D kernels)."""
+    import lors_convert
+    from lors_convert.lors_format import read_lors
+
+    transformers = pytest.importorskip("transformers")
+    transformers.Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8, 8),
+        conv_stride=(2, 2, 2),
+        conv_kernel=(3, 3, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    ).save_pretrained(tmp_path / "config")
+    out = tmp_path / "init.lors.safetensors"
+    result = cli("init", tmp_path / "config", "-o", out, "--rank", "2", "--quiet")
+    assert result.code == 0, result.err
+    source, meta = read_lors(out)
+    assert meta.groups and not any("conv" in g.template for g in meta.groups)
+    assert "feature_extractor.conv_layers.1.conv.weight" in source.info
+    model = lors_convert.load(out)
+    assert sum(isinstance(m, LorsLinear) for m in model.modules()) == sum(len(g.names) for g in meta.groups)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 64)).last_hidden_state).all()
