@@ -266,7 +266,7 @@ def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.
     )
 
 
-SELECTION_LINES = 128  # lines --max-ppl-increase measures perplexity on: ±3% on SmolLM2 (scripts/bench_llm.py)
+SELECTION_LINES = 128  # lines --max-ppl-increase measures perplexity on (their spread on SmolLM2 is not measured yet)
 
 
 def selection_batches(source: TensorSource, settings: Settings) -> list[dict]:
