@@ -63,6 +63,7 @@ from lors_convert.plan import (
     output_weighted,
     read_matrix,
 )
+from lors_convert.runtime import is_causal_lm
 from lors_convert.stacks import Stack, find_stacks
 from lors_convert.target import choose_reduction
 
@@ -299,6 +300,8 @@ def plan_conversion(
     calibration, model, batches = None, None, []
     if settings.calibrate:
         model, batches, data = calibration_inputs(source, settings)
+        if settings.max_ppl_increase and not is_causal_lm(model):
+            raise LorsError("--max-ppl-increase needs a language model (its next-token perplexity): use --reduction")
         plans, calibration, unseen = calibrate_plans(source, model, batches, plans, settings)
         warnings += unseen
         calibration["data"] = data
