@@ -292,7 +292,7 @@ def plan_conversion(
     source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress, warnings: list[str]
 ) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
     """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors; what
-    calibration warns about is added to `warnings`."""
+    calibration warns about, and why --sequential had to run the whole model per layer, is added to `warnings`."""
     plans = [
         GroupPlan(stack, settings.dtype or stack.dtype, settings.device, shared=settings.shared != "none")
         for stack in stacks
@@ -338,7 +338,10 @@ def plan_conversion(
             refitted.append(refit_shared(source, plan, settings.seed)[0])
             advance()
         plans = refitted
-    factors = sequential_factors(source, model, batches, plans, settings, progress) if settings.sequential else {}
+    factors = {}
+    if settings.sequential:
+        factors, note = sequential_factors(source, model, batches, plans, settings, progress)
+        warnings += [note] if note else []
     return plans, calibration, factors
 
 

@@ -1,5 +1,5 @@
 """Models that are not from Hugging Face, for --model-factory tests: `layers.N` stacked Linear blocks, Swin-style
-nested indices (`layers.S.blocks.B`), and a token-routed mixture of experts."""
+nested indices (`layers.S.blocks.B`), a token-routed mixture of experts, and a tiny transformers T5."""
 
 import torch
 from torch import nn
@@ -85,3 +85,14 @@ class RoutedExperts(nn.Module):
 
 def routed_experts() -> nn.Module:
     return RoutedExperts()
+
+
+def tiny_t5() -> nn.Module:
+    """A random 3-block T5 (transformers): encoder and decoder blocks, decoder blocks reading the encoder's
+    outputs, and a position bias the first block computes and hands to the others."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, initializer_factor=4.0
+    )
+    return transformers.T5ForConditionalGeneration(config)

@@ -97,10 +97,10 @@ def test_shared_none_and_auto(tmp_path, cli):
     assert auto["stacked"]["reduction"] >= 0.5
 
 
-def hf_dir(tmp_path, kind):
+def hf_dir(tmp_path, kind, layers: int = 3):
     from test_finetune import make_model_dir, text_file
 
-    return make_model_dir(tmp_path / kind, kind), text_file(tmp_path / "calib.txt", lines=64)
+    return make_model_dir(tmp_path / kind, kind, layers), text_file(tmp_path / "calib.txt", lines=64)
 
 
 def output_error_on(folder, lors, texts) -> float:
@@ -196,7 +196,7 @@ def factor_products(lors) -> dict[str, torch.Tensor]:
     return products
 
 
-def model_and_calibration(tmp_path, kind) -> tuple[object, list]:
+def model_and_calibration(tmp_path, kind, layers: int = 3) -> tuple[object, list]:
     """A checkpoint and the options that calibrate it: tiny HF models with text, or a factory model with tensors."""
     if kind == "factory":
         from factory_models import stacked_mlp
@@ -211,7 +211,7 @@ def model_and_calibration(tmp_path, kind) -> tuple[object, list]:
             "factory_models:stacked_mlp",
         ]
     pytest.importorskip("transformers")
-    folder, calib = hf_dir(tmp_path, kind)
+    folder, calib = hf_dir(tmp_path, kind, layers)
     return folder, ["--calibrate", calib, "--calib-samples", "32"]
 
 
@@ -231,6 +231,101 @@ def test_sequential_keeps_the_first_layer_and_corrects_the_later_ones(tmp_path, 
     for name in first:  # nothing before layer 0 changed: the same inputs, the same factors
         torch.testing.assert_close(sequential[name], once[name], rtol=1e-4, atol=1e-5)
     assert all(not torch.allclose(sequential[name], once[name], rtol=1e-3, atol=1e-4) for name in later)
+
+
+def sequential_both_ways(tmp_path, cli, monkeypatch, model, options) -> tuple[dict, dict, list[str]]:
+    """--sequential's factor products as convert chooses (block by block where it can), and with the model run
+    from its input for each layer (the path before blocks were chained), and the first run's warnings."""
+    from lors_convert import calibrate
+
+    common = [model, "--sequential", "--rank", "2", "--shared", "mean", *options]
+    chosen = convert_json(cli, *common, "-o", tmp_path / "chosen.safetensors")
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate, "block_chain", lambda *args: (None, "asked to"))
+        whole = convert_json(cli, *common, "-o", tmp_path / "whole.safetensors")
+    assert whole["warnings"][-1].endswith("each layer (time grows with depth²): asked to")
+    return (
+        factor_products(tmp_path / "chosen.safetensors"),
+        factor_products(tmp_path / "whole.safetensors"),
+        [w for w in chosen["warnings"] if w.startswith("--sequential")],
+    )
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_sequential_block_by_block_gives_the_factors_of_running_the_whole_model(tmp_path, cli, monkeypatch, kind):
+    model, calibration = model_and_calibration(tmp_path, kind, layers=5)
+    chained, whole, notes = sequential_both_ways(tmp_path, cli, monkeypatch, model, calibration)
+    assert notes == []  # the blocks made a chain
+    assert chained.keys() == whole.keys() and len(chained) >= 5 * 4
+    for name in whole:
+        torch.testing.assert_close(chained[name], whole[name], rtol=1e-4, atol=1e-5)
+
+
+def t5_and_calibration(tmp_path) -> tuple[object, list]:
+    from factory_models import tiny_t5
+
+    torch.manual_seed(0)
+    save_file({k: v.clone() for k, v in tiny_t5().state_dict().items()}, tmp_path / "t5.safetensors")
+    ids = {"input_ids": torch.randint(0, 64, (24, 7)), "decoder_input_ids": torch.randint(0, 64, (24, 5))}
+    save_file(ids, tmp_path / "ids.safetensors")
+    options = ["--calibrate", tmp_path / "ids.safetensors", "--model-factory", "factory_models:tiny_t5"]
+    return tmp_path / "t5.safetensors", options
+
+
+@pytest.mark.parametrize(
+    "kind, why",
+    [
+        ("factory", "layers.1's input is not layers.0's output"),  # x + block(x): a residual outside the blocks
+        ("t5", "2 lists of blocks (decoder.block, encoder.block)"),
+        ("t5 encoder", "encoder.block.1's other inputs differ from encoder.block.0's"),  # block 0's position bias
+        ("t5 decoder", "decoder.block.0 takes or returns an object of type EncoderDecoderCache"),
+    ],
+)
+def test_sequential_runs_the_whole_model_where_the_blocks_are_no_chain(tmp_path, cli, monkeypatch, kind, why):
+    if kind == "factory":
+        model, options = model_and_calibration(tmp_path, kind)
+    else:
+        pytest.importorskip("transformers")
+        model, options = t5_and_calibration(tmp_path)
+        options += ["--include", kind.replace("t5 ", "") + ".*"] if " " in kind else []
+    chosen, whole, notes = sequential_both_ways(tmp_path, cli, monkeypatch, model, options)
+    assert len(notes) == 1 and why in notes[0]
+    assert chosen.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(chosen[name], whole[name], rtol=1e-4, atol=1e-5)
+    if kind == "factory":  # and the check matters: the blocks run as a chain would be fitted to other inputs
+        from lors_convert import calibrate
+
+        monkeypatch.setattr(calibrate, "_chain_breaks", lambda *args: "")
+        convert_json(
+            cli, model, "--sequential", "--rank", "2", "--shared", "mean", *options, "-o", tmp_path / "c.safetensors"
+        )
+        wrong = factor_products(tmp_path / "c.safetensors")
+        assert not all(torch.allclose(wrong[name], whole[name], rtol=1e-3, atol=1e-4) for name in whole)
+
+
+def test_sequential_runs_each_block_a_bounded_number_of_times_per_sample(tmp_path, cli, monkeypatch):
+    """Block by block, each block of each model runs a few times per calibration sample, however deep the model
+    (running both models up to each layer ran block 0 twice per layer)."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    model, calibration = model_and_calibration(tmp_path, "llama", layers=8)
+    runs = [0] * 8
+
+    def count(module, args):
+        if type(module).__name__ == "LlamaDecoderLayer":
+            runs[module.self_attn.layer_idx] += 1
+
+    hook = register_module_forward_pre_hook(count)  # every module of every model, the converted copy's too
+    try:
+        report = convert_json(cli, model, "--sequential", "--rank", "2", *calibration, "--calib-samples", "8")
+    finally:
+        hook.remove()
+    assert not [w for w in report["warnings"] if w.startswith("--sequential")]
+    # per sample: calibration's pass, capturing block 0's inputs, the original block, the converted one before and
+    # after its refit; and one whole forward to check the chain
+    assert max(runs) <= 5 * 8 + 1
+    assert min(runs) >= 3 * 8  # both models' blocks were counted
 
 
 def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):

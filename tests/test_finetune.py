@@ -31,22 +31,22 @@ WORDS = (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(kind: str):
+def tiny_config(kind: str, layers: int = 3):
     common = dict(vocab_size=len(WORDS) + 4, initializer_range=0.2)  # large weights: layers matter
     if kind == "bert":
         return transformers.BertConfig(
             hidden_size=32,
-            num_hidden_layers=3,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             intermediate_size=64,
             max_position_embeddings=64,
             **common,
         )
     if kind == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
+        return transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64, **common)
     return transformers.LlamaConfig(
         hidden_size=32,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=48,
@@ -55,7 +55,7 @@ def tiny_config(kind: str):
     )
 
 
-def make_model_dir(folder: Path, kind: str) -> Path:
+def make_model_dir(folder: Path, kind: str, layers: int = 3) -> Path:
     """A tiny random model saved with save_pretrained, with a word-level tokenizer (no network)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -63,7 +63,7 @@ def make_model_dir(folder: Path, kind: str) -> Path:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     torch.manual_seed(0)
-    config = tiny_config(kind)
+    config = tiny_config(kind, layers)
     model = transformers.BertModel(config) if kind == "bert" else transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     transformers.PreTrainedTokenizerFast(
