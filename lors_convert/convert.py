@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from lors_convert import LorsError, __version__
-from lors_convert.calibrate import calibrate_plans, calibration_inputs, selection_batches, sequential_factors
+from lors_convert.calibrate import calibrate_plans, calibration_inputs, selection_batches
 from lors_convert.checkpoint import (
     SHARD_SIZE,
     SafetensorsWriter,
@@ -64,6 +64,7 @@ from lors_convert.plan import (
     read_matrix,
 )
 from lors_convert.runtime import is_causal_lm
+from lors_convert.sequential import sequential_factors
 from lors_convert.stacks import Stack, find_stacks
 from lors_convert.target import choose_reduction
 

@@ -236,12 +236,12 @@ def test_sequential_keeps_the_first_layer_and_corrects_the_later_ones(tmp_path, 
 def sequential_both_ways(tmp_path, cli, monkeypatch, model, options) -> tuple[dict, dict, list[str]]:
     """--sequential's factor products as convert chooses (block by block where it can), and with the model run
     from its input for each layer (the path before blocks were chained), and the first run's warnings."""
-    from lors_convert import calibrate
+    from lors_convert import sequential
 
     common = [model, "--sequential", "--rank", "2", "--shared", "mean", *options]
     chosen = convert_json(cli, *common, "-o", tmp_path / "chosen.safetensors")
     with monkeypatch.context() as patch:
-        patch.setattr(calibrate, "block_chain", lambda *args: (None, "asked to"))
+        patch.setattr(sequential, "block_chain", lambda *args: (None, "asked to"))
         whole = convert_json(cli, *common, "-o", tmp_path / "whole.safetensors")
     assert whole["warnings"][-1].endswith("each layer (time grows with depth²): asked to")
     return (
@@ -294,9 +294,9 @@ def test_sequential_runs_the_whole_model_where_the_blocks_are_no_chain(tmp_path,
     for name in whole:
         torch.testing.assert_close(chosen[name], whole[name], rtol=1e-4, atol=1e-5)
     if kind == "factory":  # and the check matters: the blocks run as a chain would be fitted to other inputs
-        from lors_convert import calibrate
+        from lors_convert import sequential
 
-        monkeypatch.setattr(calibrate, "_chain_breaks", lambda *args: "")
+        monkeypatch.setattr(sequential, "_chain_breaks", lambda *args: "")
         convert_json(
             cli, model, "--sequential", "--rank", "2", "--shared", "mean", *options, "-o", tmp_path / "c.safetensors"
         )
