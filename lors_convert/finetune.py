@@ -3,8 +3,8 @@ process or under torchrun with DistributedDataParallel, or with FSDP2 (`--fsdp`:
 processes). Reads top to bottom: load, split, train, write.
 
 The student trains in eval mode (no dropout): the goal is to recover the teacher's function, and it keeps a
-run reproducible from --seed. Parameters the loss cannot reach (e.g. BERT's pooler) are frozen, so every
-trainable parameter gets a gradient each step, which DDP needs.
+run reproducible from --seed. Parameters the loss cannot reach (e.g. BERT's pooler) are frozen; those whose module
+does not run in a step (an MoE expert no token was routed to) have no gradient in it, which DDP and FSDP are told.
 """
 
 from __future__ import annotations
@@ -133,11 +133,19 @@ def learning_rate(settings: FinetuneSettings, step: int, spent: float) -> float:
 def freeze_unreached(
     student: nn.Module, teacher: nn.Module, batch: dict, paths: list[str], objective: str
 ) -> list[str]:
-    """Freeze parameters the loss does not reach; returns their names."""
-    step_loss(student, teacher, batch, paths, objective).backward()
-    frozen = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    """Freeze the parameters the loss does not reach although their module ran (BERT's pooler); returns their
+    names. A module that did not run on this batch keeps its parameters: an MoE expert no token of it was routed
+    to is reached by other batches."""
+    ran = set()
+    hook = nn.modules.module.register_module_forward_hook(lambda module, args, output: ran.add(module))
+    try:
+        step_loss(student, teacher, batch, paths, objective).backward()
+    finally:
+        hook.remove()
+    unreached = {id(p) for module in ran for p in module.parameters(recurse=False) if p.grad is None}
+    frozen = [name for name, p in student.named_parameters() if p.requires_grad and id(p) in unreached]
     for p in student.parameters():
-        if p.grad is None:
+        if id(p) in unreached:
             p.requires_grad_(False)
         p.grad = None
     return frozen
@@ -156,6 +164,10 @@ def shard(student: nn.Module, paths: list[str]) -> None:
     for path in sorted(paths, key=lambda p: -p.count(".")):  # a nested block before the one holding it
         fully_shard(student.get_submodule(path))
     fully_shard(student)
+    # an MoE expert one process's tokens did not reach has no gradient there: it reduces zeros, so that every
+    # process's reduce-scatter holds the same tensors (a torch without this method needs every expert reached)
+    if hasattr(student, "set_reduce_scatter_unused_params"):
+        student.set_reduce_scatter_unused_params(True)
 
 
 def full_state(student: nn.Module) -> dict:
@@ -373,7 +385,11 @@ def finetune(
     }
     start, spent = load_state(state_path(output), student, optimizer, fingerprint) if resume else (0, 0.0)
     spent_before = spent
-    trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 and not fsdp else student
+    # find_unused_parameters: an MoE expert that this process's batch does not reach has no gradient in this step
+    # (another process's may), so DDP must not wait for one
+    warnings.filterwarnings("ignore", message=r"find_unused_parameters=True was specified")  # a dense model
+    ddp = lambda model: nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    trained = ddp(student) if world_size > 1 and not fsdp else student
 
     before = evaluate()
     update, stop = train_progress(quiet or rank != 0, settings.steps, start)

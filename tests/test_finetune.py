@@ -297,6 +297,39 @@ def test_factory_model_with_tensor_data(tmp_path, cli):
     assert result.json()["after"]["cos"] > result.json()["before"]["cos"]
 
 
+def routed_data(path: Path, examples: int = 60, eval_examples: int = 16) -> Path:
+    """Rows for factory_models.content_routed_experts: expert 2 gets a token only in every third training row
+    after the first two (the rows `finetune` looked at to decide what to freeze), the other experts everywhere."""
+    from lors_convert.data import roles
+
+    x = torch.randn(examples, 6, 8, generator=torch.Generator().manual_seed(0))
+    x[..., 2] = -5
+    train = roles(examples, eval_examples)[2]
+    for row in train[2::3]:
+        x[row, 1, 2] = 5
+    save_file({"x": x}, path)
+    return path
+
+
+def test_finetune_trains_experts_that_the_first_examples_do_not_reach(tmp_path, cli):
+    """An MoE expert that no token of the first two training examples is routed to is still trained: the rest of
+    the data reaches it (on main it was frozen for the whole run, from two examples)."""
+    from factory_models import content_routed_experts
+
+    torch.manual_seed(0)
+    save_file(content_routed_experts().state_dict(), tmp_path / "moe.safetensors")
+    lors = tmp_path / "moe.lors.safetensors"
+    assert cli(tmp_path / "moe.safetensors", "-o", lors, "--rank", "2", "--shared", "mean", "--quiet").code == 0
+    assert {g.template for g in read_lors(lors)[1].groups} == {f"blocks.{{i}}.experts.{e}.weight" for e in range(3)}
+    out = tmp_path / "ft.safetensors"
+    factory = ("--model-factory", "factory_models:content_routed_experts")
+    result = cli(*finetune_args(lors, routed_data(tmp_path / "x.safetensors"), out, *factory))
+    assert result.code == 0, result.err
+    assert read_lors(out)[1].finetune["frozen"] == []
+    old, new = load_file(lors), load_file(out)
+    assert {k for k in old if torch.equal(old[k], new[k])} == set()  # expert 2's factors, shared matrix and biases too
+
+
 # ---------------------------------------------------------------- multi-process
 
 
@@ -305,7 +338,7 @@ def two_processes(*args, script: Path | None = None) -> subprocess.CompletedProc
     `script ARGS` under torchrun, for a script that calls lors_convert.cli.main."""
     env = {
         **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", ""))),
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
     }
@@ -394,6 +427,33 @@ def test_two_process_gloo_fsdp_gradients_equal_ddp_and_one_process(ddp_run):
     done = two_processes(ddp_run[0], script=REPO / "tests" / "fsdp_gradients.py")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "fsdp: largest relative gradient difference" in done.stdout
+
+
+def test_two_process_gloo_ddp_and_fsdp_train_experts_that_one_process_does_not_reach(tmp_path):
+    """Under DDP and FSDP an expert that one process's batch reaches and the other's does not gets no gradient in
+    the other: each must still take part in the reduction (DDP errs on the next step otherwise; FSDP's
+    reduce-scatters no longer match)."""
+    from factory_models import content_routed_experts
+
+    from lors_convert.cli import main
+    from lors_convert.finetune import batch_indices
+
+    torch.manual_seed(0)
+    save_file(content_routed_experts().state_dict(), tmp_path / "moe.safetensors")
+    lors = tmp_path / "moe.lors.safetensors"
+    main([str(tmp_path / "moe.safetensors"), "-o", str(lors), "--rank", "2", "--shared", "mean", "--quiet", "--json"])
+    data = routed_data(tmp_path / "x.safetensors")
+    reaches = lambda rows: any(i >= 2 and i % 3 == 2 for i in rows)  # routed_data's rows for expert 2
+    steps = [batch_indices(step, 48, 8, 0) for step in range(6)]
+    assert any(reaches(rows[:4]) != reaches(rows[4:]) for rows in steps)  # the case this test is about
+    factory = ("--model-factory", "factory_models:content_routed_experts")
+    for mode in ((), ("--fsdp",)):
+        out = tmp_path / f"ft{len(mode)}.safetensors"
+        done = two_processes(*finetune_args(lors, data, out, "--batch-size", "4", *factory), *mode)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert read_lors(out)[1].finetune["frozen"] == []
+        old, new = load_file(lors), load_file(out)
+        assert {k for k in old if torch.equal(old[k], new[k])} == set(), mode
 
 
 def test_fsdp_needs_several_processes(tmp_path, cli, converted):
