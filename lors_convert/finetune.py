@@ -9,9 +9,11 @@ does not run in a step (an MoE expert no token was routed to) have no gradient i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -194,21 +196,53 @@ def state_path(output: Path) -> Path:
 
 
 def save_state(
-    path: Path, step: int, spent: float, student: nn.Module, optimizer, fingerprint: dict, rank: int
-) -> None:
+    path: Path, state: dict, student: nn.Module, optimizer, rank: int, writing: threading.Thread | None
+) -> threading.Thread | None:
     """The training state in full, by parameter name (gathered under FSDP, so a run resumes with or without
-    --fsdp): every rank calls it, rank 0 writes."""
+    --fsdp), with `state` (step, spent, fingerprint): every rank calls it; rank 0 writes it in a thread while the
+    training goes on, so no process waits in a collective (which times out) for a large state's write. Returns
+    rank 0's thread, after waiting for `writing`, the previous one."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model, optim = get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
-        return
+        return None
+    state = {**state, "model": model, "optimizer": optim}
+    if next(student.parameters()).device.type == "cpu":  # the state holds the training's own tensors, which the
+        state = copy.deepcopy(state)  # next steps change while the thread writes
+    finish(writing)
+    return in_background(write_state, path, state)
+
+
+def write_state(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save({"step": step, "spent": spent, "fingerprint": fingerprint, "model": model, "optimizer": optim}, tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def in_background(function, *args) -> threading.Thread:
+    """function(*args) in a thread; `finish` waits for it and raises what it raised."""
+
+    def target():
+        try:
+            function(*args)
+        except BaseException as e:
+            thread.error = e
+
+    thread = threading.Thread(target=target)
+    thread.error = None
+    thread.start()
+    return thread
+
+
+def finish(thread: threading.Thread | None) -> None:
+    if thread is not None:
+        thread.join()
+        if thread.error is not None:
+            raise thread.error
 
 
 def load_state(path: Path, student: nn.Module, optimizer, fingerprint: dict) -> tuple[int, float]:
@@ -394,6 +428,7 @@ def finetune(
     before = evaluate()
     update, stop = train_progress(quiet or rank != 0, settings.steps, start)
     losses, tokens, started, done = [], 0, time.perf_counter(), start
+    writing = None  # rank 0's thread writing the last --save-every state
     try:
         for step in range(start, settings.steps):
             indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
@@ -414,9 +449,12 @@ def finetune(
             if spent >= 1:
                 break
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
-                save_state(state_path(output), step + 1, spent, student, optimizer, fingerprint, rank)
-                if world_size > 1:
-                    dist.barrier()
+                progress = {"step": step + 1, "spent": spent, "fingerprint": fingerprint}
+                writing = save_state(state_path(output), progress, student, optimizer, rank, writing)
+    except BaseException:
+        if writing is not None:
+            writing.join()  # an interrupted run leaves its last state whole
+        raise
     finally:
         stop()
     seconds = time.perf_counter() - started
@@ -439,10 +477,10 @@ def finetune(
     if world_size > 1 and not fsdp:  # FSDP holds no replicas to compare
         log(f"rank {rank}: parameter digest {parameter_digest(student)}")
     state = full_state(student)
+    if world_size > 1:  # that was the last collective: what follows is rank 0's alone, and no process waits for it
+        dist.destroy_process_group()
     if rank == 0:
+        finish(writing)
         results["files"] = [str(f) for f in write_output(output, pair, settings, results, force, state)]
         state_path(output).unlink(missing_ok=True)
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return results

@@ -394,6 +394,41 @@ main()
 """
 
 
+SLOW_RANK_ZERO = """
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+import lors_convert.finetune
+from lors_convert.cli import main
+
+# a collective times out after 10 s here (NCCL's watchdog: 10 minutes), and what rank 0 does alone takes 15 s: writing
+# the --save-every state (torch.save) and the output (write_output)
+real_init, real_save, real_write = dist.init_process_group, torch.save, lors_convert.finetune.write_output
+dist.init_process_group = lambda *args, **kwargs: real_init(*args, **kwargs, timeout=datetime.timedelta(seconds=10))
+torch.save = lambda *args, **kwargs: (time.sleep(15), real_save(*args, **kwargs))[1]
+lors_convert.finetune.write_output = lambda *args, **kwargs: (time.sleep(15), real_write(*args, **kwargs))[1]
+main()
+"""
+
+
+def test_two_process_gloo_no_process_waits_in_a_collective_while_rank_0_writes(tmp_path, ddp_run):
+    """Rank 0 alone writes the --save-every state and the output; the other process must not sit in a collective
+    meanwhile (on main it waited in dist.barrier, which times out). The result is the DDP run's."""
+    lors, data, ddp_out, ddp_done = ddp_run
+    assert ddp_done.returncode == 0, ddp_done.stderr[-3000:]
+    out = tmp_path / "slow.safetensors"
+    (tmp_path / "slow.py").write_text(SLOW_RANK_ZERO)
+    args = finetune_args(lors, data, out, "--batch-size", "4", "--save-every", "3")
+    done = two_processes(*args, script=tmp_path / "slow.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if "slow" in p.name) == ["slow.py", "slow.safetensors"]
+    expected, got = load_file(ddp_out), load_file(out)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_two_process_gloo_fsdp_trains_as_ddp_resumes_and_writes_one_output(tmp_path, ddp_run):
     lors, data, ddp_out, ddp_done = ddp_run
     assert ddp_done.returncode == 0, ddp_done.stderr[-3000:]
