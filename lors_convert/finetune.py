@@ -420,8 +420,8 @@ def finetune(
     start, spent = load_state(state_path(output), student, optimizer, fingerprint) if resume else (0, 0.0)
     spent_before = spent
     # find_unused_parameters: an MoE expert that this process's batch does not reach has no gradient in this step
-    # (another process's may), so DDP must not wait for one
-    warnings.filterwarnings("ignore", message=r"find_unused_parameters=True was specified")  # a dense model
+    # (another process's may), so DDP must not wait for one. Two examples cannot tell a dense model from an MoE
+    # whose experts they all reached, so it is always on (torch warns once where a step used every parameter).
     ddp = lambda model: nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     trained = ddp(student) if world_size > 1 and not fsdp else student
 
