@@ -1,6 +1,6 @@
 """Distillation of a LORS model from its dense teacher (or next-token training with --objective lm), in one
-process or under torchrun with DistributedDataParallel, or with FSDP2 (`--fsdp`: the student sharded across the
-processes). Reads top to bottom: load, split, train, write.
+process or under torchrun with DistributedDataParallel, or with FSDP2 (`--fsdp`: the student and the teacher
+sharded across the processes). Reads top to bottom: load, split, train, write.
 
 The student trains in eval mode (no dropout): the goal is to recover the teacher's function, and it keeps a
 run reproducible from --seed. Parameters the loss cannot reach (e.g. BERT's pooler) are frozen; those whose module
@@ -153,23 +153,27 @@ def freeze_unreached(
     return frozen
 
 
-def shard(student: nn.Module, paths: list[str]) -> None:
+def shard(model: nn.Module, paths: list[str], teacher: bool = False) -> None:
     """FSDP2, in place: each stacked block is its own unit (gathered for its forward and its backward only), then
     the root takes everything else, the groups' shared matrices (`lors_shared`) included. A shared matrix is one
     Parameter used by every block of its group (LorsLinear only points at it), so it must be the root's: gathered
     for the whole step, its gradient summed over all its uses by autograd, then reduce-scattered once, averaged
-    over the processes like DDP's all-reduce."""
+    over the processes like DDP's all-reduce. FSDP moves each unit to the device as it shards it. The teacher
+    (forward only) reshards its root after each forward too: it has no backward to keep it gathered for."""
     from torch.distributed.fsdp import fully_shard
 
     # GPT-2 returns views; the warning is about in-place ops on them, which neither the losses nor eval make
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for path in sorted(paths, key=lambda p: -p.count(".")):  # a nested block before the one holding it
-        fully_shard(student.get_submodule(path))
-    fully_shard(student)
+        fully_shard(model.get_submodule(path))
+    if teacher:
+        fully_shard(model, reshard_after_forward=True)
+        return
+    fully_shard(model)
     # an MoE expert one process's tokens did not reach has no gradient there: it reduces zeros, so that every
     # process's reduce-scatter holds the same tensors (a torch without this method needs every expert reached)
-    if hasattr(student, "set_reduce_scatter_unused_params"):
-        student.set_reduce_scatter_unused_params(True)
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        model.set_reduce_scatter_unused_params(True)
 
 
 def full_state(student: nn.Module) -> dict:
@@ -270,20 +274,18 @@ def write_output(
 ) -> list[Path]:
     """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
     fine-tune recorded."""
-    from lors_convert.checkpoint import check_output_path, write_safetensors
-    from lors_convert.loading import checkpoint_tensors, own_names
+    from lors_convert.checkpoint import check_output_path, open_checkpoint, write_safetensors
+    from lors_convert.loading import checkpoint_tensors
     from lors_convert.lors_format import header_metadata, reconstruction_errors
 
     tensors = checkpoint_tensors(pair.student, pair.student.lors, state)
-    teacher_state = pair.teacher.state_dict() if pair.teacher is not None else {}
-    teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names]) if teacher_state else {}
-    groups = [] if teacher_state else list(pair.meta.groups)
+    # the originals from the teacher's checkpoint, a tensor at a time (under --fsdp no process holds the teacher)
+    original = open_checkpoint(pair.teacher_path) if pair.teacher is not None else None
+    groups = [] if original is not None else list(pair.meta.groups)
     # the weights moved: their distance to the originals is measured again; the output error was measured on
     # calibration inputs this run does not have (and the tuned model's layers see other inputs): it is dropped
-    for group in pair.meta.groups if teacher_state else []:
-        error, layer_errors = reconstruction_errors(
-            tensors, group, lambda name: teacher_state[teacher_names[name]].cpu()
-        )
+    for group in pair.meta.groups if original is not None else []:
+        error, layer_errors = reconstruction_errors(tensors, group, original.get)
         layer_errors = [round(e, 6) for e in layer_errors]
         groups.append(replace(group, rel_error=error, layer_errors=layer_errors, output_error=None))
     meta = replace(
@@ -387,8 +389,10 @@ def finetune(
             f"{lors} was made by `lors-convert init`: there is no teacher to distil from; train it with "
             "--objective lm (or give --teacher)"
         )
-    student = pair.student.to(device)
-    teacher_model = pair.teacher.to(device) if pair.teacher is not None else None
+    student, teacher_model = pair.student, pair.teacher
+    if not fsdp:  # under --fsdp they reach the device a shard at a time: neither need fit one device whole
+        student = student.to(device)
+        teacher_model = teacher_model.to(device) if teacher_model is not None else None
     paths = stacked_layer_paths(student, pair.meta)  # the same paths in the teacher
     # packing needs the end-of-text token between lines: a tokenizer without one pads
     pack = (
@@ -397,18 +401,21 @@ def finetune(
         and is_causal_lm(student)
         and pair.tokenizer.eos_token_id is not None
     )
-    batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device, pack)
+    batch_of = lambda ex, idx, where=device: ex.batch(idx, pair.tokenizer, settings.max_length, where, pack)
     options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
     if teacher_model is None:
         evaluate = lambda: held_out_loss(student, held_out, pair.tokenizer, **options)
     else:
         evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
 
-    frozen = freeze_unreached(student, teacher_model, batch_of(train, [0, 1]), paths, settings.objective)
+    probe = batch_of(train, [0, 1], torch.device("cpu") if fsdp else device)  # under --fsdp, before sharding
+    frozen = freeze_unreached(student, teacher_model, probe, paths, settings.objective)
     if frozen:
         say(f"frozen (the loss does not reach them): {', '.join(frozen)}")
     if fsdp:
         shard(student, paths)  # before the optimizer, which must hold the sharded parameters
+        if teacher_model is not None:
+            shard(teacher_model, paths, teacher=True)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     fingerprint = {

@@ -458,6 +458,48 @@ def test_two_process_gloo_fsdp_trains_as_ddp_resumes_and_writes_one_output(tmp_p
     assert len(groups) == len(meta.groups) and all(len(modules) == 3 for modules in groups.values())
 
 
+TEACHER_BYTES = """
+import sys
+
+import lors_convert.finetune
+from lors_convert.cli import main
+from lors_convert.runtime import world
+
+real_step_loss = lors_convert.finetune.step_loss
+
+
+def step_loss(student, teacher, *args):
+    loss = real_step_loss(student, teacher, *args)  # the teacher has run forward
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # a process's shard of an FSDP parameter
+    held = sum(local(p).numel() * p.element_size() for p in teacher.parameters())
+    full = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    print(f"rank {world()[0]}: teacher parameters {held} of {full} bytes", file=sys.stderr)
+    return loss
+
+
+lors_convert.finetune.step_loss = step_loss
+main()
+"""
+
+
+def test_two_process_gloo_fsdp_shards_the_teacher_too(tmp_path, ddp_run):
+    """Under --fsdp each of 2 processes holds half of the teacher's parameters once it has sharded them, after each
+    forward too (on main each held all of it, on the GPU as well)."""
+    lors, data, _, _ = ddp_run
+    (tmp_path / "teacher_bytes.py").write_text(TEACHER_BYTES)
+    args = finetune_args(lors, data, tmp_path / "fsdp.safetensors", "--batch-size", "4", "--fsdp")
+    done = two_processes(*args, script=tmp_path / "teacher_bytes.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = {}
+    for line in done.stderr.splitlines():
+        if ": teacher parameters " in line:
+            rank, numbers = line.split(": teacher parameters ")
+            last[rank] = [int(n) for n in numbers.removesuffix(" bytes").split(" of ")]
+    assert set(last) == {"rank 0", "rank 1"}
+    for held, full in last.values():
+        assert abs(held - full / 2) <= 0.01 * full, (held, full)  # half, up to the padding of odd rows
+
+
 def test_two_process_gloo_fsdp_gradients_equal_ddp_and_one_process(ddp_run):
     done = two_processes(ddp_run[0], script=REPO / "tests" / "fsdp_gradients.py")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
