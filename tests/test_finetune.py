@@ -404,12 +404,12 @@ import torch.distributed as dist
 import lors_convert.finetune
 from lors_convert.cli import main
 
-# a collective times out after 10 s here (NCCL's watchdog: 10 minutes), and what rank 0 does alone takes 15 s: writing
+# a collective times out after 15 s here (NCCL's watchdog: 10 minutes), and what rank 0 does alone takes 20 s: writing
 # the --save-every state (torch.save) and the output (write_output)
 real_init, real_save, real_write = dist.init_process_group, torch.save, lors_convert.finetune.write_output
-dist.init_process_group = lambda *args, **kwargs: real_init(*args, **kwargs, timeout=datetime.timedelta(seconds=10))
-torch.save = lambda *args, **kwargs: (time.sleep(15), real_save(*args, **kwargs))[1]
-lors_convert.finetune.write_output = lambda *args, **kwargs: (time.sleep(15), real_write(*args, **kwargs))[1]
+dist.init_process_group = lambda *args, **kwargs: real_init(*args, **kwargs, timeout=datetime.timedelta(seconds=15))
+torch.save = lambda *args, **kwargs: (time.sleep(20), real_save(*args, **kwargs))[1]
+lors_convert.finetune.write_output = lambda *args, **kwargs: (time.sleep(20), real_write(*args, **kwargs))[1]
 main()
 """
 
