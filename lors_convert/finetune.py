@@ -1,17 +1,19 @@
 """Distillation of a LORS model from its dense teacher (or next-token training with --objective lm), in one
-process or under torchrun with DistributedDataParallel, or with FSDP2 (`--fsdp`: the student sharded across the
-processes). Reads top to bottom: load, split, train, write.
+process or under torchrun with DistributedDataParallel, or with FSDP2 (`--fsdp`: the student and the teacher
+sharded across the processes). Reads top to bottom: load, split, train, write.
 
 The student trains in eval mode (no dropout): the goal is to recover the teacher's function, and it keeps a
-run reproducible from --seed. Parameters the loss cannot reach (e.g. BERT's pooler) are frozen, so every
-trainable parameter gets a gradient each step, which DDP needs.
+run reproducible from --seed. Parameters the loss cannot reach (e.g. BERT's pooler) are frozen; those whose module
+does not run in a step (an MoE expert no token was routed to) have no gradient in it, which DDP and FSDP are told.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -133,29 +135,45 @@ def learning_rate(settings: FinetuneSettings, step: int, spent: float) -> float:
 def freeze_unreached(
     student: nn.Module, teacher: nn.Module, batch: dict, paths: list[str], objective: str
 ) -> list[str]:
-    """Freeze parameters the loss does not reach; returns their names."""
-    step_loss(student, teacher, batch, paths, objective).backward()
-    frozen = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    """Freeze the parameters the loss does not reach although their module ran (BERT's pooler); returns their
+    names. A module that did not run on this batch keeps its parameters: an MoE expert no token of it was routed
+    to is reached by other batches."""
+    ran = set()
+    hook = nn.modules.module.register_module_forward_hook(lambda module, args, output: ran.add(module))
+    try:
+        step_loss(student, teacher, batch, paths, objective).backward()
+    finally:
+        hook.remove()
+    unreached = {id(p) for module in ran for p in module.parameters(recurse=False) if p.grad is None}
+    frozen = [name for name, p in student.named_parameters() if p.requires_grad and id(p) in unreached]
     for p in student.parameters():
-        if p.grad is None:
+        if id(p) in unreached:
             p.requires_grad_(False)
         p.grad = None
     return frozen
 
 
-def shard(student: nn.Module, paths: list[str]) -> None:
+def shard(model: nn.Module, paths: list[str], teacher: bool = False) -> None:
     """FSDP2, in place: each stacked block is its own unit (gathered for its forward and its backward only), then
     the root takes everything else, the groups' shared matrices (`lors_shared`) included. A shared matrix is one
     Parameter used by every block of its group (LorsLinear only points at it), so it must be the root's: gathered
     for the whole step, its gradient summed over all its uses by autograd, then reduce-scattered once, averaged
-    over the processes like DDP's all-reduce."""
+    over the processes like DDP's all-reduce. FSDP moves each unit to the device as it shards it. The teacher
+    (forward only) reshards its root after each forward too: it has no backward to keep it gathered for."""
     from torch.distributed.fsdp import fully_shard
 
     # GPT-2 returns views; the warning is about in-place ops on them, which neither the losses nor eval make
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for path in sorted(paths, key=lambda p: -p.count(".")):  # a nested block before the one holding it
-        fully_shard(student.get_submodule(path))
-    fully_shard(student)
+        fully_shard(model.get_submodule(path))
+    if teacher:
+        fully_shard(model, reshard_after_forward=True)
+        return
+    fully_shard(model)
+    # an MoE expert one process's tokens did not reach has no gradient there: it reduces zeros, so that every
+    # process's reduce-scatter holds the same tensors (a torch without this method needs every expert reached)
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        model.set_reduce_scatter_unused_params(True)
 
 
 def full_state(student: nn.Module) -> dict:
@@ -182,21 +200,53 @@ def state_path(output: Path) -> Path:
 
 
 def save_state(
-    path: Path, step: int, spent: float, student: nn.Module, optimizer, fingerprint: dict, rank: int
-) -> None:
+    path: Path, state: dict, student: nn.Module, optimizer, rank: int, writing: threading.Thread | None
+) -> threading.Thread | None:
     """The training state in full, by parameter name (gathered under FSDP, so a run resumes with or without
-    --fsdp): every rank calls it, rank 0 writes."""
+    --fsdp), with `state` (step, spent, fingerprint): every rank calls it; rank 0 writes it in a thread while the
+    training goes on, so no process waits in a collective (which times out) for a large state's write. Returns
+    rank 0's thread, after waiting for `writing`, the previous one."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model, optim = get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
-        return
+        return None
+    state = {**state, "model": model, "optimizer": optim}
+    if next(student.parameters()).device.type == "cpu":  # the state holds the training's own tensors, which the
+        state = copy.deepcopy(state)  # next steps change while the thread writes
+    finish(writing)
+    return in_background(write_state, path, state)
+
+
+def write_state(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save({"step": step, "spent": spent, "fingerprint": fingerprint, "model": model, "optimizer": optim}, tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def in_background(function, *args) -> threading.Thread:
+    """function(*args) in a thread; `finish` waits for it and raises what it raised."""
+
+    def target():
+        try:
+            function(*args)
+        except BaseException as e:
+            thread.error = e
+
+    thread = threading.Thread(target=target)
+    thread.error = None
+    thread.start()
+    return thread
+
+
+def finish(thread: threading.Thread | None) -> None:
+    if thread is not None:
+        thread.join()
+        if thread.error is not None:
+            raise thread.error
 
 
 def load_state(path: Path, student: nn.Module, optimizer, fingerprint: dict) -> tuple[int, float]:
@@ -224,20 +274,18 @@ def write_output(
 ) -> list[Path]:
     """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
     fine-tune recorded."""
-    from lors_convert.checkpoint import check_output_path, write_safetensors
-    from lors_convert.loading import checkpoint_tensors, own_names
+    from lors_convert.checkpoint import check_output_path, open_checkpoint, write_safetensors
+    from lors_convert.loading import checkpoint_tensors
     from lors_convert.lors_format import header_metadata, reconstruction_errors
 
     tensors = checkpoint_tensors(pair.student, pair.student.lors, state)
-    teacher_state = pair.teacher.state_dict() if pair.teacher is not None else {}
-    teacher_names = own_names(pair.teacher, [n for g in pair.meta.groups for n in g.names]) if teacher_state else {}
-    groups = [] if teacher_state else list(pair.meta.groups)
+    # the originals from the teacher's checkpoint, a tensor at a time (under --fsdp no process holds the teacher)
+    original = open_checkpoint(pair.teacher_path) if pair.teacher is not None else None
+    groups = [] if original is not None else list(pair.meta.groups)
     # the weights moved: their distance to the originals is measured again; the output error was measured on
     # calibration inputs this run does not have (and the tuned model's layers see other inputs): it is dropped
-    for group in pair.meta.groups if teacher_state else []:
-        error, layer_errors = reconstruction_errors(
-            tensors, group, lambda name: teacher_state[teacher_names[name]].cpu()
-        )
+    for group in pair.meta.groups if original is not None else []:
+        error, layer_errors = reconstruction_errors(tensors, group, original.get)
         layer_errors = [round(e, 6) for e in layer_errors]
         groups.append(replace(group, rel_error=error, layer_errors=layer_errors, output_error=None))
     meta = replace(
@@ -341,8 +389,10 @@ def finetune(
             f"{lors} was made by `lors-convert init`: there is no teacher to distil from; train it with "
             "--objective lm (or give --teacher)"
         )
-    student = pair.student.to(device)
-    teacher_model = pair.teacher.to(device) if pair.teacher is not None else None
+    student, teacher_model = pair.student, pair.teacher
+    if not fsdp:  # under --fsdp they reach the device a shard at a time: neither need fit one device whole
+        student = student.to(device)
+        teacher_model = teacher_model.to(device) if teacher_model is not None else None
     paths = stacked_layer_paths(student, pair.meta)  # the same paths in the teacher
     # packing needs the end-of-text token between lines: a tokenizer without one pads
     pack = (
@@ -351,18 +401,21 @@ def finetune(
         and is_causal_lm(student)
         and pair.tokenizer.eos_token_id is not None
     )
-    batch_of = lambda ex, idx: ex.batch(idx, pair.tokenizer, settings.max_length, device, pack)
+    batch_of = lambda ex, idx, where=device: ex.batch(idx, pair.tokenizer, settings.max_length, where, pack)
     options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
     if teacher_model is None:
         evaluate = lambda: held_out_loss(student, held_out, pair.tokenizer, **options)
     else:
         evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
 
-    frozen = freeze_unreached(student, teacher_model, batch_of(train, [0, 1]), paths, settings.objective)
+    probe = batch_of(train, [0, 1], torch.device("cpu") if fsdp else device)  # under --fsdp, before sharding
+    frozen = freeze_unreached(student, teacher_model, probe, paths, settings.objective)
     if frozen:
         say(f"frozen (the loss does not reach them): {', '.join(frozen)}")
     if fsdp:
         shard(student, paths)  # before the optimizer, which must hold the sharded parameters
+        if teacher_model is not None:
+            shard(teacher_model, paths, teacher=True)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     fingerprint = {
@@ -373,11 +426,16 @@ def finetune(
     }
     start, spent = load_state(state_path(output), student, optimizer, fingerprint) if resume else (0, 0.0)
     spent_before = spent
-    trained = nn.parallel.DistributedDataParallel(student) if world_size > 1 and not fsdp else student
+    # find_unused_parameters: an MoE expert that this process's batch does not reach has no gradient in this step
+    # (another process's may), so DDP must not wait for one. Two examples cannot tell a dense model from an MoE
+    # whose experts they all reached, so it is always on (torch warns once where a step used every parameter).
+    ddp = lambda model: nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    trained = ddp(student) if world_size > 1 and not fsdp else student
 
     before = evaluate()
     update, stop = train_progress(quiet or rank != 0, settings.steps, start)
     losses, tokens, started, done = [], 0, time.perf_counter(), start
+    writing = None  # rank 0's thread writing the last --save-every state
     try:
         for step in range(start, settings.steps):
             indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
@@ -398,9 +456,12 @@ def finetune(
             if spent >= 1:
                 break
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
-                save_state(state_path(output), step + 1, spent, student, optimizer, fingerprint, rank)
-                if world_size > 1:
-                    dist.barrier()
+                progress = {"step": step + 1, "spent": spent, "fingerprint": fingerprint}
+                writing = save_state(state_path(output), progress, student, optimizer, rank, writing)
+    except BaseException:
+        if writing is not None:
+            writing.join()  # an interrupted run leaves its last state whole
+        raise
     finally:
         stop()
     seconds = time.perf_counter() - started
@@ -423,10 +484,10 @@ def finetune(
     if world_size > 1 and not fsdp:  # FSDP holds no replicas to compare
         log(f"rank {rank}: parameter digest {parameter_digest(student)}")
     state = full_state(student)
+    if world_size > 1:  # that was the last collective: what follows is rank 0's alone, and no process waits for it
+        dist.destroy_process_group()
     if rank == 0:
+        finish(writing)
         results["files"] = [str(f) for f in write_output(output, pair, settings, results, force, state)]
         state_path(output).unlink(missing_ok=True)
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return results

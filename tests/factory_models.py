@@ -1,5 +1,6 @@
 """Models that are not from Hugging Face, for --model-factory tests: `layers.N` stacked Linear blocks, Swin-style
-nested indices (`layers.S.blocks.B`), a token-routed mixture of experts, and a tiny transformers T5."""
+nested indices (`layers.S.blocks.B`), mixtures of experts routed by position or by content, and a tiny
+transformers T5."""
 
 import torch
 from torch import nn
@@ -96,3 +97,39 @@ def tiny_t5() -> nn.Module:
         vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, initializer_factor=4.0
     )
     return transformers.T5ForConditionalGeneration(config)
+
+
+class ContentRoutedBlock(nn.Module):
+    """Each token goes to the expert named by the largest of its first `experts` channels, which the experts leave
+    as they are: which experts an example reaches depends on its values, as in a real MoE, and is the same in every
+    block (and in a student and its teacher)."""
+
+    def __init__(self, dim: int, experts: int):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(experts))
+
+    def forward(self, x):
+        route, kept = x[..., : len(self.experts)].argmax(-1), len(self.experts)
+        out = x.clone()
+        for e, expert in enumerate(self.experts):
+            tokens = route == e
+            if tokens.any():  # an expert no token is routed to does not run
+                out[tokens, kept:] = x[tokens, kept:] + torch.tanh(expert(x[tokens]))[:, kept:]
+        return out
+
+
+class ContentRoutedExperts(nn.Module):
+    """4 blocks of 3 experts: `blocks.{i}.experts.E` stack over the blocks, so each expert's 4 copies are a group."""
+
+    def __init__(self, dim: int = 8, blocks: int = 4, experts: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(ContentRoutedBlock(dim, experts) for _ in range(blocks))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def content_routed_experts() -> nn.Module:
+    return ContentRoutedExperts()

@@ -297,6 +297,39 @@ def test_factory_model_with_tensor_data(tmp_path, cli):
     assert result.json()["after"]["cos"] > result.json()["before"]["cos"]
 
 
+def routed_data(path: Path, examples: int = 60, eval_examples: int = 16) -> Path:
+    """Rows for factory_models.content_routed_experts: expert 2 gets a token only in every third training row
+    after the first two (the rows `finetune` looked at to decide what to freeze), the other experts everywhere."""
+    from lors_convert.data import roles
+
+    x = torch.randn(examples, 6, 8, generator=torch.Generator().manual_seed(0))
+    x[..., 2] = -5
+    train = roles(examples, eval_examples)[2]
+    for row in train[2::3]:
+        x[row, 1, 2] = 5
+    save_file({"x": x}, path)
+    return path
+
+
+def test_finetune_trains_experts_that_the_first_examples_do_not_reach(tmp_path, cli):
+    """An MoE expert that no token of the first two training examples is routed to is still trained: the rest of
+    the data reaches it (on main it was frozen for the whole run, from two examples)."""
+    from factory_models import content_routed_experts
+
+    torch.manual_seed(0)
+    save_file(content_routed_experts().state_dict(), tmp_path / "moe.safetensors")
+    lors = tmp_path / "moe.lors.safetensors"
+    assert cli(tmp_path / "moe.safetensors", "-o", lors, "--rank", "2", "--shared", "mean", "--quiet").code == 0
+    assert {g.template for g in read_lors(lors)[1].groups} == {f"blocks.{{i}}.experts.{e}.weight" for e in range(3)}
+    out = tmp_path / "ft.safetensors"
+    factory = ("--model-factory", "factory_models:content_routed_experts")
+    result = cli(*finetune_args(lors, routed_data(tmp_path / "x.safetensors"), out, *factory))
+    assert result.code == 0, result.err
+    assert read_lors(out)[1].finetune["frozen"] == []
+    old, new = load_file(lors), load_file(out)
+    assert {k for k in old if torch.equal(old[k], new[k])} == set()  # expert 2's factors, shared matrix and biases too
+
+
 # ---------------------------------------------------------------- multi-process
 
 
@@ -305,7 +338,7 @@ def two_processes(*args, script: Path | None = None) -> subprocess.CompletedProc
     `script ARGS` under torchrun, for a script that calls lors_convert.cli.main."""
     env = {
         **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", ""))),
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
     }
@@ -361,6 +394,41 @@ main()
 """
 
 
+SLOW_RANK_ZERO = """
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+import lors_convert.finetune
+from lors_convert.cli import main
+
+# a collective times out after 15 s here (NCCL's watchdog: 10 minutes), and what rank 0 does alone takes 20 s: writing
+# the --save-every state (torch.save) and the output (write_output)
+real_init, real_save, real_write = dist.init_process_group, torch.save, lors_convert.finetune.write_output
+dist.init_process_group = lambda *args, **kwargs: real_init(*args, **kwargs, timeout=datetime.timedelta(seconds=15))
+torch.save = lambda *args, **kwargs: (time.sleep(20), real_save(*args, **kwargs))[1]
+lors_convert.finetune.write_output = lambda *args, **kwargs: (time.sleep(20), real_write(*args, **kwargs))[1]
+main()
+"""
+
+
+def test_two_process_gloo_no_process_waits_in_a_collective_while_rank_0_writes(tmp_path, ddp_run):
+    """Rank 0 alone writes the --save-every state and the output; the other process must not sit in a collective
+    meanwhile (on main it waited in dist.barrier, which times out). The result is the DDP run's."""
+    lors, data, ddp_out, ddp_done = ddp_run
+    assert ddp_done.returncode == 0, ddp_done.stderr[-3000:]
+    out = tmp_path / "slow.safetensors"
+    (tmp_path / "slow.py").write_text(SLOW_RANK_ZERO)
+    args = finetune_args(lors, data, out, "--batch-size", "4", "--save-every", "3")
+    done = two_processes(*args, script=tmp_path / "slow.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if "slow" in p.name) == ["slow.py", "slow.safetensors"]
+    expected, got = load_file(ddp_out), load_file(out)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_two_process_gloo_fsdp_trains_as_ddp_resumes_and_writes_one_output(tmp_path, ddp_run):
     lors, data, ddp_out, ddp_done = ddp_run
     assert ddp_done.returncode == 0, ddp_done.stderr[-3000:]
@@ -390,10 +458,79 @@ def test_two_process_gloo_fsdp_trains_as_ddp_resumes_and_writes_one_output(tmp_p
     assert len(groups) == len(meta.groups) and all(len(modules) == 3 for modules in groups.values())
 
 
+TEACHER_BYTES = """
+import sys
+
+import lors_convert.finetune
+from lors_convert.cli import main
+from lors_convert.runtime import world
+
+real_step_loss = lors_convert.finetune.step_loss
+
+
+def step_loss(student, teacher, *args):
+    loss = real_step_loss(student, teacher, *args)  # the teacher has run forward
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # a process's shard of an FSDP parameter
+    held = sum(local(p).numel() * p.element_size() for p in teacher.parameters())
+    full = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    print(f"rank {world()[0]}: teacher parameters {held} of {full} bytes", file=sys.stderr)
+    return loss
+
+
+lors_convert.finetune.step_loss = step_loss
+main()
+"""
+
+
+def test_two_process_gloo_fsdp_shards_the_teacher_too(tmp_path, ddp_run):
+    """Under --fsdp each of 2 processes holds half of the teacher's parameters once it has sharded them, after each
+    forward too (on main each held all of it, on the GPU as well)."""
+    lors, data, _, _ = ddp_run
+    (tmp_path / "teacher_bytes.py").write_text(TEACHER_BYTES)
+    args = finetune_args(lors, data, tmp_path / "fsdp.safetensors", "--batch-size", "4", "--fsdp")
+    done = two_processes(*args, script=tmp_path / "teacher_bytes.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = {}
+    for line in done.stderr.splitlines():
+        if ": teacher parameters " in line:
+            rank, numbers = line.split(": teacher parameters ")
+            last[rank] = [int(n) for n in numbers.removesuffix(" bytes").split(" of ")]
+    assert set(last) == {"rank 0", "rank 1"}
+    for held, full in last.values():
+        assert abs(held - full / 2) <= 0.01 * full, (held, full)  # half, up to the padding of odd rows
+
+
 def test_two_process_gloo_fsdp_gradients_equal_ddp_and_one_process(ddp_run):
     done = two_processes(ddp_run[0], script=REPO / "tests" / "fsdp_gradients.py")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "fsdp: largest relative gradient difference" in done.stdout
+
+
+def test_two_process_gloo_ddp_and_fsdp_train_experts_that_one_process_does_not_reach(tmp_path):
+    """Under DDP and FSDP an expert that one process's batch reaches and the other's does not gets no gradient in
+    the other: each must still take part in the reduction (DDP errs on the next step otherwise; FSDP's
+    reduce-scatters no longer match)."""
+    from factory_models import content_routed_experts
+
+    from lors_convert.cli import main
+    from lors_convert.finetune import batch_indices
+
+    torch.manual_seed(0)
+    save_file(content_routed_experts().state_dict(), tmp_path / "moe.safetensors")
+    lors = tmp_path / "moe.lors.safetensors"
+    main([str(tmp_path / "moe.safetensors"), "-o", str(lors), "--rank", "2", "--shared", "mean", "--quiet", "--json"])
+    data = routed_data(tmp_path / "x.safetensors")
+    reaches = lambda rows: any(i >= 2 and i % 3 == 2 for i in rows)  # routed_data's rows for expert 2
+    steps = [batch_indices(step, 48, 8, 0) for step in range(6)]
+    assert any(reaches(rows[:4]) != reaches(rows[4:]) for rows in steps)  # the case this test is about
+    factory = ("--model-factory", "factory_models:content_routed_experts")
+    for mode in ((), ("--fsdp",)):
+        out = tmp_path / f"ft{len(mode)}.safetensors"
+        done = two_processes(*finetune_args(lors, data, out, "--batch-size", "4", *factory), *mode)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert read_lors(out)[1].finetune["frozen"] == []
+        old, new = load_file(lors), load_file(out)
+        assert {k for k in old if torch.equal(old[k], new[k])} == set(), mode
 
 
 def test_fsdp_needs_several_processes(tmp_path, cli, converted):
