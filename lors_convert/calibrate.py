@@ -14,7 +14,7 @@ from torch import nn
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import TensorSource
-from lors_convert.factorize import sqrt_psd
+from lors_convert.factorize import psd_factor
 from lors_convert.loading import layer_module, own_names
 from lors_convert.nn import is_conv1d
 from lors_convert.plan import GroupPlan, Settings, bias_name
@@ -326,7 +326,7 @@ def calibrate_plans(
                     "factored with its group's mean inputs"
                 )
             if all(name in fisher for name in names):  # layers the output does not depend on have no G
-                roots = (sqrt_psd(damped(fisher.pop(name), FISHER_DAMPING)).to(plan.device) for name in names)
+                roots = (psd_factor(damped(fisher.pop(name), FISHER_DAMPING)).mT.to(plan.device) for name in names)
                 plan = replace(plan, output_roots=tuple(roots))
         elif names[0] in calibration.rows:
             warnings.append(f"{template}: no layer saw calibration tokens; factored in weight space")

@@ -280,7 +280,13 @@ def metric_energy(matrix: torch.Tensor, metric: torch.Tensor | None) -> float:
     return ((matrix.double() @ metric) * matrix.double()).sum().item()
 
 
-def sqrt_psd(metric: torch.Tensor) -> torch.Tensor:
+def psd_factor(metric: torch.Tensor) -> torch.Tensor:
+    """F with F Fᵀ = K (float32): ‖R F‖ = ‖R K^{1/2}‖ and ‖Fᵀ R‖ = ‖K^{1/2} R‖ for any such F, so the objectives
+    need no symmetric root. Cholesky (an eigendecomposition costs ~10x more: most of an LLM's --fisher conversion
+    time went there); the symmetric root where K is singular."""
+    factor, info = torch.linalg.cholesky_ex(metric)
+    if info == 0:
+        return factor.float()
     values, vectors = torch.linalg.eigh(metric)
     return ((vectors * values.clamp_min(0).sqrt()) @ vectors.T).float()
 
@@ -289,7 +295,7 @@ def _metric_gram(matrix: torch.Tensor, metric: torch.Tensor) -> tuple[torch.Tens
     """The Gram matrix of R K^{1/2} on its smaller side, and R K^{1/2} when that side is the columns."""
     if matrix.shape[0] <= matrix.shape[1]:
         return (matrix @ metric.float() @ matrix.T).double(), None
-    weighted = matrix @ sqrt_psd(metric)
+    weighted = matrix @ psd_factor(metric)
     return (weighted.T @ weighted).double(), weighted
 
 

@@ -123,8 +123,8 @@ class GroupPlan:
     # the centred C_i − n μ_i μ_iᵀ, since no rank needs to be spent on the mean
     means: tuple[torch.Tensor | None, ...] | None = None
     rows: tuple[int, ...] = ()  # n_i: the input rows (tokens) layer i saw in calibration (an MoE's experts differ)
-    # G_i^{1/2} per layer with --fisher (G_i: the model output's sensitivity to layer i's outputs, damped): the
-    # objective becomes ‖G^{1/2}(R − B A)K^{1/2}‖², solved as the one-sided problem on G^{1/2}R, B = G^{-1/2}B'
+    # Fᵢᵀ per layer with --fisher, Fᵢ Fᵢᵀ = G_i (the model output's sensitivity to layer i's outputs, damped): the
+    # objective ‖G^{1/2}(R − B A)K^{1/2}‖² = ‖Fᵀ(R − B A)K^{1/2}‖², solved as the one-sided problem on FᵀR, B = F⁻ᵀB'
     output_roots: tuple[torch.Tensor, ...] | None = None
     shared: bool = True
     shared_matrix: torch.Tensor | None = None  # float32, out x in, already rounded to the storage dtype
@@ -188,7 +188,7 @@ def metric(plan: GroupPlan, i: int) -> torch.Tensor | None:
 
 
 def output_weighted(plan: GroupPlan, i: int, matrix: torch.Tensor) -> torch.Tensor:
-    """G_i^{1/2} R under --fisher (R itself otherwise): what layer i's spectra and factors are taken of."""
+    """Fᵢᵀ R under --fisher (R itself otherwise): what layer i's spectra and factors are taken of."""
     return matrix if plan.output_roots is None else plan.output_roots[i] @ matrix
 
 
