@@ -18,7 +18,7 @@ from lors_convert.factorize import psd_factor
 from lors_convert.loading import layer_module, own_names
 from lors_convert.nn import is_conv1d
 from lors_convert.plan import GroupPlan, Settings, bias_name
-from lors_convert.runtime import call_model, compute_device
+from lors_convert.runtime import call_model, compute_device, is_causal_lm
 from lors_convert.stacks import Stack
 
 
@@ -275,8 +275,9 @@ def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.
     if settings.model_factory:
         return model, *tensor_batches(settings.calibrate, settings.calib_samples, settings.seed)
     tokenizer = load_tokenizer(architecture_dir(source.path))
+    pack = is_causal_lm(model) and getattr(tokenizer, "eos_token_id", None) is not None
     return model, *text_batches(
-        tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length, settings.seed
+        tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length, settings.seed, pack=pack
     )
 
 

