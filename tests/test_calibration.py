@@ -167,6 +167,7 @@ def test_calibration_needs_an_architecture(tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "m.safetensors"]
 
 
+@pytest.mark.slow
 def test_calibrated_minilm_is_never_worse_than_plain(tmp_path, cli, minilm):
     pytest.importorskip("transformers")
     from lors_convert.data import Examples

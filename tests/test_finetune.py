@@ -364,6 +364,7 @@ def ddp_run(tmp_path_factory):
     return lors, data, out, done
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_replicas_identical_and_writes_one_output(ddp_run):
     lors, data, out, done = ddp_run
     assert done.returncode == 0, done.stderr[-3000:]
@@ -414,6 +415,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_two_process_gloo_no_process_waits_in_a_collective_while_rank_0_writes(tmp_path, ddp_run):
     """Rank 0 alone writes the --save-every state and the output; the other process must not sit in a collective
     meanwhile (on main it waited in dist.barrier, which times out). The result is the DDP run's."""
@@ -429,6 +431,7 @@ def test_two_process_gloo_no_process_waits_in_a_collective_while_rank_0_writes(t
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_fsdp_trains_as_ddp_resumes_and_writes_one_output(tmp_path, ddp_run):
     lors, data, ddp_out, ddp_done = ddp_run
     assert ddp_done.returncode == 0, ddp_done.stderr[-3000:]
@@ -482,6 +485,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_two_process_gloo_fsdp_shards_the_teacher_too(tmp_path, ddp_run):
     """Under --fsdp each of 2 processes holds half of the teacher's parameters once it has sharded them, after each
     forward too (on main each held all of it, on the GPU as well)."""
@@ -500,12 +504,14 @@ def test_two_process_gloo_fsdp_shards_the_teacher_too(tmp_path, ddp_run):
         assert abs(held - full / 2) <= 0.01 * full, (held, full)  # half, up to the padding of odd rows
 
 
+@pytest.mark.slow
 def test_two_process_gloo_fsdp_gradients_equal_ddp_and_one_process(ddp_run):
     done = two_processes(ddp_run[0], script=REPO / "tests" / "fsdp_gradients.py")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "fsdp: largest relative gradient difference" in done.stdout
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_and_fsdp_train_experts_that_one_process_does_not_reach(tmp_path):
     """Under DDP and FSDP an expert that one process's batch reaches and the other's does not gets no gradient in
     the other: each must still take part in the reduction (DDP errs on the next step otherwise; FSDP's

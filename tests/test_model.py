@@ -117,6 +117,7 @@ def test_one_shared_parameter_per_group_that_training_moves(tmp_path, cli):
     assert torch.equal(next(m for m in reloaded.modules() if isinstance(m, LorsLinear)).shared, shared)
 
 
+@pytest.mark.slow
 def test_load_the_real_minilm(tmp_path, cli, minilm):
     result = cli(minilm, "-o", tmp_path / "m.lors.safetensors", "--quiet", "--json")
     assert result.code == 0
@@ -296,6 +297,7 @@ def test_export_loads_with_trust_remote_code_and_without_lors_convert(tmp_path, 
         assert torch.equal(exported["generated"], plain["generated"])
 
 
+@pytest.mark.slow
 def test_export_of_minilm_keeps_its_tokenizer_and_sentence_transformers_files(tmp_path, cli, minilm):
     assert cli(minilm, "-o", tmp_path / "m.lors.safetensors", "--quiet").code == 0
     assert cli("export", tmp_path / "m.lors.safetensors", "-o", tmp_path / "out", "--quiet").code == 0

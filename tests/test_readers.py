@@ -673,6 +673,7 @@ def mutated(data: bytes, rng: random.Random) -> bytes:
     return fuzz_readers.mutate_bytes(data, rng)
 
 
+@pytest.mark.slow
 def test_safetensors_reader_agrees_with_the_library_on_mutated_files(tmp_path):
     bases = valid_files(tmp_path)
     rng = random.Random(20261128)
