@@ -287,13 +287,19 @@ def test_finetune_refuses_to_write_onto_its_teacher(tmp_path, cli):
     )
 
 
-def test_errors_chain_their_cause_which_debug_shows(tmp_path):
+def test_errors_chain_their_cause_which_debug_shows(tmp_path, cli):
+    import traceback
+
+    from lors_convert.cli import main
+
     save_file(small(), tmp_path / "m.safetensors")
-    command = [sys.executable, "-m", "lors_convert", str(tmp_path / "m.safetensors"), "--device", "no such device"]
-    plain = subprocess.run(command, capture_output=True, text=True)
-    assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1
-    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
-    assert "RuntimeError" in debug.stderr and "direct cause" in debug.stderr and "LorsError" in debug.stderr
+    args = [str(tmp_path / "m.safetensors"), "--device", "no such device"]
+    plain = cli(*args)
+    assert plain.code == 1 and len(plain.err.strip().splitlines()) == 1
+    with pytest.raises(LorsError) as caught:  # --debug lets it out, for Python to print with its cause
+        main([*args, "--debug"])
+    shown = "".join(traceback.format_exception(caught.value))
+    assert "RuntimeError" in shown and "direct cause" in shown and "LorsError" in shown
 
 
 @pytest.mark.parametrize("shard_size", ["5GB", "8kB"])
