@@ -130,6 +130,20 @@ for path in sys.argv[1:]:
 """
 
 
+def test_no_check_in_the_package_is_an_assert():
+    """`python -O` removes asserts: a check written as one would let a bad input through (the test below runs it)."""
+    import ast
+
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted((ROOT / "lors_convert").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, found
+
+
+@pytest.mark.slow
 def test_bad_index_is_refused_under_python_O(tmp_path):
     """The checks are not `assert`s, which `python -O` removes (one interpreter for both cases: it is the slow part)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
