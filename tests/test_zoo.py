@@ -8,7 +8,10 @@ Before conversion every stacked group is made LORS-exact (`exact`): its layers a
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from torch import nn
 import lors_convert
 from lors_convert import LorsError
 from lors_convert.checkpoint import TensorInfo
+from lors_convert.cli import main
 from lors_convert.lors_format import read_lors, shared_key
 from lors_convert.nn import LorsLinear, is_conv1d, lors_groups, merge_lors
 from lors_convert.stacks import find_stacks
@@ -131,26 +135,39 @@ def exact(state: dict[str, torch.Tensor], shared: bool, rank: int = 2) -> dict[s
     return state
 
 
-def converted(case: Case, tmp_path: Path, cli) -> tuple[nn.Module, Path, dict]:
-    """(the original model, made exact; its LORS file, converted by the CLI; the report)."""
+def converted(case: Case, folder: Path) -> tuple[nn.Module, Path, dict]:
+    """(the original model, made exact; its LORS file, converted by the CLI's entry point; the report)."""
     torch.manual_seed(0)
     model = case.build()
     shared = "none" not in case.options
     if case.factory:
-        source = tmp_path / "model.safetensors"
+        source = folder / "model.safetensors"
         state = exact(model.state_dict(), shared)
         save_file(state, source)
         model.load_state_dict(state)
     else:
-        source = tmp_path / "model"
+        source = folder / "model"
         model.save_pretrained(source)
         weights = source / "model.safetensors"
         save_file(exact(load_file(weights), shared), weights, metadata={"format": "pt"})
         model = type(model).from_pretrained(source)
-    lors = tmp_path / "m.lors.safetensors"
-    result = cli(source, "-o", lors, *case.options, "--quiet", "--json")
-    assert result.code == 0, result.err
-    return model.eval(), lors, result.json()
+    lors, printed = folder / "m.lors.safetensors", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main([str(source), "-o", str(lors), *case.options, "--quiet", "--json"])
+    return model.eval(), lors, json.loads(printed.getvalue())
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Callable[[Case], tuple[nn.Module, Path, dict]]:
+    """`converted`, once a case for all the checks."""
+    done = {}
+
+    def get(case: Case):
+        if case.id not in done:
+            done[case.id] = converted(case, tmp_path_factory.mktemp(case.id))
+        return done[case.id]
+
+    return get
 
 
 def output(result) -> torch.Tensor:
@@ -179,8 +196,8 @@ def buffers(lors: Path) -> int:
 
 
 @pytest.mark.parametrize("case", [*params(CASES), pytest.param(MIXTRAL, id="mixtral", marks=FUSED_EXPERTS)])
-def test_convert_then_load_gives_the_original_outputs_and_saves_back(case, tmp_path, cli):
-    model, lors, report = converted(case, tmp_path, cli)
+def test_convert_then_load_gives_the_original_outputs_and_saves_back(case, zoo, tmp_path):
+    model, lors, report = zoo(case)
     assert report["groups"] and report["stacked"]["rel_error"] <= case.rel
     assert sorted(g["template"] for g in report["kept_dense"]) == sorted(case.kept_dense)
     source, meta = read_lors(lors)
@@ -217,8 +234,8 @@ def test_convert_then_load_gives_the_original_outputs_and_saves_back(case, tmp_p
 
 
 @pytest.mark.parametrize("case", params([case for case in CASES if case.auto]))
-def test_export_loads_with_trust_remote_code_and_without_lors_convert(case, tmp_path, cli, monkeypatch):
-    model, lors, report = converted(case, tmp_path, cli)
+def test_export_loads_with_trust_remote_code_and_without_lors_convert(case, zoo, tmp_path, cli, monkeypatch):
+    model, lors, report = zoo(case)
     assert cli("export", lors, "-o", tmp_path / "lors", "--quiet").code == 0
     assert cli("export", lors, "-o", tmp_path / "dense", "--dense", "--quiet").code == 0
     for name in list(sys.modules):
@@ -244,8 +261,8 @@ def test_export_loads_with_trust_remote_code_and_without_lors_convert(case, tmp_
 
 
 @pytest.mark.parametrize("case", params(LOADABLE))
-def test_one_finetune_step_trains_every_shared_matrix_then_eval(case, tmp_path, cli):
-    _, lors, _ = converted(case, tmp_path, cli)
+def test_one_finetune_step_trains_every_shared_matrix_then_eval(case, zoo, tmp_path, cli):
+    _, lors, _ = zoo(case)
     data = tmp_path / "data.safetensors"
     save_file({k: torch.cat([v] * 6).contiguous() for k, v in case.inputs.items()}, data)
     factory_option = ("--model-factory", case.factory) if case.factory else ()
@@ -273,12 +290,12 @@ with torch.no_grad():
 
 
 @pytest.mark.slow
-def test_an_export_loads_in_a_fresh_interpreter(tmp_path, cli):
+def test_an_export_loads_in_a_fresh_interpreter(zoo, tmp_path, cli):
     """What the in-process check above cannot show: nothing lors_convert registered in this process is needed."""
     import subprocess
 
     case = CASE["llama"]
-    model, lors, _ = converted(case, tmp_path, cli)
+    model, lors, _ = zoo(case)
     assert cli("export", lors, "-o", tmp_path / "lors", "--quiet").code == 0
     torch.save(case.inputs, tmp_path / "inputs.pt")
     command = [sys.executable, "-c", FRESH, *(str(tmp_path / name) for name in ("lors", "inputs.pt", "out.pt"))]
