@@ -112,18 +112,21 @@ def output_error_on(folder, lors, texts) -> float:
     source, meta = read_lors(lors)
     student = lors_convert.load(lors, architecture=folder)
     tokenizer = load_tokenizer(folder)
+    paths = [name.removesuffix(".weight") for group in meta.groups for name in group.names]
     err = norm = 0.0
-    for group in meta.groups:
-        for name in group.names:
-            path = name.removesuffix(".weight")
-            t_mod, s_mod = teacher.get_submodule(path), student.get_submodule(path)
-            for text in texts:
-                captured = {}
-                hook = t_mod.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
-                with torch.no_grad():
-                    teacher(**tokenizer(text, return_tensors="pt"))
+    for text in texts:  # one teacher pass a text captures every stacked layer's input
+        captured = {}
+        hooks = [
+            teacher.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: captured.setdefault(p, a[0]))
+            for p in paths
+        ]
+        with torch.no_grad():
+            teacher(**tokenizer(text, return_tensors="pt"))
+            for hook in hooks:
                 hook.remove()
-                y_t, y_s = t_mod(captured["x"]), s_mod(captured["x"])
+            for path in paths:
+                x = captured[path]
+                y_t, y_s = teacher.get_submodule(path)(x), student.get_submodule(path)(x)
                 err += (y_s - y_t).square().sum().item()
                 norm += y_t.square().sum().item()
     return (err / norm) ** 0.5
