@@ -99,7 +99,7 @@ CASES = [
 ]
 # Mixtral's experts are `experts.E.w1` Linear layers in its checkpoint, but transformers 5 runs them fused, as one
 # 3-D `experts.gate_up_proj` parameter a layer: convert factors them, load finds no layer to swap.
-MIXTRAL = Case("mixtral", hf("MixtralForCausalLM", "MixtralConfig", **SMALL, num_local_experts=4), TEXT, CAUSAL)
+MIXTRAL = Case("mixtral", hf("MixtralForCausalLM", "MixtralConfig", **LLAMA, num_local_experts=4), TEXT, CAUSAL)
 # fmt: on
 FUSED_EXPERTS = pytest.mark.xfail(
     int(T.__version__.split(".")[0]) >= 5, reason="transformers 5 fuses MoE experts", raises=LorsError, strict=True
