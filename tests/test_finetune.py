@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -465,11 +466,9 @@ def test_two_process_gloo_fsdp_shards_the_teacher_too(tmp_path, ddp_run):
     args = finetune_args(lors, data, tmp_path / "fsdp.safetensors", "--batch-size", "4", "--fsdp")
     done = two_processes(*args, script=tmp_path / "teacher_bytes.py")
     assert done.returncode == 0, done.stderr[-3000:]
-    last = {}
-    for line in done.stderr.splitlines():
-        if ": teacher parameters " in line:
-            rank, numbers = line.split(": teacher parameters ")
-            last[rank] = [int(n) for n in numbers.removesuffix(" bytes").split(" of ")]
+    last = {}  # the two processes share stderr: one's line can run into the other's
+    for rank, held, full in re.findall(r"(rank \d+): teacher parameters (\d+) of (\d+) bytes", done.stderr):
+        last[rank] = [int(held), int(full)]
     assert set(last) == {"rank 0", "rank 1"}
     for held, full in last.values():
         assert abs(held - full / 2) <= 0.01 * full, (held, full)  # half, up to the padding of odd rows
