@@ -1,6 +1,6 @@
 """Models that are not from Hugging Face, for --model-factory tests: `layers.N` stacked Linear blocks, Swin-style
-nested indices (`layers.S.blocks.B`), mixtures of experts routed by position or by content, and a tiny
-transformers T5."""
+nested indices (`layers.S.blocks.B`), mixtures of experts routed by position or by content, a tiny
+transformers T5, stacked conv kernels and stacks of two dtypes."""
 
 import torch
 from torch import nn
@@ -133,3 +133,40 @@ class ContentRoutedExperts(nn.Module):
 
 def content_routed_experts() -> nn.Module:
     return ContentRoutedExperts()
+
+
+class ConvStack(nn.Module):
+    """Stacked 3x3 convolutions, `convs.N`: convert factors their kernels as out x (in·3·3) matrices, which no model
+    runs in LORS form."""
+
+    def __init__(self, channels: int = 8, layers: int = 3):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = x + torch.tanh(conv(x))
+        return x
+
+
+def conv_stack() -> nn.Module:
+    return ConvStack()
+
+
+class MixedDtypes(nn.Module):
+    """A bfloat16 stack (`attn.N`) and a float32 one (`mlp.N`), each layer run in its own weight's dtype."""
+
+    def __init__(self, dim: int = 16, layers: int = 3):
+        super().__init__()
+        self.attn = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers)).to(torch.bfloat16)
+        self.mlp = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+
+    def forward(self, x):
+        for attn, mlp in zip(self.attn, self.mlp):
+            x = x + attn(x.to(attn.bias.dtype)).to(x.dtype)
+            x = x + torch.tanh(mlp(x))
+        return x
+
+
+def mixed_dtypes() -> nn.Module:
+    return MixedDtypes()

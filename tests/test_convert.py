@@ -452,6 +452,7 @@ def expand(cli, lors: Path, folder: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- the real model
 
 
+@pytest.mark.slow
 def test_real_minilm(tmp_path, cli, minilm):
     transformers = pytest.importorskip("transformers")
     report = convert_json(cli, minilm, "-o", tmp_path / "m.lors.safetensors")

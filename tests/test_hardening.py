@@ -287,13 +287,19 @@ def test_finetune_refuses_to_write_onto_its_teacher(tmp_path, cli):
     )
 
 
-def test_errors_chain_their_cause_which_debug_shows(tmp_path):
+def test_errors_chain_their_cause_which_debug_shows(tmp_path, cli):
+    import traceback
+
+    from lors_convert.cli import main
+
     save_file(small(), tmp_path / "m.safetensors")
-    command = [sys.executable, "-m", "lors_convert", str(tmp_path / "m.safetensors"), "--device", "no such device"]
-    plain = subprocess.run(command, capture_output=True, text=True)
-    assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1
-    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
-    assert "RuntimeError" in debug.stderr and "direct cause" in debug.stderr and "LorsError" in debug.stderr
+    args = [str(tmp_path / "m.safetensors"), "--device", "no such device"]
+    plain = cli(*args)
+    assert plain.code == 1 and len(plain.err.strip().splitlines()) == 1
+    with pytest.raises(LorsError) as caught:  # --debug lets it out, for Python to print with its cause
+        main([*args, "--debug"])
+    shown = "".join(traceback.format_exception(caught.value))
+    assert "RuntimeError" in shown and "direct cause" in shown and "LorsError" in shown
 
 
 @pytest.mark.parametrize("shard_size", ["5GB", "8kB"])
@@ -381,11 +387,12 @@ def compress_args(folder, data, out, *more) -> list:
     return ["compress", folder, "--calibrate", data, "-o", out, "--batch-size", "8", "--quiet", *more]
 
 
+@pytest.mark.slow
 def test_compress_converts_finetunes_and_shows_before_and_after(tmp_path, cli):
     folder = bert_folder(tmp_path, with_tokenizer=True)
     (tmp_path / "t.txt").write_text("\n".join(f"w{i % 50} w{(i * 7) % 50} w{(i * 3) % 50}" for i in range(80)))
     out = tmp_path / "final.lors.safetensors"
-    result = cli(*compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.02", "--json"))
+    result = cli(*compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.001", "--json"))
     assert result.code == 0, result.err
     table = result.json()
     assert set(table) == {"converted", "fine-tuned"} and table["converted"]["examples"] == 16
@@ -395,6 +402,7 @@ def test_compress_converts_finetunes_and_shows_before_and_after(tmp_path, cli):
     assert again.code == 1 and "already exists" in again.err
 
 
+@pytest.mark.slow
 def test_compress_holds_out_lines_it_never_calibrates_or_trains_on(tmp_path, cli, monkeypatch):
     """Defect 1: calibration and the held-out split each drew their own permutation of the same file, so compress
     measured "held-out" fidelity on its calibration lines. Every line compress reads is recorded with its role
@@ -416,7 +424,7 @@ def test_compress_holds_out_lines_it_never_calibrates_or_trains_on(tmp_path, cli
 
     monkeypatch.setattr(TextLines, "read", spy)
     out = tmp_path / "final.lors.safetensors"
-    result = cli(*compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.02"))
+    result = cli(*compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.001"))
     assert result.code == 0, result.err
     assert all(roles.values()), {role: len(lines) for role, lines in roles.items()}
     assert not roles["held-out"] & roles["calibration"] and not roles["held-out"] & roles["training"]
@@ -424,6 +432,7 @@ def test_compress_holds_out_lines_it_never_calibrates_or_trains_on(tmp_path, cli
     assert "of the 80 lines of t.txt, none held out" in read_lors(out)[1].calibration["data"]
 
 
+@pytest.mark.slow
 def test_compress_reuses_a_leftover_conversion_only_of_the_same_source(tmp_path, cli):
     """Defect 9: a leftover OUT.converted.safetensors of another model with the same settings was reused."""
     text = tmp_path / "t.txt"

@@ -583,10 +583,23 @@ def text_data(folder: Path) -> Path:
     return folder / "data.txt"
 
 
+@pytest.fixture(scope="module")
+def sound_lors(tmp_path_factory) -> Path:
+    """One LORS checkpoint, converted once: each of the 150 damage cases damages its own copy."""
+    from lors_convert.cli import main
+
+    tmp = tmp_path_factory.mktemp("sound")
+    save_file(small(), tmp / "m.safetensors")
+    main([str(tmp / "m.safetensors"), "--quiet", "--rank", "3", "--shared", "mean"])
+    return tmp / "m.lors.safetensors"
+
+
 @pytest.mark.parametrize("command", list(LORS_COMMANDS))
 @pytest.mark.parametrize("damage", list(DAMAGED_LORS))
-def test_damaged_lors_checkpoints(tmp_path, cli, command, damage):
-    lors = lors_file(tmp_path, cli)
+def test_damaged_lors_checkpoints(tmp_path, cli, command, damage, sound_lors):
+    import shutil
+
+    lors = Path(shutil.copy(sound_lors, tmp_path / "m.lors.safetensors"))
     change, message = DAMAGED_LORS[damage]
     if damage == "truncated":
         truncated(lors, 0.9)

@@ -221,7 +221,7 @@ def test_a_transformers_model_that_reads_q_proj_weight_dtype_runs_with_lors_laye
         return sdpa_attention_forward(module, query.to(target), key, value, attention_mask, **kwargs)
 
     transformers.AttentionInterface.register("dtype_reading", dtype_reading_attention)
-    from test_model import tiny
+    from test_zoo import tiny
 
     tiny("llama")[0].save_pretrained(tmp_path / "llama")
     lors = tmp_path / "llama.lors.safetensors"

@@ -1,11 +1,12 @@
-"""Using a LORS checkpoint where models run: `lors_convert.load` and `lors_convert.save` on tiny random models saved
-by transformers itself (GPT-2, Llama with GQA, GPT-NeoX, T5, ViT, BERT), the real MiniLM and a plain PyTorch model."""
+"""Using a LORS checkpoint where models run, beyond what every model of the zoo (test_zoo.py) goes through: training
+moves each group's one shared matrix, the real MiniLM, layer dtypes, clear errors, task classes and nested blocks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_zoo import output, tiny
 
 import lors_convert
 from lors_convert import LorsError
@@ -15,87 +16,12 @@ from lors_convert.nn import LorsLinear
 transformers = pytest.importorskip("transformers")
 
 
-def tiny(kind: str):
-    """A tiny random model of each architecture, and inputs for it."""
-    T = transformers
-    torch.manual_seed(0)
-    ids = torch.randint(0, 64, (2, 7))
-    if kind == "bert":
-        config = T.BertConfig(
-            vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
-        )
-        return T.BertModel(config), {"input_ids": ids}
-    if kind == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=16, n_layer=3, n_head=2)), {"input_ids": ids}
-    if kind == "llama":
-        config = T.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        return T.LlamaForCausalLM(config), {"input_ids": ids}
-    if kind == "neox":
-        config = T.GPTNeoXConfig(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=64
-        )
-        return T.GPTNeoXForCausalLM(config), {"input_ids": ids}
-    if kind == "t5":
-        config = T.T5Config(
-            d_model=32, d_ff=64, num_layers=3, num_heads=2, d_kv=16, vocab_size=64, decoder_start_token_id=0
-        )
-        return T.T5ForConditionalGeneration(config), {"input_ids": ids, "decoder_input_ids": ids}
-    config = T.ViTConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8
-    )
-    return T.ViTModel(config), {"pixel_values": torch.randn(2, 3, 16, 16)}
-
-
-def output(result) -> torch.Tensor:
-    logits = getattr(result, "logits", None)
-    return logits if logits is not None else result.last_hidden_state
-
-
 def dense_reference(model, lors_path, tmp_path):
     """The dense expansion of the LORS file, loaded by transformers as an ordinary checkpoint."""
     folder = tmp_path / "dense"
     model.config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in expand(*read_lors(lors_path))}, folder / "model.safetensors")
     return type(model).from_pretrained(folder).float().eval()
-
-
-ARCHITECTURES = ["bert", "gpt2", "llama", "neox", "t5", "vit"]
-
-
-@pytest.mark.parametrize("kind", ARCHITECTURES)
-@pytest.mark.parametrize("shared", ["mean", "none"])
-def test_load_runs_the_lors_model_of_each_architecture(tmp_path, cli, kind, shared):
-    model, inputs = tiny(kind)
-    model.save_pretrained(tmp_path / "model")
-    lors_path = tmp_path / "m.lors.safetensors"
-    result = cli(tmp_path / "model", "-o", lors_path, "--rank", "3", "--shared", shared, "--quiet", "--json")
-    assert result.code == 0, result.err
-    report = result.json()
-
-    loaded = lors_convert.load(lors_path)
-    assert isinstance(loaded, type(model)) and any(isinstance(m, LorsLinear) for m in loaded.modules())
-    assert sum(p.numel() for p in loaded.parameters()) == report["total"]["lors_params"]
-    reference = dense_reference(model, lors_path, tmp_path)
-    with torch.no_grad():
-        got, expected = output(loaded(**inputs)), output(reference(**inputs))
-    assert (got - expected).norm() <= 1e-5 * expected.norm()
-    if kind in ("gpt2", "llama", "neox", "t5"):
-        prompt = {"input_ids": inputs["input_ids"][:1, :4]}
-        options = {"max_new_tokens": 6, "do_sample": False}
-        assert torch.equal(loaded.generate(**prompt, **options), reference.generate(**prompt, **options))
-
-    again = tmp_path / "again.lors.safetensors"
-    lors_convert.save(loaded, again)
-    before, after = read_lors(lors_path)[0], read_lors(again)[0]
-    assert set(before.info) == set(after.info)
-    assert all(torch.equal(before.get(name), after.get(name)) for name in before.info)
 
 
 def test_one_shared_parameter_per_group_that_training_moves(tmp_path, cli):
@@ -117,6 +43,7 @@ def test_one_shared_parameter_per_group_that_training_moves(tmp_path, cli):
     assert torch.equal(next(m for m in reloaded.modules() if isinstance(m, LorsLinear)).shared, shared)
 
 
+@pytest.mark.slow
 def test_load_the_real_minilm(tmp_path, cli, minilm):
     result = cli(minilm, "-o", tmp_path / "m.lors.safetensors", "--quiet", "--json")
     assert result.code == 0
@@ -134,24 +61,6 @@ def test_load_the_real_minilm(tmp_path, cli, minilm):
     with torch.no_grad():
         got, expected = loaded(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state
     assert (got - expected).norm() <= 1e-5 * expected.norm()
-
-
-def test_load_a_plain_pytorch_model_from_a_function(tmp_path, cli):
-    from factory_models import StackedMLP, stacked_mlp
-
-    torch.manual_seed(0)
-    dense = StackedMLP()
-    save_file(dense.state_dict(), tmp_path / "m.safetensors")
-    assert cli(tmp_path / "m.safetensors", "--rank", "4", "--shared", "mean", "--quiet").code == 0
-    loaded = lors_convert.load(tmp_path / "m.lors.safetensors", architecture=stacked_mlp)
-    reference = StackedMLP()
-    reference.load_state_dict(dict(expand(*read_lors(tmp_path / "m.lors.safetensors"))))
-    x = torch.randn(5, 16)
-    with torch.no_grad():
-        assert torch.allclose(loaded(x), reference(x), rtol=1e-5, atol=1e-6)
-    lors_convert.save(loaded, tmp_path / "again.safetensors")
-    before, after = read_lors(tmp_path / "m.lors.safetensors")[0], read_lors(tmp_path / "again.safetensors")[0]
-    assert all(torch.equal(before.get(name), after.get(name)) for name in before.info)
 
 
 def test_swapped_layers_take_the_dtype_of_the_layer_they_replace():
@@ -196,106 +105,7 @@ def test_load_into_the_wrong_architecture_is_one_clear_error(tmp_path, cli):
         lors_convert.load(tmp_path / "m.safetensors", architecture=tmp_path / "bert")
 
 
-@pytest.mark.parametrize("kind", ["t5", "vit", "neox"])
-def test_finetune_and_eval_run_on_renamed_and_tied_architectures(tmp_path, cli, kind):
-    """ViT and GPT-NeoX are renamed by transformers 5 when they load, T5 ties its embeddings."""
-    model, inputs = tiny(kind)
-    model.save_pretrained(tmp_path / "model")
-    lors = tmp_path / "m.lors.safetensors"
-    assert cli(tmp_path / "model", "-o", lors, "--rank", "3", "--shared", "mean", "--quiet").code == 0
-    examples = 40
-    data = {k: torch.cat([v] * (examples // len(v))) for k, v in inputs.items()}
-    save_file({k: v.contiguous() for k, v in data.items()}, tmp_path / "data.safetensors")
-    result = cli(
-        "finetune",
-        lors,
-        "-d",
-        tmp_path / "data.safetensors",
-        "-o",
-        tmp_path / "ft.safetensors",
-        "--steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--eval-examples",
-        "8",
-        "--quiet",
-        "--json",
-    )
-    assert result.code == 0, result.err
-    assert result.json()["after"]["cos"] > 0
-    evaluated = cli("eval", tmp_path / "ft.safetensors", "-d", tmp_path / "data.safetensors", "--quiet", "--json")
-    assert evaluated.code == 0, evaluated.err
-    assert evaluated.json()["examples"] == examples
-
-
-WITHOUT_LORS_CONVERT = """
-import sys, torch
-sys.modules["lors_convert"] = None  # `import lors_convert` fails here: only torch and transformers are used
-import transformers
-kind, folder, inputs_file, result_file, remote = sys.argv[1:6]
-auto = {"causal": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM}.get(
-    kind, transformers.AutoModel)
-model = auto.from_pretrained(folder, trust_remote_code=remote == "1").float().eval()
-inputs = torch.load(inputs_file)
-def out(model):
-    with torch.no_grad():
-        result = model(**inputs)
-    logits = getattr(result, "logits", None)
-    return logits if logits is not None else result.last_hidden_state
-result = {"out": out(model), "params": sum(p.numel() for p in model.parameters()), "class": type(model).__name__}
-if kind == "causal":
-    result["generated"] = model.generate(input_ids=inputs["input_ids"][:1, :4], max_new_tokens=6, do_sample=False)
-model.save_pretrained(folder + "-again")
-result["again"] = out(auto.from_pretrained(folder + "-again", trust_remote_code=remote == "1").float().eval())
-torch.save(result, result_file)
-"""
-
-
-def run_without_lors_convert(tmp_path, kind: str, folder, inputs: dict, remote: bool) -> dict:
-    import subprocess
-    import sys
-
-    torch.save(inputs, tmp_path / "inputs.pt")
-    family = {"gpt2": "causal", "llama": "causal", "neox": "causal", "t5": "seq2seq"}.get(kind, "base")
-    command = [
-        sys.executable,
-        "-c",
-        WITHOUT_LORS_CONVERT,
-        family,
-        str(folder),
-        str(tmp_path / "inputs.pt"),
-        str(tmp_path / "result.pt"),
-        "1" if remote else "0",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return torch.load(tmp_path / "result.pt")
-
-
-@pytest.mark.parametrize("kind", ARCHITECTURES)
-def test_export_loads_with_trust_remote_code_and_without_lors_convert(tmp_path, cli, kind):
-    model, inputs = tiny(kind)
-    model.save_pretrained(tmp_path / "model")
-    lors_path = tmp_path / "m.lors.safetensors"
-    report = cli(tmp_path / "model", "-o", lors_path, "--rank", "3", "--shared", "mean", "--quiet", "--json")
-    assert report.code == 0
-    assert cli("export", lors_path, "-o", tmp_path / "lors", "--quiet").code == 0
-    assert cli("export", lors_path, "-o", tmp_path / "dense", "--dense", "--quiet").code == 0
-
-    exported = run_without_lors_convert(tmp_path, kind, tmp_path / "lors", inputs, remote=True)
-    plain = run_without_lors_convert(tmp_path, kind, tmp_path / "dense", inputs, remote=False)
-    expected = output(dense_reference(model, lors_path, tmp_path)(**inputs)).detach()
-    for result in (exported, plain):
-        assert (result["out"] - expected).norm() <= 1e-5 * expected.norm()
-        assert torch.equal(result["again"], result["out"])  # save_pretrained -> from_pretrained round trip
-    assert exported["class"].startswith("Lors") and not plain["class"].startswith("Lors")
-    buffers = sum(info.numel for info in read_lors(lors_path)[0].info.values() if not info.dtype.is_floating_point)
-    assert exported["params"] == report.json()["total"]["lors_params"] - buffers
-    if kind in ("gpt2", "llama", "neox"):
-        assert torch.equal(exported["generated"], plain["generated"])
-
-
+@pytest.mark.slow
 def test_export_of_minilm_keeps_its_tokenizer_and_sentence_transformers_files(tmp_path, cli, minilm):
     assert cli(minilm, "-o", tmp_path / "m.lors.safetensors", "--quiet").code == 0
     assert cli("export", tmp_path / "m.lors.safetensors", "-o", tmp_path / "out", "--quiet").code == 0

@@ -68,6 +68,7 @@ def test_report_plot_marks_layers_stored_dense(tmp_path, cli, imread):
     assert_png(png, imread)
 
 
+@pytest.mark.slow
 def test_minilm_pictures(minilm, tmp_path, cli, imread):
     lors = tmp_path / "minilm.lors.safetensors"
     assert cli(minilm, "-o", lors, "--reduction", "0.5", "--quiet").code == 0

@@ -118,22 +118,47 @@ def test_bad_index_is_one_line_error(tmp_path, cli, case):
     assert_refused(cli, tmp_path, ["inspect", index], "not a valid shard index")
 
 
+UNDER_O = """
+import sys
+from lors_convert.cli import main
+print(sys.flags.optimize)
+for path in sys.argv[1:]:
+    try:
+        main(["inspect", path])
+    except SystemExit as e:
+        print(e.code)
+"""
+
+
+def test_no_check_in_the_package_is_an_assert():
+    """`python -O` removes asserts: a check written as one would let a bad input through (the test below runs it)."""
+    import ast
+
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted((ROOT / "lors_convert").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, found
+
+
+@pytest.mark.slow
 def test_bad_index_is_refused_under_python_O(tmp_path):
-    """The checks are not `assert`s, which `python -O` removes."""
+    """The checks are not `assert`s, which `python -O` removes (one interpreter for both cases: it is the slow part)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    index = sharded_safetensors(tmp_path)
-    for case in ("weight_map a list", "a shard name not a string"):
-        index.write_text(json.dumps(BAD_INDEXES[case]))
-        done = subprocess.run(
-            [sys.executable, "-O", "-m", "lors_convert", "inspect", str(index)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 1 and len(lines) == 1, (case, done.stderr)
-        assert "not a valid shard index" in lines[0], (case, done.stderr)
+    cases = ("weight_map a list", "a shard name not a string")
+    indexes = []
+    for n, case in enumerate(cases):
+        (tmp_path / str(n)).mkdir()
+        indexes.append(sharded_safetensors(tmp_path / str(n)))
+        indexes[-1].write_text(json.dumps(BAD_INDEXES[case]))
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", UNDER_O, *map(str, indexes)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.stdout.split() == ["1", "1", "1"], done.stdout + done.stderr  # -O, then each exit code
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(cases) and all("not a valid shard index" in line for line in lines), done.stderr
 
 
 # ---------------------------------------------------------------- sharded pickles
@@ -673,6 +698,7 @@ def mutated(data: bytes, rng: random.Random) -> bytes:
     return fuzz_readers.mutate_bytes(data, rng)
 
 
+@pytest.mark.slow
 def test_safetensors_reader_agrees_with_the_library_on_mutated_files(tmp_path):
     bases = valid_files(tmp_path)
     rng = random.Random(20261128)

@@ -66,6 +66,7 @@ def test_max_ppl_increase_refuses_what_it_cannot_serve(tmp_path, cli):
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_compress_warns_when_a_language_model_lost_its_function(tmp_path, cli):
     folder = make_model_dir(tmp_path / "llama", "llama")
     data = text_file(tmp_path / "text.txt", lines=300)
