@@ -78,7 +78,12 @@ def run_cli(args: list[str]) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in GB of the child, stderr) of one CLI run in its own process."""
     start = time.time()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = subprocess.run([sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True)
+    # a fixed thread count: the CLI otherwise takes one thread per core it finds idle at its start, which the
+    # benchmark's own evaluation a moment before can make one
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    result = subprocess.run(
+        [sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True, env=os.environ | threads
+    )
     wall = time.time() - start
     if result.returncode:
         sys.exit(f"lors-convert {' '.join(args)} failed:\n{result.stderr}")
