@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -75,20 +74,22 @@ def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> floa
 
 
 def run_cli(args: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GB of the child, stderr) of one CLI run in its own process."""
+    """(wall seconds, peak RSS in GB of this child alone, its output) of one CLI run in its own process."""
     start = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # a fixed thread count: the CLI otherwise takes one thread per core it finds idle at its start, which the
     # benchmark's own evaluation a moment before can make one
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    result = subprocess.run(
-        [sys.executable, "-m", "lors_convert", *args], capture_output=True, text=True, env=os.environ | threads
-    )
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "lors_convert", *args], stdout=log, stderr=log, env=os.environ | threads
+        )
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak (RUSAGE_CHILDREN is the largest so far)
+        log.seek(0)
+        output = log.read()
     wall = time.time() - start
-    if result.returncode:
-        sys.exit(f"lors-convert {' '.join(args)} failed:\n{result.stderr}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 2**20, result.stdout + result.stderr
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"lors-convert {' '.join(args)} failed:\n{output}")
+    return wall, usage.ru_maxrss / 2**20, output
 
 
 def main() -> None:
