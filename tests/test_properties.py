@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lors_convert.factorize import allocate_ranks, capped, lors_params, low_rank, spectrum
+from lors_convert.factorize import allocate_ranks, capped, lors_params, low_rank, psd_factor, spectrum
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -144,3 +145,13 @@ def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, 
     _, history = refit_shared(source, group, seed=0)
     for before, after in zip(history, history[1:]):
         assert after <= before * (1 + 1e-6) + 1e-9
+
+
+@pytest.mark.parametrize("rank", [5, 2, 0])
+def test_psd_factor_reproduces_the_metric_full_rank_or_singular(rank):
+    """F Fᵀ = K: a Cholesky factor where K is positive definite, the symmetric root where it is singular (a layer
+    whose inputs span fewer directions than it has, or none)."""
+    a = torch.randn(5, rank, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    k = a @ a.T
+    factor = psd_factor(k).double()
+    torch.testing.assert_close(factor @ factor.T, k, atol=1e-5, rtol=1e-5)
