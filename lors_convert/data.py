@@ -93,11 +93,11 @@ class Examples:
         step = batch_size * (SORT_WINDOW if self.texts is not None else 1)
         for start in range(0, len(self), step):
             window = list(range(start, min(start + step, len(self))))
-            if self.texts is not None:
-                lengths = [len(line) for line in self.lines(window)]
-                window = [i for _, i in sorted(zip(lengths, window))]
-            for first in range(0, len(window), batch_size):
-                yield self.batch(window[first : first + batch_size], tokenizer, max_length, device)
+            # the window's lines read once, sorted, and batched from memory
+            held = self if self.texts is None else Examples(texts=sorted(self.lines(window), key=len))
+            indices = window if self.texts is None else list(range(len(window)))
+            for first in range(0, len(indices), batch_size):
+                yield held.batch(indices[first : first + batch_size], tokenizer, max_length, device)
 
     def batch(self, indices: list[int], tokenizer, max_length: int, device: torch.device, pack: bool = False) -> dict:
         """The examples at `indices` as one batch: padded to the longest, or with `pack` (text for a causal LM)
