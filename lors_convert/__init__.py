@@ -1,9 +1,20 @@
 """lors-convert: turn stacked layers of a pretrained model into LORS (shared + low-rank residual) form.
 
-import lors_convert
-model = lors_convert.load("model.lors.safetensors")   # the source's own model class, LORS layers inside
-lors_convert.save(model, "trained.lors.safetensors")  # after your own training loop
+One verb per operation, each with a config object (torchao's `quantize_(model, config)`):
+
+    import lors_convert as lc
+    config = lc.ConvertConfig(reduction=0.2, calibrate=["text.txt"], fisher=True)
+    lc.convert("model_dir", "model.lors.safetensors", config)
+    model = lc.load("model.lors.safetensors")       # the source's own model class, LORS layers inside
+    lc.save(model, "trained.lors.safetensors")      # after your own training loop
+    lc.finetune("model.lors.safetensors", ["text.txt"], "tuned.lors.safetensors", lc.FinetuneConfig(minutes=15))
+    lc.export("tuned.lors.safetensors", "hf_dir", lc.ExportConfig())  # loads without lors-convert
+    lc.merge(model)                                 # LORS layers back to plain Linear, in place
+    lc.init("config_dir", "scratch.lors.safetensors", lc.InitConfig(reduction=0.5))  # to train from scratch
+    lc.lorsify(my_model, lc.LorsifyConfig(rank=16))  # stacked layers of a model in memory, in place
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
@@ -12,15 +23,52 @@ class LorsError(Exception):
     """A problem the user can fix (bad input, bad option). The CLI prints it as one line."""
 
 
-def load(path, *, device="cpu", dtype=None, architecture=None):
-    """The model of a LORS checkpoint with its stacked layers as LORS modules (see lors_convert.loading.load)."""
-    from lors_convert.loading import load as load_model
+def convert(source, output, config=None, *, force=False):
+    """Convert the checkpoint at `source` (a .safetensors file or index, a Hugging Face folder, .pt/.bin, .gguf) to
+    a LORS checkpoint at `output`, as `config` (a ConvertConfig; default: remove half the stacked parameters)
+    says. Returns the files written; `lors-convert report FILE` prints what was saved and what it cost."""
+    from pathlib import Path
 
-    return load_model(path, device=device, dtype=dtype, architecture=architecture)
+    from lors_convert.checkpoint import open_checkpoint
+    from lors_convert.conversion import convert as convert_checkpoint
+    from lors_convert.plan import ConvertConfig
+
+    files, _ = convert_checkpoint(open_checkpoint(source), Path(output), config or ConvertConfig(), force=force)
+    return files
 
 
-def save(model, path, *, force=False):
-    """Write a LORS checkpoint from a model `load` returned (see lors_convert.loading.save)."""
-    from lors_convert.loading import save as save_model
+def init(config_dir, output, config, *, force=False):
+    """Write a freshly initialised LORS checkpoint for the Hugging Face config in `config_dir` (an InitConfig says
+    the rank or reduction); train it with `finetune` and `FinetuneConfig(objective="lm")`. Returns the files."""
+    from lors_convert.scratch import init_checkpoint
 
-    return save_model(model, path, force=force)
+    files, _ = init_checkpoint(config_dir, output, config, force=force)
+    return files
+
+
+# name -> the module that defines it; imported on first use, so `import lors_convert` stays light
+_LAZY = {
+    "ConvertConfig": "plan",
+    "load": "loading",
+    "save": "loading",
+    "finetune": "finetuning",
+    "FinetuneConfig": "finetuning",
+    "export": "exporting",
+    "ExportConfig": "exporting",
+    "InitConfig": "scratch",
+    "lorsify": "nn",
+    "LorsifyConfig": "nn",
+    "LorsLinear": "nn",
+    "AdaptiveLors": "nn",
+}
+
+
+def __getattr__(name):
+    if name == "merge":
+        return import_module("lors_convert.nn").merge_lors
+    if name in _LAZY:
+        return getattr(import_module(f"lors_convert.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'lors_convert' has no attribute {name!r}")
+
+
+__all__ = ["LorsError", "convert", "init", "merge", *_LAZY]

@@ -17,7 +17,7 @@ from lors_convert.checkpoint import TensorSource
 from lors_convert.factorize import psd_factor
 from lors_convert.loading import layer_module, own_names
 from lors_convert.nn import is_conv1d
-from lors_convert.plan import GroupPlan, Settings, bias_name
+from lors_convert.plan import ConvertConfig, GroupPlan, bias_name
 from lors_convert.runtime import call_model, compute_device, is_causal_lm
 from lors_convert.stacks import Stack
 
@@ -206,7 +206,7 @@ def output_fisher(model: nn.Module, stacks: list[Stack], batches: list[dict], de
     each layer output reaches). Any other model: its unit-norm mean-pooled final hidden state (what fidelity's
     cosine compares) against a random probe u, E[Jᵀu uᵀJ] = JᵀJ. Returns out x out matrices (float64, CPU)."""
     from lors_convert.evaluate import mean_pool
-    from lors_convert.runtime import run
+    from lors_convert.runtime import logits_and_hidden
 
     moments, hooks = Moments(), []
 
@@ -233,7 +233,7 @@ def output_fisher(model: nn.Module, stacks: list[Stack], batches: list[dict], de
         with torch.enable_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logits, hidden = run(model, batch)
+                logits, hidden = logits_and_hidden(model, batch)
                 mask = batch.get("attention_mask")
                 if logits is not None and "input_ids" in batch:
                     sampled_label_loss(logits, mask, generator).backward()
@@ -265,7 +265,7 @@ def sampled_label_loss(logits: torch.Tensor, mask: torch.Tensor | None, generato
 FISHER_DAMPING = 0.1
 
 
-def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.nn.Module, list[dict], str]:
+def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[torch.nn.Module, list[dict], str]:
     """The dense model with the source's weights, the calibration batches, and the words that say which lines
     (or rows) they are."""
     from lors_convert.data import tensor_batches, text_batches
@@ -284,7 +284,7 @@ def calibration_inputs(source: TensorSource, settings: Settings) -> tuple[torch.
 SELECTION_LINES = 128  # lines --max-ppl-increase measures perplexity on (their spread on SmolLM2 is not measured yet)
 
 
-def selection_batches(source: TensorSource, settings: Settings) -> list[dict]:
+def selection_batches(source: TensorSource, settings: ConvertConfig) -> list[dict]:
     """The lines --max-ppl-increase chooses on: the calibration pool's next picks after the calibration samples."""
     from lors_convert.data import text_batches
     from lors_convert.hf import architecture_dir, load_tokenizer
@@ -307,7 +307,7 @@ def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def calibrate_plans(
-    source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: Settings
+    source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: ConvertConfig
 ) -> tuple[list[GroupPlan], dict, list[str]]:
     """The plans with their calibration (per layer: each saw its own number of tokens), the calibration's summary,
     and warnings about stacked layers that saw no calibration tokens (experts no token was routed to)."""

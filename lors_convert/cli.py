@@ -245,13 +245,13 @@ def convert(
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
     from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size, return_freed_memory
-    from lors_convert.convert import Settings
-    from lors_convert.convert import convert as run_convert
+    from lors_convert.conversion import ConvertConfig
+    from lors_convert.conversion import convert as run_convert
     from lors_convert.factorize import check_device
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
 
-    settings = Settings(
+    settings = ConvertConfig(
         rank=rank,
         reduction=reduction,
         energy=energy,
@@ -350,17 +350,17 @@ def compress(
     Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
     conversion is reused and training resumes."""
     from lors_convert.checkpoint import check_output_path, open_checkpoint
-    from lors_convert.convert import Settings
-    from lors_convert.convert import convert as run_convert
+    from lors_convert.conversion import ConvertConfig
+    from lors_convert.conversion import convert as run_convert
     from lors_convert.data import held_out_words, load_examples, split_examples
-    from lors_convert.evaluate import fidelity, load_pair, print_fidelity
-    from lors_convert.finetune import FinetuneSettings, state_path
-    from lors_convert.finetune import finetune as run_finetune
+    from lors_convert.evaluate import fidelity, load_student_teacher, print_fidelity
+    from lors_convert.finetuning import FinetuneConfig, state_path
+    from lors_convert.finetuning import finetune as run_finetune
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
     from lors_convert.runtime import setup_device
 
-    settings = Settings(
+    settings = ConvertConfig(
         reduction=reduction,
         max_ppl_increase=max_ppl_increase,
         calibrate=calibrate,
@@ -379,7 +379,7 @@ def compress(
             run_convert(source, converted, settings, force=True, progress=progress)
     if not (quiet or as_json):
         print_report(build_report(*read_lors(converted)))
-    training = FinetuneSettings(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
+    training = FinetuneConfig(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
     if finetune_minutes > 0:
         results = run_finetune(
             converted,
@@ -394,7 +394,7 @@ def compress(
         rows, words = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}, results["held_out"]
         converted.unlink()
     else:
-        pair = load_pair(converted)
+        pair = load_student_teacher(converted)
         held_out = split_examples(load_examples(calibrate, pair.tokenizer), training.eval_examples)[1]
         device = setup_device(1)
         rows = {
@@ -452,9 +452,9 @@ def init(
     (with --no-shared, B random: B A has the variance of the layer's own initialisation)."""
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
-    from lors_convert.scratch import init_checkpoint
+    from lors_convert.scratch import InitConfig, init_checkpoint
 
-    files, _ = init_checkpoint(config, output, rank=rank, reduction=reduction, shared=shared, seed=seed, force=force)
+    files, _ = init_checkpoint(config, output, InitConfig(rank, reduction, shared, seed), force=force)
     print_report(build_report(*read_lors(files[-1])), as_json)
     if not as_json:
         stderr.print(f"wrote {', '.join(str(f) for f in files)}")
@@ -522,7 +522,7 @@ def inspect(
         raise LorsError(f"{model}: no stacked layers found")
     data = inspect_data(source, stacks, warnings, sorted(set(rank)))
     if plot:
-        from lors_convert.convert import residual_spectra
+        from lors_convert.conversion import residual_spectra
 
         with progress_bars(quiet) as progress:
             spectra = residual_spectra(source, stacks, progress)
@@ -587,9 +587,10 @@ def export(
 
     from_pretrained(DIR, trust_remote_code=True) loads the LORS model with only torch and transformers
     installed; with --dense, the plain dense model loads with no remote code."""
-    from lors_convert.export import export as run_export
+    from lors_convert.exporting import ExportConfig
+    from lors_convert.exporting import export as run_export
 
-    folder = run_export(lors, output, dense=dense, architecture=architecture, force=force)
+    folder = run_export(lors, output, ExportConfig(dense, architecture), force=force)
     how = "from_pretrained(DIR)" if dense else "from_pretrained(DIR, trust_remote_code=True)"
     stderr.print(f"wrote {folder} (load with {how})")
 
@@ -677,10 +678,10 @@ def finetune(
     if nproc_per_node:
         launch_torchrun(nproc_per_node)
     from lors_convert.evaluate import print_fidelity
-    from lors_convert.finetune import FinetuneSettings
-    from lors_convert.finetune import finetune as run_finetune
+    from lors_convert.finetuning import FinetuneConfig
+    from lors_convert.finetuning import finetune as run_finetune
 
-    settings = FinetuneSettings(
+    settings = FinetuneConfig(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -772,10 +773,10 @@ def evaluate(
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
     from lors_convert.data import held_out_words, load_examples, split_examples
-    from lors_convert.evaluate import fidelity, held_out_loss, load_pair, print_fidelity
+    from lors_convert.evaluate import fidelity, held_out_loss, load_student_teacher, print_fidelity
     from lors_convert.runtime import setup_device
 
-    pair = load_pair(
+    pair = load_student_teacher(
         lors,
         teacher,
         model_factory,

@@ -14,11 +14,11 @@ from lors_convert import LorsError
 from lors_convert.checkpoint import open_checkpoint, sha256_files
 from lors_convert.data import Examples
 from lors_convert.lors_format import LorsMeta, read_lors
-from lors_convert.runtime import autocast, run
+from lors_convert.runtime import autocast, logits_and_hidden
 
 
 @dataclass
-class Pair:
+class StudentTeacher:
     student: nn.Module
     teacher: nn.Module | None  # None for a checkpoint from `lors-convert init`
     tokenizer: object | None
@@ -35,13 +35,13 @@ def teacher_path_of(meta: LorsMeta, teacher: Path | None) -> Path:
     return path
 
 
-def load_pair(
+def load_student_teacher(
     lors: Path,
     teacher: Path | None = None,
     factory: str | None = None,
     allow_teacher_mismatch: bool = False,
     warn=print,
-) -> Pair:
+) -> StudentTeacher:
     """The LORS student (runtime modules) and the dense teacher, on the CPU in float32."""
     from lors_convert.hf import architecture_dir, dense_model, factory_architecture, has_tokenizer, load_tokenizer
     from lors_convert.loading import load
@@ -51,7 +51,7 @@ def load_pair(
         folder = Path(meta.source.path)
         student = load(lors, architecture=(lambda: factory_architecture(factory)) if factory else folder)
         tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
-        return Pair(student, None, fit_tokenizer(tokenizer, student), source, meta, folder, "")
+        return StudentTeacher(student, None, fit_tokenizer(tokenizer, student), source, meta, folder, "")
     path = teacher_path_of(meta, teacher)
     digest = sha256_files(open_checkpoint(path).files)
     if digest != meta.source.sha256:
@@ -71,7 +71,9 @@ def load_pair(
     student = load(lors, architecture=(lambda: factory_architecture(factory)) if factory else folder)
     teacher_model = dense_model(path, factory).requires_grad_(False)
     tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
-    return Pair(student, teacher_model.float().eval(), fit_tokenizer(tokenizer, student), source, meta, path, digest)
+    return StudentTeacher(
+        student, teacher_model.float().eval(), fit_tokenizer(tokenizer, student), source, meta, path, digest
+    )
 
 
 def fit_tokenizer(tokenizer, model: nn.Module):
@@ -152,7 +154,7 @@ def held_out_loss(
     nll = tokens = 0.0
     for batch in examples.batches(batch_size, tokenizer, max_length, device):
         with autocast(device):
-            logits, _ = run(model, batch)
+            logits, _ = logits_and_hidden(model, batch)
         if logits is None or "input_ids" not in batch:
             raise LorsError("a next-token loss needs a causal language model and token ids")
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
@@ -181,8 +183,8 @@ def fidelity(
     for batch in examples.batches(batch_size, tokenizer, max_length, device):
         mask = batch.get("attention_mask")
         with autocast(device):
-            s_logits, s_hidden = run(student, batch)
-            t_logits, t_hidden = run(teacher, batch)
+            s_logits, s_hidden = logits_and_hidden(student, batch)
+            t_logits, t_hidden = logits_and_hidden(teacher, batch)
         s_emb.append(mean_pool(s_hidden, mask).cpu())
         t_emb.append(mean_pool(t_hidden, mask).cpu())
         if s_logits is not None and "input_ids" in batch:

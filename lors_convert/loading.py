@@ -32,7 +32,7 @@ from lors_convert.stacks import is_index
 
 
 @dataclasses.dataclass(frozen=True)
-class Loaded:
+class CheckpointLayout:
     """What `save` needs to write a loaded model back: its description, where each checkpoint tensor lives in the
     model, and the dtype the file stored it in."""
 
@@ -112,7 +112,11 @@ def block_paths(model: nn.Module, meta: LorsMeta) -> list[str]:
     """Module paths of the blocks holding stacked layers (`encoder.layer.3` for template `encoder.layer.{i}.…`, in
     the model's own names), in layer order."""
     loaded = getattr(model, "lors", None)  # a LORS model no longer holds its stacked weights under their names
-    own = loaded.own_name if isinstance(loaded, Loaded) else own_names(model, [n for g in meta.groups for n in g.names])
+    own = (
+        loaded.own_name
+        if isinstance(loaded, CheckpointLayout)
+        else own_names(model, [n for g in meta.groups for n in g.names])
+    )
     paths = {block_path(own.get(name, name), group.template) for group in meta.groups for name in group.names}
     return sorted(paths, key=lambda p: [int(s) if s.isdigit() else s for s in p.split(".")])
 
@@ -216,7 +220,7 @@ def load(
                 "architecture= a Hugging Face folder or config, or a function building the model"
             )
         model, own_name, swaps = load_hf(config or folder, source, meta)
-    model.lors = Loaded(meta, own_name, swaps, {name: info.dtype for name, info in source.info.items()})
+    model.lors = CheckpointLayout(meta, own_name, swaps, {name: info.dtype for name, info in source.info.items()})
     return model.to(device=device, dtype=dtype or torch.float32).eval()
 
 
@@ -283,8 +287,8 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False) -> list[Pat
     """Write a LORS checkpoint from a model `load` returned (trained or not): the same tensor names, ranks and
     dtypes as the checkpoint it came from, so loading what this writes gives the model back exactly. The errors
     recorded are the conversion's; `lors-convert verify --source` recomputes them against the original."""
-    loaded: Loaded | None = getattr(model, "lors", None)
-    if not isinstance(loaded, Loaded):
+    loaded: CheckpointLayout | None = getattr(model, "lors", None)
+    if not isinstance(loaded, CheckpointLayout):
         raise LorsError("this model was not made by lors_convert.load (it carries no LORS description)")
     tensors = checkpoint_tensors(model, loaded)
     path = Path(path)
@@ -292,7 +296,9 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False) -> list[Pat
     return write_safetensors(path, tensors, header_metadata(loaded.meta))
 
 
-def checkpoint_tensors(model: nn.Module, loaded: Loaded, state: dict | None = None) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    model: nn.Module, loaded: CheckpointLayout, state: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint the model was loaded from, read from the model (or from `state`, its state
     dict gathered in full when FSDP shards it), in the file's dtype."""
     state = model.state_dict() if state is None else state
@@ -313,7 +319,7 @@ def checkpoint_tensors(model: nn.Module, loaded: Loaded, state: dict | None = No
     return out
 
 
-def loaded_shape(loaded: Loaded, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
+def loaded_shape(loaded: CheckpointLayout, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
     """The shape the file stores a tensor in (a shared matrix is kept 2-D in the model)."""
     for group in loaded.meta.groups:
         if name == shared_key(group.template):

@@ -5,6 +5,7 @@ itself (`LorsLinear`) lives in lors_modeling.py, the file export copies into mod
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "is_conv1d",
     "swappable_weights",
     "lorsify",
+    "LorsifyConfig",
     "lors_groups",
     "merge_lors",
 ]
@@ -95,15 +97,19 @@ def lors_groups(model: nn.Module) -> dict[int, list[LorsLinear]]:
 INITS = ("scratch", "convert")
 
 
-def lorsify(
-    model: nn.Module,
-    *,
-    rank: int,
-    shared: bool = True,
-    init: str = "scratch",
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-) -> nn.Module:
+@dataclass
+class LorsifyConfig:
+    """`lorsify`'s choices: per-layer `rank`, a shared matrix per group (`shared`), `init` ("scratch" or "convert",
+    see `lorsify`), and globs over group templates to `include`/`exclude`."""
+
+    rank: int
+    shared: bool = True
+    init: str = "scratch"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+
+def lorsify(model: nn.Module, config: LorsifyConfig) -> nn.Module:
     """Turn a model's stacked Linear (and GPT-2 Conv1D) layers into LorsLinear, in place; returns the model.
 
     Stacks are found as in conversion (same name up to one layer index, same shape; `include`/`exclude` are globs
@@ -120,11 +126,12 @@ def lorsify(
     from lors_convert.scratch import scratch_factors
     from lors_convert.stacks import find_stacks
 
+    rank, shared, init = config.rank, config.shared, config.init
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     modules = swappable_weights(model)
     info = {name: TensorInfo(tuple(m.weight.shape), m.weight.dtype) for name, m in modules.items()}
-    stacks, _ = find_stacks(info, include, exclude)
+    stacks, _ = find_stacks(info, config.include, config.exclude)
     holder = getattr(model, SHARED_ATTRIBUTE, None)
     if holder is None:
         holder = nn.ParameterDict()

@@ -1,4 +1,4 @@
-"""What conversion decides for each group before anything is written (`Settings`, the frozen `GroupPlan`), and
+"""What conversion decides for each group before anything is written (`ConvertConfig`, the frozen `GroupPlan`), and
 the per-layer steps that planning, calibration and writing share: reading a layer's matrix in out x in
 orientation, its metric K_i, and its low-rank factors."""
 
@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource, dtype_name
+from lors_convert.checkpoint import TensorSource, dtype_name, parse_dtype
 from lors_convert.factorize import as_matrix, lors_params, metric_low_rank, seed_for
 from lors_convert.lors_format import factor_keys, shared_key
 from lors_convert.stacks import Stack
@@ -21,16 +21,20 @@ SHARED_CHOICES = ("auto", "mean", "refit", "none")
 
 
 @dataclass
-class Settings:
+class ConvertConfig:
+    """`convert`'s choices; each field is the CLI option of the same name (`lors-convert convert --help`). At most
+    one of `rank`, `reduction`, `energy`, `max_ppl_increase` (none: `reduction` 0.5). `calibrate` takes text files
+    (tensor files with `model_factory`); `dtype` a torch dtype or its name."""
+
     rank: int | None = None
     reduction: float | None = None
     energy: float | None = None
     shared: str = "auto"
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | str | None = None
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
-    calibrate: list[Path] = field(default_factory=list)
+    calibrate: list[Path | str] = field(default_factory=list)
     calib_samples: int = 256
     calib_max_length: int = 128
     damping: float = 0.01
@@ -41,6 +45,9 @@ class Settings:
     device: str = "cpu"  # where matrices are factored; not part of the output's description
 
     def validate(self) -> None:
+        self.calibrate = [Path(p) for p in self.calibrate]
+        if isinstance(self.dtype, str):
+            self.dtype = parse_dtype(self.dtype)
         chosen = [
             n
             for n, v in (("--rank", self.rank), ("--reduction", self.reduction), ("--energy", self.energy))
@@ -183,7 +190,7 @@ def read_matrix(source: TensorSource, plan: GroupPlan, i: int) -> torch.Tensor:
     return matrix.T if plan.transposed else matrix
 
 
-def metric(plan: GroupPlan, i: int) -> torch.Tensor | None:
+def input_metric(plan: GroupPlan, i: int) -> torch.Tensor | None:
     return plan.metrics[i] if plan.metrics is not None else None
 
 

@@ -43,7 +43,7 @@ def is_causal_lm(model: nn.Module) -> bool:
     return type(unwrap(model)).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def run(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+def logits_and_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(logits or None, final hidden states) of a model on a batch."""
     if is_hf(model):
         out = call_model(model, batch, output_hidden_states=True)

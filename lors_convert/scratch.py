@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,15 +36,25 @@ def scratch_factors(weight: torch.Tensor, rank: int, shared: bool) -> tuple[torc
     return b.to(weight.dtype), a.to(weight.dtype)
 
 
+@dataclass
+class InitConfig:
+    """`init`'s choices: one of `rank` (every layer's) and `reduction` (per group, the rank storing this fraction
+    fewer stacked numbers); `shared`: a shared matrix per group (the paper's form); `seed` of the initialisation."""
+
+    rank: int | None = None
+    reduction: float | None = None
+    shared: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if (self.rank is None) == (self.reduction is None):
+            raise LorsError("choose one of --rank and --reduction")
+        if (self.rank is not None and self.rank < 1) or (self.reduction is not None and not 0 < self.reduction < 1):
+            raise LorsError("--rank must be at least 1 and --reduction in (0, 1)")
+
+
 def init_checkpoint(
-    config_dir: str | Path,
-    output: str | Path,
-    *,
-    rank: int | None = None,
-    reduction: float | None = None,
-    shared: bool = True,
-    seed: int = 0,
-    force: bool = False,
+    config_dir: str | Path, output: str | Path, config: InitConfig, *, force: bool = False
 ) -> tuple[list[Path], LorsMeta]:
     """A fresh LORS checkpoint for a Hugging Face config, initialised as the paper trains LORS: per group S with
     the layer's own default initialisation (a freshly initialised layer of the group), factors by `scratch_factors`
@@ -53,20 +64,18 @@ def init_checkpoint(
     from lors_convert.lors_format import SourceMeta
     from lors_convert.stacks import find_stacks
 
-    if (rank is None) == (reduction is None):
-        raise LorsError("choose one of --rank and --reduction")
-    if (rank is not None and rank < 1) or (reduction is not None and not 0 < reduction < 1):
-        raise LorsError("--rank must be at least 1 and --reduction in (0, 1)")
+    config.validate()
+    rank, reduction, shared, seed = config.rank, config.reduction, config.shared, config.seed
     config_dir, output = Path(config_dir), Path(output)
     check_output_path(output, [], force)
     transformers = _transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(config_dir, local_files_only=True)
-        cls = model_class(config)
+        model_config = transformers.AutoConfig.from_pretrained(config_dir, local_files_only=True)
+        cls = model_class(model_config)
     except Exception as e:
         raise LorsError(f"{config_dir}: cannot build the model its config describes ({one_line(e)})") from e
     torch.manual_seed(seed)
-    model = cls(config)
+    model = cls(model_config)
     state = model.state_dict()
     own = checkpoint_names(model)
     tensors, seen = {}, set()

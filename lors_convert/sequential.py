@@ -14,7 +14,7 @@ from torch import nn
 from lors_convert.calibrate import StopForward, collect_pair, damped, modules_named, paired_inputs, run_until_seen
 from lors_convert.checkpoint import TensorSource
 from lors_convert.loading import block_path, own_names
-from lors_convert.plan import GroupPlan, Progress, Settings, factor_layer, read_matrix
+from lors_convert.plan import ConvertConfig, GroupPlan, Progress, factor_layer, read_matrix
 from lors_convert.runtime import call_model, compute_device
 
 # --sequential's correction is a regression from the drifted inputs to the original ones; with the metric's small
@@ -29,7 +29,7 @@ def sequential_factors(
     original: torch.nn.Module,
     batches: list[dict],
     plans: list[GroupPlan],
-    settings: Settings,
+    settings: ConvertConfig,
     progress: Progress,
 ) -> tuple[Factors, str | None]:
     """--sequential: factor the calibrated layers in layer-index order, each against the inputs it receives once
@@ -81,7 +81,7 @@ def refit_layer(
     moments: torch.Tensor,
     joint: torch.Tensor,
     module: nn.Module,
-    settings: Settings,
+    settings: ConvertConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Layer i's (B, A, bias shift) from [X̂ 1]ᵀ[X̂ 1] and [X̂ 1]ᵀ[X 1] (sequential_factors' objective); the
     converted model's `module` takes the new weight and bias at once."""

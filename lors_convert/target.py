@@ -19,8 +19,8 @@ from torch import nn
 from lors_convert.checkpoint import TensorSource
 from lors_convert.factorize import tail
 from lors_convert.loading import own_names
-from lors_convert.plan import GroupPlan, Progress, Settings, factor_layer, metric, read_matrix
-from lors_convert.runtime import run
+from lors_convert.plan import ConvertConfig, GroupPlan, Progress, factor_layer, input_metric, read_matrix
+from lors_convert.runtime import logits_and_hidden
 
 LOWEST, HIGHEST = 0.0, 0.9  # the reductions searched
 MEASUREMENTS = 5  # real perplexity measurements at most: each factors every layer once
@@ -35,7 +35,7 @@ def perplexity(model: nn.Module, batches: list[dict]) -> float:
     device = next(model.parameters()).device
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits, _ = run(model, batch)
+        logits, _ = logits_and_hidden(model, batch)
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
         total, count = token_log_probs(logits, batch["input_ids"], mask)
         nll, tokens = nll + total.item(), tokens + count.item()
@@ -53,7 +53,9 @@ def converted_weights(model: nn.Module, source: TensorSource, plans: list[GroupP
                 for i, name in enumerate(plan.stack.names):
                     if plan.ranks[i] is None or name not in own:
                         continue
-                    b, a = factor_layer(plan, i, plan.residual(read_matrix(source, plan, i)), metric(plan, i), seed)
+                    b, a = factor_layer(
+                        plan, i, plan.residual(read_matrix(source, plan, i)), input_metric(plan, i), seed
+                    )
                     approx = b.float() @ a.float() + (plan.shared_matrix if plan.shared else 0)
                     weight = model.get_submodule(own[name].removesuffix(".weight")).weight
                     saved[name] = weight.detach().clone()
@@ -71,7 +73,7 @@ def choose_reduction(
     selection: list[dict],
     planned: Callable[[float], list[GroupPlan]],
     measured: list,
-    settings: Settings,
+    settings: ConvertConfig,
     progress: Progress,
 ) -> tuple[float, dict]:
     """The largest reduction in [LOWEST, HIGHEST] whose converted model's perplexity on `selection` is at most

@@ -5,7 +5,7 @@ the CPU, once per setting, and prints wall times and their ratio to the same set
 
     python scripts/bench_busy.py [--repeat 2] [--busy 0 1 2]
 
-Settings: `lors-convert` as shipped (no OpenMP variables set: the CLI starts one thread per free core), OpenMP's
+ConvertConfig: `lors-convert` as shipped (no OpenMP variables set: the CLI starts one thread per free core), OpenMP's
 own default (a thread per core, threads spin a while before they sleep), passive waiting (threads sleep at
 once), and one thread. A user's OMP_NUM_THREADS (or MKL_NUM_THREADS) always wins over the CLI's choice.
 """

@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_finetune import fortune_passages, minilm_dir
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.convert import Settings, convert
+from lors_convert.conversion import ConvertConfig, convert
 from lors_convert.data import Examples
-from lors_convert.evaluate import fidelity, load_pair
-from lors_convert.finetune import FinetuneSettings, finetune
+from lors_convert.evaluate import fidelity, load_student_teacher
+from lors_convert.finetuning import FinetuneConfig, finetune
 from lors_convert.runtime import setup_device
 
 METHODS = {  # name -> (shared, calibrated, sequential, fisher)
@@ -73,7 +73,7 @@ def main() -> None:
     )
 
     def measure(lors: Path) -> dict:
-        pair = load_pair(lors, model)
+        pair = load_student_teacher(lors, model)
         student, teacher = pair.student.to(device), pair.teacher.to(device)
         scores = {}
         for label, examples in (("pydocs", held_out), ("other", other)):
@@ -86,7 +86,7 @@ def main() -> None:
         for method in args.methods:
             shared, calibrated, sequential, fisher = METHODS[method]
             out = work / f"{shared}-{calibrated}-{sequential}-{fisher}-{reduction}.safetensors"
-            settings = Settings(
+            settings = ConvertConfig(
                 reduction=reduction,
                 shared=shared,
                 calibrate=[calib] if calibrated else [],
@@ -107,7 +107,7 @@ def main() -> None:
             )
     if args.finetune_minutes > 0:
         for row in [r for r in rows if r["reduction"] == 0.5]:
-            probe = FinetuneSettings(steps=1, batch_size=32, eval_examples=32)
+            probe = FinetuneConfig(steps=1, batch_size=32, eval_examples=32)
             start = time.perf_counter()
             finetune(
                 Path(row["lors"]),
@@ -121,7 +121,7 @@ def main() -> None:
             )
             step_s = max((time.perf_counter() - start) / 4, 1e-3)  # a step plus loading and two evaluations
             steps = max(10, int(args.finetune_minutes * 60 / step_s))
-            settings = FinetuneSettings(steps=steps, batch_size=32, warmup=max(1, steps // 10), eval_examples=32)
+            settings = FinetuneConfig(steps=steps, batch_size=32, warmup=max(1, steps // 10), eval_examples=32)
             tuned = work / f"tuned-{Path(row['lors']).name}"
             start = time.perf_counter()
             finetune(

@@ -30,10 +30,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_lors_forward import fastest_seconds
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.convert import Settings, convert
+from lors_convert.conversion import ConvertConfig, convert
 from lors_convert.data import Examples, TextLines, load_examples, split_examples
-from lors_convert.evaluate import fidelity, load_pair
-from lors_convert.finetune import FinetuneSettings, finetune, stacked_layer_paths, step_loss
+from lors_convert.evaluate import fidelity, load_student_teacher
+from lors_convert.finetuning import FinetuneConfig, finetune, stacked_layer_paths, step_loss
 from lors_convert.lors_format import read_lors
 from lors_convert.report import build_report
 from lors_convert.runtime import autocast, setup_device
@@ -127,7 +127,7 @@ def main() -> None:
         lors = work / "minilm.lors.safetensors"
         start = time.perf_counter()
         calibrated = dict(calibrate=[calib], calib_samples=args.calib_samples, fisher=not args.no_fisher)
-        settings = Settings(reduction=0.5, shared=args.shared, **(calibrated if args.calibrate_lines else {}))
+        settings = ConvertConfig(reduction=0.5, shared=args.shared, **(calibrated if args.calibrate_lines else {}))
         convert(open_checkpoint(model_dir), lors, settings)
         how = f", calibrated on {args.calibrate_lines} lines, {args.calib_samples} samples, fisher {not args.no_fisher}"
         print(
@@ -141,7 +141,7 @@ def main() -> None:
         f"{report['total']['lors_params']:,}"
     )
 
-    pair = load_pair(lors, model_dir)
+    pair = load_student_teacher(lors, model_dir)
     student, teacher = pair.student.to(device), pair.teacher.to(device)
     examples = load_examples([data], pair.tokenizer)
     train, _ = split_examples(examples, args.eval_examples)
@@ -155,7 +155,7 @@ def main() -> None:
     del student, pair
 
     steps = max(1, int(args.minutes * 60 / t_lors))
-    settings = FinetuneSettings(
+    settings = FinetuneConfig(
         steps=steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -165,7 +165,7 @@ def main() -> None:
     )
     out = work / "minilm.finetuned.lors.safetensors"
     results = finetune(lors, [data], out, settings, teacher=model_dir)
-    tuned = load_pair(out, model_dir)
+    tuned = load_student_teacher(out, model_dir)
     other_after = fidelity(
         tuned.student.to(device),
         tuned.teacher.to(device),

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lors_convert.checkpoint import TensorInfo
-from lors_convert.nn import SHARED_ATTRIBUTE, AdaptiveLors, LorsLinear, lorsify
+from lors_convert.nn import SHARED_ATTRIBUTE, AdaptiveLors, LorsifyConfig, LorsLinear, lorsify
 from lors_convert.scratch import scratch_ranks
 from lors_convert.stacks import find_stacks
 
@@ -85,7 +85,7 @@ def lorsify_fewer(model: nn.Module, fewer: float) -> nn.Module:
     stacks, _ = find_stacks({n: TensorInfo(tuple(w.shape), w.dtype) for n, w in info.items()})
     for stack in stacks:
         rank = max(1, scratch_ranks(stack.rows, stack.cols, len(stack.layers), fewer))
-        lorsify(model, rank=rank, include=[stack.template])
+        lorsify(model, LorsifyConfig(rank, include=[stack.template]))
     return model
 
 

@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_finetune import fortune_passages, minilm_dir
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.convert import Settings, convert
+from lors_convert.conversion import ConvertConfig, convert
 from lors_convert.data import Examples, TextLines
-from lors_convert.evaluate import fidelity, load_pair
-from lors_convert.finetune import FinetuneSettings, budget_spent, finetune, learning_rate, step_loss
+from lors_convert.evaluate import fidelity, load_student_teacher
+from lors_convert.finetuning import FinetuneConfig, budget_spent, finetune, learning_rate, step_loss
 from lors_convert.hf import dense_model, load_tokenizer
 from lors_convert.runtime import autocast, setup_device
 
@@ -84,7 +84,7 @@ def drop_layers_and_distil(teacher: nn.Module, train: Examples, tokenizer, minut
     student.config.num_hidden_layers = len(student.encoder.layer)
     for name, p in student.named_parameters():
         p.requires_grad_(not name.startswith("pooler"))  # mean pooling never reaches the pooler
-    settings = FinetuneSettings(steps=10**6, minutes=minutes)
+    settings = FinetuneConfig(steps=10**6, minutes=minutes)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr)
     generator = torch.Generator().manual_seed(0)
@@ -152,13 +152,13 @@ def main() -> None:
             convert(
                 open_checkpoint(model_dir),
                 lors,
-                Settings(reduction=reduction, shared=shared, calibrate=[calib], fisher=args.fisher),
+                ConvertConfig(reduction=reduction, shared=shared, calibrate=[calib], fisher=args.fisher),
             )
-            before = score(load_pair(lors, model_dir).student)
+            before = score(load_student_teacher(lors, model_dir).student)
             out = work / f"{shared}-{reduction}.tuned.safetensors"
-            settings = FinetuneSettings(steps=10**6, minutes=args.minutes, eval_examples=32)
+            settings = FinetuneConfig(steps=10**6, minutes=args.minutes, eval_examples=32)
             result = finetune(lors, [train_file], out, settings, teacher=model_dir, quiet=True, log=lambda *a: None)
-            student = load_pair(out, model_dir).student
+            student = load_student_teacher(out, model_dir).student
             after = score(student)
             tuned[(shared, reduction)] = student
             rows.append((reduction, shared, result["steps"], before, after))

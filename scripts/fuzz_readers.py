@@ -194,7 +194,7 @@ def make_corpus() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from lors_convert.convert import Settings, convert
+    from lors_convert.conversion import ConvertConfig, convert
 
     torch.manual_seed(0)
     sd = {"emb.weight": torch.randn(6, 4), "norm.weight": torch.ones(4), "ids": torch.arange(3)}
@@ -214,7 +214,7 @@ def make_corpus() -> None:
     (CORPUS / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     lors = CORPUS / "model.lors.safetensors"
     lors.unlink(missing_ok=True)
-    convert(open_checkpoint(CORPUS / "model.safetensors"), lors, Settings(rank=1))
+    convert(open_checkpoint(CORPUS / "model.safetensors"), lors, ConvertConfig(rank=1))
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Run under torchrun with two processes (gloo): the gradients of one step on a LORS model, each process with its
-own batch, under DDP and under FSDP (lors_convert.finetune.shard), against one process computing the mean of both
+own batch, under DDP and under FSDP (lors_convert.finetuning.shard), against one process computing the mean of both
 processes' losses. AdamW hides a gradient's scale, so this checks the gradients themselves, the groups' shared
 matrices above all. Prints the largest relative differences; exits non-zero where one exceeds 1e-5."""
 
@@ -9,8 +9,8 @@ import sys
 import torch
 from torch import nn
 
-from lors_convert.evaluate import load_pair
-from lors_convert.finetune import freeze_unreached, shard, stacked_layer_paths, step_loss
+from lors_convert.evaluate import load_student_teacher
+from lors_convert.finetuning import freeze_unreached, shard, stacked_layer_paths, step_loss
 from lors_convert.runtime import setup_device, world
 
 
@@ -22,7 +22,7 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 rank, world_size = world()
 setup_device(world_size)
-pair = load_pair(sys.argv[1])
+pair = load_student_teacher(sys.argv[1])
 paths = stacked_layer_paths(pair.student, pair.meta)
 vocab = pair.student.config.vocab_size
 batches = [{"input_ids": torch.randint(4, vocab, (3, 17), generator=torch.Generator().manual_seed(r))} for r in (0, 1)]

@@ -11,7 +11,7 @@ from conftest import low_rank_stack, rand
 from safetensors.torch import save_file
 
 from lors_convert.checkpoint import TensorInfo, open_checkpoint
-from lors_convert.convert import mean_matrix, refit_shared
+from lors_convert.conversion import mean_matrix, refit_shared
 from lors_convert.factorize import metric_low_rank
 from lors_convert.lors_format import expand, factor_keys, read_lors
 from lors_convert.plan import GroupPlan
@@ -174,7 +174,7 @@ def test_calibration_needs_an_architecture(tmp_path, cli):
 def test_calibrated_minilm_is_never_worse_than_plain(tmp_path, cli, minilm):
     pytest.importorskip("transformers")
     from lors_convert.data import Examples
-    from lors_convert.evaluate import fidelity, load_pair
+    from lors_convert.evaluate import fidelity, load_student_teacher
 
     lines = [line for line in (minilm / "README.md").read_text().splitlines() if len(line) > 40]
     calib, held_out = tmp_path / "calib.txt", lines[-40:]
@@ -185,7 +185,7 @@ def test_calibrated_minilm_is_never_worse_than_plain(tmp_path, cli, minilm):
     convert_json(cli, minilm, "--calibrate", calib, "--calib-samples", "64", "-o", calibrated)
     scores = {}
     for name, lors in (("plain", plain), ("calibrated", calibrated)):
-        pair = load_pair(lors, minilm)
+        pair = load_student_teacher(lors, minilm)
         scores[name] = fidelity(pair.student, pair.teacher, Examples(texts=held_out), pair.tokenizer)["cos"]
     assert scores["calibrated"] >= scores["plain"]
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 import lors_convert
-from lors_convert.evaluate import load_pair
-from lors_convert.finetune import FinetuneSettings, learning_rate, stacked_layer_paths, step_loss
+from lors_convert.evaluate import load_student_teacher
+from lors_convert.finetuning import FinetuneConfig, learning_rate, stacked_layer_paths, step_loss
 from lors_convert.lors_format import read_lors, shared_key
 from lors_convert.nn import lors_groups, merge_lors
 
@@ -130,7 +130,7 @@ def random_ids(seed: int = 0) -> torch.Tensor:
 
 def test_shared_parameter_gets_the_gradient_of_all_its_layers(tmp_path, converted):
     folder, lors, _ = converted("bert")
-    pair = load_pair(lors)
+    pair = load_student_teacher(lors)
     paths = stacked_layer_paths(pair.teacher, pair.meta)
     merged = merge_lors(copy.deepcopy(pair.student))
     batch = {"input_ids": random_ids()}
@@ -374,15 +374,15 @@ import time
 import torch
 import torch.distributed as dist
 
-import lors_convert.finetune
+import lors_convert.finetuning
 from lors_convert.cli import main
 
 # a collective times out after 15 s here (NCCL's watchdog: 10 minutes), and what rank 0 does alone takes 20 s: writing
 # the --save-every state (torch.save) and the output (write_output)
-real_init, real_save, real_write = dist.init_process_group, torch.save, lors_convert.finetune.write_output
+real_init, real_save, real_write = dist.init_process_group, torch.save, lors_convert.finetuning.write_output
 dist.init_process_group = lambda *args, **kwargs: real_init(*args, **kwargs, timeout=datetime.timedelta(seconds=15))
 torch.save = lambda *args, **kwargs: (time.sleep(20), real_save(*args, **kwargs))[1]
-lors_convert.finetune.write_output = lambda *args, **kwargs: (time.sleep(20), real_write(*args, **kwargs))[1]
+lors_convert.finetuning.write_output = lambda *args, **kwargs: (time.sleep(20), real_write(*args, **kwargs))[1]
 main()
 """
 
@@ -436,11 +436,11 @@ def test_two_process_gloo_fsdp_trains_as_ddp_resumes_and_writes_one_output(tmp_p
 TEACHER_BYTES = """
 import sys
 
-import lors_convert.finetune
+import lors_convert.finetuning
 from lors_convert.cli import main
 from lors_convert.runtime import world
 
-real_step_loss = lors_convert.finetune.step_loss
+real_step_loss = lors_convert.finetuning.step_loss
 
 
 def step_loss(student, teacher, *args):
@@ -452,7 +452,7 @@ def step_loss(student, teacher, *args):
     return loss
 
 
-lors_convert.finetune.step_loss = step_loss
+lors_convert.finetuning.step_loss = step_loss
 main()
 """
 
@@ -489,7 +489,7 @@ def test_two_process_gloo_ddp_and_fsdp_train_experts_that_one_process_does_not_r
     from factory_models import content_routed_experts
 
     from lors_convert.cli import main
-    from lors_convert.finetune import batch_indices
+    from lors_convert.finetuning import batch_indices
 
     torch.manual_seed(0)
     save_file(content_routed_experts().state_dict(), tmp_path / "moe.safetensors")
@@ -548,7 +548,7 @@ def test_minutes_stops_training_at_the_time_budget_then_evaluates_and_saves(tmp_
 
 
 def test_learning_rate_warms_up_then_decays_to_zero_over_steps_or_time_budget():
-    settings = FinetuneSettings(steps=110, warmup=10, lr=1e-3)
+    settings = FinetuneConfig(steps=110, warmup=10, lr=1e-3)
     assert learning_rate(settings, 0, 0.0) == pytest.approx(1e-4)  # warm-up: (step + 1) / warmup
     assert learning_rate(settings, 9, 0.0) == pytest.approx(1e-3)
     assert learning_rate(settings, 60, 0.0) == pytest.approx(0.5e-3)  # half way through the decay
@@ -566,10 +566,10 @@ def test_fidelity_of_a_model_against_itself_agrees_everywhere(tmp_path, converte
     """top1 counts positions where both models predict the same next token: 1 for a model against itself, with
     KL 0; lower for a converted student."""
     from lors_convert.data import Examples
-    from lors_convert.evaluate import fidelity, load_pair
+    from lors_convert.evaluate import fidelity, load_student_teacher
 
     _, lors, _ = converted("llama")
-    pair = load_pair(lors)
+    pair = load_student_teacher(lors)
     examples = Examples(texts=text_file(tmp_path / "t.txt", lines=12).read_text().splitlines())
     same = fidelity(pair.teacher, pair.teacher, examples, pair.tokenizer)
     assert same["top1"] == 1.0 and abs(same["kl"]) < 1e-6

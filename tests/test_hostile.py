@@ -19,7 +19,7 @@ from conftest import bert, rand
 from safetensors.torch import load_file, save_file
 
 import lors_convert.checkpoint as checkpoint
-import lors_convert.convert as convert_module
+import lors_convert.conversion as convert_module
 import lors_convert.lors_format as lors_format
 import lors_convert.plan as plan_module
 from lors_convert.lors_format import FORMAT_VERSION

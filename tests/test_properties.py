@@ -121,7 +121,7 @@ def test_refit_never_raises_the_objective(layers, rows, cols, seed, calibrated, 
     from pathlib import Path
 
     from lors_convert.checkpoint import TensorInfo, TensorSource
-    from lors_convert.convert import mean_matrix, refit_shared
+    from lors_convert.conversion import mean_matrix, refit_shared
     from lors_convert.plan import GroupPlan
     from lors_convert.stacks import Stack
 

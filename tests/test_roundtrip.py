@@ -10,7 +10,7 @@ from conftest import bert, rand
 from safetensors.torch import load_file, save_file
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.convert import mean_matrix, write_lors
+from lors_convert.conversion import mean_matrix, write_lors
 from lors_convert.factorize import use_randomized
 from lors_convert.lors_format import LorsMeta, SourceMeta, expand, read_lors
 from lors_convert.plan import GroupPlan, no_progress

@@ -9,7 +9,7 @@ import torch
 from factory_models import StackedMLP
 from torch import nn
 
-from lors_convert.nn import AdaptiveLors, LorsLinear, lors_groups, lorsify, merge_lors
+from lors_convert.nn import AdaptiveLors, LorsifyConfig, LorsLinear, lors_groups, lorsify, merge_lors
 
 
 def stacked(layers: int = 4, dim: int = 16) -> nn.Module:
@@ -19,7 +19,7 @@ def stacked(layers: int = 4, dim: int = 16) -> nn.Module:
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_lorsify_parameter_counts(shared):
-    model = lorsify(stacked(), rank=3, shared=shared)
+    model = lorsify(stacked(), LorsifyConfig(rank=3, shared=shared))
     layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
     assert len(layers) == 4
     stacked_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "lors_shared" in n)
@@ -29,7 +29,7 @@ def test_lorsify_parameter_counts(shared):
 
 
 def test_scratch_layers_start_as_their_shared_matrix_and_s_learns_from_every_layer():
-    model = lorsify(stacked(), rank=3)
+    model = lorsify(stacked(), LorsifyConfig(rank=3))
     layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
     shared = layers[0].shared
     assert all(torch.count_nonzero(m.lora_B) == 0 for m in layers)  # B = 0 at init
@@ -55,7 +55,7 @@ def test_full_rank_conversion_reproduces_the_dense_layers():
     x = torch.randn(5, 16)
     with torch.no_grad():
         expected = dense(x)
-    model = lorsify(dense, rank=16, init="convert")
+    model = lorsify(dense, LorsifyConfig(rank=16, init="convert"))
     with torch.no_grad():
         assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
 
@@ -157,7 +157,7 @@ def test_init_then_finetune_lm_lowers_the_loss_and_the_checkpoint_works_like_any
 def test_lorsify_leaves_the_layers_biases_as_they_were():
     model = stacked()
     biases = [layer[0].bias.detach().clone() for layer in model.layers]
-    lorsify(model, rank=2)
+    lorsify(model, LorsifyConfig(rank=2))
     assert all(torch.equal(layer[0].bias, bias) for layer, bias in zip(model.layers, biases))
 
 
@@ -197,7 +197,7 @@ def test_scratch_layers_are_not_zero_maps_with_or_without_s(tmp_path, cli, share
     # Llama initialises its Linear weights normal(0, 0.02); nn.Linear uniform(±1/sqrt(in)), variance 1/(3 in)
     for model, variance in (
         (lors_convert.load(out), lambda m: 0.02**2),
-        (lorsify(stacked(dim=64), rank=8, shared=shared), lambda m: 1 / (3 * m.in_features)),
+        (lorsify(stacked(dim=64), LorsifyConfig(rank=8, shared=shared)), lambda m: 1 / (3 * m.in_features)),
     ):
         layers = [m for m in model.modules() if isinstance(m, LorsLinear)]
         assert layers and all(torch.count_nonzero(m.weight) > 0 for m in layers)
@@ -212,7 +212,7 @@ def test_merge_lors_initialises_no_dense_weight_it_then_replaces(monkeypatch, co
         conv = pytest.importorskip("transformers.pytorch_utils").Conv1D
         for layer in model.layers:
             layer[0] = conv(16, 16)
-    lorsify(model, rank=3, init="convert")
+    lorsify(model, LorsifyConfig(rank=3, init="convert"))
     x = torch.randn(5, 16)
     with torch.no_grad():
         expected = model(x)

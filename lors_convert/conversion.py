@@ -53,12 +53,12 @@ from lors_convert.lors_format import (
     shared_key,
 )
 from lors_convert.plan import (
+    ConvertConfig,
     GroupPlan,
     Progress,
-    Settings,
     bias_name,
     factor_layer,
-    metric,
+    input_metric,
     no_progress,
     output_weighted,
     read_matrix,
@@ -96,13 +96,15 @@ class Spectra:
     norm_sq: float = 0.0
 
 
-def measure(source: TensorSource, plans: list[GroupPlan], unshared: bool, advance: Callable[[], None]) -> list[Spectra]:
+def layer_spectra(
+    source: TensorSource, plans: list[GroupPlan], unshared: bool, advance: Callable[[], None]
+) -> list[Spectra]:
     """Spectra of each layer's (weighted) residual, and of the layer itself when the unshared form is considered."""
     measured = []
     for plan in plans:
         result = Spectra()
         for i in range(len(plan.stack.names)):
-            matrix, k = read_matrix(source, plan, i), metric(plan, i)
+            matrix, k = read_matrix(source, plan, i), input_metric(plan, i)
             result.norm_sq += metric_energy(output_weighted(plan, i, matrix), k)
             if plan.shared:
                 result.shared.append(metric_spectrum(output_weighted(plan, i, matrix - plan.shared_matrix), k).cpu())
@@ -117,7 +119,7 @@ def residual_spectra(source: TensorSource, stacks: list[Stack], progress: Progre
     """Per stack, the spectra conversion measures for its default S (the mean): what `inspect --plot` draws."""
     plans = [GroupPlan(stack, stack.dtype) for stack in stacks]
     plans = [replace(p, shared_matrix=mean_matrix(source, p)) for p in plans]
-    return measure(source, plans, False, progress("spectra", sum(len(s.names) for s in stacks)))
+    return layer_spectra(source, plans, False, progress("spectra", sum(len(s.names) for s in stacks)))
 
 
 DECISION_LAYERS = 4  # layers per group sampled to decide, at a fixed rank, whether S lowers the error
@@ -139,7 +141,7 @@ def keep_shared_at_rank(source: TensorSource, plan: GroupPlan, seed: int) -> boo
         rank = plan.ranks[i]
         if rank is None:
             continue
-        matrix, k = read_matrix(source, plan, i), metric(plan, i)
+        matrix, k = read_matrix(source, plan, i), input_metric(plan, i)
         layer_seed = seed_for(plan.stack.names[i], seed)
         for target, is_residual in ((matrix - plan.shared_matrix, True), (matrix, False)):
             target = output_weighted(plan, i, target)
@@ -151,7 +153,9 @@ def keep_shared_at_rank(source: TensorSource, plan: GroupPlan, seed: int) -> boo
     return with_s <= without_s
 
 
-def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings, progress: Progress) -> list[GroupPlan]:
+def plan_ranks(
+    source: TensorSource, plans: list[GroupPlan], settings: ConvertConfig, progress: Progress
+) -> list[GroupPlan]:
     """Choose, per group, shared or not and the rank of every layer (None: stored dense).
 
     --rank N gives every layer rank N (dense where N is past its break-even rank) and, under `auto`, S where
@@ -182,13 +186,13 @@ def plan_ranks(source: TensorSource, plans: list[GroupPlan], settings: Settings,
 
 
 def measure_spectra(
-    source: TensorSource, plans: list[GroupPlan], settings: Settings, progress: Progress
+    source: TensorSource, plans: list[GroupPlan], settings: ConvertConfig, progress: Progress
 ) -> list[Spectra]:
     unshared = settings.shared in ("auto", "none")
-    return measure(source, plans, unshared, progress("spectra", sum(len(p.stack.names) for p in plans)))
+    return layer_spectra(source, plans, unshared, progress("spectra", sum(len(p.stack.names) for p in plans)))
 
 
-def ranks_for(plans: list[GroupPlan], measured: list[Spectra], settings: Settings) -> list[GroupPlan]:
+def ranks_for(plans: list[GroupPlan], measured: list[Spectra], settings: ConvertConfig) -> list[GroupPlan]:
     """The plans with ranks for --energy or --reduction, from the spectra measured once."""
     shapes = [p.out_in for p in plans]
     auto = settings.shared == "auto"
@@ -243,7 +247,7 @@ def refit_shared(source: TensorSource, plan: GroupPlan, seed: int) -> tuple[Grou
     for _ in range(REFIT_MAX_ITERS if factored else 0):
         constant, p_acc, q_acc = 0.0, 0.0, 0.0
         for i in factored:
-            matrix, k = read_matrix(source, plan, i), metric(plan, i)
+            matrix, k = read_matrix(source, plan, i), input_metric(plan, i)
             b, a = metric_low_rank(matrix - current, k, plan.ranks[i], seed_for(plan.stack.names[i], seed))
             rest = (matrix - b.to(plan.dtype).float() @ a.to(plan.dtype).float()).double()
             weighted_rest = rest if k is None else rest @ k
@@ -290,7 +294,7 @@ def refuse_unconvertible(source: TensorSource) -> None:
 
 
 def plan_conversion(
-    source: TensorSource, stacks: list[Stack], settings: Settings, progress: Progress, warnings: list[str]
+    source: TensorSource, stacks: list[Stack], settings: ConvertConfig, progress: Progress, warnings: list[str]
 ) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
     """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors; what
     calibration warns about, and why --sequential had to run the whole model per layer, is added to `warnings`."""
@@ -349,7 +353,7 @@ def plan_conversion(
 def convert(
     source: TensorSource,
     output: Path,
-    settings: Settings,
+    settings: ConvertConfig,
     *,
     shard_size: int = SHARD_SIZE,
     force: bool = False,
@@ -516,7 +520,7 @@ def write_group(
         else:
             residual = plan.residual(matrix)
             del matrix
-            b, a, shift = factors.get(name) or (*factor_layer(plan, i, residual, metric(plan, i), seed), None)
+            b, a, shift = factors.get(name) or (*factor_layer(plan, i, residual, input_metric(plan, i), seed), None)
             error = residual.addmm_(b.float(), a.float(), alpha=-1)  # in place: one full-size buffer per layer
             a_key, b_key = factor_keys(name)
             if plan.transposed:  # stored W is Wᵀ: (B A)ᵀ = Aᵀ Bᵀ

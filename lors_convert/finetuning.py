@@ -25,15 +25,24 @@ from torch import nn
 
 from lors_convert import LorsError, __version__
 from lors_convert.data import held_out_words, load_examples, split_examples
-from lors_convert.evaluate import Pair, fidelity, held_out_loss, load_pair, token_kl, token_log_probs
+from lors_convert.evaluate import (
+    StudentTeacher,
+    fidelity,
+    held_out_loss,
+    load_student_teacher,
+    token_kl,
+    token_log_probs,
+)
 from lors_convert.lors_format import LorsMeta
-from lors_convert.runtime import autocast, is_causal_lm, layer_outputs, run, setup_device, world
+from lors_convert.runtime import autocast, is_causal_lm, layer_outputs, logits_and_hidden, setup_device, world
 
 OBJECTIVES = ("distill", "lm")
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneConfig:
+    """`finetune`'s choices; each field is the CLI option of the same name (`lors-convert finetune --help`)."""
+
     steps: int = 1000
     batch_size: int = 32
     lr: float = 5e-4
@@ -86,7 +95,7 @@ def step_loss(student: nn.Module, teacher: nn.Module, batch: dict, paths: list[s
     else normalised MSE + (1 − cosine) of the last hidden state). `lm`: next-token cross-entropy."""
     mask = batch.get("attention_mask")
     if objective == "lm":
-        logits, _ = run(student, batch)
+        logits, _ = logits_and_hidden(student, batch)
         if logits is None or "input_ids" not in batch:
             raise LorsError("--objective lm needs a causal language model and text data")
         nll, count = token_log_probs(
@@ -94,9 +103,9 @@ def step_loss(student: nn.Module, teacher: nn.Module, batch: dict, paths: list[s
         )
         return nll / count.clamp(min=1)
     with torch.no_grad(), layer_outputs(teacher, paths) as t_layers:
-        t_logits, t_hidden = run(teacher, batch)
+        t_logits, t_hidden = logits_and_hidden(teacher, batch)
     with layer_outputs(student, paths) as s_layers:
-        s_logits, s_hidden = run(student, batch)
+        s_logits, s_hidden = logits_and_hidden(student, batch)
     layers = sum(normalised_mse(s, t, mask) for s, t in zip(s_layers, t_layers)) / max(len(paths), 1)
     if s_logits is not None:
         tokens = mask.sum() if mask is not None else s_logits.shape[0] * s_logits.shape[1]
@@ -123,7 +132,7 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
 WARMUP_SHARE = 0.1  # of a --minutes budget: the warm-up ends by then, however few steps fit in it
 
 
-def learning_rate(settings: FinetuneSettings, step: int, spent: float) -> float:
+def learning_rate(settings: FinetuneConfig, step: int, spent: float) -> float:
     """Linear warm-up, then cosine decay to zero over the steps, or over the time budget (--minutes) when that
     ends first (`spent`: the fraction of it used), so a run stopped by the clock has finished its decay."""
     if step < settings.warmup and spent < WARMUP_SHARE:
@@ -270,7 +279,7 @@ def load_state(path: Path, student: nn.Module, optimizer, fingerprint: dict) -> 
 
 
 def write_output(
-    output: Path, pair: Pair, settings: FinetuneSettings, results: dict, force: bool, state: dict
+    output: Path, pair: StudentTeacher, settings: FinetuneConfig, results: dict, force: bool, state: dict
 ) -> list[Path]:
     """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
     fine-tune recorded."""
@@ -304,7 +313,7 @@ def write_output(
     return write_safetensors(output, tensors, header_metadata(meta))
 
 
-def teacher_files(pair: Pair) -> list[Path]:
+def teacher_files(pair: StudentTeacher) -> list[Path]:
     """The teacher's weight files (and its folder's), which an output must never overwrite."""
     from lors_convert.checkpoint import open_checkpoint
 
@@ -354,10 +363,10 @@ def train_progress(quiet: bool, total: int, done: int):
 
 
 def finetune(
-    lors: Path,
-    data: list[Path],
-    output: Path,
-    settings: FinetuneSettings,
+    lors: str | Path,
+    data: list[str | Path],
+    output: str | Path,
+    settings: FinetuneConfig,
     *,
     teacher: Path | None = None,
     factory: str | None = None,
@@ -368,9 +377,12 @@ def finetune(
     quiet: bool = False,
     log=print,
 ) -> dict:
-    """Train, evaluate before and after, write the LORS checkpoint (rank 0). Returns the results."""
+    """Distil the dense teacher (or, with objective "lm", train on the text) into the LORS checkpoint `lors` on
+    `data` (text files, one example per line), evaluate before and after on held-out lines, and write `output`
+    (rank 0). Returns the results (steps, losses, the evaluations, the files written)."""
     from lors_convert.checkpoint import check_output_path
 
+    lors, data, output = Path(lors), [Path(d) for d in data], Path(output)
     settings.validate()
     rank, world_size = world()
     if fsdp and world_size < 2:
@@ -378,7 +390,7 @@ def finetune(
             "--fsdp shards the model across processes: run it with --nproc-per-node N (or torchrun), N >= 2"
         )
     say = log if rank == 0 else (lambda *a: None)
-    pair = load_pair(lors, teacher, factory, allow_teacher_mismatch, warn=say)
+    pair = load_student_teacher(lors, teacher, factory, allow_teacher_mismatch, warn=say)
     check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
     device = setup_device(world_size)
     torch.manual_seed(settings.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,17 +17,25 @@ from lors_convert.lors_format import LorsMeta, read_lors
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".msgpack", ".h5")
 
 
-def export(
-    path: str | Path, output: str | Path, *, dense: bool = False, architecture=None, force: bool = False
-) -> Path:
+@dataclass
+class ExportConfig:
+    """`dense`: write the plain dense model instead of the LORS one; `architecture`: the Hugging Face folder (or
+    GGUF) the checkpoint came from, when the one its metadata records has moved."""
+
+    dense: bool = False
+    architecture: str | Path | None = None
+
+
+def export(path: str | Path, output: str | Path, config: ExportConfig | None = None, *, force: bool = False) -> Path:
     """Write a Hugging Face model folder: the LORS model with its modeling file (`trust_remote_code=True`; needs
     only torch and transformers) or, with `dense`, the plain dense model. Tokenizer and sentence-transformers files
     are copied from the source folder; from a GGUF source, config.json and the tokenizer are written from it. The
     folder appears under its name only once complete."""
     import shutil
 
+    config = config or ExportConfig()
     source, meta = read_lors(path)
-    folder = architecture_folder(meta, architecture)
+    folder = architecture_folder(meta, config.architecture)
     if folder is None:
         raise LorsError(
             f"{path}: export needs the source's Hugging Face folder (config.json) or GGUF; pass --architecture DIR"
@@ -46,7 +55,7 @@ def export(
             for item in folder.iterdir():  # tokenizer, sentence-transformers modules, README…: not weights or config
                 if item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES):
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        if dense:
+        if config.dense:
             write_dense(source, meta, folder, staging)
         else:
             write_lors_folder(path, folder, staging)
