@@ -265,6 +265,50 @@ def sampled_label_loss(logits: torch.Tensor, mask: torch.Tensor | None, generato
 FISHER_DAMPING = 0.1
 
 
+GB = 1e9
+
+
+def calibration_bytes(source: TensorSource, stacks: list[Stack], fisher: bool) -> dict[str, float]:
+    """What calibration holds at its peak: the dense model in float32, each stacked layer's input covariance
+    (in x in, float64; its metric K replaces it), and under --fisher its output matrix (out x out, float64)."""
+    inputs = sum(len(s.names) * s.cols**2 for s in stacks) * 8
+    outputs = sum(len(s.names) * s.rows**2 for s in stacks) * 8 if fisher else 0
+    return {"model": sum(info.numel for info in source.info.values()) * 4, "inputs": inputs, "fisher": outputs}
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: ConvertConfig) -> None:
+    """A calibration that cannot fit in memory stops before it starts (and before the model is built), in one
+    line that says what it needs and what fits."""
+    available = available_memory()
+    needed = calibration_bytes(source, stacks, settings.fisher)
+    if available is None or sum(needed.values()) <= available:
+        return
+    parts = f"the model {needed['model'] / GB:.1f} GB in float32, input covariances {needed['inputs'] / GB:.1f} GB"
+    if settings.fisher:
+        parts += f", --fisher's output matrices {needed['fisher'] / GB:.1f} GB"
+    without = needed["model"] + needed["inputs"]
+    remedy = (
+        f"without --fisher it needs {without / GB:.1f} GB, which fits; or "
+        if settings.fisher and without <= available
+        else ""
+    )
+    raise LorsError(
+        f"calibration would hold about {sum(needed.values()) / GB:.1f} GB ({parts}) and this machine has "
+        f"{available / GB:.1f} GB available: {remedy}convert in weight space (no --calibrate), or on a machine "
+        "with more memory"
+    )
+
+
 def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[torch.nn.Module, list[dict], str]:
     """The dense model with the source's weights, the calibration batches, and the words that say which lines
     (or rows) they are."""
@@ -301,9 +345,14 @@ def selection_batches(source: TensorSource, settings: ConvertConfig) -> list[dic
     return batches
 
 
+def damping_term(covariance: torch.Tensor, damping: float) -> float:
+    """λ, relative to the mean input energy, so rank-deficient covariances still work."""
+    return damping * covariance.diagonal().mean().item()
+
+
 def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
-    """K = C + λI with λ relative to the mean input energy, so rank-deficient covariances still work."""
-    return covariance + damping * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
+    """K = C + λI."""
+    return covariance + damping_term(covariance, damping) * torch.eye(len(covariance), dtype=covariance.dtype)
 
 
 def calibrate_plans(
@@ -352,15 +401,19 @@ def calibrated_plan(
         calibration.sums[name] / n if n and bias_name(source, name, plan.out_in[0]) else None
         for name, n in zip(names, rows)
     )
-    metrics = [
-        None if c is None else damped(c if m is None else c - n * torch.outer(m, m), damping)
+    centred = [
+        None if c is None else c if m is None else c - n * torch.outer(m, m)
         for c, m, n in zip(covariances, means, rows)
     ]
+    del covariances  # each C_i is needed only until its K_i exists
+    dampings = tuple(None if c is None else damping_term(c, damping) for c in centred)
+    metrics = [None if c is None else damped(c, damping) for c in centred]
+    del centred
     seen = [m for m in metrics if m is not None]
     fallback = sum(seen) / len(seen)
     return replace(
         plan,
-        covariances=tuple(torch.zeros_like(fallback) if c is None else c for c in covariances),
+        dampings=dampings,
         metrics=tuple((fallback if m is None else m).to(plan.device) for m in metrics),
         means=means,
         rows=rows,

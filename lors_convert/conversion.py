@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from lors_convert import LorsError, __version__
-from lors_convert.calibrate import calibrate_plans, calibration_inputs, selection_batches
+from lors_convert.calibrate import calibrate_plans, calibration_inputs, refuse_beyond_memory, selection_batches
 from lors_convert.checkpoint import (
     SHARD_SIZE,
     SafetensorsWriter,
@@ -58,6 +58,7 @@ from lors_convert.plan import (
     Progress,
     bias_name,
     factor_layer,
+    input_energy,
     input_metric,
     no_progress,
     output_weighted,
@@ -304,6 +305,7 @@ def plan_conversion(
     ]
     calibration, model, batches = None, None, []
     if settings.calibrate:
+        refuse_beyond_memory(source, stacks, settings)
         model, batches, data = calibration_inputs(source, settings)
         if settings.max_ppl_increase and not is_causal_lm(model):
             raise LorsError("--max-ppl-increase needs a language model (its next-token perplexity): use --reduction")
@@ -430,7 +432,7 @@ def write_lors(
         meta,
         dtypes=changed,
         groups=[
-            group_entry(p, WIDEST_FLOAT, [WIDEST_FLOAT] * len(p.ranks), WIDEST_FLOAT if p.covariances else None)
+            group_entry(p, WIDEST_FLOAT, [WIDEST_FLOAT] * len(p.ranks), WIDEST_FLOAT if p.dampings else None)
             for p in plans
         ],
         source=replace(meta.source, sha256="0" * 64),
@@ -507,9 +509,9 @@ def write_group(
     for i, name in enumerate(stack.names):
         matrix = read_matrix(source, plan, i)
         layer_norm_sq = squared_norm(matrix)
-        covariance = plan.covariances[i].to(plan.device) if plan.covariances is not None else None
-        if covariance is not None:
-            out_norm_sq += metric_energy(matrix, covariance)
+        calibrated = plan.dampings is not None
+        if calibrated:
+            out_norm_sq += input_energy(plan, i, matrix)
         if plan.ranks[i] is None:  # stored dense: only rounding to the storage dtype is lost
             stored = (matrix.T if plan.transposed else matrix).reshape(stack.shape).to(plan.dtype)
             if overflows(matrix, stored):
@@ -530,8 +532,8 @@ def write_group(
         layer_err_sq = squared_norm(error)
         err_sq, norm_sq = err_sq + layer_err_sq, norm_sq + layer_norm_sq
         layer_errors.append(round(rel_error(layer_err_sq, layer_norm_sq), 6))
-        if covariance is not None:
-            out_err_sq += metric_energy(error, covariance)
+        if calibrated:
+            out_err_sq += input_energy(plan, i, error)
             mean = plan.means[i] if plan.ranks[i] is not None else None
             if mean is not None:  # the bias takes the mean shift: what is left is the error on centred inputs
                 mean_error = error.double() @ mean.to(error.device)
@@ -539,5 +541,5 @@ def write_group(
                 out_err_sq -= plan.rows[i] * mean_error.square().sum().item()
         advance()
     # the centred error is a difference of sums, ≥ 0 exactly but not always once rounded (inputs with no spread)
-    output_error = rel_error(max(out_err_sq, 0.0), out_norm_sq) if plan.covariances is not None else None
+    output_error = rel_error(max(out_err_sq, 0.0), out_norm_sq) if plan.dampings is not None else None
     return group_entry(plan, rel_error(err_sq, norm_sq), layer_errors, output_error)

@@ -12,7 +12,7 @@ import torch
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import TensorSource, dtype_name, parse_dtype
-from lors_convert.factorize import as_matrix, lors_params, metric_low_rank, seed_for
+from lors_convert.factorize import as_matrix, lors_params, metric_energy, metric_low_rank, seed_for
 from lors_convert.lors_format import factor_keys, shared_key
 from lors_convert.stacks import Stack
 
@@ -124,8 +124,10 @@ class GroupPlan:
     dtype: torch.dtype  # storage dtype of S and the factors
     device: str = "cpu"
     transposed: bool = False  # stored as in x out (Conv1D)
-    metrics: tuple[torch.Tensor, ...] | None = None  # K_i = C_i + λI per layer (float64), when calibrated
-    covariances: tuple[torch.Tensor, ...] | None = None  # C_i, for reporting the output error
+    metrics: tuple[torch.Tensor, ...] | None = None  # K_i = C_i + λ_i I per layer (float64), when calibrated
+    # λ_i (None: layer i saw no tokens, C_i = 0): with K_i, μ_i and n_i it gives C_i back for the output error,
+    # so calibration holds one in x in matrix per layer, not two
+    dampings: tuple[float | None, ...] | None = None
     # μ_i, the mean input of layer i, where its bias absorbs the mean output shift (W − Ŵ)μ: then K_i is built on
     # the centred C_i − n μ_i μ_iᵀ, since no rank needs to be spent on the mean
     means: tuple[torch.Tensor | None, ...] | None = None
@@ -192,6 +194,18 @@ def read_matrix(source: TensorSource, plan: GroupPlan, i: int) -> torch.Tensor:
 
 def input_metric(plan: GroupPlan, i: int) -> torch.Tensor | None:
     return plan.metrics[i] if plan.metrics is not None else None
+
+
+def input_energy(plan: GroupPlan, i: int, matrix: torch.Tensor) -> float:
+    """‖M X_i‖² over layer i's calibration inputs, tr(M C_i Mᵀ), from K_i = C_i − n_i μ_i μ_iᵀ + λ_i I (the
+    centring only where μ_i is kept)."""
+    if plan.dampings[i] is None:
+        return 0.0
+    energy = metric_energy(matrix, plan.metrics[i]) - plan.dampings[i] * matrix.double().square().sum().item()
+    mean = plan.means[i]
+    if mean is not None:
+        energy += plan.rows[i] * (matrix.double() @ mean.to(matrix.device)).square().sum().item()
+    return energy
 
 
 def output_weighted(plan: GroupPlan, i: int, matrix: torch.Tensor) -> torch.Tensor:

@@ -643,3 +643,28 @@ def test_a_causal_lm_calibrates_on_its_lines_packed_into_rows(tmp_path, cli, kin
     assert ("packed into" in report["calibration_data"]) is packed
     assert calibration["tokens"] == tokens + 32 * packed  # every line once, and an end-of-text token after each
     assert (calibration["samples"] < 32) is packed
+
+
+def test_a_calibration_beyond_memory_is_refused_before_it_starts(tmp_path, cli, monkeypatch):
+    """TinyLlama-1.1B's calibration with --fisher holds ~28 GB: on a 24 GB machine it must stop at once, in one
+    line, with numbers and what fits, not after minutes of forward passes or in the kernel's OOM killer."""
+    import lors_convert.calibrate as calibrate
+
+    folder, text = hf_dir(tmp_path, "llama")
+    source = open_checkpoint(folder)
+    stacks, _ = find_stacks(source.info)
+    needed = calibrate.calibration_bytes(source, stacks, fisher=True)
+    assert needed["inputs"] == sum(len(s.names) * s.cols**2 * 8 for s in stacks)  # C, then K in its place
+    assert needed["fisher"] == sum(len(s.names) * s.rows**2 * 8 for s in stacks)
+    assert calibrate.available_memory() > 0  # Linux's MemAvailable, read for real
+    out = tmp_path / "out.lors.safetensors"
+    without_fisher = needed["model"] + needed["inputs"]
+    monkeypatch.setattr(calibrate, "available_memory", lambda: without_fisher + 1)
+    result = cli(folder, "--calibrate", text, "--fisher", "--reduction", "0.2", "-o", out, "--quiet")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert "available" in result.err and "without --fisher it needs" in result.err and not out.exists()
+    assert cli(folder, "--calibrate", text, "--reduction", "0.2", "-o", out, "--quiet").code == 0  # it fits
+    monkeypatch.setattr(calibrate, "available_memory", lambda: needed["model"])
+    refused = cli(folder, "--calibrate", text, "--reduction", "0.2", "-o", tmp_path / "b.safetensors", "--quiet")
+    assert refused.code == 1 and "without --fisher" not in refused.err and "weight space" in refused.err
+    assert not (tmp_path / "b.safetensors").exists()
