@@ -314,14 +314,23 @@ def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[t
     (or rows) they are."""
     from lors_convert.data import tensor_batches, text_batches
     from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
+    from lors_convert.sampling import with_model_written
 
     model = dense_model(source.path, settings.model_factory)
     if settings.model_factory:
         return model, *tensor_batches(settings.calibrate, settings.calib_samples, settings.seed)
     tokenizer = load_tokenizer(architecture_dir(source.path))
     pack = is_causal_lm(model) and getattr(tokenizer, "eos_token_id", None) is not None
+    share = settings.calib_generated if pack else 0.0
+    rewrite = (lambda lines: with_model_written(model, tokenizer, lines, share, settings.seed)) if share else None
     return model, *text_batches(
-        tokenizer, settings.calibrate, settings.calib_samples, settings.calib_max_length, settings.seed, pack=pack
+        tokenizer,
+        settings.calibrate,
+        settings.calib_samples,
+        settings.calib_max_length,
+        settings.seed,
+        pack=pack,
+        rewrite=rewrite,
     )
 
 

@@ -204,6 +204,14 @@ def convert(
         256, "--calib-samples", help="Calibration lines (or tensor rows); a causal LM's are packed into 512-token rows."
     ),
     calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration line, at most."),
+    calib_generated: float = typer.Option(
+        0.5,
+        "--calib-generated",
+        metavar="F",
+        help="A causal LM's share of the calibration samples written by the model itself (sampled: half from its "
+        "start token, half its answers to calibration lines in its chat template), so calibration covers more than "
+        "the file's kind of text. 0: the file's lines only.",
+    ),
     damping: float = typer.Option(
         0.01,
         "--damping",
@@ -264,6 +272,7 @@ def convert(
         calibrate=calibrate,
         calib_samples=calib_samples,
         calib_max_length=calib_max_length,
+        calib_generated=calib_generated,
         damping=damping,
         sequential=sequential,
         fisher=fisher,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -225,11 +225,19 @@ PACKED_ROW = 512
 
 
 def text_batches(
-    tokenizer, files: list[Path], samples: int, max_length: int, seed: int, skip: int = 0, pack: bool = False
+    tokenizer,
+    files: list[Path],
+    samples: int,
+    max_length: int,
+    seed: int,
+    skip: int = 0,
+    pack: bool = False,
+    rewrite: Callable[[list[str]], tuple[list[str], str]] | None = None,
 ) -> tuple[list[dict], str]:
     """Calibration: `samples` seeded lines of the files (streamed; after `skip` picks), each cut to `max_length`
     tokens, one unpadded sequence per batch, so padding never enters the statistics; with `pack`, the lines
-    packed into unpadded rows of PACKED_ROW tokens. And the words that say which."""
+    packed into unpadded rows of PACKED_ROW tokens (texts `rewrite` returns for the chosen lines, up to twice
+    `max_length`: a prompt and its answer). And the words that say which."""
     lines = TextLines(files)
     chosen = calibration_choice(len(lines), samples, seed, skip)
     words = calibration_words(len(chosen), len(lines), files)
@@ -238,7 +246,9 @@ def text_batches(
             dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=max_length)) for t in lines.read(chosen)
         ]
         return batches, words
-    rows = packed(lines.read(chosen), tokenizer, PACKED_ROW, torch.device("cpu"), max_length)
+    texts, how = rewrite(lines.read(chosen)) if rewrite else (lines.read(chosen), "")
+    rows = packed(texts, tokenizer, PACKED_ROW, torch.device("cpu"), max_length * (2 if how else 1))
+    words += how
     lengths = rows["attention_mask"].sum(1).tolist()
     batches = [{k: v[i : i + 1, :n] for k, v in rows.items()} for i, n in enumerate(lengths)]
     return batches, f"{words}, packed into {len(batches)} rows of up to {PACKED_ROW} tokens"

@@ -37,6 +37,7 @@ class ConvertConfig:
     calibrate: list[Path | str] = field(default_factory=list)
     calib_samples: int = 256
     calib_max_length: int = 128
+    calib_generated: float = 0.5  # of a causal LM's calibration samples, written by the model (sampling.py)
     damping: float = 0.01
     sequential: bool = False
     fisher: bool = False
@@ -77,6 +78,8 @@ class ConvertConfig:
             raise LorsError(f"--shared must be one of {', '.join(SHARED_CHOICES)}, got {self.shared!r}")
         if self.calib_samples < 1 or self.calib_max_length < 1:
             raise LorsError("--calib-samples and --calib-max-length must be at least 1")
+        if not 0 <= self.calib_generated <= 1:
+            raise LorsError(f"--calib-generated is a fraction in [0, 1], got {self.calib_generated}")
         if self.sequential and not self.calibrate:
             raise LorsError("--sequential needs --calibrate (it recalibrates layer after layer)")
         if self.fisher and not self.calibrate:
@@ -94,6 +97,7 @@ class ConvertConfig:
                 "calibrate": [str(p) for p in self.calibrate],
                 "calib_samples": self.calib_samples,
                 "calib_max_length": self.calib_max_length,
+                "calib_generated": self.calib_generated,
                 "damping": self.damping,
                 "sequential": self.sequential,
                 "fisher": self.fisher,

@@ -634,7 +634,9 @@ def test_a_causal_lm_calibrates_on_its_lines_packed_into_rows(tmp_path, cli, kin
     tokenizer = load_tokenizer(folder)
     tokenizer.eos_token = "[SEP]"  # packing puts it between lines
     tokenizer.save_pretrained(folder)
-    report = convert_json(cli, folder, *options, "--rank", "2", "-o", tmp_path / "lors.safetensors")
+    report = convert_json(
+        cli, folder, *options, "--rank", "2", "-o", tmp_path / "lors.safetensors", "--calib-generated", "0"
+    )
     calibration = read_lors(tmp_path / "lors.safetensors")[1].calibration
     lines = [line for line in options[1].read_text().splitlines() if line.strip()]
     chosen = [lines[i] for i in calibration_choice(len(lines), 32, seed=0)]
@@ -668,3 +670,56 @@ def test_a_calibration_beyond_memory_is_refused_before_it_starts(tmp_path, cli, 
     refused = cli(folder, "--calibrate", text, "--reduction", "0.2", "-o", tmp_path / "b.safetensors", "--quiet")
     assert refused.code == 1 and "without --fisher" not in refused.err and "weight space" in refused.err
     assert not (tmp_path / "b.safetensors").exists()
+
+
+CHAT = (
+    "{% for m in messages %}[CLS] {{ m['content'] }} [SEP] {% endfor %}{% if add_generation_prompt %}[CLS]{% endif %}"
+)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat template"])
+def test_a_causal_lm_calibrates_partly_on_text_it_writes(tmp_path, cli, chat):
+    """--calib-generated F: F of the calibration samples are the model's own samples, half from its start token,
+    half its continuations (chat answers) of the last chosen lines; seeded, so a conversion is reproducible, and
+    without touching the caller's random state."""
+    from lors_convert.hf import dense_model, load_tokenizer
+    from lors_convert.sampling import NEW_TOKENS, with_model_written
+
+    folder, options = model_and_calibration(tmp_path, "llama")
+    tokenizer = load_tokenizer(folder)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.chat_template = CHAT if chat else None
+    tokenizer.save_pretrained(folder)
+    model, tokenizer = dense_model(folder), load_tokenizer(folder)
+    lines = [line for line in options[1].read_text().splitlines() if line.strip()][:8]
+    state = torch.random.get_rng_state()
+    texts, words = with_model_written(model, tokenizer, lines, 0.5, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert texts[:4] == lines[:4] and len(texts) == 8 and "4 of them written by the model (2 from" in words
+    assert texts == with_model_written(model, tokenizer, lines, 0.5, seed=3)[0]
+    assert texts != with_model_written(model, tokenizer, lines, 0.5, seed=4)[0]
+    for text in texts[4:6]:  # from the start token: at most NEW_TOKENS of the model's own (a word a token here)
+        assert 0 < len(text.split()) <= NEW_TOKENS
+    for line, text in zip(lines[6:], texts[6:]):  # the prompt, as the model saw it, then what it wrote
+        prompt = (
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": line}], tokenize=False, add_generation_prompt=True
+            )
+            if chat
+            else line
+        )
+        assert text.startswith(tokenizer.decode(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) > len(tokenizer(prompt)["input_ids"])
+    assert with_model_written(model, tokenizer, lines, 0.0, seed=3) == (lines, "")
+
+    out = [tmp_path / f"{k}.safetensors" for k in ("a", "b", "file")]
+    for path, extra in zip(out, ([], [], ["--calib-generated", "0"])):
+        assert cli(folder, *options, "--rank", "2", "-o", path, "--quiet", *extra).code == 0
+    metas = [read_lors(path)[1] for path in out]
+    assert "written by the model" in metas[0].calibration["data"]
+    assert metas[0].settings["calib_generated"] == 0.5 and metas[2].settings["calib_generated"] == 0
+    assert metas[0].calibration["tokens"] != metas[2].calibration["tokens"]
+    a, b = open_checkpoint(out[0]), open_checkpoint(out[1])
+    assert all(torch.equal(a.get(n), b.get(n)) for n in a.info)  # the same seed, the same conversion
+    bad = cli(folder, *options, "--calib-generated", "1.5", "-o", tmp_path / "bad.safetensors")
+    assert bad.code == 1 and "--calib-generated" in bad.err and not (tmp_path / "bad.safetensors").exists()
