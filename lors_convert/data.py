@@ -104,7 +104,7 @@ class Examples:
         joined end to end, each line followed by the end-of-text token, and cut into rows of `max_length`, so no
         step spends compute on padding (short lines padded to a long one can be most of a batch)."""
         if self.texts is None:
-            return {k: v.to(device) for k, v in self.subset(indices).tensors.items()}
+            return {k: v.to(device) for k, v in trimmed(self.subset(indices).tensors).items()}
         if pack:
             return packed(self.lines(indices), tokenizer, min(max_length, tokenizer.model_max_length), device)
         encoded = tokenizer(
@@ -115,6 +115,16 @@ class Examples:
             return_tensors="pt",
         )
         return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def trimmed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows of a tensor file cut after the batch's last unmasked position: a file's rows are padded to its longest,
+    and a batch of short ones would spend most of its compute on that padding (left padding is left alone)."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or not mask.any():
+        return batch
+    width = int(mask.any(0).nonzero().max()) + 1
+    return {k: v[:, :width] if v.dim() >= 2 and v.shape[:2] == mask.shape else v for k, v in batch.items()}
 
 
 def packed(lines: list[str], tokenizer, length: int, device: torch.device, line_length: int | None = None) -> dict:
