@@ -46,6 +46,14 @@ def init(config_dir, output, config, *, force=False):
     return files
 
 
+def merge(model):
+    """Every LORS layer of a loaded model back to a plain Linear (or GPT-2 Conv1D) holding S + B A, in place:
+    dense speed at the dense model's size. Returns the model."""
+    from lors_convert.nn import merge_lors
+
+    return merge_lors(model)
+
+
 # name -> the module that defines it; imported on first use, so `import lors_convert` stays light
 _LAZY = {
     "ConvertConfig": "plan",
@@ -64,8 +72,6 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name == "merge":
-        return import_module("lors_convert.nn").merge_lors
     if name in _LAZY:
         return getattr(import_module(f"lors_convert.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'lors_convert' has no attribute {name!r}")
