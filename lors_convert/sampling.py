@@ -54,14 +54,18 @@ def model_written(model: nn.Module, tokenizer, prompts: list[str], free: int, se
             count = min(BATCH, free - first)
             ids = torch.full((count, 1), start, dtype=torch.long, device=device)
             texts += sample(model, tokenizer, ids, torch.ones_like(ids), pad, skip=1)
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues each row's last token
-        try:
-            for first in range(0, len(prompts), BATCH):
-                chats = [prompt_of(tokenizer, line) for line in prompts[first : first + BATCH]]
-                encoded = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                texts += sample(model, tokenizer, encoded["input_ids"], encoded["attention_mask"], pad, skip=0)
-        finally:
-            tokenizer.padding_side = side
+        for first in range(0, len(prompts), BATCH):
+            encoded = [
+                tokenizer(prompt_of(tokenizer, line), add_special_tokens=False)["input_ids"] or [start]
+                for line in prompts[first : first + BATCH]
+            ]
+            width = max(map(len, encoded))
+            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, tokens in enumerate(encoded):  # padded on the left: generation continues each row's last token
+                ids[row, width - len(tokens) :] = torch.tensor(tokens)
+                mask[row, width - len(tokens) :] = 1
+            texts += sample(model, tokenizer, ids.to(device), mask.to(device), pad, skip=0)
     return texts
 
 
