@@ -190,7 +190,8 @@ def collect(model: nn.Module, stacks: list[Stack], batches: list[dict], device: 
     moments = covariances.result()
     return Calibration(
         covariances={name: m[:-1, :-1] for name, m in moments.items()},
-        sums={name: m[:-1, -1] for name, m in moments.items()},
+        # a copy: a view would keep each whole moment matrix alive after its metric K has replaced it
+        sums={name: m[:-1, -1].clone() for name, m in moments.items()},
         rows={name: 0 for name in hooked} | {name: round(m[-1, -1].item()) for name, m in moments.items()},
         transposed=transposed,
     )
