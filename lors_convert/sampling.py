@@ -3,10 +3,9 @@ kind of text (documentation, glosses) fit the model to that kind and cost it els
 answers are the inputs it runs on when it is used. Sampled at temperature 1 with no truncation: the model's own
 distribution, seeded, so a conversion is reproducible.
 
-SmolLM2 at 20% with --fisher, 256 calibration samples, zero-shot ppl on held-out lines / fortune passages (dense
-77.2 / 113.0): 98.3 / 193.0 on the file's lines alone; 103.9 / 167.6 with half of them written by the model (a
-quarter from its start token, a quarter answers to calibration lines in its chat template), and its chat answers
-back in form (scripts/llm_answers.py)."""
+SmolLM2 at 20%, `compress --finetune-minutes 0` (256 calibration samples, --fisher), ppl on held-out lines / fortune
+passages (dense 77.2 / 113.0): 98.3 / 193.0 on the file's lines alone, 102.8 / 168.5 with half of them written by
+the model, and every chat answer in form again (scripts/bench_llm.py, scripts/llm_answers.py)."""
 
 from __future__ import annotations
 
