@@ -677,6 +677,7 @@ CHAT = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat template"])
 def test_a_causal_lm_calibrates_partly_on_text_it_writes(tmp_path, cli, chat):
     """--calib-generated F: F of the calibration samples are the model's own samples, half from its start token,
