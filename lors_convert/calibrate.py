@@ -402,8 +402,8 @@ def calibrate_plans(
 def calibrated_plan(
     source: TensorSource, plan: GroupPlan, calibration: Calibration, rows: tuple[int, ...], damping: float
 ) -> GroupPlan:
-    """A group's plan with each layer's C_i, K_i, mean input μ_i (where a bias takes the mean shift) and row count
-    n_i. A layer that saw no tokens gets the mean K of the group's other layers, C = 0, and no μ."""
+    """A group's plan with each layer's K_i, its damping λ_i, mean input μ_i (where a bias takes the mean shift) and
+    row count n_i. A layer that saw no tokens gets the mean K of the group's other layers, no λ (C = 0) and no μ."""
     names = plan.stack.names
     plan = replace(plan, transposed=names[0] in calibration.transposed)
     covariances = [calibration.covariances.pop(name, None) for name in names]
@@ -411,19 +411,16 @@ def calibrated_plan(
         calibration.sums[name] / n if n and bias_name(source, name, plan.out_in[0]) else None
         for name, n in zip(names, rows)
     )
-    centred = [
-        None if c is None else c if m is None else c - n * torch.outer(m, m)
-        for c, m, n in zip(covariances, means, rows)
-    ]
-    del covariances  # each C_i is needed only until its K_i exists
-    dampings = tuple(None if c is None else damping_term(c, damping) for c in centred)
-    metrics = [None if c is None else damped(c, damping) for c in centred]
-    del centred
+    dampings, metrics = [], []
+    for c, m, n in zip(covariances, means, rows):
+        centred = None if c is None else c if m is None else c - n * torch.outer(m, m)
+        dampings.append(None if centred is None else damping_term(centred, damping))
+        metrics.append(None if centred is None else damped(centred, damping))
     seen = [m for m in metrics if m is not None]
     fallback = sum(seen) / len(seen)
     return replace(
         plan,
-        dampings=dampings,
+        dampings=tuple(dampings),
         metrics=tuple((fallback if m is None else m).to(plan.device) for m in metrics),
         means=means,
         rows=rows,

@@ -252,7 +252,7 @@ def convert(
     as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
-    from lors_convert.checkpoint import open_checkpoint, parse_dtype, parse_size, return_freed_memory
+    from lors_convert.checkpoint import open_checkpoint, parse_size, return_freed_memory
     from lors_convert.conversion import ConvertConfig
     from lors_convert.conversion import convert as run_convert
     from lors_convert.factorize import check_device
@@ -267,7 +267,7 @@ def convert(
         shared=shared,
         include=include,
         exclude=exclude,
-        dtype=parse_dtype(dtype) if dtype else None,
+        dtype=dtype,
         seed=seed,
         calibrate=calibrate,
         calib_samples=calib_samples,
