@@ -345,12 +345,15 @@ def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):
     names = [stack.names[1] for stack in stacks]  # the modules of layer 1 only
     covariances, cross = collect_pair(model, copy.deepcopy(model), names, batches, torch.device("cpu"))
     full = collect(model, stacks, batches, torch.device("cpu"))
-    assert covariances.keys() == cross.keys() == set(names)
+    with_fisher = collect(model, stacks, batches, torch.device("cpu"), fisher_seed=0)  # the same forward passes
+    assert covariances.keys() == cross.keys() == set(names) and not full.fisher
     for name in names:  # [X 1]ᵀ[X 1]: the covariance, the input sums and the row count
         torch.testing.assert_close(covariances[name][:-1, :-1], full.covariances[name])
         torch.testing.assert_close(covariances[name][:-1, -1], full.sums[name])
-        assert covariances[name][-1, -1].item() == full.rows[name] > 0
+        assert covariances[name][-1, -1].item() == full.rows[name] == with_fisher.rows[name] > 0
         torch.testing.assert_close(cross[name], covariances[name])
+        torch.testing.assert_close(with_fisher.covariances[name], full.covariances[name])
+        torch.testing.assert_close(with_fisher.sums[name], full.sums[name])
 
 
 def test_sequential_needs_calibration(tmp_path, cli):
@@ -453,10 +456,10 @@ def saved_mlp(tmp_path) -> tuple[torch.nn.Module, list]:
     return model, stacks
 
 
-def test_output_fisher_is_the_gram_of_the_outputs_jacobian(tmp_path):
+def test_probe_fisher_is_the_gram_of_the_outputs_jacobian(tmp_path):
     """One random probe per sample: over many copies of one sample, Σ Jᵀu uᵀJ / copies tends to Σ_t J_tᵀJ_t,
     J_t the Jacobian of the unit-norm mean-pooled output with respect to the layer's output at token t."""
-    from lors_convert.calibrate import output_fisher
+    from lors_convert.calibrate import collect
 
     model, stacks = saved_mlp(tmp_path)
     x, layer, copies = torch.randn(1, 4, 16), model.layers[1][0], 4000
@@ -475,7 +478,7 @@ def test_output_fisher_is_the_gram_of_the_outputs_jacobian(tmp_path):
     jacobian = torch.autograd.functional.jacobian(pooled_given, captured[0])[:, 0]  # out x tokens x dim
     exact = torch.einsum("otd,ote->de", jacobian, jacobian).double()
     copied = [{"x": x.expand(copies, -1, -1)}]  # a probe per row: as many samples as copies
-    estimate = output_fisher(model, stacks, copied, torch.device("cpu"), seed=0)
+    estimate = collect(model, stacks, copied, torch.device("cpu"), fisher_seed=0).fisher
     assert (estimate["layers.1.0.weight"] / copies - exact).norm() <= 0.1 * exact.norm()
     assert (estimate["layers.0.0.weight"] / copies - exact).norm() > 0.1 * exact.norm()  # each its own Jacobian
 
@@ -486,7 +489,7 @@ def test_fisher_factors_minimise_the_output_weighted_error(tmp_path, cli, kind):
     where the layer has a bias, G the output Fisher of the same samples, both damped): better on it, layer by
     layer, than the plain calibrated factors, which minimise ‖(W − Ŵ)K^{1/2}‖. GPT-2's Conv1D (stored in x out)
     included."""
-    from lors_convert.calibrate import FISHER_DAMPING, collect, damped, output_fisher
+    from lors_convert.calibrate import FISHER_DAMPING, collect, damped
     from lors_convert.data import tensor_batches, text_batches
     from lors_convert.hf import dense_model, load_tokenizer
 
@@ -504,8 +507,8 @@ def test_fisher_factors_minimise_the_output_weighted_error(tmp_path, cli, kind):
         batches, _ = text_batches(load_tokenizer(model_path), [calibration_options[1]], 32, 128, seed=0)
     original = open_checkpoint(model_path)
     stacks, _ = find_stacks(original.info)
-    calibration = collect(model, stacks, batches, torch.device("cpu"))
-    gradients = output_fisher(model, stacks, batches, torch.device("cpu"), seed=0)
+    calibration = collect(model, stacks, batches, torch.device("cpu"), fisher_seed=0)
+    gradients = calibration.fisher
     found = {"plain": factor_products(tmp_path / "plain.safetensors"), "f": factor_products(tmp_path / "f.safetensors")}
     compared = 0
     for name in found["f"]:
@@ -545,9 +548,9 @@ def test_fisher_refuses_what_it_cannot_serve(tmp_path, cli, extra):
 def test_lm_fisher_is_the_fisher_of_the_next_token_distributions():
     """For a causal LM, G_s = Σ_t J_tsᵀ (diag p_t − p_t p_tᵀ) J_ts at each layer output h_s (J_ts = ∂logits_t/∂h_s),
     summed over s: the exact Fisher of the model's next-token distributions, computed here with autograd on a
-    tiny Llama, against output_fisher's estimate from labels sampled over many copies of one sample."""
+    tiny Llama, against collect's estimate from labels sampled over many copies of one sample."""
     transformers = pytest.importorskip("transformers")
-    from lors_convert.calibrate import output_fisher
+    from lors_convert.calibrate import collect
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -581,9 +584,9 @@ def test_lm_fisher_is_the_fisher_of_the_next_token_distributions():
     fisher = torch.diag_embed(probabilities) - probabilities[:, :, None] * probabilities[:, None, :]
     exact = torch.einsum("tvsd,tvw,twse->de", jacobian, fisher, jacobian).double()
     batches = [{"input_ids": ids.expand(copies, -1)}]
-    estimate = output_fisher(model, stacks, batches, torch.device("cpu"), seed=0)[name] / copies
-    assert (estimate - exact).norm() <= 0.1 * exact.norm()
-    other = output_fisher(model, stacks, batches, torch.device("cpu"), seed=0)["model.layers.1.mlp.down_proj.weight"]
+    estimate = collect(model, stacks, batches, torch.device("cpu"), fisher_seed=0).fisher
+    assert (estimate[name] / copies - exact).norm() <= 0.1 * exact.norm()
+    other = estimate["model.layers.1.mlp.down_proj.weight"]
     assert (other / copies - exact).norm() > 0.1 * exact.norm()  # each layer its own Jacobian
 
 
