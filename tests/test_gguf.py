@@ -149,6 +149,7 @@ def test_gguf_convert_inspect_eval_load_export_finetune(tiny_gguf, tmp_path, cli
 
     tuned = cli("finetune", out, "--data", text, "-o", tmp_path / "ft.lors.safetensors", "--steps", "2")
     assert tuned.code == 0, tuned.err
+    assert read_lors(tmp_path / "ft.lors.safetensors")[1].finetune["settings"]["lr"] == 1e-4  # an LM's default
     compressed = cli(
         "compress", path, "--calibrate", text, "-o", tmp_path / "c.lors.safetensors", "--calib-samples", "8"
     )
