@@ -5,8 +5,9 @@ trained, so no perplexity is printed.
 
     python scripts/bench_llm_scale.py [--dir DIR] [--rows ROW ...] [--calib-lines 20000]
 
-A row is a `lors-convert` command after the model: `convert` (default) or `finetune` options, e.g.
-"--calibrate {calib} --fisher --reduction 0.2". A refused row (the memory check) is reported with its message.
+A row is a `lors-convert` command after the model: `convert` options (default), e.g. "--calibrate {calib} --fisher
+--reduction 0.2", or a `finetune` of the last row's output, e.g. "finetune {lors} --data {calib} --steps 2
+--batch-size 8 --eval-examples 8". A refused row (the memory check) is reported with its message.
 Prints a markdown table.
 """
 
@@ -31,7 +32,6 @@ from bench_llm import run_cli, smollm2_gguf
 ROWS = [
     "--calibrate {calib} --fisher --reduction 0.2 --calib-generated 0",
     "--calibrate {calib} --reduction 0.2 --calib-generated 0",
-    "finetune {lors} --data {calib} --steps 2 --batch-size 8",
 ]
 
 
