@@ -321,7 +321,10 @@ def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[t
     from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
     from lors_convert.sampling import with_model_written
 
-    model = dense_model(source.path, settings.model_factory)
+    if source.model is not None and not settings.model_factory:
+        model = source.model()
+    else:
+        model = dense_model(source.path, settings.model_factory)
     if settings.model_factory:
         return model, *tensor_batches(settings.calibrate, settings.calib_samples, settings.seed)
     tokenizer = load_tokenizer(architecture_dir(source.path))

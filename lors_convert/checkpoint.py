@@ -84,6 +84,9 @@ class TensorSource:
     info: dict[str, TensorInfo]
     read: Callable[[str], torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    # a source read out of a loaded model (a GGUF, which transformers dequantizes): that model, loaded on the first
+    # call, so calibration runs the model the tensors come from instead of loading a second one
+    model: Callable[[], torch.nn.Module] | None = None
 
     def get(self, name: str) -> torch.Tensor:
         return self.read(name)

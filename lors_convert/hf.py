@@ -8,6 +8,7 @@ tokenizer and weights are transformers' reading of the GGUF."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -90,16 +91,15 @@ def open_gguf(path: Path) -> TensorSource:
             names[name] = own
     dtype = gguf_dtype(path)
     info = {name: TensorInfo(tuple(state[own].shape), dtype) for name, own in names.items()}
-    loaded: dict[str, torch.Tensor] = {}
+    model = functools.cache(lambda: dense_model(path))
 
     def read(name: str) -> torch.Tensor:
-        if not loaded:
-            loaded.update(dense_model(path).state_dict())
-        if names[name] not in loaded:
+        tensor = model().state_dict().get(names[name])
+        if tensor is None:
             raise LorsError(f"{path}: transformers' model of it has no tensor {names[name]!r}")
-        return loaded[names[name]].detach().to(dtype, copy=True)
+        return tensor.detach().to("cpu", dtype, copy=True)  # a copy: calibration may move the model to a GPU
 
-    return TensorSource(path, [path], info, read)
+    return TensorSource(path, [path], info, read, model=model)
 
 
 @contextlib.contextmanager

@@ -169,7 +169,8 @@ class GroupMeta:
             f"{label}: shape or dtype malformed",
         )
         _check(
-            _ints([group.dense_params, group.lors_params], low=1) and _number(group.rel_error),
+            # 0 numbers: every layer at rank 0 without S (the weight removed), where an allocation put it
+            _ints([group.dense_params], low=1) and _ints([group.lors_params]) and _number(group.rel_error),
             f"{label}: parameter counts or error malformed",
         )
         _check(type(group.shared) is bool, f"{label}: 'shared' must be true or false")

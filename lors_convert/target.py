@@ -44,7 +44,8 @@ def perplexity(model: nn.Module, batches: list[dict]) -> float:
 
 @contextmanager
 def converted_weights(model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int) -> Iterator[None]:
-    """The dense model with every factored layer's weight replaced by S + B A, restored on exit."""
+    """The dense model with every factored layer's weight replaced by S + B A, restored on exit. The weights are
+    swapped, not written into: the model may be the one the source's tensors are read from (a GGUF's)."""
     own = own_names(model, [n for p in plans for n in p.stack.names])
     saved = {}
     try:
@@ -57,14 +58,14 @@ def converted_weights(model: nn.Module, source: TensorSource, plans: list[GroupP
                         plan, i, plan.residual(read_matrix(source, plan, i)), input_metric(plan, i), seed
                     )
                     approx = b.float() @ a.float() + (plan.shared_matrix if plan.shared else 0)
-                    weight = model.get_submodule(own[name].removesuffix(".weight")).weight
-                    saved[name] = weight.detach().clone()
-                    weight.copy_((approx.T if plan.transposed else approx).reshape(weight.shape))
+                    module = model.get_submodule(own[name].removesuffix(".weight"))
+                    saved[name] = module.weight
+                    approx = (approx.T if plan.transposed else approx).reshape(module.weight.shape)
+                    module.weight = nn.Parameter(approx.to(module.weight), requires_grad=False)
         yield
     finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                model.get_submodule(own[name].removesuffix(".weight")).weight.copy_(original)
+        for name, original in saved.items():
+            model.get_submodule(own[name].removesuffix(".weight")).weight = original
 
 
 def choose_reduction(

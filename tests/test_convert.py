@@ -277,6 +277,18 @@ def test_rank_options(tmp_path, cli):
     assert reductions[0.6]["rel_error"] > reductions[0.3]["rel_error"]
 
 
+def test_rank_0_without_s_removes_the_weights_and_reads_back(tmp_path, cli):
+    """A group of rank-0 layers without S stores no numbers (an allocation at a high reduction can choose it too):
+    the file reads back, and the layers compute zero."""
+    save_file(bert(layers=3), tmp_path / "m.safetensors")
+    removed = convert_json(cli, tmp_path / "m.safetensors", "--rank", "0", "--shared", "none")
+    assert removed["groups"] and all(g["lors_params"] == 0 for g in removed["groups"])
+    dense = expand(cli, tmp_path / "m.lors.safetensors", tmp_path)
+    assert torch.count_nonzero(dense["encoder.layer.1.intermediate.dense.weight"]) == 0
+    bias = "encoder.layer.1.intermediate.dense.bias"
+    assert torch.equal(dense[bias], bert(layers=3)[bias])
+
+
 def test_reduction_allocation_beats_uniform_rank(tmp_path, cli):
     """Same budget: the allocated ranks give a lower total relative squared error than a uniform rank."""
     save_file(bert(layers=4), tmp_path / "m.safetensors")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lors_convert
 from lors_convert import LorsError
@@ -197,3 +198,31 @@ def test_gguf_without_a_tokenizer_converts_but_refuses_text(tmp_path, cli):
     assert cli(path, "-o", tmp_path / "bare.lors.safetensors", "--quiet").code == 0
     result = cli(path, "-o", tmp_path / "text.lors.safetensors", "--calibrate", lines(tmp_path / "t.txt"), "--quiet")
     assert result.code != 0 and "holds no tokenizer" in result.err
+
+
+@pytest.mark.slow
+def test_a_calibrated_conversion_dequantizes_the_gguf_once_and_matches_its_folder(
+    tiny_gguf, tmp_path, monkeypatch, cli
+):
+    """The source's tensors and calibration's model are one dequantized model; --max-ppl-increase, which puts
+    converted weights into that model while it reads the source's, still factors the original weights: the same
+    file as from the GGUF's transformers model saved as a folder."""
+    from lors_convert import hf
+
+    path, _ = tiny_gguf
+    folder = tmp_path / "folder"
+    hf.dense_model(path).save_pretrained(folder)
+    hf.save_gguf_description(path, folder)
+    loads = []
+    real = hf.dense_model
+    monkeypatch.setattr(hf, "dense_model", lambda *args, **kw: loads.append(args) or real(*args, **kw))
+    text = lines(tmp_path / "text.txt", 400)
+    common = ["--calibrate", text, "--calib-samples", "16", "--fisher", "--max-ppl-increase", "1.5", "--quiet"]
+    converted = cli(path, *common, "-o", tmp_path / "gguf.safetensors")
+    assert converted.code == 0, converted.err
+    assert len(loads) == 1
+    assert cli(folder, *common, "-o", tmp_path / "folder.safetensors").code == 0
+    from_gguf, from_folder = load_file(tmp_path / "gguf.safetensors"), load_file(tmp_path / "folder.safetensors")
+    assert from_gguf.keys() == from_folder.keys()
+    for name in from_gguf:
+        torch.testing.assert_close(from_gguf[name], from_folder[name], atol=1e-5, rtol=1e-4, msg=name)
