@@ -275,10 +275,13 @@ GB = 1e9
 
 def calibration_bytes(source: TensorSource, stacks: list[Stack], fisher: bool) -> dict[str, float]:
     """What calibration holds at its peak: the dense model in float32, each stacked layer's input covariance
-    (in x in, float64; its metric K replaces it), and under --fisher its output matrix (out x out, float64)."""
+    (in x in, float64; its metric K is formed in its place), under --fisher its output matrix (out x out,
+    float64), and the rows each layer buffers for its next product (Moments)."""
     inputs = sum(len(s.names) * s.cols**2 for s in stacks) * 8
     outputs = sum(len(s.names) * s.rows**2 for s in stacks) * 8 if fisher else 0
-    return {"model": sum(info.numel for info in source.info.values()) * 4, "inputs": inputs, "fisher": outputs}
+    buffers = sum(len(s.names) for s in stacks) * FLUSH_BYTES * (2 if fisher else 1)
+    model = sum(info.numel for info in source.info.values()) * 4
+    return {"model": model, "inputs": inputs, "fisher": outputs, "buffers": buffers}
 
 
 def available_memory() -> int | None:
@@ -301,7 +304,8 @@ def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: Co
     parts = f"the model {needed['model'] / GB:.1f} GB in float32, input covariances {needed['inputs'] / GB:.1f} GB"
     if settings.fisher:
         parts += f", --fisher's output matrices {needed['fisher'] / GB:.1f} GB"
-    without = needed["model"] + needed["inputs"]
+    parts += f", buffered rows {needed['buffers'] / GB:.1f} GB"
+    without = sum(calibration_bytes(source, stacks, fisher=False).values())
     remedy = (
         f"without --fisher it needs {without / GB:.1f} GB, which fits; or "
         if settings.fisher and without <= available
@@ -420,11 +424,16 @@ def calibrated_plan(
     )
     dampings, metrics = [], []
     for c, m, n in zip(covariances, means, rows):
-        centred = None if c is None else c if m is None else c - n * torch.outer(m, m)
-        dampings.append(None if centred is None else damping_term(centred, damping))
-        metrics.append(None if centred is None else damped(centred, damping))
+        if c is not None:  # K formed in C's place: a second copy of a 1.1B's down_proj group alone is 5.6 GB
+            if m is not None:
+                c.addr_(m, m, alpha=-n)
+            dampings.append(damping_term(c, damping))
+            c.diagonal().add_(dampings[-1])
+        else:
+            dampings.append(None)
+        metrics.append(c)
     seen = [m for m in metrics if m is not None]
-    fallback = sum(seen) / len(seen)
+    fallback = sum(seen) / len(seen) if len(seen) < len(metrics) else None
     return replace(
         plan,
         dampings=tuple(dampings),
