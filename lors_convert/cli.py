@@ -876,6 +876,22 @@ _threads_chosen = False  # whether OMP_NUM_THREADS is ours (then torchrun's proc
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `lors-convert MODEL` means convert; user errors print one line."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run(argv)
+    # A torchrun worker leaves without the interpreter's shutdown: gloo's threads outlive destroy_process_group
+    # (which does not stop them) and can free tensors while Python shuts down, which aborts the process
+    # ("terminate called without an active exception"; 2 of about 90 two-process runs on this 2-core machine).
+    try:
+        run(argv)
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run(argv: list[str] | None) -> None:
     global _argv
     threads_for_free_cores()
     args = list(sys.argv[1:] if argv is None else argv)
