@@ -51,6 +51,9 @@ class Moments:
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # the last blocks multiplied and their product: names given the very same blocks (q, k and v read one
+        # input) share one product
+        self.last: tuple[list, torch.Tensor] | None = None
 
     def add(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         pending = self.pending.setdefault(name, [])
@@ -62,10 +65,15 @@ class Moments:
         pairs = self.pending.pop(name, [])
         if not pairs:
             return
-        xs = torch.cat([x for x, _ in pairs])
-        ys = xs if all(x is y for x, y in pairs) else torch.cat([y for _, y in pairs])
-        product = (xs.T @ ys).double()
-        self.sums[name] = self.sums[name].add_(product) if name in self.sums else product
+        last = self.last[0] if self.last else []
+        if len(last) == len(pairs) and all(a is c and b is d for (a, b), (c, d) in zip(pairs, last)):
+            product = self.last[1]
+        else:
+            xs = torch.cat([x for x, _ in pairs])
+            ys = xs if all(x is y for x, y in pairs) else torch.cat([y for _, y in pairs])
+            product = (xs.T @ ys).double()
+            self.last = pairs, product
+        self.sums[name] = self.sums[name].add_(product) if name in self.sums else product.clone()
 
     def result(self) -> dict[str, torch.Tensor]:
         for name in list(self.pending):
@@ -164,10 +172,13 @@ def collect(
     also each layer's G_i (output_scalar) from the same forward passes, each followed by a backward."""
     inputs, outputs, transposed, hooks, hooked = Moments(), Moments(), set(), [], []
 
+    read = {"input": None, "version": None, "rows": None}  # the last input read, unchanged since: its rows
+
     def accumulate(name: str):
         def hook(module, args):
-            x = with_ones(_flat_input(args))
-            inputs.add(name, x, x)
+            if args[0] is not read["input"] or args[0]._version != read["version"]:
+                read.update(input=args[0], version=args[0]._version, rows=with_ones(_flat_input(args)))
+            inputs.add(name, read["rows"], read["rows"])
 
         return hook
 

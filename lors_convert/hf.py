@@ -8,6 +8,7 @@ tokenizer and weights are transformers' reading of the GGUF."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 import importlib.util
@@ -55,15 +56,17 @@ def pretrained_args(where: Path) -> tuple[Path, dict]:
 def auto_config(where: Path):
     """The config of a Hugging Face folder or a GGUF file. A GGUF names no model class: it gets the causal LM of
     its kind (what llama.cpp runs), so the model built and a config.json written from it are the language model."""
-    transformers = _transformers()
     folder, options = pretrained_args(where)
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, **options)
+        if "gguf_file" in options:
+            config = copy.deepcopy(_gguf_config(file_stamp(folder / options["gguf_file"])))
+        else:
+            config = _transformers().AutoConfig.from_pretrained(folder, **options)
     except Exception as e:  # an unknown model_type, a malformed config.json, a corrupt or unsupported GGUF, …
         if "gguf_file" in options:
             raise LorsError(f"{gguf_file(where)}: transformers cannot read this GGUF ({one_line(e)})") from e
         raise LorsError(f"{folder}/config.json: cannot build the model it describes ({one_line(e)})") from e
-    causal = transformers.AutoModelForCausalLM._model_mapping.get(type(config), None)
+    causal = _transformers().AutoModelForCausalLM._model_mapping.get(type(config), None)
     if "gguf_file" in options and not config.architectures and causal is not None:
         config.architectures = [causal.__name__]
     return config
@@ -120,13 +123,32 @@ def without_gguf_bar() -> Iterator[None]:
             module.tqdm = bar
 
 
+# Reading a GGUF's metadata parses every field (SmolLM2's 49,152-token vocabulary and its merges): 3-5 s each time on
+# two cores, and a conversion asked for it seven times. Each file's reading is kept, keyed by its path, size and time.
+
+
+def file_stamp(path: Path) -> tuple[Path, int, int]:
+    stat = path.stat()
+    return path.resolve(), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(stamp: tuple[Path, int, int]):
+    return _transformers().AutoConfig.from_pretrained(stamp[0].parent, gguf_file=stamp[0].name, local_files_only=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_reader(stamp: tuple[Path, int, int]):
+    import gguf
+
+    return gguf.GGUFReader(stamp[0])
+
+
 def gguf_reader(path: Path):
     """The gguf package's reading of a GGUF: `.fields` (metadata) and `.tensors` (their types)."""
     pretrained_args(path)  # the one-line error where the gguf package is missing
-    import gguf
-
     try:
-        return gguf.GGUFReader(path)
+        return _gguf_reader(file_stamp(path))
     except Exception as e:  # a truncated or corrupt file
         raise LorsError(f"{path}: not a readable GGUF file ({one_line(e)})") from e
 

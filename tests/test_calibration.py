@@ -356,6 +356,55 @@ def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):
         torch.testing.assert_close(with_fisher.sums[name], full.sums[name])
 
 
+def test_layers_reading_one_input_share_one_product_but_not_once_it_changed():
+    """q, k and v (gate and up) read one tensor: one product of its rows serves all three (SmolLM2: a fifth of the
+    input products). A tensor changed in place between two reads is not the same input any more."""
+    from torch import nn
+    from torch.overrides import TorchFunctionMode
+
+    from lors_convert.calibrate import collect
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            out = self.a(x) + self.b(x)
+            x = x.mul_(2)  # c's input is the same tensor, changed
+            return out + self.c(x)
+
+    class Products(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Products.count += getattr(func, "__name__", "") == "matmul"  # Moments' products (the layers: linear)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    stacks, _ = find_stacks({n: TensorInfo(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()})
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = args[0].clone()
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(keep(name))
+    x = torch.randn(5, 8)
+    with Products():
+        calibration = collect(model, stacks, [{"x": x.clone()}], torch.device("cpu"))
+    assert Products.count == 4  # per block: a and b's input once, c's once
+    for name, rows in seen.items():
+        torch.testing.assert_close(calibration.covariances[f"{name}.weight"], (rows.T @ rows).double())
+    a, b = calibration.covariances["0.a.weight"], calibration.covariances["0.b.weight"]
+    assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # each its own: K is formed in its place
+
+
 def test_each_metric_is_formed_in_its_covariances_place(tmp_path):
     """K = C - n μμᵀ + λI takes C's memory: the plan holds no second copy of a group's matrices (on a 1.1B Llama a
     second copy of the down_proj group alone was 5.6 GB above the memory check's estimate)."""
