@@ -81,6 +81,12 @@ Plot = typer.Option(
     metavar="FILE.png",
     help='Also draw it as a PNG (replaced if it exists; needs matplotlib: pip install "lors-convert\\[plot]").',
 )
+LearningRate = typer.Option(
+    None,
+    "--lr",
+    help="Peak AdamW learning rate (linear warmup, then cosine decay); default 1e-4 to distil a causal language "
+    "model, 5e-4 otherwise.",
+)
 AllowMismatch = typer.Option(
     False, "--allow-teacher-mismatch", metavar=FLAG, help="Use a teacher whose sha256 differs from the recorded source."
 )
@@ -338,6 +344,7 @@ def compress(
         help="Distil for N minutes after converting (0: convert and evaluate only).",
     ),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per fine-tuning step."),
+    lr: Optional[float] = LearningRate,
     calib_samples: int = typer.Option(
         256, "--calib-samples", help="Calibration lines (MiniLM: 1,024 gain 0.01 cos, at 4x the time)."
     ),
@@ -377,7 +384,11 @@ def compress(
         fisher=fisher,
         seed=seed,
     )
+    training = FinetuneConfig(
+        steps=10**6, batch_size=batch_size, lr=lr, seed=seed, minutes=finetune_minutes, save_every=50
+    )
     settings.validate()
+    training.validate()  # before minutes of conversion
     source = open_checkpoint(model)
     check_output_path(output, source.files, force)
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
@@ -388,7 +399,6 @@ def compress(
             run_convert(source, converted, settings, force=True, progress=progress)
     if not (quiet or as_json):
         print_report(build_report(*read_lors(converted)))
-    training = FinetuneConfig(steps=10**6, batch_size=batch_size, seed=seed, minutes=finetune_minutes, save_every=50)
     if finetune_minutes > 0:
         results = run_finetune(
             converted,
@@ -644,12 +654,7 @@ def finetune(
     allow_teacher_mismatch: bool = AllowMismatch,
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per step in each process."),
-    lr: Optional[float] = typer.Option(
-        None,
-        "--lr",
-        help="Peak AdamW learning rate (linear warmup, then cosine decay); default 1e-4 to distil a causal language "
-        "model, 5e-4 otherwise.",
-    ),
+    lr: Optional[float] = LearningRate,
     warmup: int = typer.Option(50, "--warmup", help="Warmup steps."),
     max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order (not of the held-out lines)."),
@@ -880,7 +885,7 @@ def main(argv: list[str] | None = None) -> None:
         return run(argv)
     # A torchrun worker leaves without the interpreter's shutdown: gloo's threads outlive destroy_process_group
     # (which does not stop them) and can free tensors while Python shuts down, which aborts the process
-    # ("terminate called without an active exception"; 2 of about 90 two-process runs on this 2-core machine).
+    # ("terminate called without an active exception": CI once, and 1 of about 140 two-process runs here).
     try:
         run(argv)
         code = 0

@@ -12,7 +12,8 @@ A row is REDUCTION:METHOD, METHOD one of: weight (no calibration), calibrated, f
 Fisher), fisher-mean / fisher-none (--shared mean / none), target=R (--max-ppl-increase R, REDUCTION ignored),
 compress (compress's own conversion, then --finetune-minutes of distillation; compress=N: N minutes, 0 for the
 conversion alone, whose wall is then compress's conversion time), int8 (no conversion: the original's stacked weights
-rounded to int8, per row; REDUCTION ignored). --keep DIR keeps each row's model as
+rounded to int8, per row; REDUCTION ignored). Options after a space go to that row's command as they are, e.g.
+"0.2:compress=15 --lr 5e-5" or "0.2:fisher --calib-samples 512". --keep DIR keeps each row's model as
 DIR/ROW.lors.safetensors (for scripts/llm_answers.py). Prints a markdown table.
 """
 
@@ -139,7 +140,8 @@ def main() -> None:
         results.append({"row": "dense", **base})
         print(f"dense: {base}", flush=True)
         for row in args.rows:
-            reduction, method = row.split(":", 1)
+            spec, *options = row.split()
+            reduction, method = spec.split(":", 1)
             if method == "int8":
                 model = dense_model(gguf)
                 int8_weights(model)
@@ -158,7 +160,7 @@ def main() -> None:
                 cli = [gguf, "--calibrate", calib, "--fisher", "--max-ppl-increase", method.split("=")[1], *common]
             else:
                 cli = [gguf, *[a.format(calib=calib) for a in METHODS[method]], "--reduction", reduction, *common]
-            wall, peak, log = run_cli([str(a) for a in cli])
+            wall, peak, log = run_cli([str(a) for a in [*cli, *options]])
             model = lors_convert.load(out).eval()
             meta = read_lors(out)[1]
             result = {
@@ -175,7 +177,7 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
-                out.replace(args.keep / f"{row.replace(':', '-')}.lors.safetensors")
+                out.replace(args.keep / f"{row.replace(':', '-').replace(' ', '')}.lors.safetensors")
             out.unlink(missing_ok=True)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; {machine}")
     print(f"ppl: held-out = last {args.eval_lines} lines of {args.data.name}; fortunes = {args.fortunes} passages\n")

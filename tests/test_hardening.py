@@ -392,12 +392,14 @@ def test_compress_converts_finetunes_and_shows_before_and_after(tmp_path, cli):
     folder = bert_folder(tmp_path, with_tokenizer=True)
     (tmp_path / "t.txt").write_text("\n".join(f"w{i % 50} w{(i * 7) % 50} w{(i * 3) % 50}" for i in range(80)))
     out = tmp_path / "final.lors.safetensors"
-    result = cli(*compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.001", "--json"))
+    result = cli(
+        *compress_args(folder, tmp_path / "t.txt", out, "--finetune-minutes", "0.001", "--lr", "3e-4", "--json")
+    )
     assert result.code == 0, result.err
     table = result.json()
     assert set(table) == {"converted", "fine-tuned"} and table["converted"]["examples"] == 16
     assert out.is_file() and not (tmp_path / "final.lors.converted.safetensors").exists()
-    assert read_lors(out)[1].finetune is not None and read_lors(out)[1].calibration is not None
+    assert read_lors(out)[1].finetune["settings"]["lr"] == 3e-4 and read_lors(out)[1].calibration is not None
     again = cli("compress", folder, "--calibrate", tmp_path / "t.txt", "-o", out, "--quiet")
     assert again.code == 1 and "already exists" in again.err
 
@@ -446,6 +448,14 @@ def test_compress_reuses_a_leftover_conversion_only_of_the_same_source(tmp_path,
     assert result.code == 0, result.err
     assert "reusing" not in result.err
     assert Path(read_lors(out)[1].source.path).parent == second.resolve()  # the second model, converted afresh
+
+
+def test_compress_refuses_bad_training_options_before_converting(tmp_path, cli):
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    (tmp_path / "t.txt").write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
+    result = cli(*compress_args(folder, tmp_path / "t.txt", tmp_path / "o.safetensors", "--lr", "-1"))
+    assert result.code == 1 and "--lr must be positive" in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "t.txt"]
 
 
 def test_compress_refuses_to_write_onto_its_source_even_with_force(tmp_path, cli):
