@@ -124,7 +124,8 @@ def without_gguf_bar() -> Iterator[None]:
 
 
 # Reading a GGUF's metadata parses every field (SmolLM2's 49,152-token vocabulary and its merges): 3-5 s each time on
-# two cores, and a conversion asked for it seven times. Each file's reading is kept, keyed by its path, size and time.
+# two cores, and a conversion asked for it again and again (its config, its float type, whether it holds a tokenizer).
+# Each file's reading is kept, keyed by its path, size and modification time.
 
 
 def file_stamp(path: Path) -> tuple[Path, int, int]:
