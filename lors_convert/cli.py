@@ -258,7 +258,7 @@ def convert(
     as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
-    from lors_convert.checkpoint import open_checkpoint, parse_size, return_freed_memory
+    from lors_convert.checkpoint import check_output_path, open_checkpoint, parse_size, return_freed_memory
     from lors_convert.conversion import ConvertConfig
     from lors_convert.conversion import convert as run_convert
     from lors_convert.factorize import check_device
@@ -287,9 +287,10 @@ def convert(
     )
     settings.validate()
     size = parse_size(shard_size)
-    source = open_checkpoint(model)
     if output is None:
         output = default_output(model)
+    check_output_path(output, [model], force)  # at once: opening a GGUF takes seconds
+    source = open_checkpoint(model)
     return_freed_memory()
     with progress_bars(quiet) as progress:
         files, _ = run_convert(source, output, settings, shard_size=size, force=force, progress=progress)
@@ -389,6 +390,7 @@ def compress(
     )
     settings.validate()
     training.validate()  # before minutes of conversion
+    check_output_path(output, [model], force)
     source = open_checkpoint(model)
     check_output_path(output, source.files, force)
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")

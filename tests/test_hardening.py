@@ -466,3 +466,20 @@ def test_compress_refuses_to_write_onto_its_source_even_with_force(tmp_path, cli
     result = cli(*compress_args(folder, tmp_path / "t.txt", folder / "model.safetensors", "--force"))
     assert result.code == 1 and "refusing to write onto the input" in result.err
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [[], ["compress", "--calibrate", "t.txt"]])
+def test_an_existing_output_is_refused_before_the_source_is_opened(tmp_path, cli, monkeypatch, command):
+    """Opening a GGUF parses its metadata for seconds: a rerun that forgot --force is told at once."""
+    save_file(small(), tmp_path / "m.safetensors")
+    (tmp_path / "t.txt").write_text("a line\n")
+    (tmp_path / "o.safetensors").write_bytes(b"keep")
+
+    def opened(path):
+        raise AssertionError(f"opened {path}")
+
+    monkeypatch.setattr("lors_convert.checkpoint.open_checkpoint", opened)
+    args = [a if a != "t.txt" else tmp_path / a for a in command]
+    result = cli(*args[:1], tmp_path / "m.safetensors", *args[1:], "-o", tmp_path / "o.safetensors")
+    assert result.code == 1 and "already exists" in result.err, result.err
+    assert (tmp_path / "o.safetensors").read_bytes() == b"keep"
