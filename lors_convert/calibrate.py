@@ -70,8 +70,8 @@ class Moments:
             product = self.last[1]
         else:
             xs = torch.cat([x for x, _ in pairs])
-            ys = xs if all(x is y for x, y in pairs) else torch.cat([y for _, y in pairs])
-            product = (xs.T @ ys).double()
+            symmetric = all(x is y for x, y in pairs)
+            product = (gram(xs) if symmetric else xs.T @ torch.cat([y for _, y in pairs])).double()
             self.last = pairs, product
         self.sums[name] = self.sums[name].add_(product) if name in self.sums else product.clone()
 
@@ -79,6 +79,16 @@ class Moments:
         for name in list(self.pending):
             self._flush(name)
         return {name: total.cpu() for name, total in self.sums.items()}
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx from two column halves, the lower block the transpose of the upper: a quarter less work than xᵀx, and
+    measured 25-35% faster for 576 and 1537 columns on a 2-core CPU (more blocks were no faster)."""
+    half = x.shape[1] // 2
+    left, right = x[:, :half], x[:, half:]
+    top = torch.cat([left.T @ left, left.T @ right], dim=1)
+    bottom = torch.cat([top[:, half:].T, right.T @ right], dim=1)
+    return torch.cat([top, bottom])
 
 
 def _flat_input(args: tuple) -> torch.Tensor:
@@ -253,14 +263,16 @@ def output_scalar(model: nn.Module, batch: dict, generator: torch.Generator) -> 
     return (output * probe).sum()
 
 
-LABEL_CHUNK = 1024  # positions sampled at once: their cumulative distributions are float64 (SmolLM2: 400 MB)
+LABEL_CHUNK = 1024  # positions sampled at once: their cumulative distributions (SmolLM2: 200 MB)
 
 
 def sampled_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row of logits, drawn from its softmax by inverse CDF: one uniform per row, 3x faster than
-    torch.multinomial, which draws one per vocabulary entry."""
-    cumulative = logits.softmax(-1).cpu().double().cumsum(-1)
-    uniform = torch.rand(len(cumulative), 1, generator=generator, dtype=torch.float64) * cumulative[:, -1:]
+    torch.multinomial, which draws one per vocabulary entry. float32 sums of non-negative terms never decrease, so
+    the search is sound; 4x faster than float64 on a 2-core CPU, and the drawn token differs only where a uniform
+    falls within ~1e-6 of a boundary."""
+    cumulative = logits.float().softmax(-1).cpu().cumsum(-1)
+    uniform = torch.rand(len(cumulative), 1, generator=generator) * cumulative[:, -1:]
     return torch.searchsorted(cumulative, uniform, right=True)[:, 0].to(logits.device)
 
 

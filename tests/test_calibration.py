@@ -356,13 +356,12 @@ def test_collect_pair_of_a_model_with_itself_is_its_covariance(tmp_path):
         torch.testing.assert_close(with_fisher.sums[name], full.sums[name])
 
 
-def test_layers_reading_one_input_share_one_product_but_not_once_it_changed():
+def test_layers_reading_one_input_share_one_product_but_not_once_it_changed(monkeypatch):
     """q, k and v (gate and up) read one tensor: one product of its rows serves all three (SmolLM2: a fifth of the
     input products). A tensor changed in place between two reads is not the same input any more."""
     from torch import nn
-    from torch.overrides import TorchFunctionMode
 
-    from lors_convert.calibrate import collect
+    from lors_convert import calibrate
 
     class Block(nn.Module):
         def __init__(self):
@@ -374,13 +373,8 @@ def test_layers_reading_one_input_share_one_product_but_not_once_it_changed():
             x = x.mul_(2)  # c's input is the same tensor, changed
             return out + self.c(x)
 
-    class Products(TorchFunctionMode):
-        count = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            Products.count += getattr(func, "__name__", "") == "matmul"  # Moments' products (the layers: linear)
-            return func(*args, **(kwargs or {}))
-
+    products = []
+    monkeypatch.setattr(calibrate, "gram", lambda x: products.append(x) or x.T @ x)
     torch.manual_seed(0)
     model = nn.Sequential(Block(), Block())
     stacks, _ = find_stacks({n: TensorInfo(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()})
@@ -396,13 +390,21 @@ def test_layers_reading_one_input_share_one_product_but_not_once_it_changed():
         if isinstance(module, nn.Linear):
             module.register_forward_pre_hook(keep(name))
     x = torch.randn(5, 8)
-    with Products():
-        calibration = collect(model, stacks, [{"x": x.clone()}], torch.device("cpu"))
-    assert Products.count == 4  # per block: a and b's input once, c's once
+    calibration = calibrate.collect(model, stacks, [{"x": x.clone()}], torch.device("cpu"))
+    assert len(products) == 4  # per block: a and b's input once, c's once
     for name, rows in seen.items():
         torch.testing.assert_close(calibration.covariances[f"{name}.weight"], (rows.T @ rows).double())
     a, b = calibration.covariances["0.a.weight"], calibration.covariances["0.b.weight"]
     assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # each its own: K is formed in its place
+
+
+@pytest.mark.parametrize("columns", [1, 2, 7, 577])
+def test_gram_from_halves_is_the_whole_product(columns):
+    from lors_convert.calibrate import gram
+
+    x = torch.randn(300, columns)
+    torch.testing.assert_close(gram(x), x.T @ x)
+    assert torch.equal(gram(x), gram(x).T)
 
 
 def test_each_metric_is_formed_in_its_covariances_place(tmp_path):
