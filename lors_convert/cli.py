@@ -81,6 +81,14 @@ Plot = typer.Option(
     metavar="FILE.png",
     help='Also draw it as a PNG (replaced if it exists; needs matplotlib: pip install "lors-convert\\[plot]").',
 )
+CalibGenerated = typer.Option(
+    0.5,
+    "--calib-generated",
+    metavar="F",
+    help="A causal LM's share of the calibration samples written by the model itself (sampled: half from its "
+    "start token, half its answers to calibration lines in its chat template), so calibration covers more than "
+    "the file's kind of text. 0: the file's lines only.",
+)
 LearningRate = typer.Option(
     None,
     "--lr",
@@ -210,14 +218,7 @@ def convert(
         256, "--calib-samples", help="Calibration lines (or tensor rows); a causal LM's are packed into 512-token rows."
     ),
     calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration line, at most."),
-    calib_generated: float = typer.Option(
-        0.5,
-        "--calib-generated",
-        metavar="F",
-        help="A causal LM's share of the calibration samples written by the model itself (sampled: half from its "
-        "start token, half its answers to calibration lines in its chat template), so calibration covers more than "
-        "the file's kind of text. 0: the file's lines only.",
-    ),
+    calib_generated: float = CalibGenerated,
     damping: float = typer.Option(
         0.01,
         "--damping",
@@ -349,6 +350,7 @@ def compress(
     calib_samples: int = typer.Option(
         256, "--calib-samples", help="Calibration lines (MiniLM: 1,024 gain 0.01 cos, at 4x the time)."
     ),
+    calib_generated: float = CalibGenerated,
     fisher: bool = typer.Option(
         True,
         "--fisher/--no-fisher",
@@ -382,6 +384,7 @@ def compress(
         max_ppl_increase=max_ppl_increase,
         calibrate=calibrate,
         calib_samples=calib_samples,
+        calib_generated=calib_generated,
         fisher=fisher,
         seed=seed,
     )
