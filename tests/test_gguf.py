@@ -151,11 +151,11 @@ def test_gguf_convert_inspect_eval_load_export_finetune(tiny_gguf, tmp_path, cli
     tuned = cli("finetune", out, "--data", text, "-o", tmp_path / "ft.lors.safetensors", "--steps", "2")
     assert tuned.code == 0, tuned.err
     assert read_lors(tmp_path / "ft.lors.safetensors")[1].finetune["settings"]["lr"] == 1e-4  # an LM's default
-    compressed = cli(
-        "compress", path, "--calibrate", text, "-o", tmp_path / "c.lors.safetensors", "--calib-samples", "8"
-    )
+    options = ["--calib-samples", "8", "--calib-generated", "0.25"]
+    compressed = cli("compress", path, "--calibrate", text, "-o", tmp_path / "c.lors.safetensors", *options)
     assert compressed.code == 0, compressed.err
     assert "ppl_teacher" in compressed.out
+    assert read_lors(tmp_path / "c.lors.safetensors")[1].settings["calib_generated"] == 0.25
     assert cli("export", out, "-o", tmp_path / "lors", "--quiet").code == 0
     assert cli("export", out, "-o", tmp_path / "dense", "--dense", "--quiet").code == 0
     path.unlink()  # the exported folders need neither the GGUF nor lors_convert's reading of it
