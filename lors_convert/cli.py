@@ -82,7 +82,7 @@ Plot = typer.Option(
     help='Also draw it as a PNG (replaced if it exists; needs matplotlib: pip install "lors-convert\\[plot]").',
 )
 CalibGenerated = typer.Option(
-    0.5,
+    0.75,  # plan.ConvertConfig.calib_generated (importing plan here would load torch for --help)
     "--calib-generated",
     metavar="F",
     help="A causal LM's share of the calibration samples written by the model itself (sampled: half from its "

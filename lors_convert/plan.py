@@ -37,7 +37,10 @@ class ConvertConfig:
     calibrate: list[Path | str] = field(default_factory=list)
     calib_samples: int = 256
     calib_max_length: int = 128
-    calib_generated: float = 0.5  # of a causal LM's calibration samples, written by the model (sampling.py)
+    # Of a causal LM's calibration samples, the share written by the model (sampling.py). SmolLM2 at 20%, ppl on
+    # held-out lines / fortune passages: 102.6 / 178.7 at 0.5, 103.8 / 173.3 at 0.75, 107.3 / 173.0 at 1; after
+    # compress's 15 minutes of distillation 85.9 / 150.8 at 0.5, 86.0 / 148.0 at 0.75 (README, Decoder LLMs)
+    calib_generated: float = 0.75
     damping: float = 0.01
     sequential: bool = False
     fisher: bool = False

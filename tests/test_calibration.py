@@ -801,7 +801,7 @@ def test_a_causal_lm_calibrates_partly_on_text_it_writes(tmp_path, cli, chat):
         assert cli(folder, *options, "--rank", "2", "-o", path, "--quiet", *extra).code == 0
     metas = [read_lors(path)[1] for path in out]
     assert "written by the model" in metas[0].calibration["data"]
-    assert metas[0].settings["calib_generated"] == 0.5 and metas[2].settings["calib_generated"] == 0
+    assert metas[0].settings["calib_generated"] == 0.75 and metas[2].settings["calib_generated"] == 0
     assert metas[0].calibration["tokens"] != metas[2].calibration["tokens"]
     a, b = open_checkpoint(out[0]), open_checkpoint(out[1])
     assert all(torch.equal(a.get(n), b.get(n)) for n in a.info)  # the same seed, the same conversion
