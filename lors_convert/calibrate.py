@@ -18,7 +18,7 @@ from lors_convert.factorize import psd_factor
 from lors_convert.loading import layer_module, own_names
 from lors_convert.nn import is_conv1d
 from lors_convert.plan import ConvertConfig, GroupPlan, bias_name
-from lors_convert.runtime import call_model, compute_device, is_causal_lm
+from lors_convert.runtime import call_model, compute_device, fast_precision, is_causal_lm
 from lors_convert.stacks import Stack
 
 
@@ -222,12 +222,13 @@ def collect(
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            if generator is None:
-                with torch.no_grad():
-                    call_model(model, batch)
-            else:
-                with torch.enable_grad():
-                    output_scalar(model, batch, generator).backward()
+            with fast_precision(device):
+                if generator is None:
+                    with torch.no_grad():
+                        call_model(model, batch)
+                else:
+                    with torch.enable_grad():
+                        output_scalar(model, batch, generator).backward()
     finally:
         for hook in hooks:
             hook.remove()

@@ -3,8 +3,10 @@ and the outputs of its layers."""
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -103,3 +105,20 @@ def setup_device(world_size: int) -> torch.device:
 
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def fast_precision(device: torch.device):
+    """bf16 autocast for calibration's passes on a CPU that multiplies bf16 natively (AVX512-BF16, AMX): there
+    float32 matrix products run at a fraction of its speed, and the statistics are summed in float32 and float64
+    all the same (the inputs and gradients they are formed from carry bf16's rounding, as in a bf16 model)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and native_bf16())
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, by Linux's /proc/cpuinfo)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & flags)

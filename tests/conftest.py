@@ -199,3 +199,13 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def float32_calibration(monkeypatch):
+    """Calibration in float32 whatever this CPU is: on one that multiplies bf16 natively, collect's passes run in
+    bf16 (runtime.fast_precision), and tests comparing them with float32 computations would pass or fail by machine.
+    The bf16 path is tested by asking for it (test_calibration: the LM Fisher in bf16, the bf16 statistics)."""
+    from lors_convert import runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
