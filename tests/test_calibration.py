@@ -624,30 +624,29 @@ def test_fisher_refuses_what_it_cannot_serve(tmp_path, cli, extra):
     )
 
 
+def tiny_llama(heads: int, init: float, **sizes) -> tuple[torch.nn.Module, list]:
+    """A 2-layer random Llama (seeded) and its stacks."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads // 2, initializer_range=init, **sizes
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    stacks, _ = find_stacks({n: TensorInfo(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()})
+    return model, stacks
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_lm_fisher_is_the_fisher_of_the_next_token_distributions(monkeypatch, bf16):
     """For a causal LM, G_s = Σ_t J_tsᵀ (diag p_t − p_t p_tᵀ) J_ts at each layer output h_s (J_ts = ∂logits_t/∂h_s),
     summed over s: the exact Fisher of the model's next-token distributions, computed here with autograd on a
     tiny Llama, against collect's estimate from labels sampled over many copies of one sample (in float32, and
     in bf16 as on a CPU that multiplies it natively)."""
-    transformers = pytest.importorskip("transformers")
     from lors_convert import runtime
     from lors_convert.calibrate import collect
 
     monkeypatch.setattr(runtime, "native_bf16", lambda: bf16)
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=24,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        initializer_range=0.3,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    stacks, _ = find_stacks({n: TensorInfo(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()})
+    model, stacks = tiny_llama(vocab_size=24, hidden_size=16, intermediate_size=24, heads=2, init=0.3)
     ids, copies = torch.randint(0, 24, (1, 5)), 3000
     name = "model.layers.0.mlp.down_proj.weight"
     layer = model.get_submodule(name.removesuffix(".weight"))
@@ -834,22 +833,10 @@ def test_calibration_keeps_no_covariance_alive_once_its_metric_exists(tmp_path):
 def test_calibration_runs_in_bf16_where_the_cpu_multiplies_it(monkeypatch):
     """On a CPU that multiplies bf16 natively (AVX512-BF16, AMX), calibration's passes run under bf16 autocast;
     the statistics are still summed in float64, and differ from float32's by bf16's rounding alone."""
-    transformers = pytest.importorskip("transformers")
     from lors_convert import runtime
     from lors_convert.calibrate import collect
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    stacks, _ = find_stacks({n: TensorInfo(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()})
+    model, stacks = tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=48, heads=4, init=0.2)
     batches = [{"input_ids": torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(1))}]
     layer, seen, results = model.get_submodule("model.layers.0.mlp.down_proj"), [], {}
     handle = layer.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
