@@ -12,11 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lors_convert.runtime import fast_precision
+
 BATCH = 32  # sequences sampled together
-# Tokens written per sample. SmolLM2 at 20%, `compress --finetune-minutes 0` (its fidelity check included): 64 took
-# 7.7 min (1.2 of them sampling; and longer rows to calibrate on) for ppl 103.0 / 169.7 on held-out lines / fortunes,
-# 32 took 6.4 min for 103.8 / 178.7, and after 15 minutes of distillation 86.8 / 153.8 (README, Decoder LLMs)
-NEW_TOKENS = 32
+# Tokens written per sample. SmolLM2 at 20% (scripts/bench_llm.py, AVX512-BF16 CPU), ppl on held-out lines / fortunes:
+# 64 tokens 104.6 / 168.8 zero-shot in 5.1 min (86.3 / 145.6 after `compress --finetune-minutes 15`, sampled in
+# float32), 32 tokens 104.7 / 175.2 in 4.2 min (87.2 / 151.9): text of another kind loses most past its 16th token,
+# which short samples calibrate little (README, Decoder LLMs)
+NEW_TOKENS = 64
 
 
 def prompt_of(tokenizer, line: str) -> str:
@@ -80,17 +83,18 @@ def model_written(model: nn.Module, tokenizer, prompts: list[str], free: int, se
 def sample(model: nn.Module, tokenizer, ids: torch.Tensor, mask: torch.Tensor, pad: int, skip: int) -> list[str]:
     """Each row continued by NEW_TOKENS sampled tokens (or up to its end of text), decoded from position `skip`;
     left padding and the padding after an end of text are dropped."""
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=NEW_TOKENS,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    with fast_precision(ids.device):  # as calibration's passes: bf16 where the CPU multiplies it natively
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=NEW_TOKENS,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     texts = []
     for row, row_mask in zip(out, mask):
         prompt = int(row_mask.sum())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -855,3 +856,20 @@ def test_calibration_runs_in_bf16_where_the_cpu_multiplies_it(monkeypatch):
     assert differences["model.layers.0.self_attn.q_proj.weight"] == 0
     assert differences["model.layers.1.self_attn.q_proj.weight"] > 0
     # (the LM Fisher under bf16 against the exact one: test_lm_fisher_is_the_fisher_of_the_next_token_distributions)
+
+
+def test_the_model_writes_its_samples_in_bf16_where_the_cpu_multiplies_it(monkeypatch):
+    """The model-written calibration texts are sampled under the same autocast as calibration's passes."""
+    from lors_convert import runtime
+    from lors_convert.sampling import model_written
+
+    model, _ = tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=48, heads=4, init=0.2)
+    tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0, decode=lambda ids, **_: str(ids))
+    layer, seen = model.get_submodule("model.layers.0.mlp.down_proj"), []
+    handle = layer.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    for native in (False, True):
+        monkeypatch.setattr(runtime, "native_bf16", lambda: native)
+        seen.clear()
+        assert len(model_written(model, tokenizer, [], free=2, seed=0)) == 2
+        assert set(seen) == {torch.bfloat16 if native else torch.float32}
+    handle.remove()
