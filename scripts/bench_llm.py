@@ -61,6 +61,16 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def smollm2_tokenizer(gguf: Path):
+    """The GGUF's tokenizer, padding on the right with its end-of-text token (lines are scored one to a row)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, lines: list[str], batch_size: int = 16) -> float:
     nll = tokens = 0.0
@@ -118,14 +128,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--keep", type=Path, default=None, help="keep each row's model in this folder")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
     gguf = args.gguf or smollm2_gguf()
     lines = [line.strip() for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     held_out, fortunes = lines[-args.eval_lines :], fortune_passages(args.fortunes)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    tokenizer = smollm2_tokenizer(gguf)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
     results = []

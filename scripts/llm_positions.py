@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_finetune import fortune_passages
-from bench_llm import smollm2_gguf
+from bench_llm import smollm2_gguf, smollm2_tokenizer
 
 import lors_convert
 from lors_convert.hf import dense_model
@@ -53,12 +53,8 @@ def main() -> None:
     parser.add_argument("--eval-lines", type=int, default=400)
     parser.add_argument("--fortunes", type=int, default=300)
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
     gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    tokenizer = smollm2_tokenizer(gguf)
     lines = [line.strip() for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = {f"held-out (last {args.eval_lines} lines)": lines[-args.eval_lines :]}
     texts[f"fortunes ({args.fortunes} passages)"] = fortune_passages(args.fortunes)
