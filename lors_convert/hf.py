@@ -327,7 +327,7 @@ def dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
         options["quantization_config"] = transformers.GgufConfig(dequantize=True)
     try:
         with without_gguf_bar() if gguf else contextlib.nullcontext():
-            model = cls.from_pretrained(where, **options, **{option: torch.float32})
+            model = cls.from_pretrained(where, config=config, **options, **{option: torch.float32})
     except Exception as e:
         raise LorsError(f"{folder}: transformers cannot load it ({one_line(e)})") from e
     if gguf and getattr(model, "hf_quantizer", None) is not None:  # dequantized: a plain model (casts, trains, saves)

@@ -873,3 +873,27 @@ def test_the_model_writes_its_samples_in_bf16_where_the_cpu_multiplies_it(monkey
         assert len(model_written(model, tokenizer, [], free=2, seed=0)) == 2
         assert set(seen) == {torch.bfloat16 if native else torch.float32}
     handle.remove()
+
+
+@pytest.mark.parametrize("start", [1, 2], ids=["start token", "end of text as start"])
+def test_the_model_written_tokens_are_drawn_from_its_own_distribution(monkeypatch, start):
+    """Sampled at temperature 1 with no truncation: the first written token of many texts from the start token
+    follows the softmax of the model's logits there (generate's greedy pick of the one token DrawFromSoftmax
+    leaves), and an end of text drawn ends a text without a token of it."""
+    import ast
+
+    from lors_convert import sampling
+
+    monkeypatch.setattr(sampling, "NEW_TOKENS", 1)
+    model, _ = tiny_llama(vocab_size=16, hidden_size=32, intermediate_size=48, heads=4, init=0.3)
+    tokenizer = SimpleNamespace(
+        bos_token_id=start if start == 1 else None, eos_token_id=2, pad_token_id=0, decode=lambda ids, **_: str(ids)
+    )
+    with torch.no_grad():
+        probabilities = model(input_ids=torch.tensor([[start]])).logits[0, -1].softmax(-1)
+    texts = sampling.model_written(model, tokenizer, [], free=4000, seed=0)
+    drawn = torch.tensor([(ast.literal_eval(text) or [2])[0] for text in texts])
+    frequencies = torch.bincount(drawn, minlength=16) / len(drawn)
+    assert (frequencies - probabilities).abs().sum() / 2 < 0.04  # total variation; greedy would give 1 - max p
+    assert 1 - probabilities.max() > 0.2 and frequencies[2] > 0  # greedy would fail it, and an eos is drawn
+    assert texts == sampling.model_written(model, tokenizer, [], free=4000, seed=0)
