@@ -46,8 +46,8 @@ FLUSH_BYTES = 2**23  # inputs buffered per module before one product: big enough
 
 
 class Moments:
-    """Streaming Σ XᵀY per name: products in float32 (bf16 for bf16 values) over blocks of rows (one sequence alone is too short for an
-    efficient matmul), sums in float64."""
+    """Streaming Σ XᵀY per name: products in float32 (bf16 for bf16 values) over blocks of rows (one sequence
+    alone is too short for an efficient matmul), sums in float64."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
