@@ -312,8 +312,12 @@ def recovery_hint(result: dict, output: Path) -> str | None:
     error = result["stacked"]["rel_error"]
     if error <= HIGH_ERROR or result["from_scratch"]:
         return None
+    # calibration alone is not enough for a language model (SmolLM2 at 20%: ppl 20,113 without --fisher, 105 with it;
+    # scripts/bench_llm.py), so the remedy names both
     steps = (
-        [] if result["calibrated"] else ["convert again with --calibrate TEXT (factors for the model's real inputs)"]
+        []
+        if result["settings"].get("fisher")
+        else ["convert again with --calibrate TEXT --fisher (factors for the model's real inputs and its output)"]
     )
     steps.append(f"then `lors-convert finetune {output} --data TEXT -o OUT` (distillation from the original)")
     return f"relative error {error:.2f} loses much of the model's function; " + ", ".join(steps)

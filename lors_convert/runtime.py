@@ -110,8 +110,7 @@ def autocast(device: torch.device):
 def fast_precision(device: torch.device):
     """bf16 autocast for calibration's passes and its model-written samples, on a CPU that multiplies bf16
     natively (AVX512-BF16, AMX), where float32 products run at a fraction of its speed. The statistics are still
-    formed in float32 and summed in float64, from inputs and gradients that carry bf16's rounding, as a bf16
-    model's would."""
+    summed in float64, from inputs and gradients that carry bf16's rounding, as a bf16 model's would."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and native_bf16())
 
 

@@ -897,3 +897,16 @@ def test_the_model_written_tokens_are_drawn_from_its_own_distribution(monkeypatc
     assert (frequencies - probabilities).abs().sum() / 2 < 0.04  # total variation; greedy would give 1 - max p
     assert 1 - probabilities.max() > 0.2 and frequencies[2] > 0  # greedy would fail it, and an eos is drawn
     assert texts == sampling.model_written(model, tokenizer, [], free=4000, seed=0)
+
+
+def test_a_lossy_conversion_of_a_language_model_hints_at_the_fisher_not_calibration_alone(tmp_path, cli):
+    """Calibration without --fisher leaves a language model broken (SmolLM2 at 20%: ppl in the tens of thousands),
+    so the hint after a lossy conversion names --fisher until the conversion used it, then only fine-tuning."""
+    folder, options = model_and_calibration(tmp_path, "llama")
+    hints = {}
+    for name, extra in (("weight", []), ("calibrated", options), ("fisher", [*options, "--fisher"])):
+        result = cli(folder, *extra, "--rank", "1", "-o", tmp_path / f"{name}.safetensors", "--quiet")
+        assert result.code == 0, result.err
+        hints[name] = result.err[result.err.index("hint:") :]
+    assert "--calibrate TEXT --fisher" in hints["weight"] and "--calibrate TEXT --fisher" in hints["calibrated"]
+    assert "convert again" not in hints["fisher"] and "finetune" in hints["fisher"]
