@@ -15,35 +15,17 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_finetune import fortune_passages
-from bench_llm import smollm2_gguf, smollm2_tokenizer
+from bench_llm import line_losses, smollm2_gguf, smollm2_tokenizer
 
 import lors_convert
 from lors_convert.hf import dense_model
 
 BINS = [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 128)]
-
-
-@torch.no_grad()
-def losses_by_line(model, tokenizer, lines: list[str], batch_size: int = 16) -> list[torch.Tensor]:
-    """Each line's next-token losses, position by position (up to 128 tokens)."""
-    out = []
-    lines = sorted(lines, key=len)
-    for start in range(0, len(lines), batch_size):
-        encoded = tokenizer(
-            lines[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=128
-        )
-        logits = model(**encoded).logits.float()
-        log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, encoded["input_ids"][:, 1:, None])[..., 0]
-        real = encoded["attention_mask"][:, 1:].bool()
-        out += [-row[mask] for row, mask in zip(log_probs, real)]
-    return out
 
 
 def main() -> None:
@@ -60,7 +42,7 @@ def main() -> None:
     texts[f"fortunes ({args.fortunes} passages)"] = fortune_passages(args.fortunes)
     models = {"original": dense_model(gguf).eval()}
     models.update({path.name: lors_convert.load(path).eval() for path in args.models})
-    losses = {name: {kind: losses_by_line(m, tokenizer, t) for kind, t in texts.items()} for name, m in models.items()}
+    losses = {name: {kind: line_losses(m, tokenizer, t) for kind, t in texts.items()} for name, m in models.items()}
     for kind in texts:
         print(f"\n{kind}: mean loss (nats) by position\n")
         print("| model | " + " | ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in BINS) + " | ppl |")
