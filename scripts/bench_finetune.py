@@ -12,7 +12,6 @@ fortune_passages). CUDA with bf16 autocast when available, else CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import random
 import re
@@ -28,15 +27,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_lors_forward import fastest_seconds
+from bench_step import training_step
 
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.conversion import ConvertConfig, convert
 from lors_convert.data import Examples, TextLines, load_examples, split_examples
 from lors_convert.evaluate import fidelity, load_student_teacher
-from lors_convert.finetuning import FinetuneConfig, finetune, stacked_layer_paths, step_loss
+from lors_convert.finetuning import FinetuneConfig, finetune, stacked_layer_paths
 from lors_convert.lors_format import read_lors
 from lors_convert.report import build_report
-from lors_convert.runtime import autocast, setup_device
+from lors_convert.runtime import setup_device
 
 
 def minilm_dir() -> Path:
@@ -67,21 +67,6 @@ def fortune_passages(limit: int = 512, seed: int = 0) -> list[str]:
                 passages.append(passage)
     random.Random(seed).shuffle(passages)
     return passages[:limit]
-
-
-def training_step(student, teacher, batch, paths, device):
-    """A full training step (forward, loss, backward, AdamW) on a copy of the model."""
-    model = copy.deepcopy(student).requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-
-    def step():
-        with autocast(device):
-            loss = step_loss(model, teacher, batch, paths, "distill")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:

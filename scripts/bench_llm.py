@@ -41,6 +41,7 @@ from bench_finetune import fortune_passages
 
 import lors_convert
 from lors_convert.lors_format import read_lors
+from lors_convert.runtime import compute_device
 
 STACKED = 106_168_320  # SmolLM2's numbers in its 7 stacked groups of 30 layers (DESIGN.md §3)
 
@@ -73,17 +74,17 @@ def smollm2_tokenizer(gguf: Path):
 @torch.no_grad()
 def line_losses(model, tokenizer, lines: list[str], batch_size: int = 16) -> list[torch.Tensor]:
     """Each line's next-token losses in nats, position by position (up to 128 tokens), in order of length."""
-    out = []
+    out, device = [], next(model.parameters()).device
     lines = sorted(lines, key=len)  # batches of similar lengths: little padding
     for start in range(0, len(lines), batch_size):
         encoded = tokenizer(
             lines[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=128
-        )
+        ).to(device)
         logits, ids = model(**encoded).logits[:, :-1].float(), encoded["input_ids"][:, 1:]
         # flattened as evaluate.token_log_probs does: over (batch, classes, length) it differs by up to 3e-4 nats
         losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none")
         losses = losses.view_as(ids)
-        out += [row[mask] for row, mask in zip(losses, encoded["attention_mask"][:, 1:].bool())]
+        out += [row[mask].cpu() for row, mask in zip(losses, encoded["attention_mask"][:, 1:].bool())]
     return out
 
 
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--calib-lines", type=int, default=20000)
     parser.add_argument("--eval-lines", type=int, default=2000)
     parser.add_argument("--fortunes", type=int, default=500)
+    parser.add_argument("--fortunes-file", type=Path, default=None, help="passages one per line [the package's]")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--rows", nargs="+", default=["0.1:fisher", "0.2:fisher", "0.3:fisher", "0.5:fisher"])
     parser.add_argument("--finetune-minutes", type=float, default=15.0, help="for compress rows")
@@ -137,9 +139,15 @@ def main() -> None:
     args = parser.parse_args()
     gguf = args.gguf or smollm2_gguf()
     lines = [line.strip() for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    held_out, fortunes = lines[-args.eval_lines :], fortune_passages(args.fortunes)
+    held_out = lines[-args.eval_lines :]
+    if args.fortunes_file:
+        fortunes = args.fortunes_file.read_text(encoding="utf-8").splitlines()[: args.fortunes]
+    else:
+        fortunes = fortune_passages(args.fortunes)
     tokenizer = smollm2_tokenizer(gguf)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    device = compute_device()  # where the scoring runs; each CLI run picks the same by itself
+    gpu = f"{torch.cuda.get_device_name(device)} + " if device.type == "cuda" else ""
+    machine = f"{gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +155,7 @@ def main() -> None:
         calib.write_text("\n".join(lines[: args.calib_lines]) + "\n", encoding="utf-8")
         from lors_convert.hf import dense_model
 
-        dense = dense_model(gguf)
+        dense = dense_model(gguf).to(device)
         base = {"held": perplexity(dense, tokenizer, held_out), "fortunes": perplexity(dense, tokenizer, fortunes)}
         del dense
         results.append({"row": "dense", **base})
@@ -156,7 +164,7 @@ def main() -> None:
             spec, *options = row.split()
             reduction, method = spec.split(":", 1)
             if method == "int8":
-                model = dense_model(gguf)
+                model = dense_model(gguf).to(device)
                 int8_weights(model)
                 held, fortune = perplexity(model, tokenizer, held_out), perplexity(model, tokenizer, fortunes)
                 results.append({"row": row, "removed": 0.0, "held": held, "fortunes": fortune, "wall_s": 0.0})
@@ -174,7 +182,7 @@ def main() -> None:
             else:
                 cli = [gguf, *[a.format(calib=calib) for a in METHODS[method]], "--reduction", reduction, *common]
             wall, peak, log = run_cli([str(a) for a in [*cli, *options]])
-            model = lors_convert.load(out).eval()
+            model = lors_convert.load(out).eval().to(device)
             meta = read_lors(out)[1]
             result = {
                 "row": row,

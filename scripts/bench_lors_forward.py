@@ -1,4 +1,5 @@
-"""Which LORS forward is faster: S + B A materialised then one linear, or x·Sᵀ + (x·Aᵀ)·Bᵀ (factored)?
+"""Which LORS forward is faster: S + B A materialised then one linear, or x·Sᵀ + (x·Aᵀ)·Bᵀ (factored)? And, with S,
+the factored form as one product for x·[S; A]ᵀ (fused; the concatenation each call included)?
 
 Times one layer against the dense nn.Linear of the same shape, by number of tokens, in inference
 (torch.no_grad, forward only) and training (S, A, B, bias and the input trainable, forward + backward)
@@ -36,6 +37,12 @@ def factored(x, shared, a, b, bias):
     return F.linear(x, shared, bias) + low
 
 
+def fused(x, shared, a, b, bias):
+    """x·[S; A]ᵀ in one product (x read once, one launch fewer), then the rank-r part added back through B."""
+    both = F.linear(x, torch.cat([shared, a]))
+    return torch.addmm(both[:, : b.shape[0]], both[:, b.shape[0] :], b.t()) + bias
+
+
 def dense(x, weight, bias):
     return F.linear(x, weight, bias)
 
@@ -46,6 +53,7 @@ def tinyllama_rank(rows: int, cols: int, shared: bool, layers: int = 22) -> int:
     return budget // (layers * (rows + cols))
 
 
+PATHS = {True: (materialised, factored, fused), False: (materialised, factored)}  # fused needs S
 SHAPES = {
     # (rows, cols, rank with S, rank without S)
     "minilm": [(384, 384, 170, 170), (1536, 384, 90, 90), (384, 1536, 90, 90)],
@@ -105,8 +113,8 @@ def main() -> None:
         f"device {device}, {'bf16 autocast' if autocast else 'float32'}, {torch.get_num_threads()} threads, "
         "fastest ms per call of >= 5 (train: forward + backward)"
     )
-    print("| mode | out x in | S | rank | tokens | dense | materialised | factored | faster | rule picks |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|---|")
+    print("| mode | out x in | S | rank | tokens | dense | materialised | factored | fused | faster | rule picks |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     wrong = 0
     for mode in modes:
         train = mode == "train"
@@ -118,14 +126,9 @@ def main() -> None:
                         x, weight, bias = new(tokens, cols), new(rows, cols), new(rows)
                         shared = weight if with_s else None
                         a, b = new(rank, cols), new(rows, rank)
-                        t_dense, t_mat, t_fac = fastest_seconds(
-                            [
-                                call(dense, (x, weight, bias), device, train, autocast),
-                                call(materialised, (x, shared, a, b, bias), device, train, autocast),
-                                call(factored, (x, shared, a, b, bias), device, train, autocast),
-                            ],
-                            device,
-                            args.budget,
+                        paths = [(dense, (x, weight, bias)), *((f, (x, shared, a, b, bias)) for f in PATHS[with_s])]
+                        t_dense, t_mat, t_fac, *t_fused = fastest_seconds(
+                            [call(f, inputs, device, train, autocast) for f, inputs in paths], device, args.budget
                         )
                         pick = use_factored(tokens, rows, cols, rank, with_s)
                         faster = "factored" if t_fac < t_mat else "materialised"
@@ -137,7 +140,8 @@ def main() -> None:
                         )
                         print(
                             f"| {mode} | {rows}x{cols} | {'yes' if with_s else 'no'} | {rank} | {tokens} | "
-                            f"{t_dense * 1e3:.3f} | {t_mat * 1e3:.3f} | {t_fac * 1e3:.3f} | {faster} | "
+                            f"{t_dense * 1e3:.3f} | {t_mat * 1e3:.3f} | {t_fac * 1e3:.3f} | "
+                            f"{''.join(f'{t * 1e3:.3f}' for t in t_fused)} | {faster} | "
                             f"{verdict} |",
                             flush=True,
                         )
