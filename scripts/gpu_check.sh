@@ -1,71 +1,173 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, as one command on a machine with one (the device machine lent to some sessions
-# can reach no network and takes a working tree of at most 64 MiB, so the inputs travel in .gpu/).
+# Every check that needs a GPU, in one command, on a machine with one and the dev install:
 #
-#   scripts/gpu_check.sh prepare            # here, with the dev install: writes .gpu/ (about 52 MB, git-ignored)
-#   scripts/gpu_check.sh finetune           # there (carry .gpu): GPU tests, LORS/dense step ratio, MiniLM at 50%
-#                                           #   fine-tuned for 5 GPU minutes, fidelity on held-out and fortune text
-#   scripts/gpu_check.sh inference          # there: TinyLlama-shaped 1.1B decode/prefill/memory, LORS vs dense
+#   scripts/gpu_check.sh                 # every part, in this order:
+#     tests     the GPU tests (pytest -m gpu)
+#     decode    TinyLlama-shaped 1.1B, bf16, LORS (--shared auto, none) against dense: decode ms/token at batch 1
+#               and 16, eager and by a static cache (torch.compile reduce-overhead: CUDA graphs); prefill; memory
+#     step      one fine-tuning step, LORS against the dense student (TinyLlama-shaped and MiniLM, bf16), eager
+#               and with each block compiled; and the layer-level paths (materialised, factored, fused [S; A])
+#     minilm    MiniLM at 50% by compress's conversion, MINUTES of fine-tuning, fidelity on held-out lines and
+#               fortune passages
+#     smollm2   SmolLM2-135M at 20% by compress with MINUTES of fine-tuning: perplexity on held-out lines and
+#               fortune passages against dense (the GPU row of the README's LLM table)
+#   scripts/gpu_check.sh PART...         # some of them
+#   MINUTES=5                            # fine-tuning minutes of minilm and smollm2 [5]
+#   DEVICE=cpu PRESET=small MINUTES=0.2  # a smoke run of the whole script on a CPU (bench_inference's small preset)
 #
-# Results go to $OUT (or gpu-results/). The teacher travels in float16 (all-MiniLM-L6-v2 is 90 MB in float32)
-# and is cast back to float32 there, so the fp16 rounding is all that differs from the original.
-set -euo pipefail
+# One log per part under $OUT (or gpu-results/), and summary.txt: each part's exit status and wall time. A part that
+# fails does not stop the next. Models and text come from the installed packages and ../shared/data, or from .gpu/.
+#
+# The device machine lent to some sessions reaches no network and takes at most 64 MiB with each call, so:
+#   scripts/gpu_check.sh prepare         # here: .gpu/a, .gpu/b, .gpu/c, one call's load each (under 62 MB)
+# then one call after another on the same warm machine (what a call leaves in .gpu/ stays there for the next), in
+# order of what matters most, since 15 device minutes in all (its start included) hold no more than the first two:
+#   carry .gpu/a:  scripts/gpu_check.sh tests decode step         (the GGUF's first part rides along; step without
+#                                                                  MiniLM, which is in .gpu/c)
+#   carry .gpu/b:  MINUTES=3 scripts/gpu_check.sh smollm2         (its second part, gguf's wheel, the LLM text)
+#   carry .gpu/c:  MINUTES=3 scripts/gpu_check.sh minilm step     (in a later session, or with minutes to spare)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+minutes=${MINUTES:-5}
+device=${DEVICE:-cuda}
+preset=${PRESET:-tinyllama}
+work=/tmp/gpu-check
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 
-case "${1:-}" in
-prepare)
+prepare() {
     python - <<'PY'
-import shutil, sys
+import hashlib, importlib.util, shutil, sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, "scripts")
 from bench_finetune import fortune_passages, minilm_dir
+from bench_llm import smollm2_gguf
 
-gpu = Path(".gpu")
+gpu, data = Path(".gpu"), Path("..") / "shared" / "data" / "mixed_en.txt"
 shutil.rmtree(gpu, ignore_errors=True)
-(gpu / "minilm").mkdir(parents=True)
-source = minilm_dir()
-for file in source.iterdir():
+for load in "abc":
+    (gpu / load).mkdir(parents=True)
+lines = data.read_text(encoding="utf-8").splitlines(keepends=True)
+fortunes = "\n".join(fortune_passages()) + "\n"
+
+# c: MiniLM in float16 (90 MB in float32; cast back there), the first 40,000 lines, the fortune passages
+(gpu / "c" / "minilm").mkdir()
+for file in minilm_dir().iterdir():
     if file.name != "model.safetensors" and file.is_file():
-        shutil.copy(file, gpu / "minilm" / file.name)
-tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(source / "model.safetensors").items()}
-save_file(tensors, gpu / "minilm" / "model.safetensors", metadata={"format": "pt"})
-data = Path("..") / "shared" / "data" / "mixed_en.txt"
-with open(data, encoding="utf-8") as lines, open(gpu / "mixed_en.txt", "w", encoding="utf-8") as head:
-    for _, line in zip(range(40000), lines):
-        head.write(line)
-(gpu / "fortunes.txt").write_text("\n".join(fortune_passages()) + "\n", encoding="utf-8")
-print(f"wrote {gpu}: {sum(f.stat().st_size for f in gpu.rglob('*') if f.is_file()) / 1e6:.1f} MB")
+        shutil.copy(file, gpu / "c" / "minilm" / file.name)
+tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(minilm_dir() / "model.safetensors").items()}
+save_file(tensors, gpu / "c" / "minilm" / "model.safetensors", metadata={"format": "pt"})
+(gpu / "c" / "mixed_en.txt").write_text("".join(lines[:40000]), encoding="utf-8")
+(gpu / "c" / "fortunes.txt").write_text(fortunes, encoding="utf-8")
+
+# a and b: the SmolLM2 GGUF in two parts; b also the LLM text (the calibration lines and the held-out ones, so
+# bench_llm's split gives the same lines as on the whole file), the fortunes, and gguf's wheel (not on the device)
+gguf = smollm2_gguf().read_bytes()
+cut = 58_000_000
+(gpu / "a" / "smollm2.part1").write_bytes(gguf[:cut])
+(gpu / "b" / "smollm2.part2").write_bytes(gguf[cut:])
+(gpu / "b" / "smollm2.sha256").write_text(hashlib.sha256(gguf).hexdigest() + "\n")
+(gpu / "b" / "mixed_en.txt").write_text("".join(lines[:20000] + lines[-1000:]), encoding="utf-8")
+(gpu / "b" / "fortunes.txt").write_text(fortunes, encoding="utf-8")
+for load in "abc":
+    size = sum(f.stat().st_size for f in (gpu / load).rglob("*") if f.is_file())
+    print(f"{gpu / load}: {size / 1e6:.1f} MB")
 PY
-    ;;
-finetune)
-    mkdir -p "$out"
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-    python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log" || true
-    python - <<'PY'  # the teacher back in float32, as the original is stored
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d .gpu/b "gguf==$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+    du -sh .gpu/*
+}
+
+minilm_folder() {  # the float16 copy cast back to float32, as the original is stored, or the installed one
+    if [ -d .gpu/c/minilm ]; then
+        python - <<'PY' || return
 import shutil
 
 from safetensors.torch import load_file, save_file
 
-shutil.copytree(".gpu/minilm", "/tmp/minilm", dirs_exist_ok=True)
-tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file("/tmp/minilm/model.safetensors").items()}
-save_file(tensors, "/tmp/minilm/model.safetensors", metadata={"format": "pt"})
+shutil.copytree(".gpu/c/minilm", "/tmp/gpu-check/minilm", dirs_exist_ok=True)
+weights = "/tmp/gpu-check/minilm/model.safetensors"
+tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+save_file(tensors, weights, metadata={"format": "pt"})
 PY
-    python scripts/bench_finetune.py --model /tmp/minilm --data .gpu/mixed_en.txt --calibrate-lines 20000 \
-        --minutes 5 --other .gpu/fortunes.txt 2>&1 | tee "$out/finetune.log"
-    ;;
-inference)
-    mkdir -p "$out"
-    python scripts/bench_inference.py --preset tinyllama --device cuda --shared auto,none --skip-minilm \
-        --workdir /tmp/lors-bench-inference 2>&1 | tee "$out/inference.log"
-    ;;
-*)
-    echo "usage: scripts/gpu_check.sh prepare|finetune|inference" >&2
-    exit 2
-    ;;
-esac
+        echo $work/minilm
+    else
+        python -c 'import sys; sys.path.insert(0, "scripts"); from bench_finetune import minilm_dir; print(minilm_dir())'
+    fi
+}
+
+text() {  # a prepared text file of this name, or the first $2 lines of ../shared/data/mixed_en.txt
+    if [ -f ".gpu/$1" ]; then echo ".gpu/$1"; else head -n "$2" ../shared/data/mixed_en.txt >"$work/head-$2.txt" && echo "$work/head-$2.txt"; fi
+}
+
+fortunes() {  # bench scripts' option for the fortune passages: the prepared file, or (empty) the installed package
+    if [ -f ".gpu/$1/fortunes.txt" ]; then echo "$2 .gpu/$1/fortunes.txt"; fi
+}
+
+part_tests() {
+    python -m pytest -q -m gpu tests
+}
+
+part_decode() {
+    python scripts/bench_inference.py --preset $preset --device $device --dtype bfloat16 --shared auto,none \
+        --decode-batches 1,16 --static-decode --skip-minilm --workdir $work/inference
+}
+
+part_step() {  # on decode's synthetic model and its LORS file (decode makes them first when they are missing), and on
+    # MiniLM where one is here (.gpu/c or the installed package)
+    local tiny=$work/inference/$preset lors=$work/inference/$preset-auto-bfloat16.lors.safetensors minilm pairs
+    [ -f $lors ] || part_decode || return
+    pairs=(--pair $tiny $lors)
+    if minilm=$(minilm_folder 2>/dev/null); then
+        python -m lors_convert "$minilm" -o $work/minilm.lors.safetensors --reduction 0.5 --quiet --force --device $device
+        pairs+=(--pair "$minilm" $work/minilm.lors.safetensors)
+    fi
+    python scripts/bench_step.py "${pairs[@]}" --budget 15 &&
+        python scripts/bench_lors_forward.py --device $device --mode train --budget 0.2
+}
+
+part_minilm() {
+    python scripts/bench_finetune.py --model "$(minilm_folder)" --data "$(text c/mixed_en.txt 40000)" \
+        --calibrate-lines 20000 --minutes "$minutes" $(fortunes c --other)
+}
+
+part_smollm2() {
+    local gguf=()
+    if [ -f .gpu/a/smollm2.part1 ] && [ -f .gpu/b/smollm2.part2 ]; then
+        python -m pip install -q --no-index --no-deps --no-compile --target $work/site .gpu/b/gguf-*.whl || return
+        export PYTHONPATH=$PYTHONPATH:$work/site
+        mkdir -p $work/smollm2 && cat .gpu/a/smollm2.part1 .gpu/b/smollm2.part2 >$work/smollm2/$gguf_name
+        if [ "$(sha256sum <$work/smollm2/$gguf_name | cut -d' ' -f1)" != "$(cat .gpu/b/smollm2.sha256)" ]; then
+            echo "the GGUF's two parts do not join into the prepared file (sha256 differs)" >&2
+            return 1
+        fi
+        gguf=(--gguf $work/smollm2/$gguf_name)
+    fi
+    python scripts/bench_llm.py "${gguf[@]}" --data "$(text b/mixed_en.txt 200000)" --eval-lines 1000 \
+        $(fortunes b --fortunes-file) --rows "0.2:compress=$minutes" --out "$out/smollm2.json"
+}
+
+if [ "${1:-}" = prepare ]; then
+    prepare
+    exit
+fi
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(tests decode step minilm smollm2)
+for part in "${parts[@]}"; do
+    if ! declare -F "part_$part" >/dev/null; then
+        echo "usage: scripts/gpu_check.sh [prepare | tests decode step minilm smollm2 ...]" >&2
+        exit 2
+    fi
+done
+mkdir -p "$out" $work
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } | tee "$out/summary.txt"
+for part in "${parts[@]}"; do
+    start=$SECONDS
+    echo "== $part (MINUTES=$minutes)" | tee -a "$out/summary.txt"
+    "part_$part" 2>&1 | tee "$out/$part.log"
+    echo "$part: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+done
