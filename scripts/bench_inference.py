@@ -388,7 +388,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in lm_rows.items():
         for key in (k for k in r if k.startswith("decode_ms_b")):
-            batch, eager, graph = key[len("decode_ms_b") :], r[key], r.get(f"static_ms_b{key[len('decode_ms_b') :]}")
+            batch = key.removeprefix("decode_ms_b")
+            eager, graph = r[key], r.get(f"static_ms_b{batch}")
             static_cells = f"{graph:.2f} | {ratio(graph, base[f'static_ms_b{batch}'])}" if graph else " | "
             print(f"| {name} | {batch} | {eager:.2f} | {ratio(eager, base[key])} | {static_cells} |")
     if enc_rows:
