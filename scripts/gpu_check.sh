@@ -83,16 +83,20 @@ PY
 }
 
 minilm_folder() {  # the float16 copy cast back to float32, as the original is stored, or the installed one
-    if [ -d .gpu/c/minilm ]; then
+    if [ -d $work/minilm ]; then  # cast by an earlier part
+        echo $work/minilm
+    elif [ -d .gpu/c/minilm ]; then
         python3 - <<'PY' || return
-import shutil
+import os, shutil
 
 from safetensors.torch import load_file, save_file
 
-shutil.copytree(".gpu/c/minilm", "/tmp/gpu-check/minilm", dirs_exist_ok=True)
-weights = "/tmp/gpu-check/minilm/model.safetensors"
-tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
-save_file(tensors, weights, metadata={"format": "pt"})
+partial = "/tmp/gpu-check/minilm.partial"  # renamed once whole, so a later part never reads a half-cast copy
+shutil.rmtree(partial, ignore_errors=True)
+shutil.copytree(".gpu/c/minilm", partial)
+tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(f"{partial}/model.safetensors").items()}
+save_file(tensors, f"{partial}/model.safetensors", metadata={"format": "pt"})
+os.rename(partial, "/tmp/gpu-check/minilm")
 PY
         echo $work/minilm
     else
@@ -100,8 +104,14 @@ PY
     fi
 }
 
-text() {  # a prepared text file of this name, or the first $2 lines of ../shared/data/mixed_en.txt
-    if [ -f ".gpu/$1" ]; then echo ".gpu/$1"; else head -n "$2" ../shared/data/mixed_en.txt >"$work/head-$2.txt" && echo "$work/head-$2.txt"; fi
+text() {  # the prepared text file of this name, or ../shared/data/mixed_en.txt (its first $2 lines, if given)
+    if [ -f ".gpu/$1" ]; then
+        echo ".gpu/$1"
+    elif [ -n "${2:-}" ]; then
+        head -n "$2" ../shared/data/mixed_en.txt >"$work/head-$2.txt" && echo "$work/head-$2.txt"
+    else
+        echo ../shared/data/mixed_en.txt
+    fi
 }
 
 fortunes() {  # bench scripts' option for the fortune passages: the prepared file, or (empty) the installed package
@@ -148,7 +158,7 @@ part_smollm2() {
         fi
         gguf=(--gguf $work/smollm2/$gguf_name)
     fi
-    python3 scripts/bench_llm.py "${gguf[@]}" --data "$(text b/mixed_en.txt 200000)" --eval-lines 1000 \
+    python3 scripts/bench_llm.py "${gguf[@]}" --data "$(text b/mixed_en.txt)" --eval-lines 1000 \
         $(fortunes b --fortunes-file) --rows "0.2:compress=$minutes" --out "$out/smollm2.json"
 }
 
