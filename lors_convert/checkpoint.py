@@ -561,9 +561,13 @@ class SafetensorsWriter:
         return [self.path.parent / f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
     def commit(self, metadata: dict[str, str]) -> list[Path]:
+        """Rename the shards into place, the index last. An earlier checkpoint under the output's name (which
+        `check_output_path` found to be lors-convert's own) is moved aside first and removed only once the new one
+        is whole: a rename failing partway puts it back."""
         missing = set(self.where) - self.written
         if missing:
             raise RuntimeError(f"{len(missing)} declared tensors were never written, e.g. {sorted(missing)[0]!r}")
+        metadata = {**metadata, **WRITTEN_BY}
         finals = self.output_files()
         staged = []
         for shard, tmp, final in zip(self.shards, self.temp_files, finals):
@@ -582,19 +586,33 @@ class SafetensorsWriter:
             }
             tmp = self.path.parent / f"{self.tmp_prefix}.index"
             self.temp_files.append(tmp)
-            tmp.write_text(json.dumps(index, indent=2))
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(index, indent=2).encode())
+                f.flush()
+                os.fsync(f.fileno())
             staged.append((tmp, index_path(self.path)))
-        renamed = []
-        try:
+        earlier = [p for p in output_layout_files(self.path) if p.is_file()]
+        if not all(map(written_by_lors_convert, earlier)):
+            raise LorsError(f"{self.path}: files of another checkpoint appeared under this name while writing")
+        aside = [(p, p.with_name(f"{self.tmp_prefix}.old.{p.name}")) for p in earlier]
+        moved, renamed = [], []
+        try:  # an interrupt between renames must leave the earlier checkpoint whole, not a mix of the two
+            for final, old in aside:
+                os.replace(final, old)
+                moved.append((final, old))
             for tmp, final in staged:
                 os.replace(tmp, final)
                 renamed.append(final)
-        except BaseException:  # an interrupt between renames must not leave some shards without their index
+        except BaseException:
             for final in renamed:
                 final.unlink(missing_ok=True)
+            for final, old in moved:
+                os.replace(old, final)
             raise
+        fsync_folder(self.path.parent)
         self.cleanup()
-        remove_stale_layouts(self.path, renamed)
+        for _, old in aside:
+            old.unlink()
         return renamed
 
     def cleanup(self) -> None:
@@ -638,9 +656,14 @@ def write_safetensors(
         return writer.commit(metadata)
 
 
+WRITTEN_BY_KEY = "written_by"
+WRITTEN_BY = {WRITTEN_BY_KEY: "lors-convert"}  # in every header and index this tool writes
+
+
 def metadata_bytes(metadata: dict[str, str]) -> int:
-    """The serialized size of a header's metadata object, for SafetensorsWriter's reservation."""
-    return len(json.dumps(metadata, separators=(",", ":")).encode())
+    """The serialized size of a header's metadata object (with the writer's mark), for SafetensorsWriter's
+    reservation."""
+    return len(json.dumps({**metadata, **WRITTEN_BY}, separators=(",", ":")).encode())
 
 
 def output_layout_files(output: Path) -> list[Path]:
@@ -649,13 +672,27 @@ def output_layout_files(output: Path) -> list[Path]:
     return [output, index_path(output), *sorted(output.parent.glob(f"{stem}-*-of-*.safetensors"))]
 
 
-def remove_stale_layouts(output: Path, written: list[Path]) -> None:
-    """After a complete write with --force: the single file, shards or index of an earlier layout go, so
-    exactly one checkpoint answers to the output name."""
-    keep = {p.resolve() for p in written}
-    for candidate in output_layout_files(output):
-        if candidate.is_file() and candidate.resolve() not in keep:
-            candidate.unlink()
+def written_by_lors_convert(path: Path) -> bool:
+    """Whether a safetensors file or index carries lors-convert's mark (or, from before the mark, LORS metadata):
+    the only files `--force` may replace."""
+    try:
+        if path.name.endswith(".index.json"):
+            metadata = json.loads(path.read_text()).get("metadata") or {}
+        else:
+            metadata = read_safetensors_header(path)[1]
+    except (OSError, ValueError, LorsError, AttributeError):
+        return False
+    return metadata.get(WRITTEN_BY_KEY) == WRITTEN_BY[WRITTEN_BY_KEY] or "lors" in metadata
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames in a folder durable (a no-op where folders cannot be opened, as on Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def index_path(path: Path) -> Path:
@@ -669,14 +706,20 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
         raise LorsError(f"{output}: the folder {output.parent} does not exist")
     if output.suffix != ".safetensors":
         raise LorsError(f"{output}: the output must end in .safetensors")
-    resolved = {Path(p).resolve() for p in inputs}
+    inputs = [Path(p) for p in inputs]
+    resolved = {p.resolve() for p in inputs} | {f.resolve() for p in inputs if p.is_dir() for f in p.iterdir()}
+    if any(candidate.resolve() in resolved for candidate in output_layout_files(output)):
+        raise LorsError(f"{output}: refusing to write onto the input")
     for candidate in output_layout_files(output):
-        if candidate.resolve() in resolved:
-            raise LorsError(f"{output}: refusing to write onto the input")
         if candidate.is_dir():
             raise LorsError(f"{candidate}: is a folder")
         if candidate.exists() and not force:
             raise LorsError(f"{candidate}: already exists (use --force to overwrite)")
+        if candidate.exists() and not written_by_lors_convert(candidate):
+            raise LorsError(
+                f"{candidate}: exists and was not written by lors-convert; --force replaces only lors-convert's own "
+                "checkpoints (choose another output name)"
+            )
 
 
 SIZE_UNITS = {

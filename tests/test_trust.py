@@ -1,0 +1,123 @@
+"""Nothing a command did not write is deleted or replaced: `export` and every `--force` path against hostile
+outputs (the current folder, the source's parent, the source file, folders and files of other models), through
+the real CLI. A refused case is one line, a non-zero exit and every file as it was."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_hostile import assert_refused, small, snapshot
+
+import lors_convert.checkpoint as checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def hf_lors(tmp_path) -> tuple[Path, Path]:
+    """A tiny BERT folder (config, weights, a tokenizer-like file) and its LORS checkpoint beside it."""
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2
+    )
+    folder = tmp_path / "bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("[PAD]\n")
+    lors = tmp_path / "bert.lors.safetensors"
+    return folder, lors
+
+
+def convert(cli, folder: Path, lors: Path) -> None:
+    result = cli(folder, "-o", lors, "--rank", "2", "--quiet")
+    assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("where", ["cwd", "source parent", "source folder", "lors file", "other folder"])
+def test_export_force_never_replaces_what_it_did_not_write(hf_lors, tmp_path, cli, monkeypatch, where):
+    folder, lors = hf_lors
+    convert(cli, folder, lors)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    output = {
+        "cwd": Path("."),
+        "source parent": tmp_path,
+        "source folder": folder,
+        "lors file": lors,
+        "other folder": other,
+    }[where]
+    monkeypatch.chdir(tmp_path)
+    assert_refused(cli, tmp_path, ["export", lors, "-o", output, "--force"], "lors-convert")
+
+
+def test_export_force_replaces_its_own_export_whole(hf_lors, tmp_path, cli):
+    folder, lors = hf_lors
+    convert(cli, folder, lors)
+    out = tmp_path / "out"
+    assert cli("export", lors, "-o", out, "--quiet").code == 0
+    first = snapshot(out)
+    assert cli("export", lors, "-o", out, "--dense", "--force", "--quiet").code == 0
+    assert snapshot(out) != first and "lors_modeling.py" not in snapshot(out)
+    assert {p.name for p in tmp_path.iterdir()} == {"bert", "bert.lors.safetensors", "out"}  # no staging left
+    (out / "added-by-me.txt").write_text("keep me")  # a file the export did not write: the folder is not its own
+    assert_refused(cli, tmp_path, ["export", lors, "-o", out, "--force"], "lors-convert")
+
+
+def test_export_leaves_a_folder_of_the_staging_name_alone(hf_lors, tmp_path, cli):
+    folder, lors = hf_lors
+    convert(cli, folder, lors)
+    staging = tmp_path / f".out.tmp{os.getpid()}"
+    staging.mkdir()
+    (staging / "mine.txt").write_text("keep me")
+    assert cli("export", lors, "-o", tmp_path / "out", "--quiet").code == 0
+    assert (staging / "mine.txt").read_text() == "keep me"
+
+
+def test_force_into_a_model_folder_keeps_the_other_models_shards(tmp_path, cli):
+    """model-0000k-of-0000n.safetensors and model.safetensors.index.json are Hugging Face's own names."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    save_file(small(), tmp_path / "m.safetensors")
+    for k in (1, 2):
+        save_file({"w": torch.ones(2)}, theirs / f"model-0000{k}-of-00002.safetensors")
+    (theirs / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-00001-of-00002.safetensors"}}')
+    args = [tmp_path / "m.safetensors", "-o", theirs / "model.safetensors", "--rank", "2", "--force"]
+    assert_refused(cli, tmp_path, args, "not written by lors-convert")
+
+
+def test_force_replaces_a_file_only_if_lors_convert_wrote_it(tmp_path, cli):
+    save_file(small(), tmp_path / "m.safetensors")
+    save_file({"w": torch.ones(2)}, tmp_path / "theirs.safetensors")
+    args = [tmp_path / "m.safetensors", "--rank", "2", "--force"]
+    assert_refused(cli, tmp_path, [*args, "-o", tmp_path / "theirs.safetensors"], "not written by lors-convert")
+    assert cli(*args, "-o", tmp_path / "ours.safetensors", "--quiet").code == 0
+    assert cli(*args, "-o", tmp_path / "ours.safetensors", "--quiet", "--shard-size", "8kB").code == 0
+    assert not (tmp_path / "ours.safetensors").exists() and (tmp_path / "ours.safetensors.index.json").is_file()
+    assert cli(*args, "-o", tmp_path / "ours.safetensors", "--quiet").code == 0
+    assert sorted(p.name for p in tmp_path.glob("ours*")) == ["ours.safetensors"]
+
+
+def test_a_rename_failing_partway_through_force_keeps_the_old_checkpoint(tmp_path, cli, monkeypatch):
+    save_file(small(), tmp_path / "m.safetensors")
+    args = [tmp_path / "m.safetensors", "-o", tmp_path / "o.safetensors", "--shard-size", "8kB", "--quiet"]
+    assert cli(*args, "--rank", "2").code == 0
+    old = snapshot(tmp_path)
+    calls = []
+    real = os.replace
+
+    def fail_on_the_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("the disk went away")
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", fail_on_the_third)
+    result = cli(*args, "--rank", "3", "--force")
+    assert result.code == 1 and "the disk went away" in result.err
+    assert snapshot(tmp_path) == old
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert cli(*args, "--rank", "3", "--force").code == 0
+    assert load_file(sorted(tmp_path.glob("o-*.safetensors"))[0])  # the new one, whole
