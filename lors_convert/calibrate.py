@@ -5,14 +5,19 @@ glue to conversion: the plans' metrics K_i (damped), means and output weights.""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lors_convert import LorsError
+from lors_convert.blocks import StopForward, block_chain, first_tensor, run_until_seen
 from lors_convert.checkpoint import TensorSource
 from lors_convert.factorize import psd_factor
 from lors_convert.loading import layer_module, own_names
@@ -30,10 +35,6 @@ class Calibration:
     rows: dict[str, int]  # tensor name -> input rows (tokens) seen; 0 for a hooked layer never reached
     transposed: set[str]  # names stored as in x out (GPT-2 Conv1D): their input side is dim 0
     fisher: dict[str, torch.Tensor]  # tensor name -> G (output dim x output dim, float64, CPU); {} without --fisher
-
-
-class StopForward(Exception):
-    """Raised by a hook once every module of interest has seen its input: the rest of the forward is not needed."""
 
 
 def _module_for(model: nn.Module, name: str, own: dict[str, str]) -> nn.Module | None:
@@ -128,13 +129,6 @@ def _hook_inputs(root: nn.Module, modules: dict[str, nn.Module], record, stop: b
     return [restart] + [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
 
 
-def run_until_seen(model: nn.Module, batch: dict) -> None:
-    try:
-        call_model(model, batch)
-    except StopForward:
-        pass
-
-
 @contextmanager
 def paired_inputs(
     roots: tuple[nn.Module, nn.Module], modules: tuple[dict, dict], stop_original: bool = True
@@ -176,13 +170,66 @@ def collect_pair(
     return covariances.result(), cross.result()
 
 
-def collect(
-    model: nn.Module, stacks: list[Stack], batches: list[dict], device: torch.device, fisher_seed: int | None = None
-) -> Calibration:
-    """Hook every stacked Linear/Conv1D, run the batches once, and return C_i per tensor name; with `fisher_seed`,
-    also each layer's G_i (output_scalar) from the same forward passes, each followed by a backward."""
-    inputs, outputs, transposed, hooks, hooked = Moments(), Moments(), set(), [], []
+Finish = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
 
+
+def collect(
+    model: nn.Module,
+    stacks: list[Stack],
+    batches: list[dict],
+    device: torch.device,
+    fisher_seed: int | None = None,
+    finish: Finish | None = None,
+    spill: Path | None = None,
+) -> Calibration:
+    """Hook every stacked Linear/Conv1D, run the batches, and hand finish(moments, fisher) each layer's
+    [X 1]ᵀ[X 1] (with_ones) and, with `fisher_seed`, its G (output_scalar) as soon as they are complete.
+
+    Where the stacked layers' blocks form a chain (blocks.block_chain), one block at a time (blockwise): memory
+    holds one block's statistics. Otherwise the whole model in one pass per batch. Without `finish`, every result
+    is kept in the returned Calibration (small models, tests); with it, the Calibration holds only the row counts
+    and which layers are transposed. `spill`: a folder for the blocks' inputs that --fisher's backward sweep
+    reads again (a temporary folder of its own when None)."""
+    kept = Calibration({}, {}, {}, set(), {})
+    if finish is None:
+
+        def finish(moments: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
+            kept.covariances.update({name: m[:-1, :-1] for name, m in moments.items()})
+            # a copy: a view would keep each whole moment matrix alive after its metric K has replaced it
+            kept.sums.update({name: m[:-1, -1].clone() for name, m in moments.items()})
+            kept.fisher.update(fisher)
+
+    def counted(moments: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
+        kept.rows.update({name: round(m[-1, -1].item()) for name, m in moments.items()})
+        finish(moments, fisher)
+
+    own = own_names(model, [name for stack in stacks for name in stack.names])
+    modules = {}
+    for stack in stacks:
+        found = [_module_for(model, name, own) for name in stack.names]
+        if any(module is None for module in found):
+            continue  # calibrate whole groups only; this one stays in weight space
+        modules.update(zip(stack.names, found))
+    if not modules:
+        raise LorsError("calibration found no stacked nn.Linear layers in the model to measure")
+    kept.rows.update({name: 0 for name in modules})
+    kept.transposed.update(name for name, module in modules.items() if is_conv1d(module))  # y = x @ W + b
+    model.to(device).eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(fisher_seed) if fisher_seed is not None else None
+    with fast_precision(device):
+        chain, _ = block_chain(model, [s for s in stacks if s.names[0] in modules], batches, device)
+    if chain is None:
+        whole_model(model, modules, batches, device, generator, counted)
+    else:
+        with contextlib.ExitStack() as scope:
+            folder = spill or Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="lors-blocks-")))
+            blockwise(model, chain, modules, batches, generator, counted, folder)
+    return kept
+
+
+def hook_statistics(modules: dict[str, nn.Module], inputs: Moments, outputs: Moments | None) -> list:
+    """Hooks adding each module's [X 1]ᵀ[X 1] to `inputs` and, with `outputs`, its output gradients' G: the rows
+    of one input are formed once for all the modules that read it (q, k and v)."""
     read = {"input": None, "version": None, "rows": None}  # the last input read, unchanged since: its rows
 
     def accumulate(name: str):
@@ -202,27 +249,23 @@ def collect(
             outputs.add(name, flat, flat)
 
         def hook(module, args, output):
-            output.requires_grad_()  # the weights are frozen: only the layers' outputs need gradients
+            if not output.requires_grad:
+                output.requires_grad_()  # the weights are frozen: only the layers' outputs need gradients
             output.register_hook(accumulate)
 
         return hook
 
-    own = own_names(model, [name for stack in stacks for name in stack.names])
-    for stack in stacks:
-        found = [_module_for(model, name, own) for name in stack.names]
-        if any(module is None for module in found):
-            continue  # calibrate whole groups only; this one stays in weight space
-        hooked += stack.names
-        for name, module in zip(stack.names, found):
-            hooks.append(module.register_forward_pre_hook(accumulate(name)))
-            if fisher_seed is not None:
-                hooks.append(module.register_forward_hook(keep_gradient(name)))
-            if is_conv1d(module):  # y = x @ W + b: the input side is dim 0
-                transposed.add(name)
-    if not hooks:
-        raise LorsError("calibration found no stacked nn.Linear layers in the model to measure")
-    model.to(device).eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(fisher_seed) if fisher_seed is not None else None
+    hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in modules.items()]
+    if outputs is not None:
+        hooks += [module.register_forward_hook(keep_gradient(name)) for name, module in modules.items()]
+    return hooks
+
+
+def whole_model(model, modules, batches, device, generator, finish: Finish) -> None:
+    """Every layer's statistics from one pass over the whole model per batch (a forward, and with --fisher a
+    backward): the models whose blocks are no chain."""
+    inputs, outputs = Moments(), Moments() if generator is not None else None
+    hooks = hook_statistics(modules, inputs, outputs)
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -236,15 +279,93 @@ def collect(
     finally:
         for hook in hooks:
             hook.remove()
-    moments = inputs.result()
-    return Calibration(
-        covariances={name: m[:-1, :-1] for name, m in moments.items()},
-        # a copy: a view would keep each whole moment matrix alive after its metric K has replaced it
-        sums={name: m[:-1, -1].clone() for name, m in moments.items()},
-        rows={name: 0 for name in hooked} | {name: round(m[-1, -1].item()) for name, m in moments.items()},
-        transposed=transposed,
-        fisher=outputs.result(),
-    )
+    finish(inputs.result(), outputs.result() if outputs is not None else {})
+
+
+def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: Path) -> None:
+    """Statistics one block at a time, llm-compressor's sequential pipeline for LORS: each block runs on the
+    previous block's outputs for every batch, and its layers' statistics are handed on before the next block
+    starts. With --fisher, the forward sweep keeps each block's inputs on disk, the model's output gradient is
+    taken with every block bypassed, and a backward sweep runs each block again, last to first, on its inputs,
+    back-propagating the gradient at its output to its input: the same G as one backward through the whole
+    model, with one block's statistics alive at a time."""
+    first_inputs, blocks, _ = chain
+    device = first_inputs[0][0][0].device
+    rest = [(args[1:], kwargs) for args, kwargs in first_inputs]  # masks, positions...: the same for every block
+    xs = [args[0] for args, _ in first_inputs]
+    block_of = {name: layer_module_index(blocks, module) for name, module in modules.items()}
+    last = max(block_of.values())
+    returns_tuple = False
+    for k, block in enumerate(blocks):
+        if generator is None and k > last:
+            return
+        names = {name: modules[name] for name, at in block_of.items() if at == k}
+        inputs = Moments()
+        hooks = hook_statistics(names, inputs, None) if generator is None else []
+        if generator is not None:
+            save_file({str(j): x.contiguous() for j, x in enumerate(xs)}, spill / f"block-{k}.safetensors")
+        try:
+            with torch.no_grad(), fast_precision(device):
+                outputs = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(xs, rest)]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        returns_tuple = type(outputs[0]) in (tuple, list)
+        xs = [first_tensor(out) for out in outputs]
+        del outputs
+        if generator is None and names:
+            finish(inputs.result(), {})
+    if generator is None:
+        return
+    grads = []
+    for x, batch in zip(xs, batches):  # the output's gradient at the last block's output
+        x = x.detach().requires_grad_()
+        with bypassed(blocks, x, returns_tuple), torch.enable_grad(), fast_precision(device):
+            output_scalar(model, {key: v.to(device) for key, v in batch.items()}, generator).backward()
+        grads.append(x.grad)
+    del xs
+    for k in reversed(range(last + 1)):
+        names = {name: modules[name] for name, at in block_of.items() if at == k}
+        inputs, outputs = Moments(), Moments()
+        hooks = hook_statistics(names, inputs, outputs)
+        stored = load_file(spill / f"block-{k}.safetensors", device=str(device))
+        (spill / f"block-{k}.safetensors").unlink()
+        try:
+            for j, (args, kwargs) in enumerate(rest):
+                x = stored.pop(str(j)).requires_grad_(k > 0)
+                with torch.enable_grad(), fast_precision(device):
+                    first_tensor(blocks[k](x, *args, **kwargs)).backward(grads[j])
+                grads[j] = x.grad
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if names:
+            finish(inputs.result(), outputs.result())
+
+
+def layer_module_index(blocks: list[nn.Module], module: nn.Module) -> int:
+    """The position of the block holding `module`."""
+    return next(k for k, block in enumerate(blocks) if any(m is module for m in block.modules()))
+
+
+@contextmanager
+def bypassed(blocks: list[nn.Module], final: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
+    """Every block's forward replaced: the first returns `final` (the last block's output, already computed),
+    the others pass it on, so a forward of the model runs only what comes before and after the blocks."""
+
+    def passing(x, *args, **kwargs):
+        return (x,) if returns_tuple else x
+
+    def first(x, *args, **kwargs):
+        return passing(final)
+
+    for k, block in enumerate(blocks):
+        block.forward = first if k == 0 else passing
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def output_scalar(model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -291,15 +412,33 @@ FISHER_DAMPING = 0.1
 GB = 1e9
 
 
-def calibration_bytes(source: TensorSource, stacks: list[Stack], fisher: bool) -> dict[str, float]:
-    """What calibration holds at its peak: the dense model in float32, each stacked layer's input covariance
-    (in x in, float64; its metric K is formed in its place), under --fisher its output matrix (out x out,
-    float64), and the rows each layer buffers for its next product (Moments)."""
-    inputs = sum(len(s.names) * s.cols**2 for s in stacks) * 8
-    outputs = sum(len(s.names) * s.rows**2 for s in stacks) * 8 if fisher else 0
-    buffers = sum(len(s.names) for s in stacks) * FLUSH_BYTES * (2 if fisher else 1)
-    model = sum(info.numel for info in source.info.values()) * 4
-    return {"model": model, "inputs": inputs, "fisher": outputs, "buffers": buffers}
+def one_chain(stacks: list[Stack]) -> bool:
+    """Whether the stacks' layers look like one list of blocks (the same name before the layer index), which
+    calibration then runs block by block (block_chain checks it for real on the model)."""
+    return len({stack.template.partition("{i}")[0] for stack in stacks}) == 1
+
+
+def calibration_bytes(
+    source: TensorSource, stacks: list[Stack], fisher: bool, tokens: int = 256 * 128
+) -> dict[str, float]:
+    """What calibration holds at its peak: the dense model in float32; the stacked layers' input covariances
+    (in x in, float64; each metric K is formed in its place) and, under --fisher, their output matrices (out x
+    out), with the rows each layer buffers for its next product (Moments). Block by block (one_chain) those are
+    one block's; with --fisher, the gradient at the current block's output for the calibration's `tokens` is held
+    too (the blocks' inputs wait on disk). Otherwise every layer's at once."""
+    blocks = {}
+    for stack in stacks:
+        for layer in stack.layers:
+            blocks.setdefault(layer if one_chain(stacks) else 0, []).append(stack)
+    heaviest = lambda size: max(sum(size(s) for s in block) for block in blocks.values())  # noqa: E731
+    gradients = tokens * min(s.cols for s in stacks) * 4 if fisher and one_chain(stacks) else 0
+    return {
+        "model": sum(info.numel for info in source.info.values()) * 4,
+        "inputs": heaviest(lambda s: s.cols**2 * 8 * (1 if one_chain(stacks) else len(s.names))),
+        "fisher": heaviest(lambda s: s.rows**2 * 8 * (1 if one_chain(stacks) else len(s.names))) if fisher else 0,
+        "buffers": heaviest(lambda s: 1 if one_chain(stacks) else len(s.names)) * FLUSH_BYTES * (1 + fisher),
+        "gradients": gradients,
+    }
 
 
 def available_memory() -> int | None:
@@ -316,14 +455,17 @@ def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: Co
     """A calibration that cannot fit in memory stops before it starts (and before the model is built), in one
     line that says what it needs and what fits."""
     available = available_memory()
-    needed = calibration_bytes(source, stacks, settings.fisher)
+    tokens = settings.calib_samples * settings.calib_max_length
+    needed = calibration_bytes(source, stacks, settings.fisher, tokens)
     if available is None or sum(needed.values()) <= available:
         return
     parts = f"the model {needed['model'] / GB:.1f} GB in float32, input covariances {needed['inputs'] / GB:.1f} GB"
     if settings.fisher:
         parts += f", --fisher's output matrices {needed['fisher'] / GB:.1f} GB"
     parts += f", buffered rows {needed['buffers'] / GB:.1f} GB"
-    without = sum(calibration_bytes(source, stacks, fisher=False).values())
+    if needed["gradients"]:
+        parts += f", the output's gradient {needed['gradients'] / GB:.1f} GB"
+    without = sum(calibration_bytes(source, stacks, False, tokens).values())
     remedy = (
         f"without --fisher it needs {without / GB:.1f} GB, which fits; or "
         if settings.fisher and without <= available
@@ -393,29 +535,100 @@ def damped(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return covariance + damping_term(covariance, damping) * torch.eye(len(covariance), dtype=covariance.dtype)
 
 
+class MatrixStore:
+    """Per-layer matrices on disk (float32, one safetensors file each) until the plans need them: whatever waits
+    for the global rank allocation waits here, not in memory. float32 keeps K's and F's entries to 1e-7 relative,
+    far below their damping."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.files = Path(folder), {}
+
+    def put(self, key: str, matrix: torch.Tensor) -> None:
+        self.files[key] = self.folder / f"matrix-{len(self.files)}.safetensors"
+        save_file({"m": matrix.float().contiguous()}, self.files[key])
+
+    def get(self, key: str) -> torch.Tensor:
+        return load_file(self.files[key])["m"].double()
+
+
+class Stored(Sequence):
+    """A plan's per-layer matrices (K_i or F_iᵀ), read from a MatrixStore one at a time, when used."""
+
+    def __init__(self, store: MatrixStore, keys: list[str], device: str, dtype: torch.dtype) -> None:
+        self.store, self.keys, self.device, self.dtype = store, keys, device, dtype
+
+    def __getitem__(self, i):
+        return self.store.get(self.keys[i]).to(self.device, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 def calibrate_plans(
-    source: TensorSource, model: torch.nn.Module, batches: list[dict], plans: list[GroupPlan], settings: ConvertConfig
+    source: TensorSource,
+    model: torch.nn.Module,
+    batches: list[dict],
+    plans: list[GroupPlan],
+    settings: ConvertConfig,
+    scratch: Path,
 ) -> tuple[list[GroupPlan], dict, list[str]]:
     """The plans with their calibration (per layer: each saw its own number of tokens), the calibration's summary,
-    and warnings about stacked layers that saw no calibration tokens (experts no token was routed to)."""
+    and warnings about stacked layers that saw no calibration tokens (experts no token was routed to).
+
+    Each layer's statistics become its metric K_i (centred where its bias takes the mean shift, damped) and, with
+    --fisher, its output root F_iᵀ as soon as they are complete, and go to disk (`scratch`): memory holds one
+    block's statistics, not the model's."""
     stacks, device = [p.stack for p in plans], compute_device()
-    calibration = collect(model, stacks, batches, device, settings.seed if settings.fisher else None)
-    fisher = calibration.fisher
+    store = MatrixStore(scratch)
+    modules = modules_named(model, [name for stack in stacks for name in stack.names])
+    transposed = {name for name, module in modules.items() if module is not None and is_conv1d(module)}
+    out_rows = {name: s.cols if name in transposed else s.rows for s in stacks for name in s.names}
+    means, dampings = {}, {}
+
+    def finish(moments: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
+        for name, m in moments.items():
+            n = m[-1, -1].item()
+            if not n:
+                continue
+            covariance, sums = m[:-1, :-1], m[:-1, -1]
+            if bias_name(source, name, out_rows[name]):
+                means[name] = sums / n
+                covariance.addr_(means[name], means[name], alpha=-n)
+            dampings[name] = damping_term(covariance, settings.damping)
+            covariance.diagonal().add_(dampings[name])  # K formed in C's place
+            store.put(f"K:{name}", covariance)
+        for name, g in fisher.items():
+            store.put(f"F:{name}", psd_factor(damped(g, FISHER_DAMPING)).mT)
+
+    calibration = collect(
+        model, stacks, batches, device, settings.seed if settings.fisher else None, finish, spill=scratch
+    )
     calibrated, warnings = [], []
     for plan in plans:
         names, template = plan.stack.names, plan.stack.template
         rows = tuple(calibration.rows.get(name, 0) for name in names)
         if any(rows):
-            plan = calibrated_plan(source, plan, calibration, rows, settings.damping)
-            unseen = [str(layer) for layer, n in zip(plan.stack.layers, rows) if not n]
-            if unseen:
+            plan = replace(plan, transposed=names[0] in calibration.transposed)
+            keys = [f"K:{name}" if n else f"K:{template}" for name, n in zip(names, rows)]
+            if not all(rows):  # a layer that saw no tokens: the mean K of the group's other layers
+                seen = [store.get(f"K:{name}") for name, n in zip(names, rows) if n]
+                store.put(f"K:{template}", sum(seen) / len(seen))
+                unseen = [str(layer) for layer, n in zip(plan.stack.layers, rows) if not n]
                 warnings.append(
                     f"{template}: layer{'s' * (len(unseen) > 1)} {', '.join(unseen)} saw no calibration tokens; "
                     "factored with its group's mean inputs"
                 )
-            if all(name in fisher for name in names):  # layers the output does not depend on have no G
-                roots = (psd_factor(damped(fisher.pop(name), FISHER_DAMPING)).mT.to(plan.device) for name in names)
-                plan = replace(plan, output_roots=tuple(roots))
+            plan = replace(
+                plan,
+                dampings=tuple(dampings.get(name) for name in names),
+                metrics=Stored(store, keys, plan.device, torch.float64),
+                means=tuple(means.get(name) for name in names),
+                rows=rows,
+            )
+            if all(f"F:{name}" in store.files for name in names):  # layers the output does not depend on have no G
+                plan = replace(
+                    plan, output_roots=Stored(store, [f"F:{name}" for name in names], plan.device, torch.float32)
+                )
         elif names[0] in calibration.rows:
             warnings.append(f"{template}: no layer saw calibration tokens; factored in weight space")
         calibrated.append(plan)
@@ -425,36 +638,3 @@ def calibrate_plans(
         "groups": sum(p.metrics is not None for p in calibrated),
     }
     return calibrated, summary, warnings
-
-
-def calibrated_plan(
-    source: TensorSource, plan: GroupPlan, calibration: Calibration, rows: tuple[int, ...], damping: float
-) -> GroupPlan:
-    """A group's plan with each layer's K_i, its damping λ_i, mean input μ_i (where a bias takes the mean shift) and
-    row count n_i. A layer that saw no tokens gets the mean K of the group's other layers, no λ (C = 0) and no μ."""
-    names = plan.stack.names
-    plan = replace(plan, transposed=names[0] in calibration.transposed)
-    covariances = [calibration.covariances.pop(name, None) for name in names]
-    means = tuple(
-        calibration.sums[name] / n if n and bias_name(source, name, plan.out_in[0]) else None
-        for name, n in zip(names, rows)
-    )
-    dampings, metrics = [], []
-    for c, m, n in zip(covariances, means, rows):
-        if c is not None:  # K formed in C's place: a second copy of a 1.1B's down_proj group alone is 5.6 GB
-            if m is not None:
-                c.addr_(m, m, alpha=-n)
-            dampings.append(damping_term(c, damping))
-            c.diagonal().add_(dampings[-1])
-        else:
-            dampings.append(None)
-        metrics.append(c)
-    seen = [m for m in metrics if m is not None]
-    fallback = sum(seen) / len(seen) if len(seen) < len(metrics) else None
-    return replace(
-        plan,
-        dampings=tuple(dampings),
-        metrics=tuple((fallback if m is None else m).to(plan.device) for m in metrics),
-        means=means,
-        rows=rows,
-    )

@@ -10,6 +10,7 @@ its factors on the way out), so that calibration can weight the input side: the 
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -295,7 +296,12 @@ def refuse_unconvertible(source: TensorSource) -> None:
 
 
 def plan_conversion(
-    source: TensorSource, stacks: list[Stack], settings: ConvertConfig, progress: Progress, warnings: list[str]
+    source: TensorSource,
+    stacks: list[Stack],
+    settings: ConvertConfig,
+    progress: Progress,
+    warnings: list[str],
+    scratch: Path,
 ) -> tuple[list[GroupPlan], dict | None, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
     """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors; what
     calibration warns about, and why --sequential had to run the whole model per layer, is added to `warnings`."""
@@ -309,7 +315,7 @@ def plan_conversion(
         model, batches, data = calibration_inputs(source, settings)
         if settings.max_ppl_increase and not is_causal_lm(model):
             raise LorsError("--max-ppl-increase needs a language model (its next-token perplexity): use --reduction")
-        plans, calibration, unseen = calibrate_plans(source, model, batches, plans, settings)
+        plans, calibration, unseen = calibrate_plans(source, model, batches, plans, settings, scratch)
         warnings += unseen
         calibration["data"] = data
         if not (settings.sequential or settings.max_ppl_increase):
@@ -371,8 +377,12 @@ def convert(
             f"{source.path}: no stacked layers found (no group of >= 2 same-shaped matrices "
             "whose names differ only in a layer index)"
         )
-    with hashing_in_background(source.files) as source_sha256:  # overlaps the work below
-        plans, calibration, factors = plan_conversion(source, stacks, settings, progress, warnings)
+    # calibration's per-layer statistics wait on disk beside the output, in a folder of their own
+    with (
+        hashing_in_background(source.files) as source_sha256,  # overlaps the work below
+        tempfile.TemporaryDirectory(prefix=f".{output.name}.", suffix=".calibration", dir=output.parent) as scratch,
+    ):
+        plans, calibration, factors = plan_conversion(source, stacks, settings, progress, warnings, Path(scratch))
         factored = [p for p in plans if not p.kept_dense]
         kept = [
             KeptDense(
