@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import time
@@ -912,6 +913,10 @@ def run(argv: list[str] | None) -> None:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h", "--version"):
+        close = difflib.get_close_matches(args[0], sorted(COMMANDS), n=1)
+        if close and not os.path.exists(args[0]):  # a mistyped command, not a model to convert
+            stderr.print(f"[red]error:[/red] no command or file {escape(repr(args[0]))}; did you mean {close[0]!r}?")
+            sys.exit(2)
         args.insert(0, "convert")
     _argv = args
     try:

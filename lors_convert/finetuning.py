@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
+from lors_convert.checkpoint import fsync_folder
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import (
     StudentTeacher,
@@ -238,8 +239,12 @@ def save_state(
 def write_state(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the last state: a crash leaves one or the other
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

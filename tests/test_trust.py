@@ -121,3 +121,20 @@ def test_a_rename_failing_partway_through_force_keeps_the_old_checkpoint(tmp_pat
     monkeypatch.setattr(checkpoint.os, "replace", real)
     assert cli(*args, "--rank", "3", "--force").code == 0
     assert load_file(sorted(tmp_path.glob("o-*.safetensors"))[0])  # the new one, whole
+
+
+@pytest.mark.parametrize("typed, hint", [("compres", "did you mean 'compress'"), ("exprot", "did you mean 'export'")])
+def test_a_mistyped_command_is_not_taken_for_a_file(tmp_path, cli, typed, hint):
+    save_file(small(), tmp_path / "m.safetensors")
+    assert_refused(cli, tmp_path, [typed, tmp_path / "m.safetensors"], hint, code=2)
+
+
+def test_the_training_state_reaches_the_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    from lors_convert import finetuning
+
+    events, real_replace, real_fsync = [], os.replace, os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
+    finetuning.write_state(tmp_path / "state.pt", {"step": 7})
+    assert events[:2] == ["fsync", "replace"]
+    assert torch.load(tmp_path / "state.pt")["step"] == 7 and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
