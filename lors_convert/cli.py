@@ -1,4 +1,4 @@
-"""The `lors-convert` command line: thin typer commands over the library."""
+"""The `lors-convert` command line: typer commands over the library (and, for now, the `compress` recipe)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The conversion pipeline: source checkpoint -> stacks -> shared matrix + truncated residuals -> LORS file.
 
-Streaming: each group's mean is accumulated layer by layer, each residual is factored as it is read,
-and factors go straight to the writer, so memory holds a few matrices plus the shared ones.
+Streaming: each group's mean is accumulated layer by layer, each residual is factored as it is read, and factors
+go straight to the writer. Without calibration memory holds a few matrices plus the shared ones; calibration adds
+the dense model and one block's statistics (calibrate.py), the rest waiting on disk.
 
 Every matrix is handled in out x in orientation (a GPT-2 Conv1D weight is transposed on the way in and
 its factors on the way out), so that calibration can weight the input side: the objective of layer i is

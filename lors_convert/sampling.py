@@ -16,10 +16,10 @@ from lors_convert.runtime import fast_precision
 
 BATCH = 32  # prompts answered together (SmolLM2: 48 no faster, 96 slower: each pads to its longest prompt)
 FREE_BATCH = 96  # texts sampled together from the start token: no padding, so larger batches share each step's weights
-# Tokens written per sample. SmolLM2 at 20% (scripts/bench_llm.py, AVX512-BF16 CPU, session 15's sampler), ppl on
+# Tokens written per sample. SmolLM2 at 20% (scripts/bench_llm.py, AVX512-BF16 CPU, commit 4ca2c5e), ppl on
 # held-out lines / fortunes: 64 tokens 104.6 / 168.8 zero-shot and 86.2 / 148.1 after `compress --finetune-minutes
 # 15`, 32 tokens 104.7 / 175.2 and 87.2 / 151.9: text of another kind loses most after its first few tokens, where
-# the model reads long context that short samples calibrate little (scripts/llm_positions.py; README, Decoder LLMs)
+# the model reads long context that short samples calibrate little (scripts/llm_positions.py; docs/benchmarks.md)
 NEW_TOKENS = 64
 
 

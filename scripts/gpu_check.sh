@@ -18,14 +18,14 @@
 # One log per part under $OUT (or gpu-results/), and summary.txt: each part's exit status and wall time. A part that
 # fails does not stop the next. Models and text come from the installed packages and ../shared/data, or from .gpu/.
 #
-# The device machine lent to some sessions reaches no network and takes at most 64 MiB with each call, so:
+# For a GPU machine that reaches no network and takes the inputs in parts (each under 62 MB):
 #   scripts/gpu_check.sh prepare         # here: .gpu/a, .gpu/b, .gpu/c, one call's load each (under 62 MB)
-# then one call after another on the same warm machine (what a call leaves in .gpu/ stays there for the next), in
-# order of what matters most, since 15 device minutes in all (its start included) hold no more than the first two:
+# then one run after another on that machine (what a run leaves in .gpu/ stays there for the next), in order of
+# what matters most:
 #   carry .gpu/a:  scripts/gpu_check.sh tests decode step         (the GGUF's first part rides along; step without
 #                                                                  MiniLM, which is in .gpu/c)
 #   carry .gpu/b:  MINUTES=3 scripts/gpu_check.sh smollm2         (its second part, gguf's wheel, the LLM text)
-#   carry .gpu/c:  MINUTES=3 scripts/gpu_check.sh minilm step     (in a later session, or with minutes to spare)
+#   carry .gpu/c:  MINUTES=3 scripts/gpu_check.sh minilm step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
