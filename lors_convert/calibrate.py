@@ -294,7 +294,7 @@ def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: 
     rest = [(args[1:], kwargs) for args, kwargs in first_inputs]  # masks, positions...: the same for every block
     xs = [args[0] for args, _ in first_inputs]
     block_of = {name: layer_module_index(blocks, module) for name, module in modules.items()}
-    last = max(block_of.values())
+    first, last = min(block_of.values()), max(block_of.values())
     returns_tuple = False
     for k, block in enumerate(blocks):
         if generator is None and k > last:
@@ -302,7 +302,7 @@ def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: 
         names = {name: modules[name] for name, at in block_of.items() if at == k}
         inputs = Moments()
         hooks = hook_statistics(names, inputs, None) if generator is None else []
-        if generator is not None:
+        if generator is not None and k >= first:
             save_file({str(j): x.contiguous() for j, x in enumerate(xs)}, spill / f"block-{k}.safetensors")
         try:
             with torch.no_grad(), fast_precision(device):
@@ -324,7 +324,7 @@ def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: 
             output_scalar(model, {key: v.to(device) for key, v in batch.items()}, generator).backward()
         grads.append(x.grad)
     del xs
-    for k in reversed(range(last + 1)):
+    for k in reversed(range(first, len(blocks))):  # blocks after the last calibrated one still pass the gradient
         names = {name: modules[name] for name, at in block_of.items() if at == k}
         inputs, outputs = Moments(), Moments()
         hooks = hook_statistics(names, inputs, outputs)
@@ -332,7 +332,7 @@ def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: 
         (spill / f"block-{k}.safetensors").unlink()
         try:
             for j, (args, kwargs) in enumerate(rest):
-                x = stored.pop(str(j)).requires_grad_(k > 0)
+                x = stored.pop(str(j)).requires_grad_(k > first)
                 with torch.enable_grad(), fast_precision(device):
                     first_tensor(blocks[k](x, *args, **kwargs)).backward(grads[j])
                 grads[j] = x.grad
@@ -611,8 +611,11 @@ def calibrate_plans(
             plan = replace(plan, transposed=names[0] in calibration.transposed)
             keys = [f"K:{name}" if n else f"K:{template}" for name, n in zip(names, rows)]
             if not all(rows):  # a layer that saw no tokens: the mean K of the group's other layers
-                seen = [store.get(f"K:{name}") for name, n in zip(names, rows) if n]
-                store.put(f"K:{template}", sum(seen) / len(seen))
+                seen = [name for name, n in zip(names, rows) if n]
+                total = store.get(f"K:{seen[0]}")
+                for name in seen[1:]:
+                    total += store.get(f"K:{name}")
+                store.put(f"K:{template}", total / len(seen))
                 unseen = [str(layer) for layer, n in zip(plan.stack.layers, rows) if not n]
                 warnings.append(
                     f"{template}: layer{'s' * (len(unseen) > 1)} {', '.join(unseen)} saw no calibration tokens; "
