@@ -22,6 +22,7 @@ from lors_convert.checkpoint import TensorSource
 from lors_convert.factorize import psd_factor
 from lors_convert.loading import layer_module, own_names
 from lors_convert.nn import is_conv1d
+from lors_convert.offload import held
 from lors_convert.plan import ConvertConfig, GroupPlan, bias_name
 from lors_convert.runtime import call_model, compute_device, fast_precision, is_causal_lm
 from lors_convert.sampling import sampled_labels, with_model_written
@@ -305,7 +306,7 @@ def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: 
         if generator is not None and k >= first:
             save_file({str(j): x.contiguous() for j, x in enumerate(xs)}, spill / f"block-{k}.safetensors")
         try:
-            with torch.no_grad(), fast_precision(device):
+            with torch.no_grad(), fast_precision(device), held(block, device):
                 outputs = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(xs, rest)]
         finally:
             for hook in hooks:
@@ -331,11 +332,12 @@ def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: 
         stored = load_file(spill / f"block-{k}.safetensors", device=str(device))
         (spill / f"block-{k}.safetensors").unlink()
         try:
-            for j, (args, kwargs) in enumerate(rest):
-                x = stored.pop(str(j)).requires_grad_(k > first)
-                with torch.enable_grad(), fast_precision(device):
-                    first_tensor(blocks[k](x, *args, **kwargs)).backward(grads[j])
-                grads[j] = x.grad
+            with held(blocks[k], device):
+                for j, (args, kwargs) in enumerate(rest):
+                    x = stored.pop(str(j)).requires_grad_(k > first)
+                    with torch.enable_grad(), fast_precision(device):
+                        first_tensor(blocks[k](x, *args, **kwargs)).backward(grads[j])
+                    grads[j] = x.grad
         finally:
             for hook in hooks:
                 hook.remove()
@@ -482,12 +484,13 @@ def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[t
     """The dense model with the source's weights, the calibration batches, and the words that say which lines
     (or rows) they are."""
     from lors_convert.data import tensor_batches, text_batches
-    from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
+    from lors_convert.hf import architecture_dir, load_tokenizer
+    from lors_convert.offload import offloaded_dense_model
 
     if source.model is not None and not settings.model_factory:
         model = source.model()
     else:
-        model = dense_model(source.path, settings.model_factory)
+        model = offloaded_dense_model(source.path, settings.model_factory)
     if settings.model_factory:
         return model, *tensor_batches(settings.calibrate, settings.calib_samples, settings.seed)
     tokenizer = load_tokenizer(architecture_dir(source.path))

@@ -423,7 +423,7 @@ def compress(
         rows, words = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}, results["held_out"]
         converted.unlink()
     else:
-        pair = load_student_teacher(converted)
+        pair = load_student_teacher(converted, offload_teacher=True)
         held_out = split_examples(load_examples(calibrate, pair.tokenizer), training.eval_examples)[1]
         device = setup_device(1)
         rows = {
@@ -811,6 +811,7 @@ def evaluate(
         model_factory,
         allow_teacher_mismatch,
         warn=lambda message: stderr.print(escape(message), soft_wrap=True),
+        offload_teacher=True,
     )
     examples = load_examples(data, pair.tokenizer)
     words = f"{', '.join(f.name for f in data)} ({len(examples)} examples)"

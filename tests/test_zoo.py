@@ -260,6 +260,36 @@ def test_export_loads_with_trust_remote_code_and_without_lors_convert(case, zoo,
             assert sum(p.numel() for p in exported.parameters()) == report["total"]["lors_params"] - buffers(lors)
 
 
+@pytest.mark.parametrize("case", params([case for case in CASES if case.auto]))
+def test_an_offloaded_original_holds_one_block_and_gives_the_same_outputs(case, tmp_path):
+    """What calibration and evaluation run for a Hugging Face folder: the blocks read from the (bfloat16)
+    checkpoint one at a time, in float32, with the whole model's outputs and generations."""
+    from lors_convert.hf import dense_model
+    from lors_convert.offload import OFFLOADED, offloaded_dense_model
+
+    torch.manual_seed(0)
+    case.build().to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    whole, offloaded = dense_model(tmp_path / "model"), offloaded_dense_model(tmp_path / "model").to("cpu")
+    blocks = [module for module in offloaded.modules() if hasattr(module, OFFLOADED)]
+    assert len(blocks) >= 2 and all(t.is_meta for block in blocks for t in block.parameters())
+    live = []
+
+    def count(module, args):
+        live.append(sum(not t.is_meta for block in blocks for t in block.parameters(recurse=True)))
+
+    hooks = [block.register_forward_pre_hook(count) for block in blocks]  # after the offload hooks: weights in
+    with torch.no_grad():
+        expected, got = output(whole(**case.inputs)), output(offloaded(**case.inputs))
+    per_block = max(sum(1 for _ in block.parameters()) for block in blocks)
+    assert live and max(live) <= per_block  # one block's weights at a time
+    assert got.dtype == torch.float32 and close(got, expected, 1e-6)
+    for hook in hooks:
+        hook.remove()
+    assert all(t.is_meta for block in blocks for t in block.parameters())  # dropped after use
+    if case.generates:
+        assert torch.equal(generated(offloaded, case), generated(whole, case))
+
+
 @pytest.mark.parametrize("case", params(LOADABLE))
 def test_one_finetune_step_trains_every_shared_matrix_then_eval(case, zoo, tmp_path, cli):
     _, lors, _ = zoo(case)

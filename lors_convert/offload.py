@@ -1,0 +1,150 @@
+"""A dense model whose blocks' weights stay in the checkpoint until the block runs: each block reads its tensors
+(in float32, on the device of its input) just before its forward and drops them after, so a forward of the
+whole model holds one block's weights, not the model's. Everything outside the blocks (embeddings, final norm,
+head) is read once and stays. This is what lets calibration and evaluation of a model larger than memory run."""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lors_convert import LorsError, hf
+from lors_convert.checkpoint import TensorSource, gguf_file, open_checkpoint
+from lors_convert.hf import architecture_dir, auto_config, model_class, one_line
+from lors_convert.loading import block_path, own_names
+from lors_convert.stacks import find_stacks
+
+OFFLOADED = "_lors_offloaded"  # the attribute a block's offloading state lives under
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory) and their buffers for real:
+    buffers computed at construction (rotary frequencies) are not in a checkpoint."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _set(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = path.rpartition(".")
+    owner_module = module.get_submodule(owner) if owner else module
+    if leaf in owner_module._parameters:
+        owner_module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner_module._buffers[leaf] = tensor
+
+
+def offload_blocks(model: nn.Module, source: TensorSource, own: dict[str, str], blocks: list[str]) -> list[str]:
+    """Fill a model built under parameters_on_meta from `source` (`own`: checkpoint name -> the model's name):
+    the tensors under the module paths `blocks` are read when their block runs, the others now, all in float32.
+    Returns the model's tensors the checkpoint has nothing for (the model cannot run offloaded then)."""
+    prefixes = tuple(f"{path}." for path in blocks)
+    lazy: dict[str, dict[str, str]] = {path: {} for path in blocks}
+    for name, target in own.items():
+        if target.startswith(prefixes):
+            path = next(p for p in blocks if target.startswith(f"{p}."))
+            lazy[path][target.removeprefix(f"{path}.")] = name
+        else:
+            _set(model, target, source.get(name).float())
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head takes the embedding just read
+    for path, names in lazy.items():
+        block = model.get_submodule(path)
+        setattr(block, OFFLOADED, {"source": source, "names": names, "holders": 0})
+        block.register_forward_pre_hook(_onload_hook, with_kwargs=True)
+        block.register_forward_hook(_offload_hook, with_kwargs=True)
+        block._apply = types.MethodType(_apply_to_held, block)
+    waiting = {f"{path}.{local}" for path, names in lazy.items() for local in names}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [name for name, t in tensors if t.device.type == "meta" and name not in waiting]
+
+
+def _onload(block: nn.Module, device: torch.device) -> None:
+    state = getattr(block, OFFLOADED)
+    if state["holders"] == 0:
+        for local, name in state["names"].items():
+            _set(block, local, state["source"].get(name).to(device, torch.float32))
+    state["holders"] += 1
+
+
+def _offload(block: nn.Module) -> None:
+    state = getattr(block, OFFLOADED)
+    state["holders"] -= 1
+    if state["holders"] == 0:
+        for local in state["names"]:
+            owner, _, leaf = local.rpartition(".")
+            owner_module = block.get_submodule(owner) if owner else block
+            table = owner_module._parameters if leaf in owner_module._parameters else owner_module._buffers
+            kept = table[leaf]
+            empty = torch.empty(kept.shape, dtype=kept.dtype, device="meta")
+            table[leaf] = nn.Parameter(empty, requires_grad=False) if isinstance(kept, nn.Parameter) else empty
+
+
+def _apply_to_held(block: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """Module._apply (`.to`, `.float`, `.cuda`) for the tensors the block holds now: the others are on the meta
+    device until it runs, and come in float32 on the device of its input."""
+    return nn.Module._apply(block, lambda t: t if t.is_meta else fn(t), recurse)
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    found = [v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor)]
+    return found[0].device if found else torch.device("cpu")
+
+
+def _onload_hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    _onload(block, _device_of(args, kwargs))
+
+
+def _offload_hook(block: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    _offload(block)
+
+
+@contextmanager
+def held(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """An offloaded block's weights kept in memory while it runs many times (a sweep over the batches); nothing
+    for any other module."""
+    if not hasattr(block, OFFLOADED):
+        yield
+        return
+    _onload(block, device)
+    try:
+        yield
+    finally:
+        _offload(block)
+
+
+def offloaded_dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
+    """The dense original in float32 (hf.dense_model), its blocks offloaded where it can be: a Hugging Face
+    folder of safetensors whose stacked layers sit in blocks and whose every tensor the checkpoint holds. A GGUF
+    (transformers dequantizes it whole) and --model-factory models are built whole."""
+    source = open_checkpoint(source_path)
+    folder = architecture_dir(source_path)
+    if factory or folder is None or gguf_file(folder) is not None or not str(source.files[0]).endswith(".safetensors"):
+        return hf.dense_model(source_path, factory)
+    config = auto_config(folder)
+    try:
+        with parameters_on_meta():
+            model = model_class(config, set(source.info))(config)
+    except Exception as e:
+        raise LorsError(f"{folder / 'config.json'}: cannot build the model it describes ({one_line(e)})") from e
+    own = own_names(model, list(source.info))
+    stacks = find_stacks(source.info)[0]
+    blocks = sorted({block_path(own[n], s.template) for s in stacks for n in s.names if n in own})
+    if not blocks or offload_blocks(model, source, own, blocks):
+        return hf.dense_model(source_path, factory)
+    return model.eval().requires_grad_(False)
