@@ -685,6 +685,17 @@ def written_by_lors_convert(path: Path) -> bool:
     return metadata.get(WRITTEN_BY_KEY) == WRITTEN_BY[WRITTEN_BY_KEY] or "lors" in metadata
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete the checkpoint this tool wrote under `path`: the single file, or the index (first, so no half
+    checkpoint is left readable) and the shards it names. Files without lors-convert's mark stay."""
+    index = index_path(path)
+    files = [index, *open_checkpoint(index).files] if index.is_file() else [path]
+    for file in files:
+        if file.is_file() and written_by_lors_convert(file):
+            file.unlink()
+    fsync_folder(Path(path).parent)
+
+
 def fsync_folder(folder: Path) -> None:
     """Make renames in a folder durable (a no-op where folders cannot be opened, as on Windows)."""
     with contextlib.suppress(OSError):

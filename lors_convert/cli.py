@@ -365,6 +365,7 @@ def compress(
     seed: int = typer.Option(
         0, "--seed", help="Seed of calibration sampling and training (not of the held-out lines)."
     ),
+    shard_size: str = ShardSize,
     force: bool = Force,
     quiet: bool = Quiet,
     as_json: bool = AsJson,
@@ -373,7 +374,7 @@ def compress(
 
     Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
     conversion is reused and training resumes."""
-    from lors_convert.checkpoint import check_output_path, open_checkpoint
+    from lors_convert.checkpoint import check_output_path, index_path, open_checkpoint, parse_size, remove_checkpoint
     from lors_convert.conversion import ConvertConfig
     from lors_convert.conversion import convert as run_convert
     from lors_convert.data import held_out_words, load_examples, split_examples
@@ -398,17 +399,21 @@ def compress(
     )
     settings.validate()
     training.validate()  # before minutes of conversion
+    size = parse_size(shard_size)
     check_output_path(output, [model], force)
     source = open_checkpoint(model)
     check_output_path(output, source.files, force)
+    # fine-tuning starts from a conversion kept beside the output until the end, which a rerun reuses
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
-    if converted.is_file() and leftover_of(read_lors(converted)[1], source, settings):
+    first = converted if finetune_minutes > 0 else output
+    earlier = first == converted and (converted.is_file() or index_path(converted).is_file())
+    if earlier and leftover_of(read_lors(converted)[1], source, settings):
         stderr.print(f"reusing {converted} (converted from the same source with the same settings)")
     else:
         with progress_bars(quiet) as progress:
-            run_convert(source, converted, settings, force=True, progress=progress)
+            run_convert(source, first, settings, shard_size=size, force=force or first == converted, progress=progress)
     if not (quiet or as_json):
-        print_report(build_report(*read_lors(converted)))
+        print_report(build_report(*read_lors(first)))
     if finetune_minutes > 0:
         results = run_finetune(
             converted,
@@ -416,14 +421,15 @@ def compress(
             output,
             training,
             resume=state_path(output).is_file(),
+            shard_size=size,
             force=force,
             quiet=quiet,
             log=lambda message: stderr.print(escape(message)),
         )
         rows, words = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}, results["held_out"]
-        converted.unlink()
+        remove_checkpoint(converted)
     else:
-        pair = load_student_teacher(converted, offload_teacher=True)
+        pair = load_student_teacher(output, offload_teacher=True)
         held_out = split_examples(load_examples(calibrate, pair.tokenizer), training.eval_examples)[1]
         device = setup_device(1)
         rows = {
@@ -432,7 +438,6 @@ def compress(
             )
         }
         words = held_out_words(held_out, calibrate)
-        converted.replace(output)
     print_fidelity(rows, as_json, f"fidelity against the original on {words}")
     last = list(rows.values())[-1]
     if "ppl_student" in last and (
@@ -699,6 +704,7 @@ def finetune(
         help="Under torchrun, shard the student across the processes with FSDP2 instead of replicating it (DDP): "
         "for a model whose weights, gradients and optimizer state do not fit one GPU.",
     ),
+    shard_size: str = ShardSize,
     force: bool = Force,
     quiet: bool = Quiet,
     as_json: bool = AsJson,
@@ -706,6 +712,7 @@ def finetune(
     """Distil the dense teacher into a LORS model and write the fine-tuned LORS checkpoint."""
     if nproc_per_node:
         launch_torchrun(nproc_per_node)
+    from lors_convert.checkpoint import parse_size
     from lors_convert.evaluate import print_fidelity
     from lors_convert.finetuning import FinetuneConfig
     from lors_convert.finetuning import finetune as run_finetune
@@ -733,6 +740,7 @@ def finetune(
         allow_teacher_mismatch=allow_teacher_mismatch,
         resume=resume,
         fsdp=fsdp,
+        shard_size=parse_size(shard_size),
         force=force,
         quiet=quiet,
         log=lambda message: stderr.print(escape(message), soft_wrap=True),
@@ -794,14 +802,21 @@ def evaluate(
         False,
         "--held-out",
         metavar=FLAG,
-        help="Only the data's held-out examples: those finetune and compress hold out (at their default "
-        "--eval-examples) and calibration never draws.",
+        help="Only the data's held-out examples: those finetune and compress held out (the --eval-examples "
+        "the checkpoint's fine-tune recorded) and calibration never draws.",
+    ),
+    eval_examples: Optional[int] = typer.Option(
+        None,
+        "--eval-examples",
+        min=2,
+        show_default="the fine-tune's, else 256",
+        help="With --held-out: how many examples were held out (at most a fifth).",
     ),
     as_json: bool = AsJson,
     quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
-    from lors_convert.data import held_out_words, load_examples, split_examples
+    from lors_convert.data import HELD_OUT, held_out_words, load_examples, split_examples
     from lors_convert.evaluate import fidelity, held_out_loss, load_student_teacher, print_fidelity
     from lors_convert.runtime import setup_device
 
@@ -816,7 +831,8 @@ def evaluate(
     examples = load_examples(data, pair.tokenizer)
     words = f"{', '.join(f.name for f in data)} ({len(examples)} examples)"
     if held_out:
-        examples = split_examples(examples)[1]
+        recorded = (pair.meta.finetune or {}).get("settings", {}).get("eval_examples", HELD_OUT)
+        examples = split_examples(examples, eval_examples or recorded)[1]
         words = held_out_words(examples, data)
     device = setup_device(1)
     options = {"batch_size": batch_size, "max_length": max_length, "device": device}

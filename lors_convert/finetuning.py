@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.checkpoint import fsync_folder
+from lors_convert.checkpoint import SHARD_SIZE, fsync_folder
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import (
     StudentTeacher,
@@ -292,10 +292,16 @@ def load_state(path: Path, student: nn.Module, optimizer, fingerprint: dict) -> 
 
 
 def write_output(
-    output: Path, pair: StudentTeacher, settings: FinetuneConfig, results: dict, force: bool, state: dict
+    output: Path,
+    pair: StudentTeacher,
+    settings: FinetuneConfig,
+    results: dict,
+    force: bool,
+    state: dict,
+    shard_size: int,
 ) -> list[Path]:
     """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
-    fine-tune recorded."""
+    fine-tune recorded; shards above `shard_size`."""
     from lors_convert.checkpoint import check_output_path, open_checkpoint, write_safetensors
     from lors_convert.loading import checkpoint_tensors
     from lors_convert.lors_format import header_metadata, reconstruction_errors
@@ -323,7 +329,7 @@ def write_output(
         },
     )
     check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
-    return write_safetensors(output, tensors, header_metadata(meta))
+    return write_safetensors(output, tensors, header_metadata(meta), shard_size=shard_size)
 
 
 def teacher_files(pair: StudentTeacher) -> list[Path]:
@@ -386,6 +392,7 @@ def finetune(
     allow_teacher_mismatch: bool = False,
     resume: bool = False,
     fsdp: bool = False,
+    shard_size: int = SHARD_SIZE,
     force: bool = False,
     quiet: bool = False,
     log=print,
@@ -516,6 +523,7 @@ def finetune(
         dist.destroy_process_group()
     if rank == 0:
         finish(writing)
-        results["files"] = [str(f) for f in write_output(output, pair, settings, results, force, state)]
+        files = write_output(output, pair, settings, results, force, state, shard_size)
+        results["files"] = [str(f) for f in files]
         state_path(output).unlink(missing_ok=True)
     return results

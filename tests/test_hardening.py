@@ -374,6 +374,27 @@ def test_a_config_transformers_cannot_build_is_one_line(tmp_path, cli):
     )
 
 
+def test_eval_held_out_holds_out_what_finetune_held_out(tmp_path, cli):
+    """Defect: `eval --held-out` held out its default 256 (here a fifth: 16 lines) whatever finetune had held out,
+    so after `finetune --eval-examples 8` it scored 8 training lines as held-out."""
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
+    assert cli(folder, "-o", tmp_path / "s.lors.safetensors", "--rank", "2", "--quiet").code == 0
+    tuned = tmp_path / "t.lors.safetensors"
+    options = ("--data", text, "--quiet", "--json")
+    assert (
+        cli(
+            "finetune", tmp_path / "s.lors.safetensors", "-o", tuned, "--steps", "1", "--eval-examples", "8", *options
+        ).code
+        == 0
+    )
+    result = cli("eval", tuned, "--held-out", *options)
+    assert result.code == 0, result.err
+    assert result.json()["examples"] == 8
+    assert cli("eval", tuned, "--held-out", "--eval-examples", "12", *options).json()["examples"] == 12
+
+
 def test_the_eval_table_names_its_data(tmp_path, cli):
     folder = bert_folder(tmp_path, with_tokenizer=True)
     assert cli(folder, "-o", tmp_path / "s.lors.safetensors", "--rank", "2", "--quiet").code == 0
@@ -448,6 +469,37 @@ def test_compress_reuses_a_leftover_conversion_only_of_the_same_source(tmp_path,
     assert result.code == 0, result.err
     assert "reusing" not in result.err
     assert Path(read_lors(out)[1].source.path).parent == second.resolve()  # the second model, converted afresh
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("minutes", ["0", "0.001"])
+def test_compress_shards_resumes_and_ends_with_one_checkpoint(tmp_path, cli, monkeypatch, minutes):
+    """Outputs above --shard-size: the conversion and the result are shards plus an index. An interrupted run's
+    conversion is reused by the next one, and the end leaves the output's files alone (no intermediate)."""
+    import lors_convert.finetuning
+
+    folder = bert_folder(tmp_path, with_tokenizer=True)
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
+    out, size = tmp_path / "final.lors.safetensors", ("--shard-size", "4KB")
+    finetune = lors_convert.finetuning.finetune
+    if minutes != "0":
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(lors_convert.finetuning, "finetune", interrupted)
+        assert cli(*compress_args(folder, text, out, "--finetune-minutes", minutes, *size)).code != 0
+        assert len(list(tmp_path.glob("final.lors.converted-*-of-*.safetensors"))) > 1
+        monkeypatch.setattr(lors_convert.finetuning, "finetune", finetune)
+    result = cli(*compress_args(folder, text, out, "--finetune-minutes", minutes, *size))
+    assert result.code == 0, result.err
+    assert ("reusing" in result.err) == (minutes != "0")
+    shards = sorted(p.name for p in tmp_path.glob("final.lors-*-of-*.safetensors"))
+    assert len(shards) > 1 and sorted(p.name for p in tmp_path.glob("final.*")) == sorted(
+        [*shards, "final.lors.safetensors.index.json"]
+    )
+    assert read_lors(out)[1].calibration is not None
 
 
 def test_compress_refuses_bad_training_options_before_converting(tmp_path, cli):
