@@ -109,9 +109,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def token_log_probs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token negative log-likelihoods, number of predicted tokens)."""
+    """(sum of next-token negative log-likelihoods, number of predicted tokens): predictions of a real token made
+    at a real token (never at padding, on either side)."""
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    keep = mask[:, 1:].flatten().float()
+    keep = (mask[:, 1:] * mask[:, :-1]).flatten().float()
     return (nll * keep).sum(), keep.sum()
 
 

@@ -205,9 +205,13 @@ def load_tokenizer(folder: Path | None):
     transformers = _transformers()
     where, options = pretrained_args(folder)
     try:
-        return transformers.AutoTokenizer.from_pretrained(where, **options)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **options)
     except Exception as e:  # transformers raises many kinds for a broken tokenizer; the user needs one line
         raise LorsError(f"{folder}: cannot load its tokenizer ({one_line(e)})") from e
+    # batches of lines are scored and trained on right-padded, so every row starts at position 0 (Llama-2's and
+    # Mistral's tokenizers pad on the left, for generation, which pads its prompts itself)
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def one_line(error: Exception) -> str:

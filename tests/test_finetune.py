@@ -78,6 +78,26 @@ def text_file(path: Path, lines: int = 120, seed: int = 0) -> Path:
     return path
 
 
+def test_scores_do_not_depend_on_the_tokenizers_padding_side(tmp_path, cli):
+    """Defect: a tokenizer that pads on the left (Llama-2's, Mistral's) had the prediction made at the last pad
+    position counted, and the real tokens moved to later positions: eval and fine-tuning score right-padded."""
+    import json
+
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    data = text_file(tmp_path / "t.txt")
+    lors = tmp_path / "m.lors.safetensors"
+    assert cli(folder, "-o", lors, "--rank", "4", "--quiet").code == 0
+    scores = {}
+    for side in ("right", "left"):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": side}))
+        result = cli("eval", lors, "--data", data, "--batch-size", "8", "--json", "--quiet")
+        assert result.code == 0, result.err
+        scores[side] = result.json()
+    for key in ("ppl_teacher", "ppl_student", "kl", "top1"):
+        assert scores["left"][key] == pytest.approx(scores["right"][key], rel=1e-5), key
+
+
 @pytest.fixture
 def converted(tmp_path, cli):
     """(model dir, LORS file, report) of a tiny model converted at rank 4."""
