@@ -128,5 +128,14 @@ def sample(
         written = tokens[prompt:]
         if tokenizer.eos_token_id in written:  # generation pads after it; packing puts one after every text
             written = written[: written.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(tokens[skip:prompt] + written, skip_special_tokens=False))
+        kept = tokens[skip:prompt] + written
+        if kept[:1] == [tokenizer.bos_token_id] and adds_start_token(tokenizer):  # it comes back when tokenized
+            kept = kept[1:]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=False))
     return texts
+
+
+def adds_start_token(tokenizer) -> bool:
+    """Whether tokenizing a text puts the start token before it (Llama's, Gemma's, Mistral's tokenizers)."""
+    start = tokenizer.bos_token_id
+    return start is not None and callable(tokenizer) and tokenizer("a")["input_ids"][:1] == [start]

@@ -922,6 +922,30 @@ def test_the_model_writes_its_samples_in_bf16_where_the_cpu_multiplies_it(monkey
     handle.remove()
 
 
+def test_a_model_written_text_tokenizes_back_with_one_start_token():
+    """Defect: with a tokenizer that adds the start token itself and a chat template that writes it too (Llama-3,
+    Gemma, Mistral), the model's answers were decoded with their start token, then tokenized with another."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from lors_convert.sampling import model_written
+
+    words = ["<pad>", "<s>", "</s>", *[f"w{i}" for i in range(61)]]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    model, _ = tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=48, heads=4, init=0.2)
+    texts = model_written(model, tokenizer, ["w1 w2 w3", "w4 w5"], free=2, seed=0)
+    assert len(texts) == 4
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == 1 and 1 not in ids[1:], text
+
+
 @pytest.mark.parametrize("start", [1, 2], ids=["start token", "end of text as start"])
 def test_the_model_written_tokens_are_drawn_from_its_own_distribution(monkeypatch, start):
     """Sampled at temperature 1 with no truncation: the first written token of many texts from the start token
