@@ -41,8 +41,12 @@ def call_model(model: nn.Module, batch: dict, **options):
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """A decoder that predicts the next token (transformers' *ForCausalLM and *LMHeadModel classes)."""
-    return type(unwrap(model)).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    """A transformers decoder that predicts the next token: it generates and is no encoder-decoder (*ForCausalLM,
+    *LMHeadModel, and the language models named otherwise, like Gemma 3's *ForConditionalGeneration)."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    generates = is_hf(model) and callable(getattr(model, "can_generate", None)) and model.can_generate()
+    return generates and not getattr(config, "is_encoder_decoder", False)
 
 
 def logits_and_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -290,6 +290,29 @@ def test_an_offloaded_original_holds_one_block_and_gives_the_same_outputs(case, 
         assert torch.equal(generated(offloaded, case), generated(whole, case))
 
 
+GEMMA3 = hf(
+    "Gemma3ForConditionalGeneration",
+    "Gemma3Config",
+    text_config={**LLAMA, "head_dim": 8},
+    vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28),
+    mm_tokens_per_image=4,
+)
+
+
+@pytest.mark.parametrize(
+    "build, causal",
+    [(case.build, case.auto == CAUSAL) for case in CASES if case.auto] + [(GEMMA3, True)],
+    ids=[case.id for case in CASES if case.auto] + ["gemma3-conditional-generation"],
+)
+def test_a_language_model_is_known_by_what_it_does_not_its_class_name(build, causal):
+    """Defect: class-name suffixes missed Gemma 3's *ForConditionalGeneration language model, which then got no
+    packing, no model-written calibration text, no --max-ppl-increase and an encoder's learning rate."""
+    from lors_convert.runtime import is_causal_lm
+
+    torch.manual_seed(0)
+    assert is_causal_lm(build()) == causal
+
+
 @pytest.mark.parametrize("case", params(LOADABLE))
 def test_one_finetune_step_trains_every_shared_matrix_then_eval(case, zoo, tmp_path, cli):
     _, lors, _ = zoo(case)
