@@ -332,11 +332,10 @@ def blockwise(model, chain, modules, batches, generator, finish: Finish, spill: 
         stored = load_file(spill / f"block-{k}.safetensors", device=str(device))
         (spill / f"block-{k}.safetensors").unlink()
         try:
-            with held(blocks[k], device):
+            with torch.enable_grad(), fast_precision(device), held(blocks[k], device):
                 for j, (args, kwargs) in enumerate(rest):
                     x = stored.pop(str(j)).requires_grad_(k > first)
-                    with torch.enable_grad(), fast_precision(device):
-                        first_tensor(blocks[k](x, *args, **kwargs)).backward(grads[j])
+                    first_tensor(blocks[k](x, *args, **kwargs)).backward(grads[j])
                     grads[j] = x.grad
         finally:
             for hook in hooks:

@@ -1,5 +1,6 @@
 """A dense model whose blocks' weights stay in the checkpoint until the block runs: each block reads its tensors
-(in float32, on the device of its input) just before its forward and drops them after, so a forward of the
+(in float32, on the device of its input; as stored under autocast to their dtype) just before its forward and
+drops them after, so a forward of the
 whole model holds one block's weights, not the model's. Everything outside the blocks (embeddings, final norm,
 head) is read once and stays. This is what lets calibration and evaluation of a model larger than memory run."""
 
@@ -77,8 +78,15 @@ def offload_blocks(model: nn.Module, source: TensorSource, own: dict[str, str], 
 def _onload(block: nn.Module, device: torch.device) -> None:
     state = getattr(block, OFFLOADED)
     if state["holders"] == 0:
-        for local, name in state["names"].items():
-            _set(block, local, state["source"].get(name).to(device, torch.float32))
+        # under autocast to the checkpoint's own dtype (bf16 passes on a CPU that multiplies bf16) the products
+        # would round float32 matrices back to what is stored: they are read as stored, at half the cost (norms'
+        # weights, which some kernels want in float32 beside float32 inputs, are not)
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        source, names = state["source"], state["names"]
+        for local, name in names.items():
+            info = source.info[name]
+            as_stored = info.dtype == autocast and len(info.shape) >= 2
+            _set(block, local, source.get(name).to(device, info.dtype if as_stored else torch.float32))
     state["holders"] += 1
 
 

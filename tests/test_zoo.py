@@ -272,19 +272,23 @@ def test_an_offloaded_original_holds_one_block_and_gives_the_same_outputs(case, 
     whole, offloaded = dense_model(tmp_path / "model"), offloaded_dense_model(tmp_path / "model").to("cpu")
     blocks = [module for module in offloaded.modules() if hasattr(module, OFFLOADED)]
     assert len(blocks) >= 2 and all(t.is_meta for block in blocks for t in block.parameters())
-    live = []
+    live, dtypes = [], set()
 
     def count(module, args):
         live.append(sum(not t.is_meta for block in blocks for t in block.parameters(recurse=True)))
+        if torch.is_autocast_enabled("cpu"):
+            dtypes.update(t.dtype for t in module.parameters() if t.dim() >= 2)  # matrices
 
     hooks = [block.register_forward_pre_hook(count) for block in blocks]  # after the offload hooks: weights in
     with torch.no_grad():
         expected, got = output(whole(**case.inputs)), output(offloaded(**case.inputs))
-    per_block = max(sum(1 for _ in block.parameters()) for block in blocks)
-    assert live and max(live) <= per_block  # one block's weights at a time
-    assert got.dtype == torch.float32 and close(got, expected, 1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the blocks read as stored: the very same products
+            assert torch.equal(output(offloaded(**case.inputs)), output(whole(**case.inputs)))
     for hook in hooks:
         hook.remove()
+    per_block = max(sum(1 for _ in block.parameters()) for block in blocks)
+    assert live and max(live) <= per_block  # one block's weights at a time
+    assert got.dtype == torch.float32 and close(got, expected, 1e-6) and dtypes == {torch.bfloat16}
     assert all(t.is_meta for block in blocks for t in block.parameters())  # dropped after use
     if case.generates:
         assert torch.equal(generated(offloaded, case), generated(whole, case))
