@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,24 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 1
     return (hits / k).mean().item()
 
 
+LOGITS_BYTES = 2**28  # a scored batch's float32 logits at most: its scoring holds a few times that
+
+
+def scored_batches(model: nn.Module, batches: Iterator[dict]) -> Iterator[dict]:
+    """The batches cut into fewer rows where their logits would pass LOGITS_BYTES (a 256k vocabulary: 4.3 GB for
+    32 rows of 128 tokens, per model, before the scoring's own copies)."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else 0
+    for batch in batches:
+        ids = batch.get("input_ids")
+        if ids is None or not vocab:
+            yield batch
+            continue
+        rows = max(1, LOGITS_BYTES // (ids.shape[1] * vocab * 4))
+        for first in range(0, len(ids), rows):
+            yield {k: v[first : first + rows] for k, v in batch.items()}
+
+
 @torch.no_grad()
 def held_out_loss(
     model: nn.Module,
@@ -156,7 +175,7 @@ def held_out_loss(
 ) -> dict:
     """Next-token loss and perplexity on held-out examples (for models trained without a teacher)."""
     nll = tokens = 0.0
-    for batch in examples.batches(batch_size, tokenizer, max_length, device):
+    for batch in scored_batches(model, examples.batches(batch_size, tokenizer, max_length, device)):
         with autocast(device):
             logits, _ = logits_and_hidden(model, batch)
         if logits is None or "input_ids" not in batch:
@@ -184,7 +203,7 @@ def fidelity(
     s_emb, t_emb = [], []
     nll_s = nll_t = kl = agree = tokens = positions = 0.0
     lm = False
-    for batch in examples.batches(batch_size, tokenizer, max_length, device):
+    for batch in scored_batches(teacher, examples.batches(batch_size, tokenizer, max_length, device)):
         mask = batch.get("attention_mask")
         with autocast(device):
             s_logits, s_hidden = logits_and_hidden(student, batch)

@@ -98,6 +98,32 @@ def test_scores_do_not_depend_on_the_tokenizers_padding_side(tmp_path, cli):
         assert scores["left"][key] == pytest.approx(scores["right"][key], rel=1e-5), key
 
 
+def test_scoring_a_large_vocabulary_holds_a_few_rows_of_logits_at_a_time(tmp_path, cli, monkeypatch):
+    """Defect: 32 rows of a 256k vocabulary's float32 logits are 4.3 GB per model; eval cuts a batch into fewer
+    rows where its logits would pass LOGITS_BYTES, with the same scores."""
+    from lors_convert import evaluate
+
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    data = text_file(tmp_path / "t.txt")
+    lors = tmp_path / "m.lors.safetensors"
+    assert cli(folder, "-o", lors, "--rank", "4", "--quiet").code == 0
+    args = ("eval", lors, "--data", data, "--batch-size", "16", "--json", "--quiet")
+    whole = cli(*args).json()
+    rows = []
+    head = transformers.LlamaForCausalLM.forward
+
+    def forward(self, *a, **kw):
+        rows.append(len(kw.get("input_ids", a[0] if a else None)))
+        return head(self, *a, **kw)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", forward)
+    monkeypatch.setattr(evaluate, "LOGITS_BYTES", 8 * tiny_config("llama", 3).vocab_size * 4)  # 8 positions
+    cut = cli(*args).json()
+    assert rows and max(rows) == 1
+    for key in ("ppl_teacher", "ppl_student", "kl", "top1", "cos", "top10"):
+        assert cut[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
 @pytest.fixture
 def converted(tmp_path, cli):
     """(model dir, LORS file, report) of a tiny model converted at rank 4."""
