@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -908,6 +910,10 @@ _threads_chosen = False  # whether OMP_NUM_THREADS is ours (then torchrun's proc
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `lors-convert MODEL` means convert; user errors print one line."""
+    # a kill (a job scheduler's, a container's stop) ends a command as Ctrl-C does: temporary files and
+    # unfinished outputs are removed on the way out
+    if threading.current_thread() is threading.main_thread():  # the only thread that may set a handler
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return run(argv)
     # A torchrun worker leaves without the interpreter's shutdown: gloo's threads outlive destroy_process_group

@@ -138,3 +138,43 @@ def test_the_training_state_reaches_the_disk_before_it_replaces_the_last(tmp_pat
     finetuning.write_state(tmp_path / "state.pt", {"step": 7})
     assert events[:2] == ["fsync", "replace"]
     assert torch.load(tmp_path / "state.pt")["step"] == 7 and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+SLOW_MODEL = """
+import time
+from factory_models import StackedMLP
+
+def slow_mlp():
+    model = StackedMLP()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.2))
+    return model
+"""
+
+
+def test_a_killed_conversion_leaves_nothing_behind(tmp_path):
+    """A kill (SIGTERM: a job scheduler's, a container's stop) ends a command as Ctrl-C does: the calibration's
+    temporary folder and the unfinished output are removed, and it exits non-zero."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from factory_models import stacked_mlp
+
+    (tmp_path / "slow_models.py").write_text(SLOW_MODEL)
+    torch.manual_seed(0)
+    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
+    save_file({"x": torch.randn(512, 5, 16)}, tmp_path / "inputs.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "lors_convert", tmp_path / "mlp.safetensors", "-o", tmp_path / "o.safetensors"]
+    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "slow_models:slow_mlp", "--rank", "2"]
+    process = subprocess.Popen([*command, *options, "--calib-samples", "512", "--quiet"], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".o.safetensors.*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the conversion ended before it could be killed"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
