@@ -484,7 +484,7 @@ def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[t
     (or rows) they are."""
     from lors_convert.data import tensor_batches, text_batches
     from lors_convert.hf import architecture_dir, load_tokenizer
-    from lors_convert.offload import offloaded_dense_model
+    from lors_convert.loading import offloaded_dense_model
 
     if source.model is not None and not settings.model_factory:
         model = source.model()

@@ -431,7 +431,7 @@ def compress(
         rows, words = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}, results["held_out"]
         remove_checkpoint(converted)
     else:
-        pair = load_student_teacher(output, offload_teacher=True)
+        pair = load_student_teacher(output, offload=True)
         held_out = split_examples(load_examples(calibrate, pair.tokenizer), training.eval_examples)[1]
         device = setup_device(1)
         rows = {
@@ -828,7 +828,7 @@ def evaluate(
         model_factory,
         allow_teacher_mismatch,
         warn=lambda message: stderr.print(escape(message), soft_wrap=True),
-        offload_teacher=True,
+        offload=True,
     )
     examples = load_examples(data, pair.tokenizer)
     words = f"{', '.join(f.name for f in data)} ({len(examples)} examples)"

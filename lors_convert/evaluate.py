@@ -42,13 +42,13 @@ def load_student_teacher(
     factory: str | None = None,
     allow_teacher_mismatch: bool = False,
     warn=print,
-    offload_teacher: bool = False,
+    offload: bool = False,
 ) -> StudentTeacher:
-    """The LORS student (runtime modules) and the dense teacher, on the CPU in float32; with `offload_teacher`,
-    the teacher's blocks are read from its checkpoint as they run (offload.py), where they can be."""
+    """The LORS student (runtime modules) and the dense teacher, on the CPU in float32; with `offload` (to
+    evaluate, not to train), both models' blocks are read from their checkpoints as they run (offload.py), where
+    they can be: memory holds one block of each."""
     from lors_convert.hf import architecture_dir, dense_model, factory_architecture, has_tokenizer, load_tokenizer
-    from lors_convert.loading import load
-    from lors_convert.offload import offloaded_dense_model
+    from lors_convert.loading import load, offloaded_dense_model
 
     source, meta = read_lors(lors)
     if teacher is None and meta.source.sha256 is None:  # from `lors-convert init`: nothing to distil from
@@ -72,8 +72,9 @@ def load_student_teacher(
             f"{path}: cannot tell the architecture; give a Hugging Face model directory as "
             "--teacher or --model-factory package.module:function"
         )
-    student = load(lors, architecture=(lambda: factory_architecture(factory)) if factory else folder)
-    teacher_model = (offloaded_dense_model if offload_teacher else dense_model)(path, factory).requires_grad_(False)
+    architecture = (lambda: factory_architecture(factory)) if factory else folder
+    student = load(lors, architecture=architecture, offload=offload and not factory)
+    teacher_model = (offloaded_dense_model if offload else dense_model)(path, factory).requires_grad_(False)
     tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
     return StudentTeacher(
         student, teacher_model.float().eval(), fit_tokenizer(tokenizer, student), source, meta, path, digest

@@ -23,12 +23,21 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource, check_output_path, gguf_file, write_safetensors
-from lors_convert.hf import _transformers, auto_config, checkpoint_names, model_class, one_line
+from lors_convert.checkpoint import TensorSource, check_output_path, gguf_file, open_checkpoint, write_safetensors
+from lors_convert.hf import (
+    _transformers,
+    architecture_dir,
+    auto_config,
+    checkpoint_names,
+    dense_model,
+    model_class,
+    one_line,
+)
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
 from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors, lors_model_class
 from lors_convert.nn import is_conv1d, is_swappable
-from lors_convert.stacks import is_index
+from lors_convert.offload import offload_blocks, parameters_on_meta
+from lors_convert.stacks import find_stacks, is_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,26 +164,32 @@ def swaps_for(model: nn.Module, meta: LorsMeta, own_name: dict[str, str]) -> lis
     return swaps
 
 
-def lors_state_dict(source: TensorSource, meta: LorsMeta, own_name: dict[str, str], swaps: list[Swap]) -> dict:
-    """The LORS file's tensors under the model's own names (factors as `<layer>.lora_A`/`.lora_B`, shared
-    matrices as `lors_shared.<group>`), every one read into memory here: loading holds the whole file's tensors
-    at once (the LORS tensors, not a dense copy of the stacked layers)."""
-    state = {}
+def lors_names(source: TensorSource, meta: LorsMeta, own_name: dict[str, str], swaps: list[Swap]) -> dict[str, str]:
+    """{the LORS file's tensor name: the model's own name for it}: factors as `<layer>.lora_A`/`.lora_B`, shared
+    matrices as `lors_shared.<group>`, everything else under the model's name for the original tensor."""
     factored = {swap.name: swap for swap in swaps}
     owned = meta.group_keys()
-    for name in source.info:
-        if name not in owned:
-            state[own_name.get(name, name)] = source.get(name)
+    names = {name: own_name.get(name, name) for name in source.info if name not in owned}
     for g, group in enumerate(meta.groups):
         if group.shared and group_used(g, swaps):
-            state[f"{SHARED_ATTRIBUTE}.{g}"] = source.get(shared_key(group.template)).reshape(group.rows_cols)
+            names[shared_key(group.template)] = f"{SHARED_ATTRIBUTE}.{g}"
         for name, rank in zip(group.names, group.ranks):
             if rank is None:
-                state[own_name.get(name, name)] = source.get(name)
+                names[name] = own_name.get(name, name)
                 continue
-            swap = factored[name]
             a_key, b_key = factor_keys(name)
-            state[f"{swap.path}.lora_A"], state[f"{swap.path}.lora_B"] = source.get(a_key), source.get(b_key)
+            names[a_key], names[b_key] = f"{factored[name].path}.lora_A", f"{factored[name].path}.lora_B"
+    return names
+
+
+def lors_state_dict(source: TensorSource, meta: LorsMeta, own_name: dict[str, str], swaps: list[Swap]) -> dict:
+    """The LORS file's tensors under the model's own names (lors_names), every one read into memory here: loading
+    holds the whole file's tensors at once (the LORS tensors, not a dense copy of the stacked layers)."""
+    state = {own: source.get(key) for key, own in lors_names(source, meta, own_name, swaps).items()}
+    for g, group in enumerate(meta.groups):
+        shared = f"{SHARED_ATTRIBUTE}.{g}"
+        if shared in state:
+            state[shared] = state[shared].reshape(group.rows_cols)
     return state
 
 
@@ -199,17 +214,26 @@ def architecture_folder(meta: LorsMeta, architecture) -> Path | None:
 
 
 def load(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, architecture=None
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    architecture=None,
+    offload: bool = False,
 ) -> nn.Module:
     """The model of a LORS checkpoint, ready to run: its stacked Linear/Conv1D layers are LorsLinear modules.
 
     `architecture`: a Hugging Face folder (or its config.json, or a `PretrainedConfig`), a GGUF file, or a callable
     returning the model (plain PyTorch); by default the folder or GGUF the checkpoint was converted from. The model
     is in eval mode, float32 unless `dtype` says otherwise, on `device`. Every tensor of the file is read before the
-    model takes them (not lazily): peak memory is about the file's tensors plus the model.
+    model takes them (not lazily): peak memory is about the file's tensors plus the model. With `offload` (Hugging
+    Face architectures), each block's tensors stay in the file until the block runs and are dropped after it:
+    memory holds the shared matrices, what lies outside the blocks, and one block (inference only).
     """
     source, meta = read_lors(path)
     if callable(architecture) and not isinstance(architecture, (str, Path)) and not is_config(architecture):
+        if offload:
+            raise LorsError("offload=True needs a Hugging Face architecture (a folder, config or GGUF)")
         model, own_name, swaps = load_plain(architecture, source, meta)
     else:
         config = architecture if is_config(architecture) else None
@@ -219,16 +243,40 @@ def load(
                 f"{path}: cannot tell the architecture (no config.json at {meta.source.path} or given); pass "
                 "architecture= a Hugging Face folder or config, or a function building the model"
             )
-        model, own_name, swaps = load_hf(config or folder, source, meta)
+        model, own_name, swaps = load_hf(config or folder, source, meta, (dtype or torch.float32) if offload else None)
     model.lors = CheckpointLayout(meta, own_name, swaps, {name: info.dtype for name, info in source.info.items()})
     return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def offloaded_dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
+    """The dense original in float32 (hf.dense_model), its blocks offloaded where it can be: a Hugging Face
+    folder of safetensors whose stacked layers sit in blocks and whose every tensor the checkpoint holds. A GGUF
+    (transformers dequantizes it whole) and --model-factory models are built whole."""
+    source = open_checkpoint(source_path)
+    folder = architecture_dir(source_path)
+    if factory or folder is None or gguf_file(folder) is not None or not str(source.files[0]).endswith(".safetensors"):
+        return dense_model(source_path, factory)
+    config = auto_config(folder)
+    try:
+        with parameters_on_meta():
+            model = model_class(config, set(source.info))(config)
+    except Exception as e:
+        raise LorsError(f"{folder / 'config.json'}: cannot build the model it describes ({one_line(e)})") from e
+    own = own_names(model, list(source.info))
+    stacks = find_stacks(source.info)[0]
+    blocks = sorted({block_path(own[n], s.template) for s in stacks for n in s.names if n in own})
+    if not blocks or offload_blocks(model, source, own, blocks):
+        return dense_model(source_path, factory)
+    return model.eval().requires_grad_(False)
 
 
 def is_config(value) -> bool:
     return type(value).__name__.endswith("Config") and hasattr(value, "to_dict")
 
 
-def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
+def load_hf(architecture, source: TensorSource, meta: LorsMeta, offload: torch.dtype | None = None) -> nn.Module:
+    """The LORS model of a Hugging Face architecture, with every tensor of the file; with `offload` (a dtype), the
+    blocks' tensors read as their block runs (offload.py), in that dtype."""
     transformers = _transformers()
     config = architecture if is_config(architecture) else auto_config(architecture)
     try:
@@ -239,9 +287,17 @@ def load_hf(architecture, source: TensorSource, meta: LorsMeta) -> nn.Module:
         raise LorsError(f"{architecture}: cannot build the model its config describes ({one_line(e)})") from e
     own_name = own_names(skeleton, list(source.info) + [n for g in meta.groups for n in g.names])
     swaps = swaps_for(skeleton, meta, own_name)
+    config.lors = lors_description(swaps, meta.groups)
+    if offload is not None:
+        with parameters_on_meta():
+            model = lors_model_class(cls)(config)
+        blocks = sorted({block_path(own_name.get(n, n), g.template) for g in meta.groups for n in g.names})
+        missing = offload_blocks(model, source, lors_names(source, meta, own_name, swaps), blocks, offload)
+        if missing:
+            raise LorsError(f"{source.path}: cannot offload {cls.__name__}: the file has no {missing[0]!r}")
+        return model, own_name, swaps
     state = lors_state_dict(source, meta, own_name, swaps)
     dtype_option = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
-    config.lors = lors_description(swaps, meta.groups)
     model, info = lors_model_class(cls).from_pretrained(
         None, config=config, state_dict=state, output_loading_info=True, **dtype_option
     )

@@ -1,24 +1,19 @@
-"""A dense model whose blocks' weights stay in the checkpoint until the block runs: each block reads its tensors
-(in float32, on the device of its input; as stored under autocast to their dtype) just before its forward and
-drops them after, so a forward of the
-whole model holds one block's weights, not the model's. Everything outside the blocks (embeddings, final norm,
-head) is read once and stays. This is what lets calibration and evaluation of a model larger than memory run."""
+"""A model whose blocks' weights stay in the checkpoint until the block runs: each block reads its tensors (in
+float32 or the dtype asked for, on the device of its input; as stored under autocast to their own dtype) just
+before its forward and drops them after, so a forward of the whole model holds one block's weights, not the
+model's. Everything outside the blocks (embeddings, final norm, head, LORS shared matrices) is read once and stays.
+This is what lets calibration and evaluation of a model larger than memory run."""
 
 from __future__ import annotations
 
 import types
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from lors_convert import LorsError, hf
-from lors_convert.checkpoint import TensorSource, gguf_file, open_checkpoint
-from lors_convert.hf import architecture_dir, auto_config, model_class, one_line
-from lors_convert.loading import block_path, own_names
-from lors_convert.stacks import find_stacks
+from lors_convert.checkpoint import TensorSource
 
 OFFLOADED = "_lors_offloaded"  # the attribute a block's offloading state lives under
 
@@ -42,17 +37,20 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def _set(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in the place of the parameter or buffer at `path`, in that one's shape (a LORS file stores
+    a shared matrix in the group's layer shape)."""
     owner, _, leaf = path.rpartition(".")
     owner_module = module.get_submodule(owner) if owner else module
-    if leaf in owner_module._parameters:
-        owner_module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner_module._buffers[leaf] = tensor
+    table = owner_module._parameters if leaf in owner_module._parameters else owner_module._buffers
+    tensor = tensor.reshape(table[leaf].shape) if table.get(leaf) is not None else tensor
+    table[leaf] = nn.Parameter(tensor, requires_grad=False) if table is owner_module._parameters else tensor
 
 
-def offload_blocks(model: nn.Module, source: TensorSource, own: dict[str, str], blocks: list[str]) -> list[str]:
+def offload_blocks(
+    model: nn.Module, source: TensorSource, own: dict[str, str], blocks: list[str], dtype: torch.dtype = torch.float32
+) -> list[str]:
     """Fill a model built under parameters_on_meta from `source` (`own`: checkpoint name -> the model's name):
-    the tensors under the module paths `blocks` are read when their block runs, the others now, all in float32.
+    the tensors under the module paths `blocks` are read when their block runs, the others now, all in `dtype`.
     Returns the model's tensors the checkpoint has nothing for (the model cannot run offloaded then)."""
     prefixes = tuple(f"{path}." for path in blocks)
     lazy: dict[str, dict[str, str]] = {path: {} for path in blocks}
@@ -61,12 +59,12 @@ def offload_blocks(model: nn.Module, source: TensorSource, own: dict[str, str], 
             path = next(p for p in blocks if target.startswith(f"{p}."))
             lazy[path][target.removeprefix(f"{path}.")] = name
         else:
-            _set(model, target, source.get(name).float())
+            _set(model, target, source.get(name).to(dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head takes the embedding just read
     for path, names in lazy.items():
         block = model.get_submodule(path)
-        setattr(block, OFFLOADED, {"source": source, "names": names, "holders": 0})
+        setattr(block, OFFLOADED, {"source": source, "names": names, "holders": 0, "dtype": dtype})
         block.register_forward_pre_hook(_onload_hook, with_kwargs=True)
         block.register_forward_hook(_offload_hook, with_kwargs=True)
         block._apply = types.MethodType(_apply_to_held, block)
@@ -86,7 +84,7 @@ def _onload(block: nn.Module, device: torch.device) -> None:
         for local, name in names.items():
             info = source.info[name]
             as_stored = info.dtype == autocast and len(info.shape) >= 2
-            _set(block, local, source.get(name).to(device, info.dtype if as_stored else torch.float32))
+            _set(block, local, source.get(name).to(device, info.dtype if as_stored else state["dtype"]))
     state["holders"] += 1
 
 
@@ -134,25 +132,3 @@ def held(block: nn.Module, device: torch.device) -> Iterator[None]:
         yield
     finally:
         _offload(block)
-
-
-def offloaded_dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
-    """The dense original in float32 (hf.dense_model), its blocks offloaded where it can be: a Hugging Face
-    folder of safetensors whose stacked layers sit in blocks and whose every tensor the checkpoint holds. A GGUF
-    (transformers dequantizes it whole) and --model-factory models are built whole."""
-    source = open_checkpoint(source_path)
-    folder = architecture_dir(source_path)
-    if factory or folder is None or gguf_file(folder) is not None or not str(source.files[0]).endswith(".safetensors"):
-        return hf.dense_model(source_path, factory)
-    config = auto_config(folder)
-    try:
-        with parameters_on_meta():
-            model = model_class(config, set(source.info))(config)
-    except Exception as e:
-        raise LorsError(f"{folder / 'config.json'}: cannot build the model it describes ({one_line(e)})") from e
-    own = own_names(model, list(source.info))
-    stacks = find_stacks(source.info)[0]
-    blocks = sorted({block_path(own[n], s.template) for s in stacks for n in s.names if n in own})
-    if not blocks or offload_blocks(model, source, own, blocks):
-        return hf.dense_model(source_path, factory)
-    return model.eval().requires_grad_(False)

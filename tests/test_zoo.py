@@ -265,7 +265,8 @@ def test_an_offloaded_original_holds_one_block_and_gives_the_same_outputs(case, 
     """What calibration and evaluation run for a Hugging Face folder: the blocks read from the (bfloat16)
     checkpoint one at a time, in float32, with the whole model's outputs and generations."""
     from lors_convert.hf import dense_model
-    from lors_convert.offload import OFFLOADED, offloaded_dense_model
+    from lors_convert.loading import offloaded_dense_model
+    from lors_convert.offload import OFFLOADED
 
     torch.manual_seed(0)
     case.build().to(torch.bfloat16).save_pretrained(tmp_path / "model")
@@ -292,6 +293,27 @@ def test_an_offloaded_original_holds_one_block_and_gives_the_same_outputs(case, 
     assert all(t.is_meta for block in blocks for t in block.parameters())  # dropped after use
     if case.generates:
         assert torch.equal(generated(offloaded, case), generated(whole, case))
+
+
+@pytest.mark.parametrize("case", params(LOADABLE))
+def test_an_offloaded_lors_model_gives_the_loaded_ones_outputs(case, zoo):
+    """`load(offload=True)`: what evaluation runs, the blocks' factors read from the LORS file as they run."""
+    from lors_convert.offload import OFFLOADED
+
+    _, lors, _ = zoo(case)
+    architecture = case.build if case.factory else None
+    if case.factory:
+        with pytest.raises(LorsError, match="needs a Hugging Face architecture"):
+            lors_convert.load(lors, architecture=architecture, offload=True)
+        return
+    loaded, offloaded = lors_convert.load(lors), lors_convert.load(lors, offload=True)
+    blocks = [module for module in offloaded.modules() if hasattr(module, OFFLOADED)]
+    assert blocks and all(t.is_meta for block in blocks for t in block.parameters())
+    with torch.no_grad():
+        assert close(output(offloaded(**case.inputs)), output(loaded(**case.inputs)), 1e-6)
+    assert all(t.is_meta for block in blocks for t in block.parameters())
+    if case.generates:
+        assert torch.equal(generated(offloaded, case), generated(loaded, case))
 
 
 GEMMA3 = hf(
