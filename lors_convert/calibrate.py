@@ -5,7 +5,9 @@ glue to conversion: the plans' metrics K_i (damped), means and output weights.""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -420,26 +422,44 @@ def one_chain(stacks: list[Stack]) -> bool:
 
 
 def calibration_bytes(
-    source: TensorSource, stacks: list[Stack], fisher: bool, tokens: int = 256 * 128
+    source: TensorSource, stacks: list[Stack], fisher: bool, tokens: int = 256 * 128, offloaded: bool = False
 ) -> dict[str, float]:
-    """What calibration holds at its peak: the dense model in float32; the stacked layers' input covariances
-    (in x in, float64; each metric K is formed in its place) and, under --fisher, their output matrices (out x
-    out), with the rows each layer buffers for its next product (Moments). Block by block (one_chain) those are
-    one block's; with --fisher, the gradient at the current block's output for the calibration's `tokens` is held
-    too (the blocks' inputs wait on disk). Otherwise every layer's at once."""
+    """What calibration holds at its peak: the dense model in float32, or with `offloaded` (loading.can_offload)
+    what lies outside the blocks and the largest block; the stacked layers' input covariances (in x in, float64;
+    each metric K is formed in its place) and, under --fisher, their output matrices (out x out) and the factor
+    of the largest one (formed beside it), with the rows each layer buffers for its next product (Moments). Block
+    by block (one_chain) those are one block's; with --fisher, the gradient at the current block's output for the
+    calibration's `tokens` is held too (the blocks' inputs wait on disk). Otherwise every layer's at once."""
+    chain = one_chain(stacks)
     blocks = {}
     for stack in stacks:
         for layer in stack.layers:
-            blocks.setdefault(layer if one_chain(stacks) else 0, []).append(stack)
+            blocks.setdefault(layer if chain else 0, []).append(stack)
     heaviest = lambda size: max(sum(size(s) for s in block) for block in blocks.values())  # noqa: E731
-    gradients = tokens * min(s.cols for s in stacks) * 4 if fisher and one_chain(stacks) else 0
+    outside, largest, every = block_bytes(source, stacks)
     return {
-        "model": sum(info.numel for info in source.info.values()) * 4,
-        "inputs": heaviest(lambda s: s.cols**2 * 8 * (1 if one_chain(stacks) else len(s.names))),
-        "fisher": heaviest(lambda s: s.rows**2 * 8 * (1 if one_chain(stacks) else len(s.names))) if fisher else 0,
-        "buffers": heaviest(lambda s: 1 if one_chain(stacks) else len(s.names)) * FLUSH_BYTES * (1 + fisher),
-        "gradients": gradients,
+        "model": outside + (largest if offloaded else every),
+        "inputs": heaviest(lambda s: s.cols**2 * 8 * (1 if chain else len(s.names))),
+        "fisher": heaviest(lambda s: s.rows**2 * 8 * (1 if chain else len(s.names))) if fisher else 0,
+        "factor": max(s.rows for s in stacks) ** 2 * 8 * 2 if fisher else 0,  # a damped copy and its factor
+        "buffers": heaviest(lambda s: 1 if chain else len(s.names)) * FLUSH_BYTES * (1 + fisher),
+        "gradients": tokens * min(s.cols for s in stacks) * 4 if fisher and chain else 0,
     }
+
+
+def block_bytes(source: TensorSource, stacks: list[Stack]) -> tuple[int, int, int]:
+    """The checkpoint in float32: (what lies outside the blocks that hold the stacked layers, the largest block,
+    all the blocks)."""
+    prefixes = sorted({stack.template.partition("{i}")[0] for stack in stacks}, key=len, reverse=True)
+    pattern = re.compile("(" + "|".join(map(re.escape, prefixes)) + r")(\d+)\.")
+    outside, per_block = 0, collections.Counter()
+    for name, info in source.info.items():
+        found = pattern.match(name)
+        if found:
+            per_block[found.groups()] += info.numel * 4
+        else:
+            outside += info.numel * 4
+    return outside, max(per_block.values(), default=0), sum(per_block.values())
 
 
 def available_memory() -> int | None:
@@ -455,18 +475,22 @@ def available_memory() -> int | None:
 def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: ConvertConfig) -> None:
     """A calibration that cannot fit in memory stops before it starts (and before the model is built), in one
     line that says what it needs and what fits."""
+    from lors_convert.loading import can_offload
+
     available = available_memory()
     tokens = settings.calib_samples * settings.calib_max_length
-    needed = calibration_bytes(source, stacks, settings.fisher, tokens)
+    offloaded = can_offload(source, settings.model_factory)
+    needed = calibration_bytes(source, stacks, settings.fisher, tokens, offloaded)
     if available is None or sum(needed.values()) <= available:
         return
-    parts = f"the model {needed['model'] / GB:.1f} GB in float32, input covariances {needed['inputs'] / GB:.1f} GB"
+    what = "one block at a time" if offloaded else "in float32"
+    parts = f"the model {needed['model'] / GB:.1f} GB {what}, input covariances {needed['inputs'] / GB:.1f} GB"
     if settings.fisher:
-        parts += f", --fisher's output matrices {needed['fisher'] / GB:.1f} GB"
+        parts += f", --fisher's output matrices and a factor {(needed['fisher'] + needed['factor']) / GB:.1f} GB"
     parts += f", buffered rows {needed['buffers'] / GB:.1f} GB"
     if needed["gradients"]:
         parts += f", the output's gradient {needed['gradients'] / GB:.1f} GB"
-    without = sum(calibration_bytes(source, stacks, False, tokens).values())
+    without = sum(calibration_bytes(source, stacks, False, tokens, offloaded).values())
     remedy = (
         f"without --fisher it needs {without / GB:.1f} GB, which fits; or "
         if settings.fisher and without <= available

@@ -248,13 +248,21 @@ def load(
     return model.to(device=device, dtype=dtype or torch.float32).eval()
 
 
+def can_offload(source: TensorSource, factory: str | None = None) -> bool:
+    """Whether offloaded_dense_model can keep the blocks of this source in its files: safetensors under a Hugging
+    Face folder (transformers dequantizes a GGUF whole; --model-factory models are built whole)."""
+    folder = architecture_dir(source.path)
+    plain = folder is not None and gguf_file(folder) is None and not factory
+    return plain and all(str(file).endswith(".safetensors") for file in source.files)
+
+
 def offloaded_dense_model(source_path: Path, factory: str | None = None) -> nn.Module:
     """The dense original in float32 (hf.dense_model), its blocks offloaded where it can be: a Hugging Face
     folder of safetensors whose stacked layers sit in blocks and whose every tensor the checkpoint holds. A GGUF
     (transformers dequantizes it whole) and --model-factory models are built whole."""
     source = open_checkpoint(source_path)
     folder = architecture_dir(source_path)
-    if factory or folder is None or gguf_file(folder) is not None or not str(source.files[0]).endswith(".safetensors"):
+    if not can_offload(source, factory):
         return dense_model(source_path, factory)
     config = auto_config(folder)
     try:

@@ -787,15 +787,19 @@ def test_a_calibration_beyond_memory_is_refused_before_it_starts(tmp_path, cli, 
     folder, text = hf_dir(tmp_path, "llama")
     source = open_checkpoint(folder)
     stacks, _ = find_stacks(source.info)
-    needed = calibrate.calibration_bytes(source, stacks, True, tokens=256 * 128)
-    # block by block: one block's C (then K in its place) and G, and the gradient at its output
+    needed = calibrate.calibration_bytes(source, stacks, True, tokens=256 * 128, offloaded=True)
+    # block by block: one block's weights, C (then K in its place) and G, and the gradient at its output
+    block = sum(info.numel * 4 for name, info in source.info.items() if name.startswith("model.layers.0."))
+    outside = sum(info.numel * 4 for name, info in source.info.items() if not name.startswith("model.layers."))
+    assert needed["model"] == outside + block and block > 0
     assert needed["inputs"] == sum(s.cols**2 * 8 for s in stacks)
     assert needed["fisher"] == sum(s.rows**2 * 8 for s in stacks)
+    assert needed["factor"] == max(s.rows for s in stacks) ** 2 * 8 * 2
     assert needed["gradients"] == 256 * 128 * 32 * 4  # tokens x hidden, float32
     assert calibrate.available_memory() > 0  # Linux's MemAvailable, read for real
     out = tmp_path / "out.lors.safetensors"
     assert needed["buffers"] == len(stacks) * calibrate.FLUSH_BYTES * 2  # inputs, gradients
-    without_fisher = sum(calibrate.calibration_bytes(source, stacks, False).values())
+    without_fisher = sum(calibrate.calibration_bytes(source, stacks, False, offloaded=True).values())
     monkeypatch.setattr(calibrate, "available_memory", lambda: without_fisher + 1)
     result = cli(folder, "--calibrate", text, "--fisher", "--reduction", "0.2", "-o", out, "--quiet")
     assert result.code == 1 and len(result.err.strip().splitlines()) == 1
