@@ -381,11 +381,12 @@ def compress(
     from lors_convert.conversion import convert as run_convert
     from lors_convert.data import held_out_words, load_examples, split_examples
     from lors_convert.evaluate import fidelity, load_student_teacher, print_fidelity
-    from lors_convert.finetuning import FinetuneConfig, state_path
+    from lors_convert.finetuning import FinetuneConfig, fit_training, state_path
     from lors_convert.finetuning import finetune as run_finetune
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
     from lors_convert.runtime import setup_device
+    from lors_convert.stacks import find_stacks
 
     settings = ConvertConfig(
         reduction=reduction,
@@ -405,6 +406,10 @@ def compress(
     check_output_path(output, [model], force)
     source = open_checkpoint(model)
     check_output_path(output, source.files, force)
+    if finetune_minutes > 0:  # a fine-tune that cannot fit is refused before the conversion starts
+        stacked = sum(source.info[name].numel for stack in find_stacks(source.info)[0] for name in stack.names)
+        student = sum(info.numel for info in source.info.values()) - round((settings.reduction or 0) * stacked)
+        fit_training(student, source, training, setup_device(1))
     # fine-tuning starts from a conversion kept beside the output until the end, which a rerun reuses
     converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
     first = converted if finetune_minutes > 0 else output
@@ -431,7 +436,7 @@ def compress(
         rows, words = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}, results["held_out"]
         remove_checkpoint(converted)
     else:
-        pair = load_student_teacher(output, offload=True)
+        pair = load_student_teacher(output, offload_student=True, offload_teacher=True)
         held_out = split_examples(load_examples(calibrate, pair.tokenizer), training.eval_examples)[1]
         device = setup_device(1)
         rows = {
@@ -828,7 +833,8 @@ def evaluate(
         model_factory,
         allow_teacher_mismatch,
         warn=lambda message: stderr.print(escape(message), soft_wrap=True),
-        offload=True,
+        offload_student=True,
+        offload_teacher=True,
     )
     examples = load_examples(data, pair.tokenizer)
     words = f"{', '.join(f.name for f in data)} ({len(examples)} examples)"

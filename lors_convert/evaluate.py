@@ -42,11 +42,12 @@ def load_student_teacher(
     factory: str | None = None,
     allow_teacher_mismatch: bool = False,
     warn=print,
-    offload: bool = False,
+    offload_student: bool = False,
+    offload_teacher: bool = False,
 ) -> StudentTeacher:
-    """The LORS student (runtime modules) and the dense teacher, on the CPU in float32; with `offload` (to
-    evaluate, not to train), both models' blocks are read from their checkpoints as they run (offload.py), where
-    they can be: memory holds one block of each."""
+    """The LORS student (runtime modules) and the dense teacher, on the CPU in float32; offloaded, a model's blocks
+    are read from its checkpoint as they run (offload.py; the student only to evaluate, not to train), where they
+    can be: memory holds one block of it."""
     from lors_convert.hf import architecture_dir, dense_model, factory_architecture, has_tokenizer, load_tokenizer
     from lors_convert.loading import load, offloaded_dense_model
 
@@ -73,8 +74,8 @@ def load_student_teacher(
             "--teacher or --model-factory package.module:function"
         )
     architecture = (lambda: factory_architecture(factory)) if factory else folder
-    student = load(lors, architecture=architecture, offload=offload and not factory)
-    teacher_model = (offloaded_dense_model if offload else dense_model)(path, factory).requires_grad_(False)
+    student = load(lors, architecture=architecture, offload=offload_student and not factory)
+    teacher_model = (offloaded_dense_model if offload_teacher else dense_model)(path, factory).requires_grad_(False)
     tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
     return StudentTeacher(
         student, teacher_model.float().eval(), fit_tokenizer(tokenizer, student), source, meta, path, digest

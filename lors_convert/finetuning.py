@@ -24,17 +24,18 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.checkpoint import SHARD_SIZE, fsync_folder
+from lors_convert.checkpoint import SHARD_SIZE, TensorSource, fsync_folder, open_checkpoint
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import (
     StudentTeacher,
     fidelity,
     held_out_loss,
     load_student_teacher,
+    teacher_path_of,
     token_kl,
     token_log_probs,
 )
-from lors_convert.lors_format import LorsMeta
+from lors_convert.lors_format import LorsMeta, read_lors
 from lors_convert.runtime import autocast, is_causal_lm, layer_outputs, logits_and_hidden, setup_device, world
 
 OBJECTIVES = ("distill", "lm")
@@ -77,6 +78,75 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------- processes and devices
+
+
+# ---------------------------------------------------------------- memory
+
+# One step's activations kept for the backward, per token, layer and hidden unit: Korthikanti et al.'s 34 bytes at
+# 16 bits, in float32; the attention scores per head and pair of positions; the logits, in float32, of the student
+# and the teacher, a log-softmax of each and the logits' gradient.
+ACTIVATION_BYTES, SCORE_BYTES, LOGIT_COPIES = 68, 10, 5
+
+
+def training_bytes(
+    student_numel: int, teacher_numel: int, config, causal: bool, batch_size: int, max_length: int
+) -> dict[str, float]:
+    """What fine-tuning holds at its peak in one process: the student's weights, gradients and AdamW state (16
+    bytes a parameter, all trained: an upper bound), the teacher's weights in float32 (`teacher_numel`: what is
+    resident of it), and one step's activations at `batch_size` rows of `max_length` tokens (ACTIVATION_BYTES)."""
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    hidden, layers = getattr(text, "hidden_size", 0), getattr(text, "num_hidden_layers", 0)
+    heads, vocab = getattr(text, "num_attention_heads", 0), getattr(text, "vocab_size", 0)
+    tokens = batch_size * max_length
+    return {
+        "student": student_numel * 16,
+        "teacher": teacher_numel * 4,
+        "activations": tokens * layers * (hidden * ACTIVATION_BYTES + heads * max_length * SCORE_BYTES),
+        "logits": tokens * vocab * 4 * LOGIT_COPIES if causal else 0,
+    }
+
+
+def fit_training(student_numel: int, teacher: TensorSource | None, settings: FinetuneConfig, device) -> bool:
+    """Whether the teacher must be offloaded (its blocks read as they run) for fine-tuning to fit in the memory
+    the kernel reports available; where even that does not fit, a one-line refusal with the numbers and the
+    largest --batch-size that fits. No check on a GPU, or for models transformers does not describe."""
+    from lors_convert.calibrate import GB, available_memory, block_bytes
+    from lors_convert.hf import architecture_dir, auto_config, model_class
+    from lors_convert.loading import can_offload
+    from lors_convert.stacks import find_stacks
+
+    folder = architecture_dir(teacher.path) if teacher is not None else None
+    available = available_memory()
+    if folder is None or available is None or torch.device(device).type != "cpu":
+        return False
+    config = auto_config(folder)
+    cls = model_class(config)
+    causal = cls.can_generate() and not getattr(config, "is_encoder_decoder", False)
+    whole = sum(info.numel for info in teacher.info.values())
+    outside, largest, _ = block_bytes(teacher, find_stacks(teacher.info)[0])
+    offloaded = (outside + largest) // 4 if can_offload(teacher) else whole
+
+    def needed(teacher_numel: int, batch_size: int) -> dict[str, float]:
+        return training_bytes(student_numel, teacher_numel, config, causal, batch_size, settings.max_length)
+
+    if sum(needed(whole, settings.batch_size).values()) <= available:
+        return False
+    least = needed(offloaded, settings.batch_size)
+    if sum(least.values()) <= available:
+        return offloaded < whole
+    fits = [b for b in (16, 8, 4, 2, 1) if b < settings.batch_size and sum(needed(offloaded, b).values()) <= available]
+    remedy = (
+        f"--batch-size {fits[0]} fits ({sum(needed(offloaded, fits[0]).values()) / GB:.1f} GB)"
+        if fits
+        else ("no batch size fits: fine-tune on a machine with more memory, or with --fsdp over several GPUs")
+    )
+    raise LorsError(
+        f"fine-tuning would hold about {sum(least.values()) / GB:.1f} GB (the student's weights, gradients and AdamW "
+        f"state {least['student'] / GB:.1f} GB, the teacher {least['teacher'] / GB:.1f} GB, activations and logits "
+        f"of --batch-size {settings.batch_size} x {settings.max_length} tokens "
+        f"{(least['activations'] + least['logits']) / GB:.1f} GB) and this machine has {available / GB:.1f} GB "
+        f"available: {remedy}"
+    )
 
 
 # ---------------------------------------------------------------- the loss
@@ -302,7 +372,7 @@ def write_output(
 ) -> list[Path]:
     """The fine-tuned LORS checkpoint from the student's full state: same names, ranks and dtypes, with the
     fine-tune recorded; shards above `shard_size`."""
-    from lors_convert.checkpoint import check_output_path, open_checkpoint, write_safetensors
+    from lors_convert.checkpoint import check_output_path, write_safetensors
     from lors_convert.loading import checkpoint_tensors
     from lors_convert.lors_format import header_metadata, reconstruction_errors
 
@@ -334,8 +404,6 @@ def write_output(
 
 def teacher_files(pair: StudentTeacher) -> list[Path]:
     """The teacher's weight files (and its folder's), which an output must never overwrite."""
-    from lors_convert.checkpoint import open_checkpoint
-
     return open_checkpoint(pair.teacher_path).files if pair.teacher is not None else []
 
 
@@ -410,9 +478,19 @@ def finetune(
             "--fsdp shards the model across processes: run it with --nproc-per-node N (or torchrun), N >= 2"
         )
     say = log if rank == 0 else (lambda *a: None)
-    pair = load_student_teacher(lors, teacher, factory, allow_teacher_mismatch, warn=say)
-    check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
     device = setup_device(world_size)
+    source, meta = read_lors(lors)
+    distilled = teacher is not None or meta.source.sha256 is not None  # not a model from `lors-convert init`
+    original = open_checkpoint(teacher_path_of(meta, teacher)) if distilled and not factory else None
+    student_numel = sum(info.numel for info in source.info.values())
+    offload = world_size == 1 and fit_training(student_numel, original, settings, device)
+    if offload:
+        say(
+            "the teacher's blocks are read from its checkpoint as they run: with all of it in memory, training "
+            "would not fit"
+        )
+    pair = load_student_teacher(lors, teacher, factory, allow_teacher_mismatch, warn=say, offload_teacher=offload)
+    check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
     torch.manual_seed(settings.seed)
     examples = load_examples(data, pair.tokenizer)
     train, held_out = split_examples(examples, settings.eval_examples)

@@ -124,6 +124,41 @@ def test_scoring_a_large_vocabulary_holds_a_few_rows_of_logits_at_a_time(tmp_pat
         assert cut[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
+def test_a_fine_tune_that_cannot_fit_offloads_the_teacher_or_refuses_before_it_starts(tmp_path, cli, monkeypatch):
+    """Fine-tuning estimates its peak (student with gradients and AdamW state, teacher, activations and logits):
+    where the whole teacher does not fit, its blocks are read as they run; where nothing fits, one line with the
+    numbers and the --batch-size that fits, before any training (and, in compress, before converting)."""
+    from lors_convert import calibrate, finetuning
+    from lors_convert.checkpoint import open_checkpoint
+    from lors_convert.hf import auto_config
+
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    data = text_file(tmp_path / "t.txt")
+    lors = tmp_path / "m.lors.safetensors"
+    assert cli(folder, "-o", lors, "--rank", "4", "--quiet").code == 0
+    student = sum(info.numel for info in open_checkpoint(lors).info.values())
+    teacher = sum(info.numel for info in open_checkpoint(folder).info.values())
+    config = auto_config(folder)
+
+    def needed(teacher_numel: int, batch_size: int) -> float:
+        return sum(finetuning.training_bytes(student, teacher_numel, config, True, batch_size, 128).values())
+
+    run = ("finetune", lors, "--data", data, "--steps", "1", "--batch-size", "8", "--eval-examples", "8", "--quiet")
+    monkeypatch.setattr(calibrate, "available_memory", lambda: needed(teacher, 8) - 1)  # all but the whole teacher
+    result = cli(*run, "-o", tmp_path / "a.lors.safetensors")
+    assert result.code == 0, result.err
+    assert "the teacher's blocks are read from its checkpoint" in result.err
+    monkeypatch.setattr(calibrate, "available_memory", lambda: needed(0, 2) + 4 * teacher)  # batch 2 fits, 4 not
+    refused = cli(*run, "-o", tmp_path / "b.lors.safetensors")
+    assert refused.code == 1 and len(refused.err.strip().splitlines()) == 1
+    assert "fine-tuning would hold about" in refused.err and "--batch-size 2 fits" in refused.err
+    assert not (tmp_path / "b.lors.safetensors").exists()
+    out = tmp_path / "c.lors.safetensors"
+    compressed = cli("compress", folder, "--calibrate", data, "-o", out, "--finetune-minutes", "1", "--quiet")
+    assert compressed.code == 1 and "--batch-size" in compressed.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.lors.safetensors", "llama", "m.lors.safetensors", "t.txt"]
+
+
 @pytest.fixture
 def converted(tmp_path, cli):
     """(model dir, LORS file, report) of a tiny model converted at rank 4."""
