@@ -1,17 +1,20 @@
-"""How a calibrated LLM conversion scales past SmolLM2: time and peak memory on a TinyLlama-shaped 1.1B (22 layers,
-hidden 2048, MLP 5632; random weights from scripts/make_synthetic.py, SmolLM2's vocabulary and tokenizer read from
-its GGUF), one CLI process per row, on this machine. Only time and memory mean anything here: the weights are not
-trained, so no perplexity is printed.
+"""How LLM compression scales past SmolLM2: memory and time by model size, measured where this machine can run it
+and estimated by shapes (the same estimates the memory checks compare) for every size.
 
     python scripts/bench_llm_scale.py [--dir DIR] [--preset tinyllama] [--rows ROW ...] [--calib-lines 20000]
+    python scripts/bench_llm_scale.py --estimates-only
 
---preset takes any of scripts/make_synthetic.py's sizes (e.g. 200m, a quicker check of the memory estimate). Rows
-that calibrate also show calibration's own estimate of its peak (the number its memory check compares).
+Measured: a TinyLlama-shaped 1.1B (22 layers, hidden 2048, MLP 5632; random bf16 weights from
+scripts/make_synthetic.py, SmolLM2's vocabulary and tokenizer from its GGUF), one CLI process per row. A row is a
+`lors-convert compress` of that model, e.g. "--reduction 0.2 --finetune-minutes 0"; a refused row (a memory check)
+is shown with its message. The weights are not trained, so no perplexity is printed: only time and memory mean
+anything here.
 
-A row is a `lors-convert` command after the model: `convert` options (default), e.g. "--calibrate {calib} --fisher
---reduction 0.2", or a `finetune` of the last row's output, e.g. "finetune {lors} --data {calib} --steps 2
---batch-size 8 --eval-examples 8". A refused row (the memory check) is reported with its message.
-Prints a markdown table.
+Estimated: SmolLM2-135M (its GGUF is dequantized whole), the 1.1B and a Llama-2-7B-shaped model (32 layers, hidden
+4096, MLP 11008, vocabulary 32,000) by their shapes: calibration's peak with --fisher, 256 samples of 128 tokens
+(on a GPU the same terms are on the device: the resident parts of the model, one block, one block's statistics;
+the CPU holds the block being read), and fine-tuning's at --batch-size 32 and 8 (student at 20% fewer stacked
+parameters with gradients and AdamW state, the teacher offloaded, activations and logits). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import argparse
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,19 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_llm import run_cli, smollm2_gguf
+from make_synthetic import PRESETS, checkpoint_shapes
 
-from lors_convert.calibrate import calibration_bytes
-from lors_convert.checkpoint import open_checkpoint
+from lors_convert.calibrate import GB, block_bytes, calibration_bytes
+from lors_convert.checkpoint import TensorInfo, TensorSource, open_checkpoint
+from lors_convert.finetuning import training_bytes
 from lors_convert.stacks import find_stacks
 
-ROWS = [
-    "--calibrate {calib} --fisher --reduction 0.2 --calib-generated 0",
-    "--calibrate {calib} --reduction 0.2 --calib-generated 0",
-]
+ROWS = ["--reduction 0.2 --finetune-minutes 0", "--reduction 0.2 --finetune-minutes 10"]
+LLAMA2_7B = PRESETS["7b"]
 
 
 def synthetic_llama(folder: Path, preset: str) -> None:
     """The checkpoint, and SmolLM2's tokenizer beside it (its 49,152-token vocabulary is the model's)."""
+    import subprocess
+
     from transformers import AutoTokenizer
 
     if not (folder / "config.json").is_file():
@@ -53,6 +57,44 @@ def synthetic_llama(folder: Path, preset: str) -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
 
 
+def by_shapes(layers: int, hidden: int, mlp: int, heads: int, kv_heads: int, vocab: int) -> TensorSource:
+    """A bf16 checkpoint known by its shapes alone (nothing to read)."""
+    shapes = checkpoint_shapes(layers, hidden, mlp, heads, kv_heads, vocab)
+    info = {name: TensorInfo(shape, torch.bfloat16) for name, shape in shapes.items()}
+    return TensorSource(Path("shapes"), [], info, lambda name: None)
+
+
+class Shape:
+    """What training_bytes reads of a config."""
+
+    def __init__(self, layers: int, hidden: int, mlp: int, heads: int, kv_heads: int, vocab: int) -> None:
+        self.num_hidden_layers, self.hidden_size, self.num_attention_heads, self.vocab_size = (
+            layers,
+            hidden,
+            heads,
+            vocab,
+        )
+
+
+def estimates(name: str, source: TensorSource, shape: Shape, offloaded: bool) -> list[str]:
+    stacks = find_stacks(source.info)[0]
+    calibration = calibration_bytes(source, stacks, True, 256 * 128, offloaded)
+    stacked = sum(source.info[n].numel for s in stacks for n in s.names)
+    student = sum(info.numel for info in source.info.values()) - round(0.2 * stacked)
+    outside, largest, _ = block_bytes(source, stacks)
+    teacher = (outside + largest) // 4 if offloaded else sum(info.numel for info in source.info.values())
+    train = {b: sum(training_bytes(student, teacher, shape, True, b, 128).values()) / GB for b in (32, 8)}
+    return [
+        name,
+        f"{sum(source.info[n].numel for n in source.info) / 1e9:.2f}B",
+        "one block at a time" if offloaded else "whole, float32",
+        f"{calibration['model'] / GB:.1f}",
+        f"{(calibration['inputs'] + calibration['fisher'] + calibration['factor']) / GB:.1f}",
+        f"{sum(calibration.values()) / GB:.1f}",
+        f"{train[32]:.1f} / {train[8]:.1f}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=None, help="where the model is (made there if missing)")
@@ -60,34 +102,47 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mixed_en.txt")
     parser.add_argument("--calib-lines", type=int, default=20000)
     parser.add_argument("--rows", nargs="+", default=ROWS)
+    parser.add_argument("--estimates-only", action="store_true")
     args = parser.parse_args()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    results = []
+    measured = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp) / args.preset
-        synthetic_llama(folder, args.preset)
-        source = open_checkpoint(folder)
-        stacks = find_stacks(source.info)[0]
-        calib, lors = Path(tmp) / "calibration.txt", Path(tmp) / "model.lors.safetensors"
-        lines = [line for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
-        calib.write_text("\n".join(lines[: args.calib_lines]) + "\n", encoding="utf-8")
-        for row in args.rows:
-            words = shlex.split(row.format(calib=calib, lors=lors))
-            out = Path(tmp) / "finetuned.lors.safetensors" if words[0] == "finetune" else lors
-            command = words if words[0] == "finetune" else [str(folder), *words]
+        calib = Path(tmp) / "calibration.txt"
+        if not args.estimates_only:
+            synthetic_llama(folder, args.preset)
+            lines = [line for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+            calib.write_text("\n".join(lines[: args.calib_lines]) + "\n", encoding="utf-8")
+        for row in [] if args.estimates_only else args.rows:
+            out = Path(tmp) / "model.lors.safetensors"
+            command = ["compress", str(folder), "--calibrate", str(calib), *shlex.split(row)]
             wall, peak, log = run_cli([*command, "-o", str(out), "--quiet", "--force"], check=False)
             refused = next((line for line in log.splitlines() if line.startswith("error:")), "")
-            calibrated = "--calibrate" in words and words[0] != "finetune"
-            estimate = sum(calibration_bytes(source, stacks, "--fisher" in words).values()) / 1e9 if calibrated else 0
-            results.append((row, wall, peak, estimate, refused))
-            print(f"{row}: {wall / 60:.1f} min, {peak:.1f} GB (estimate {estimate:.1f}) {refused}", flush=True)
+            measured.append((row, wall, peak, refused))
+            print(f"{row}: {wall / 60:.1f} min, {peak:.1f} GB {refused}", flush=True)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; {machine}")
-    print(f"calibration: the first {args.calib_lines} lines of {args.data.name}\n")
-    print(f"| `lors-convert` {args.preset} ... | wall | peak RSS | calibration's estimate | refused |")
-    print("|---|---:|---:|---:|---|")
-    for row, wall, peak, estimate, refused in results:
-        print(f"| `{row}` | {wall / 60:.1f} min | {peak:.1f} GB | {estimate:.1f} GB | {refused} |")
+    if measured:
+        print(f"\ncalibration: the first {args.calib_lines} lines of {args.data.name}\n")
+        print(f"| `lors-convert compress` {args.preset} ... | wall | peak RSS | refused |")
+        print("|---|---:|---:|---|")
+        for row, wall, peak, refused in measured:
+            print(f"| `{row}` | {wall / 60:.1f} min | {peak:.1f} GB | {refused} |")
+    smollm2 = (30, 576, 1536, 9, 3, 49152)
+    tinyllama = (*PRESETS["tinyllama"][:5], 49152)
+    models = [
+        ("SmolLM2-135M (GGUF)", open_checkpoint(smollm2_gguf()), Shape(*smollm2), False),
+        ("TinyLlama-shaped 1.1B", by_shapes(*tinyllama), Shape(*tinyllama), True),
+        ("Llama-2-7B-shaped", by_shapes(*LLAMA2_7B), Shape(*LLAMA2_7B), True),
+    ]
+    print("\nestimates by shapes, GB (calibration with --fisher, 256 x 128 tokens; fine-tuning at 20%)\n")
+    print(
+        "| model | parameters | calibration holds the model | its weights | one block's K, G and a factor "
+        "| calibration's peak (CPU, or GPU) | fine-tuning, --batch-size 32 / 8 |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for name, source, shape, offloaded in models:
+        print("| " + " | ".join(estimates(name, source, shape, offloaded)) + " |")
 
 
 if __name__ == "__main__":

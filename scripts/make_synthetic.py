@@ -51,6 +51,25 @@ def layer_shapes(hidden: int, mlp: int, heads: int, kv_heads: int) -> dict[str, 
     }
 
 
+def checkpoint_shapes(
+    layers: int, hidden: int, mlp: int, heads: int, kv_heads: int, vocab: int
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, in a Llama checkpoint's order (untied head)."""
+    shapes_by_name = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes_by_name.update(
+            {
+                f"model.layers.{i}.{part}.weight": shape
+                for part, shape in layer_shapes(hidden, mlp, heads, kv_heads).items()
+            }
+        )
+        shapes_by_name.update(
+            {f"model.layers.{i}.{norm}.weight": (hidden,) for norm in ("input_layernorm", "post_attention_layernorm")}
+        )
+    shapes_by_name.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return shapes_by_name
+
+
 def trained_like(rows: int, cols: int, seed: int) -> torch.Tensor:
     """A float32 matrix of unit mean square: power-law spectrum on top of a small flat bulk."""
     gen = torch.Generator().manual_seed(seed)
@@ -78,19 +97,13 @@ def generate(
     shard_size: int | None,
 ) -> int:
     shapes = layer_shapes(hidden, mlp, heads, kv_heads)
-    params = 2 * vocab * hidden + hidden + layers * (sum(r * c for r, c in shapes.values()) + 2 * hidden)
+    shapes_by_name = checkpoint_shapes(layers, hidden, mlp, heads, kv_heads, vocab)
+    params = sum(math.prod(shape) for shape in shapes_by_name.values())
     shard_size = shard_size or min(2 * 10**9, math.ceil(2 * params / 4))  # at least a few shards
     out_dir.mkdir(parents=True, exist_ok=True)
     shared = {
         part: trained_like(r, c, tensor_seed(f"shared.{part}", seed)).bfloat16() for part, (r, c) in shapes.items()
     }
-    shapes_by_name = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        shapes_by_name.update({f"model.layers.{i}.{part}.weight": shape for part, shape in shapes.items()})
-        shapes_by_name.update(
-            {f"model.layers.{i}.{norm}.weight": (hidden,) for norm in ("input_layernorm", "post_attention_layernorm")}
-        )
-    shapes_by_name.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     layout = [(name, torch.bfloat16, shape) for name, shape in shapes_by_name.items()]
 
     def tensors():
