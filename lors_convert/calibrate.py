@@ -612,6 +612,13 @@ def calibrate_plans(
     means, dampings = {}, {}
 
     def finish(moments: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
+        for name, m in [*moments.items(), *fisher.items()]:
+            if not torch.isfinite(m).all():
+                what = "inputs" if name in moments and m is moments[name] else "output gradients"
+                raise LorsError(
+                    f"{name}: its {what} on the calibration samples are not finite (inf or NaN): the model "
+                    "overflows on this text; check that it runs in float32 on it"
+                )
         for name, m in moments.items():
             n = m[-1, -1].item()
             if not n:

@@ -985,3 +985,19 @@ def test_a_lossy_conversion_of_a_language_model_hints_at_the_fisher_not_calibrat
         hints[name] = result.err[result.err.index("hint:") :]
     assert "--calibrate TEXT --fisher" in hints["weight"] and "--calibrate TEXT --fisher" in hints["calibrated"]
     assert "convert again" not in hints["fisher"] and "finetune" in hints["fisher"]
+
+
+def test_a_model_that_overflows_on_the_calibration_text_is_named_not_blamed_on_the_dtype(tmp_path, cli):
+    """Defect: non-finite calibration statistics (a model whose activations overflow on the text) came out as
+    "its low-rank factors overflow float32; choose a wider --dtype", which no --dtype fixes."""
+    from safetensors.torch import load_file, save_file
+
+    folder, text = hf_dir(tmp_path, "llama")
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.1.self_attn.q_proj.weight"] *= 1e30  # attention scores overflow: NaN after the softmax
+    save_file(state, weights, metadata={"format": "pt"})
+    out = tmp_path / "o.lors.safetensors"
+    result = cli(folder, "--calibrate", text, "--fisher", "--reduction", "0.2", "-o", out, "--quiet")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "not finite" in result.err and "--dtype" not in result.err and not out.exists()
