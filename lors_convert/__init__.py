@@ -29,11 +29,11 @@ def convert(source, output, config=None, *, force=False):
     says. Returns the files written; `lors-convert report FILE` prints what was saved and what it cost."""
     from pathlib import Path
 
-    from lors_convert.checkpoint import open_checkpoint
     from lors_convert.conversion import convert as convert_checkpoint
+    from lors_convert.hf import open_source
     from lors_convert.plan import ConvertConfig
 
-    files, _ = convert_checkpoint(open_checkpoint(source), Path(output), config or ConvertConfig(), force=force)
+    files, _ = convert_checkpoint(open_source(source), Path(output), config or ConvertConfig(), force=force)
     return files
 
 

@@ -399,18 +399,16 @@ def gguf_file(path: str | Path) -> Path | None:
 
 
 def open_checkpoint(path: str | Path) -> TensorSource:
-    """Open any supported checkpoint lazily (a GGUF through transformers: hf.open_gguf)."""
+    """Open a checkpoint file or folder lazily: safetensors (single, sharded) or torch pickles, read without running
+    code. A GGUF file is transformers' to read: hf.open_source opens both."""
     path = Path(path)
     if not path.exists():
         index = Path(f"{path}.index.json")
         if path.suffix == ".safetensors" and index.is_file():
             return open_checkpoint(index)
         raise LorsError(f"{path}: no such file or directory")
-    gguf = gguf_file(path)
-    if gguf is not None:
-        from lors_convert.hf import open_gguf
-
-        return open_gguf(gguf)
+    if gguf_file(path) is not None:
+        raise LorsError(f"{gguf_file(path)}: a GGUF file, read through transformers (lors_convert.hf.open_source)")
     if path.is_dir():
         for name in (
             "model.safetensors.index.json",

@@ -262,10 +262,11 @@ def convert(
     as_json: bool = AsJson,
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
-    from lors_convert.checkpoint import check_output_path, open_checkpoint, parse_size, return_freed_memory
+    from lors_convert.checkpoint import check_output_path, parse_size, return_freed_memory
     from lors_convert.conversion import ConvertConfig
     from lors_convert.conversion import convert as run_convert
     from lors_convert.factorize import check_device
+    from lors_convert.hf import open_source
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
 
@@ -294,7 +295,7 @@ def convert(
     if output is None:
         output = default_output(model)
     check_output_path(output, [model], force)  # at once: opening a GGUF takes seconds
-    source = open_checkpoint(model)
+    source = open_source(model)
     return_freed_memory()
     with progress_bars(quiet) as progress:
         files, _ = run_convert(source, output, settings, shard_size=size, force=force, progress=progress)
@@ -376,13 +377,14 @@ def compress(
 
     Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
     conversion is reused and training resumes."""
-    from lors_convert.checkpoint import check_output_path, index_path, open_checkpoint, parse_size, remove_checkpoint
+    from lors_convert.checkpoint import check_output_path, index_path, parse_size, remove_checkpoint
     from lors_convert.conversion import ConvertConfig
     from lors_convert.conversion import convert as run_convert
     from lors_convert.data import held_out_words, load_examples, split_examples
     from lors_convert.evaluate import fidelity, load_student_teacher, print_fidelity
     from lors_convert.finetuning import FinetuneConfig, fit_training, state_path
     from lors_convert.finetuning import finetune as run_finetune
+    from lors_convert.hf import open_source
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
     from lors_convert.runtime import setup_device
@@ -404,7 +406,7 @@ def compress(
     training.validate()  # before minutes of conversion
     size = parse_size(shard_size)
     check_output_path(output, [model], force)
-    source = open_checkpoint(model)
+    source = open_source(model)
     check_output_path(output, source.files, force)
     if finetune_minutes > 0:  # a fine-tune that cannot fit is refused before the conversion starts
         stacked = sum(source.info[name].numel for stack in find_stacks(source.info)[0] for name in stack.names)
@@ -545,7 +547,7 @@ def inspect(
     """The stacked groups that would be factored and what each rank would save. Writes nothing but --plot.
 
     With --plot, reads the weights and draws, per group, the fraction of the residual energy each rank keeps."""
-    from lors_convert.checkpoint import open_checkpoint
+    from lors_convert.hf import open_source
     from lors_convert.lors_format import refuse_lors_input
     from lors_convert.report import inspect_data, print_inspect
     from lors_convert.stacks import find_stacks
@@ -556,7 +558,7 @@ def inspect(
         from lors_convert.plot import check_plot_path, plot_spectra
 
         check_plot_path(plot)
-    source = open_checkpoint(model)
+    source = open_source(model)
     refuse_lors_input(source, model)
     stacks, warnings = find_stacks(source.info, include, exclude)
     if not stacks:

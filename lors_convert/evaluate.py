@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import open_checkpoint, sha256_files
+from lors_convert.checkpoint import sha256_files
 from lors_convert.data import Examples
+from lors_convert.hf import open_source
 from lors_convert.lors_format import LorsMeta, read_lors
 from lors_convert.runtime import autocast, logits_and_hidden
 
@@ -58,7 +59,7 @@ def load_student_teacher(
         tokenizer = load_tokenizer(folder) if factory is None and has_tokenizer(folder) else None
         return StudentTeacher(student, None, fit_tokenizer(tokenizer, student), source, meta, folder, "")
     path = teacher_path_of(meta, teacher)
-    digest = sha256_files(open_checkpoint(path).files)
+    digest = sha256_files(open_source(path).files)
     if digest != meta.source.sha256:
         message = (
             f"teacher {path} is not the checkpoint this LORS file was converted from (sha256 "

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.checkpoint import SHARD_SIZE, TensorSource, fsync_folder, open_checkpoint
+from lors_convert.checkpoint import SHARD_SIZE, TensorSource, fsync_folder
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import (
     StudentTeacher,
@@ -35,6 +35,7 @@ from lors_convert.evaluate import (
     token_kl,
     token_log_probs,
 )
+from lors_convert.hf import open_source
 from lors_convert.lors_format import LorsMeta, read_lors
 from lors_convert.runtime import autocast, is_causal_lm, layer_outputs, logits_and_hidden, setup_device, world
 
@@ -378,7 +379,7 @@ def write_output(
 
     tensors = checkpoint_tensors(pair.student, pair.student.lors, state)
     # the originals from the teacher's checkpoint, a tensor at a time (under --fsdp no process holds the teacher)
-    original = open_checkpoint(pair.teacher_path) if pair.teacher is not None else None
+    original = open_source(pair.teacher_path) if pair.teacher is not None else None
     groups = [] if original is not None else list(pair.meta.groups)
     # the weights moved: their distance to the originals is measured again; the output error was measured on
     # calibration inputs this run does not have (and the tuned model's layers see other inputs): it is dropped
@@ -404,7 +405,7 @@ def write_output(
 
 def teacher_files(pair: StudentTeacher) -> list[Path]:
     """The teacher's weight files (and its folder's), which an output must never overwrite."""
-    return open_checkpoint(pair.teacher_path).files if pair.teacher is not None else []
+    return open_source(pair.teacher_path).files if pair.teacher is not None else []
 
 
 # ---------------------------------------------------------------- the loop
@@ -481,7 +482,7 @@ def finetune(
     device = setup_device(world_size)
     source, meta = read_lors(lors)
     distilled = teacher is not None or meta.source.sha256 is not None  # not a model from `lors-convert init`
-    original = open_checkpoint(teacher_path_of(meta, teacher)) if distilled and not factory else None
+    original = open_source(teacher_path_of(meta, teacher)) if distilled and not factory else None
     student_numel = sum(info.numel for info in source.info.values())
     offload = world_size == 1 and fit_training(student_numel, original, settings, device)
     if offload:

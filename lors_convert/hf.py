@@ -35,6 +35,17 @@ def _transformers():
     return transformers
 
 
+def conv1d(in_features: int, out_features: int) -> nn.Module:
+    """GPT-2's Conv1D layer (a Linear whose weight is stored in x out)."""
+    _transformers()
+    return importlib.import_module("transformers.pytorch_utils").Conv1D(out_features, in_features)
+
+
+def logits_processors(*processors):
+    """transformers' list of logits processors, for `generate`."""
+    return _transformers().LogitsProcessorList(processors)
+
+
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -70,6 +81,12 @@ def auto_config(where: Path):
     if "gguf_file" in options and not config.architectures and causal is not None:
         config.architectures = [causal.__name__]
     return config
+
+
+def open_source(path: str | Path) -> TensorSource:
+    """A model's weights, opened lazily: any checkpoint checkpoint.open_checkpoint reads, or a GGUF file (open_gguf)."""
+    gguf = gguf_file(path)
+    return open_gguf(gguf) if gguf is not None else open_checkpoint(path)
 
 
 def open_gguf(path: Path) -> TensorSource:

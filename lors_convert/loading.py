@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource, check_output_path, gguf_file, open_checkpoint, write_safetensors
+from lors_convert.checkpoint import TensorSource, check_output_path, gguf_file, write_safetensors
 from lors_convert.hf import (
     _transformers,
     architecture_dir,
@@ -32,6 +32,7 @@ from lors_convert.hf import (
     dense_model,
     model_class,
     one_line,
+    open_source,
 )
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, read_lors, shared_key
 from lors_convert.lors_modeling import SHARED_ATTRIBUTE, install_lors, lors_model_class
@@ -260,7 +261,7 @@ def offloaded_dense_model(source_path: Path, factory: str | None = None) -> nn.M
     """The dense original in float32 (hf.dense_model), its blocks offloaded where it can be: a Hugging Face
     folder of safetensors whose stacked layers sit in blocks and whose every tensor the checkpoint holds. A GGUF
     (transformers dequantizes it whole) and --model-factory models are built whole."""
-    source = open_checkpoint(source_path)
+    source = open_source(source_path)
     folder = architecture_dir(source_path)
     if not can_offload(source, factory):
         return dense_model(source_path, factory)

@@ -67,10 +67,10 @@ def merge_lors(model: nn.Module) -> nn.Module:
             weight = module.weight  # a new tensor, S + B A
         bias = module.bias
         with torch.device("meta"):  # no random init of a weight replaced at once
-            if module.transposed:
-                from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have these
+            if module.transposed:  # only GPT-2-style models have these
+                from lors_convert.hf import conv1d
 
-                dense = Conv1D(weight.shape[1], weight.shape[0])
+                dense = conv1d(weight.shape[0], weight.shape[1])
                 bias = nn.Parameter(weight.new_zeros(weight.shape[1])) if bias is None else bias  # it always has one
             else:
                 dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -109,13 +109,28 @@ class LorsifyConfig:
     exclude: list[str] | None = None
 
 
+def scratch_factors(weight: torch.Tensor, rank: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (rows × rank) and A (rank × cols) for a layer trained from scratch, in `weight`'s dtype and device; `weight`
+    is a freshly initialised layer of the group. A is kaiming-uniform (nn.Linear's default). B is zeros where S
+    carries the layer's function (the paper's init: each layer starts as S); without S that would make every layer
+    the zero map, so there B is kaiming-uniform, scaled so that B A has the variance of `weight`."""
+    rows, cols = weight.shape
+    a = torch.empty(rank, cols, device=weight.device)
+    torch.nn.init.kaiming_uniform_(a, a=5**0.5)  # variance 1 / (3 cols)
+    b = torch.zeros(rows, rank, device=weight.device)
+    if not shared and rank:
+        torch.nn.init.kaiming_uniform_(b, a=5**0.5)  # variance 1 / (3 rank): B A has variance 1 / (9 cols)
+        b *= (9 * cols * weight.float().var()).sqrt()
+    return b.to(weight.dtype), a.to(weight.dtype)
+
+
 def lorsify(model: nn.Module, config: LorsifyConfig) -> nn.Module:
     """Turn a model's stacked Linear (and GPT-2 Conv1D) layers into LorsLinear, in place; returns the model.
 
     Stacks are found as in conversion (same name up to one layer index, same shape; `include`/`exclude` are globs
     over the templates). Each group gets one shared matrix S (unless `shared=False`), held by the model under
     `lors_shared`, and per layer rank-`rank` factors B (out×r) and A (r×in):
-    - `init="scratch"`, the paper's (`scratch.scratch_factors`): S with the layer's own default initialisation,
+    - `init="scratch"`, the paper's (`scratch_factors`): S with the layer's own default initialisation,
       A kaiming-uniform, B zeros, so every layer starts as S; without S, B random so that B A has the variance
       of that initialisation (B = 0 would make every layer the zero map);
     - `init="convert"`: S the mean of the group's weights and B A the truncated SVD of each residual.
@@ -123,7 +138,6 @@ def lorsify(model: nn.Module, config: LorsifyConfig) -> nn.Module:
     """
     from lors_convert.checkpoint import TensorInfo
     from lors_convert.factorize import low_rank
-    from lors_convert.scratch import scratch_factors
     from lors_convert.stacks import find_stacks
 
     rank, shared, init = config.rank, config.shared, config.init

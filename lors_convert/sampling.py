@@ -109,14 +109,14 @@ def sample(
 ) -> list[str]:
     """Each row continued by NEW_TOKENS tokens drawn by `draw` (or up to its end of text), decoded from position
     `skip`; left padding and the padding after an end of text are dropped."""
-    from transformers import LogitsProcessorList
+    from lors_convert.hf import logits_processors
 
     with fast_precision(ids.device):  # as calibration's passes: bf16 where the CPU multiplies it natively
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
             do_sample=False,
-            logits_processor=LogitsProcessorList([draw]),
+            logits_processor=logits_processors(draw),
             max_new_tokens=NEW_TOKENS,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,

@@ -11,7 +11,7 @@ from lors_convert import LorsError
 from lors_convert.checkpoint import check_output_path, write_safetensors
 from lors_convert.hf import _transformers, checkpoint_names, model_class, one_line
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, shared_key
-from lors_convert.nn import swappable_weights
+from lors_convert.nn import scratch_factors, swappable_weights
 
 
 def scratch_ranks(rows: int, cols: int, layers: int, reduction: float, shared: bool = True) -> int:
@@ -19,21 +19,6 @@ def scratch_ranks(rows: int, cols: int, layers: int, reduction: float, shared: b
     dense layers."""
     budget = (1 - reduction) * layers * rows * cols - (rows * cols if shared else 0)
     return max(0, int(budget // (layers * (rows + cols))))
-
-
-def scratch_factors(weight: torch.Tensor, rank: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """B (rows × rank) and A (rank × cols) for a layer trained from scratch, in `weight`'s dtype and device; `weight`
-    is a freshly initialised layer of the group. A is kaiming-uniform (nn.Linear's default). B is zeros where S
-    carries the layer's function (the paper's init: each layer starts as S); without S that would make every layer
-    the zero map, so there B is kaiming-uniform, scaled so that B A has the variance of `weight`."""
-    rows, cols = weight.shape
-    a = torch.empty(rank, cols, device=weight.device)
-    torch.nn.init.kaiming_uniform_(a, a=5**0.5)  # variance 1 / (3 cols)
-    b = torch.zeros(rows, rank, device=weight.device)
-    if not shared and rank:
-        torch.nn.init.kaiming_uniform_(b, a=5**0.5)  # variance 1 / (3 rank): B A has variance 1 / (9 cols)
-        b *= (9 * cols * weight.float().var()).sqrt()
-    return b.to(weight.dtype), a.to(weight.dtype)
 
 
 @dataclass

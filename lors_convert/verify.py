@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lors_convert.checkpoint import TensorSource, open_checkpoint, sha256_files
+from lors_convert.checkpoint import TensorSource, sha256_files
+from lors_convert.hf import open_source
 from lors_convert.lors_format import LorsMeta, consistency_problems, read_lors, reconstruction_errors
 
 
@@ -39,7 +40,7 @@ def internal_problems(lors: TensorSource, meta: LorsMeta) -> list[str]:
 
 def source_problems(lors: TensorSource, meta: LorsMeta, source_path: Path) -> list[str]:
     """The source is the one converted (sha256) and each group's error recomputed matches the recorded one."""
-    source = open_checkpoint(source_path)
+    source = open_source(source_path)
     recorded_sha = meta.source.sha256
     if sha256_files(source.files) != recorded_sha:
         return [f"{source_path}: sha256 differs from the one recorded ({recorded_sha}): not the converted source"]

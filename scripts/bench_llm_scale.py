@@ -36,8 +36,9 @@ from bench_llm import run_cli, smollm2_gguf
 from make_synthetic import PRESETS, checkpoint_shapes
 
 from lors_convert.calibrate import GB, block_bytes, calibration_bytes
-from lors_convert.checkpoint import TensorInfo, TensorSource, open_checkpoint
+from lors_convert.checkpoint import TensorInfo, TensorSource
 from lors_convert.finetuning import training_bytes
+from lors_convert.hf import open_source
 from lors_convert.stacks import find_stacks
 
 ROWS = ["--reduction 0.2 --finetune-minutes 0", "--reduction 0.2 --finetune-minutes 10"]
@@ -131,7 +132,7 @@ def main() -> None:
     smollm2 = (30, 576, 1536, 9, 3, 49152)
     tinyllama = (*PRESETS["tinyllama"][:5], 49152)
     models = [
-        ("SmolLM2-135M (GGUF)", open_checkpoint(smollm2_gguf()), Shape(*smollm2), False),
+        ("SmolLM2-135M (GGUF)", open_source(smollm2_gguf()), Shape(*smollm2), False),
         ("TinyLlama-shaped 1.1B", by_shapes(*tinyllama), Shape(*tinyllama), True),
         ("Llama-2-7B-shaped", by_shapes(*LLAMA2_7B), Shape(*LLAMA2_7B), True),
     ]

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import lors_convert
 from lors_convert import LorsError
-from lors_convert.checkpoint import open_checkpoint, sha256_files
+from lors_convert.checkpoint import sha256_files
+from lors_convert.hf import open_source
 from lors_convert.lors_format import read_lors
 
 transformers = pytest.importorskip("transformers")
@@ -101,7 +102,7 @@ def lines(path: Path, n: int = 40) -> Path:
 
 def test_gguf_tensors_are_the_transformers_models(tiny_gguf, tmp_path):
     path, written = tiny_gguf
-    source = open_checkpoint(path)
+    source = open_source(path)
     assert source.path == path and source.files == [path]
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     state = model.state_dict()
@@ -117,9 +118,9 @@ def test_gguf_tensors_are_the_transformers_models(tiny_gguf, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
     shutil.copy(path, folder / "model.gguf")
-    assert open_checkpoint(folder).path == folder / "model.gguf"
+    assert open_source(folder).path == folder / "model.gguf"
     write_tiny_gguf(tmp_path / "half.gguf", dtype=np.float16)
-    half = open_checkpoint(tmp_path / "half.gguf")
+    half = open_source(tmp_path / "half.gguf")
     assert half.info["model.layers.0.mlp.up_proj.weight"].dtype == torch.float16  # the GGUF's own float type
 
 
@@ -189,7 +190,7 @@ def test_missing_gguf_package_names_the_extra(tiny_gguf, monkeypatch, cli):
     result = cli("inspect", tiny_gguf[0])
     assert result.code != 0 and "pip install 'lors-convert[gguf]'" in result.err
     with pytest.raises(LorsError, match=r"lors-convert\[gguf\]"):
-        open_checkpoint(tiny_gguf[0])
+        open_source(tiny_gguf[0])
 
 
 def test_gguf_without_a_tokenizer_converts_but_refuses_text(tmp_path, cli):
