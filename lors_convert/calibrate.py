@@ -421,15 +421,19 @@ def one_chain(stacks: list[Stack]) -> bool:
     return len({stack.template.partition("{i}")[0] for stack in stacks}) == 1
 
 
+RUNTIME_BYTES = 5 * 10**8  # the interpreter, torch and transformers, before any tensor (measured: 0.35-0.5 GB)
+
+
 def calibration_bytes(
     source: TensorSource, stacks: list[Stack], fisher: bool, tokens: int = 256 * 128, offloaded: bool = False
 ) -> dict[str, float]:
     """What calibration holds at its peak: the dense model in float32, or with `offloaded` (loading.can_offload)
     what lies outside the blocks and the largest block; the stacked layers' input covariances (in x in, float64;
     each metric K is formed in its place) and, under --fisher, their output matrices (out x out) and the factor
-    of the largest one (formed beside it), with the rows each layer buffers for its next product (Moments). Block
-    by block (one_chain) those are one block's; with --fisher, the gradient at the current block's output for the
-    calibration's `tokens` is held too (the blocks' inputs wait on disk). Otherwise every layer's at once."""
+    of the largest one (a damped copy, its factor and that in float32), with the rows each layer buffers for its
+    next product and the last product kept for the next layer that reads the same input (Moments). Block by block
+    (one_chain) those are one block's; with --fisher, the gradient at the current block's output and that block's
+    inputs read back from disk, for the calibration's `tokens`. Otherwise every layer's at once. And the runtime."""
     chain = one_chain(stacks)
     blocks = {}
     for stack in stacks:
@@ -437,13 +441,15 @@ def calibration_bytes(
             blocks.setdefault(layer if chain else 0, []).append(stack)
     heaviest = lambda size: max(sum(size(s) for s in block) for block in blocks.values())  # noqa: E731
     outside, largest, every = block_bytes(source, stacks)
+    widest = max(max(s.rows, s.cols) for s in stacks)
     return {
         "model": outside + (largest if offloaded else every),
         "inputs": heaviest(lambda s: s.cols**2 * 8 * (1 if chain else len(s.names))),
         "fisher": heaviest(lambda s: s.rows**2 * 8 * (1 if chain else len(s.names))) if fisher else 0,
-        "factor": max(s.rows for s in stacks) ** 2 * 8 * 2 if fisher else 0,  # a damped copy and its factor
-        "buffers": heaviest(lambda s: 1 if chain else len(s.names)) * FLUSH_BYTES * (1 + fisher),
-        "gradients": tokens * min(s.cols for s in stacks) * 4 if fisher and chain else 0,
+        "factor": max(s.rows for s in stacks) ** 2 * 20 if fisher else 0,
+        "buffers": heaviest(lambda s: 1 if chain else len(s.names)) * FLUSH_BYTES * (1 + fisher) + widest**2 * 8,
+        "gradients": 2 * tokens * min(s.cols for s in stacks) * 4 if fisher and chain else 0,
+        "runtime": RUNTIME_BYTES,
     }
 
 
@@ -478,7 +484,8 @@ def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: Co
     from lors_convert.loading import can_offload
 
     available = available_memory()
-    tokens = settings.calib_samples * settings.calib_max_length
+    # a model-written sample is up to a prompt and an answer
+    tokens = round(settings.calib_samples * settings.calib_max_length * (1 + settings.calib_generated))
     offloaded = can_offload(source, settings.model_factory)
     needed = calibration_bytes(source, stacks, settings.fisher, tokens, offloaded)
     if available is None or sum(needed.values()) <= available:
@@ -487,9 +494,9 @@ def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: Co
     parts = f"the model {needed['model'] / GB:.1f} GB {what}, input covariances {needed['inputs'] / GB:.1f} GB"
     if settings.fisher:
         parts += f", --fisher's output matrices and a factor {(needed['fisher'] + needed['factor']) / GB:.1f} GB"
-    parts += f", buffered rows {needed['buffers'] / GB:.1f} GB"
+    parts += f", buffered rows and products {needed['buffers'] / GB:.1f} GB"
     if needed["gradients"]:
-        parts += f", the output's gradient {needed['gradients'] / GB:.1f} GB"
+        parts += f", the output's gradient and a block's inputs {needed['gradients'] / GB:.1f} GB"
     without = sum(calibration_bytes(source, stacks, False, tokens, offloaded).values())
     remedy = (
         f"without --fisher it needs {without / GB:.1f} GB, which fits; or "

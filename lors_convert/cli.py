@@ -377,7 +377,13 @@ def compress(
 
     Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
     conversion is reused and training resumes."""
-    from lors_convert.checkpoint import check_output_path, index_path, parse_size, remove_checkpoint
+    from lors_convert.checkpoint import (
+        check_output_path,
+        index_path,
+        parse_size,
+        remove_checkpoint,
+        return_freed_memory,
+    )
     from lors_convert.conversion import ConvertConfig
     from lors_convert.conversion import convert as run_convert
     from lors_convert.data import held_out_words, load_examples, split_examples
@@ -408,6 +414,7 @@ def compress(
     check_output_path(output, [model], force)
     source = open_source(model)
     check_output_path(output, source.files, force)
+    return_freed_memory()
     if finetune_minutes > 0:  # a fine-tune that cannot fit is refused before the conversion starts
         stacked = sum(source.info[name].numel for stack in find_stacks(source.info)[0] for name in stack.names)
         student = sum(info.numel for info in source.info.values()) - round((settings.reduction or 0) * stacked)
@@ -721,10 +728,12 @@ def finetune(
     """Distil the dense teacher into a LORS model and write the fine-tuned LORS checkpoint."""
     if nproc_per_node:
         launch_torchrun(nproc_per_node)
-    from lors_convert.checkpoint import parse_size
+    from lors_convert.checkpoint import parse_size, return_freed_memory
     from lors_convert.evaluate import print_fidelity
     from lors_convert.finetuning import FinetuneConfig
     from lors_convert.finetuning import finetune as run_finetune
+
+    return_freed_memory()
 
     settings = FinetuneConfig(
         steps=steps,
@@ -825,9 +834,12 @@ def evaluate(
     quiet: bool = Quiet,
 ) -> None:
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
+    from lors_convert.checkpoint import return_freed_memory
     from lors_convert.data import HELD_OUT, held_out_words, load_examples, split_examples
     from lors_convert.evaluate import fidelity, held_out_loss, load_student_teacher, print_fidelity
     from lors_convert.runtime import setup_device
+
+    return_freed_memory()
 
     pair = load_student_teacher(
         lors,

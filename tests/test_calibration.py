@@ -794,11 +794,13 @@ def test_a_calibration_beyond_memory_is_refused_before_it_starts(tmp_path, cli, 
     assert needed["model"] == outside + block and block > 0
     assert needed["inputs"] == sum(s.cols**2 * 8 for s in stacks)
     assert needed["fisher"] == sum(s.rows**2 * 8 for s in stacks)
-    assert needed["factor"] == max(s.rows for s in stacks) ** 2 * 8 * 2
-    assert needed["gradients"] == 256 * 128 * 32 * 4  # tokens x hidden, float32
+    assert needed["factor"] == max(s.rows for s in stacks) ** 2 * 20  # float64 copy and factor, float32 factor
+    assert needed["gradients"] == 2 * 256 * 128 * 32 * 4  # gradient and inputs: tokens x hidden, float32
+    assert needed["runtime"] == calibrate.RUNTIME_BYTES
     assert calibrate.available_memory() > 0  # Linux's MemAvailable, read for real
     out = tmp_path / "out.lors.safetensors"
-    assert needed["buffers"] == len(stacks) * calibrate.FLUSH_BYTES * 2  # inputs, gradients
+    widest = max(max(s.rows, s.cols) for s in stacks)
+    assert needed["buffers"] == len(stacks) * calibrate.FLUSH_BYTES * 2 + widest**2 * 8  # inputs, gradients
     without_fisher = sum(calibrate.calibration_bytes(source, stacks, False, offloaded=True).values())
     monkeypatch.setattr(calibrate, "available_memory", lambda: without_fisher + 1)
     result = cli(folder, "--calibrate", text, "--fisher", "--reduction", "0.2", "-o", out, "--quiet")
