@@ -137,7 +137,8 @@ def main() -> None:
         ("Llama-2-7B-shaped", by_shapes(*LLAMA2_7B), Shape(*LLAMA2_7B), True),
     ]
     print(
-        "\nestimates by shapes, GB (calibration with --fisher, 256 samples of up to 128 tokens, 3/4 of them model-written prompts and answers; fine-tuning at 20%)\n"
+        "\nestimates by shapes, GB (calibration with --fisher, 256 samples of up to 128 tokens, 3/4 of them "
+        "model-written prompts and answers; fine-tuning at 20%)\n"
     )
     print(
         "| model | parameters | calibration holds the model | its weights | one block's K, G and a factor "
