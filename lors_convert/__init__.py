@@ -8,6 +8,7 @@ One verb per operation, each with a config object (torchao's `quantize_(model, c
     model = lc.load("model.lors.safetensors")       # the source's own model class, LORS layers inside
     lc.save(model, "trained.lors.safetensors")      # after your own training loop
     lc.finetune("model.lors.safetensors", ["text.txt"], "tuned.lors.safetensors", lc.FinetuneConfig(minutes=15))
+    lc.compress("model_dir", "small.lors.safetensors", lc.CompressConfig(calibrate=["text.txt"], reduction=0.2))
     lc.export("tuned.lors.safetensors", "hf_dir", lc.ExportConfig())  # loads without lors-convert
     lc.merge(model)                                 # LORS layers back to plain Linear, in place
     lc.init("config_dir", "scratch.lors.safetensors", lc.InitConfig(reduction=0.5))  # to train from scratch
@@ -61,6 +62,8 @@ _LAZY = {
     "save": "loading",
     "finetune": "finetuning",
     "FinetuneConfig": "finetuning",
+    "compress": "compression",
+    "CompressConfig": "compression",
     "export": "exporting",
     "ExportConfig": "exporting",
     "InitConfig": "scratch",

@@ -377,83 +377,39 @@ def compress(
 
     Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
     conversion is reused and training resumes."""
-    from lors_convert.checkpoint import (
-        check_output_path,
-        index_path,
-        parse_size,
-        remove_checkpoint,
-        return_freed_memory,
-    )
-    from lors_convert.conversion import ConvertConfig
-    from lors_convert.conversion import convert as run_convert
-    from lors_convert.data import held_out_words, load_examples, split_examples
-    from lors_convert.evaluate import fidelity, load_student_teacher, print_fidelity
-    from lors_convert.finetuning import FinetuneConfig, fit_training, state_path
-    from lors_convert.finetuning import finetune as run_finetune
-    from lors_convert.hf import open_source
+    from lors_convert.checkpoint import return_freed_memory
+    from lors_convert.compression import CompressConfig
+    from lors_convert.compression import compress as run_compress
+    from lors_convert.evaluate import print_fidelity
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
-    from lors_convert.runtime import setup_device
-    from lors_convert.stacks import find_stacks
 
-    settings = ConvertConfig(
+    config = CompressConfig(
+        calibrate=calibrate,
         reduction=reduction,
         max_ppl_increase=max_ppl_increase,
-        calibrate=calibrate,
+        finetune_minutes=finetune_minutes,
+        batch_size=batch_size,
+        lr=lr,
         calib_samples=calib_samples,
         calib_generated=calib_generated,
         fisher=fisher,
         seed=seed,
+        shard_size=shard_size,
     )
-    training = FinetuneConfig(
-        steps=10**6, batch_size=batch_size, lr=lr, seed=seed, minutes=finetune_minutes, save_every=50
-    )
-    settings.validate()
-    training.validate()  # before minutes of conversion
-    size = parse_size(shard_size)
-    check_output_path(output, [model], force)
-    source = open_source(model)
-    check_output_path(output, source.files, force)
     return_freed_memory()
-    if finetune_minutes > 0:  # a fine-tune that cannot fit is refused before the conversion starts
-        stacked = sum(source.info[name].numel for stack in find_stacks(source.info)[0] for name in stack.names)
-        student = sum(info.numel for info in source.info.values()) - round((settings.reduction or 0) * stacked)
-        fit_training(student, source, training, setup_device(1))
-    # fine-tuning starts from a conversion kept beside the output until the end, which a rerun reuses
-    converted = output.with_name(output.name.removesuffix(".safetensors") + ".converted.safetensors")
-    first = converted if finetune_minutes > 0 else output
-    earlier = first == converted and (converted.is_file() or index_path(converted).is_file())
-    if earlier and leftover_of(read_lors(converted)[1], source, settings):
-        stderr.print(f"reusing {converted} (converted from the same source with the same settings)")
-    else:
-        with progress_bars(quiet) as progress:
-            run_convert(source, first, settings, shard_size=size, force=force or first == converted, progress=progress)
-    if not (quiet or as_json):
-        print_report(build_report(*read_lors(first)))
-    if finetune_minutes > 0:
-        results = run_finetune(
-            converted,
-            calibrate,
-            output,
-            training,
-            resume=state_path(output).is_file(),
-            shard_size=size,
-            force=force,
-            quiet=quiet,
-            log=lambda message: stderr.print(escape(message)),
-        )
-        rows, words = {"converted": results["eval_before"], "fine-tuned": results["eval_after"]}, results["held_out"]
-        remove_checkpoint(converted)
-    else:
-        pair = load_student_teacher(output, offload_student=True, offload_teacher=True)
-        held_out = split_examples(load_examples(calibrate, pair.tokenizer), training.eval_examples)[1]
-        device = setup_device(1)
-        rows = {
-            "converted": fidelity(
-                pair.student.to(device), pair.teacher.to(device), held_out, pair.tokenizer, device=device
-            )
-        }
-        words = held_out_words(held_out, calibrate)
+    show_report = None if quiet or as_json else lambda path: print_report(build_report(*read_lors(path)))
+    results = run_compress(
+        model,
+        output,
+        config,
+        force=force,
+        quiet=quiet,
+        bars=lambda: progress_bars(quiet),
+        converted=show_report,
+        log=lambda message: stderr.print(escape(message)),
+    )
+    rows, words = results["rows"], results["held_out"]
     print_fidelity(rows, as_json, f"fidelity against the original on {words}")
     last = list(rows.values())[-1]
     if "ppl_student" in last and (
@@ -467,14 +423,6 @@ def compress(
         )
     if not as_json:
         stderr.print(f"wrote {output}")
-
-
-def leftover_of(meta, source, settings) -> bool:
-    """Whether an earlier conversion is of this source (path and sha256) with these settings."""
-    from lors_convert.checkpoint import sha256_files
-
-    same = meta.settings == settings.as_json() and meta.source.path == str(source.path.resolve())
-    return same and meta.source.sha256 == sha256_files(source.files)
 
 
 @app.command()

@@ -24,14 +24,15 @@ IDS = torch.tensor([[83, 257, 220, 66, 64, 83]])
 
 
 def test_every_public_name_is_the_verb_or_config_not_a_module():
-    import lors_convert.conversion  # noqa: F401  the modules named like verbs, imported first: they must not shadow
+    import lors_convert.compression  # noqa: F401  the modules named like verbs, imported first: they must not shadow
+    import lors_convert.conversion  # noqa: F401
     import lors_convert.exporting  # noqa: F401
     import lors_convert.finetuning  # noqa: F401
 
     for name in lc.__all__:
         assert not isinstance(getattr(lc, name), types.ModuleType), name
-    assert {"convert", "load", "save", "export", "init", "lorsify", "merge", "finetune"} <= set(lc.__all__)
-    for verb in ("Convert", "Export", "Init", "Lorsify", "Finetune"):
+    assert {"convert", "load", "save", "export", "init", "lorsify", "merge", "finetune", "compress"} <= set(lc.__all__)
+    for verb in ("Convert", "Export", "Init", "Lorsify", "Finetune", "Compress"):
         assert isinstance(getattr(lc, f"{verb}Config"), type)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         lc.nothing  # noqa: B018
@@ -121,3 +122,32 @@ def test_a_bad_config_is_a_lors_error_and_writes_nothing(tmp_path):
     with pytest.raises(lc.LorsError, match="one of --rank and --reduction"):
         lc.init(tmp_path, tmp_path / "scratch.lors.safetensors", lc.InitConfig())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+@pytest.mark.slow
+def test_compress_through_the_api_is_the_clis(tmp_path, cli):
+    """`lc.compress(source, output, CompressConfig)`: the verb the CLI's compress calls, with the same result."""
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    text = lines(tmp_path / "text.txt", 60)
+    config = lc.CompressConfig(calibrate=[text], reduction=0.3, calib_samples=16)
+    results = lc.compress(gguf, tmp_path / "api.lors.safetensors", config, log=lambda *a: None)
+    assert set(results["rows"]) == {"converted"} and "held-out lines of text.txt" in results["held_out"]
+    made = cli(
+        "compress",
+        gguf,
+        "--calibrate",
+        text,
+        "--reduction",
+        "0.3",
+        "--calib-samples",
+        "16",
+        "--json",
+        "-o",
+        tmp_path / "cli.lors.safetensors",
+        "--quiet",
+    )
+    assert made.code == 0, made.err
+    assert made.json() == pytest.approx(results["rows"]["converted"])
+    api, by_cli = read_lors(tmp_path / "api.lors.safetensors")[1], read_lors(tmp_path / "cli.lors.safetensors")[1]
+    assert api.settings == by_cli.settings and api.groups == by_cli.groups

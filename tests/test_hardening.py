@@ -476,22 +476,22 @@ def test_compress_reuses_a_leftover_conversion_only_of_the_same_source(tmp_path,
 def test_compress_shards_resumes_and_ends_with_one_checkpoint(tmp_path, cli, monkeypatch, minutes):
     """Outputs above --shard-size: the conversion and the result are shards plus an index. An interrupted run's
     conversion is reused by the next one, and the end leaves the output's files alone (no intermediate)."""
-    import lors_convert.finetuning
+    import lors_convert.compression
 
     folder = bert_folder(tmp_path, with_tokenizer=True)
     text = tmp_path / "t.txt"
     text.write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
     out, size = tmp_path / "final.lors.safetensors", ("--shard-size", "4KB")
-    finetune = lors_convert.finetuning.finetune
+    finetune = lors_convert.compression.finetune
     if minutes != "0":
 
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(lors_convert.finetuning, "finetune", interrupted)
+        monkeypatch.setattr(lors_convert.compression, "finetune", interrupted)
         assert cli(*compress_args(folder, text, out, "--finetune-minutes", minutes, *size)).code != 0
         assert len(list(tmp_path.glob("final.lors.converted-*-of-*.safetensors"))) > 1
-        monkeypatch.setattr(lors_convert.finetuning, "finetune", finetune)
+        monkeypatch.setattr(lors_convert.compression, "finetune", finetune)
     result = cli(*compress_args(folder, text, out, "--finetune-minutes", minutes, *size))
     assert result.code == 0, result.err
     assert ("reusing" in result.err) == (minutes != "0")
