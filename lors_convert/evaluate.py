@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +167,22 @@ def scored_batches(model: nn.Module, batches: Iterator[dict]) -> Iterator[dict]:
 
 
 @torch.no_grad()
+def next_token_nll(model: nn.Module, batches: Iterable[dict], device: torch.device) -> tuple[float, float]:
+    """(summed next-token negative log-likelihood, tokens predicted) of a causal LM over the batches: the one
+    perplexity loop (held-out loss, --max-ppl-increase's choice)."""
+    nll = tokens = 0.0
+    for batch in scored_batches(model, batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device):
+            logits, _ = logits_and_hidden(model, batch)
+        if logits is None or "input_ids" not in batch:
+            raise LorsError("a next-token loss needs a causal language model and token ids")
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        total, count = token_log_probs(logits, batch["input_ids"], mask)
+        nll, tokens = nll + total.item(), tokens + count.item()
+    return nll, tokens
+
+
 def held_out_loss(
     model: nn.Module,
     examples: Examples,
@@ -177,15 +193,7 @@ def held_out_loss(
     device: torch.device = torch.device("cpu"),
 ) -> dict:
     """Next-token loss and perplexity on held-out examples (for models trained without a teacher)."""
-    nll = tokens = 0.0
-    for batch in scored_batches(model, examples.batches(batch_size, tokenizer, max_length, device)):
-        with autocast(device):
-            logits, _ = logits_and_hidden(model, batch)
-        if logits is None or "input_ids" not in batch:
-            raise LorsError("a next-token loss needs a causal language model and token ids")
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-        total, count = token_log_probs(logits, batch["input_ids"], mask)
-        nll, tokens = nll + total.item(), tokens + count.item()
+    nll, tokens = next_token_nll(model, examples.batches(batch_size, tokenizer, max_length, device), device)
     loss = nll / max(tokens, 1)
     return {"examples": len(examples), "loss": loss, "ppl": float(torch.tensor(loss).exp())}
 

@@ -20,25 +20,16 @@ from lors_convert.checkpoint import TensorSource
 from lors_convert.factorize import tail
 from lors_convert.loading import own_names
 from lors_convert.plan import ConvertConfig, GroupPlan, Progress, factor_layer, input_metric, read_matrix
-from lors_convert.runtime import logits_and_hidden
 
 LOWEST, HIGHEST = 0.0, 0.9  # the reductions searched
 MEASUREMENTS = 5  # real perplexity measurements at most: each factors every layer once
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, batches: list[dict]) -> float:
     """Token-weighted next-token perplexity over unpadded single-sequence batches."""
-    from lors_convert.evaluate import token_log_probs
+    from lors_convert.evaluate import next_token_nll
 
-    nll = tokens = 0.0
-    device = next(model.parameters()).device
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits, _ = logits_and_hidden(model, batch)
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-        total, count = token_log_probs(logits, batch["input_ids"], mask)
-        nll, tokens = nll + total.item(), tokens + count.item()
+    nll, tokens = next_token_nll(model, batches, next(model.parameters()).device)
     return math.exp(nll / max(tokens, 1))
 
 
