@@ -46,6 +46,11 @@ def _set(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
     table[leaf] = nn.Parameter(tensor, requires_grad=False) if table is owner_module._parameters else tensor
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating tensor in `dtype`; integer ones (position ids) as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def offload_blocks(
     model: nn.Module, source: TensorSource, own: dict[str, str], blocks: list[str], dtype: torch.dtype = torch.float32
 ) -> list[str]:
@@ -59,7 +64,7 @@ def offload_blocks(
             path = next(p for p in blocks if target.startswith(f"{p}."))
             lazy[path][target.removeprefix(f"{path}.")] = name
         else:
-            _set(model, target, source.get(name).to(dtype))
+            _set(model, target, _as(source.get(name), dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head takes the embedding just read
     for path, names in lazy.items():
@@ -84,7 +89,7 @@ def _onload(block: nn.Module, device: torch.device) -> None:
         for local, name in names.items():
             info = source.info[name]
             as_stored = info.dtype == autocast and len(info.shape) >= 2
-            _set(block, local, source.get(name).to(device, info.dtype if as_stored else state["dtype"]))
+            _set(block, local, _as(source.get(name), info.dtype if as_stored else state["dtype"]).to(device))
     state["holders"] += 1
 
 
