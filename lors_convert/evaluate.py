@@ -148,7 +148,7 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 1
     return (hits / k).mean().item()
 
 
-LOGITS_BYTES = 2**28  # a scored batch's float32 logits at most: its scoring holds a few times that
+LOGITS_BYTES = 2**27  # a scored batch's float32 logits at most: its scoring holds about eight times that
 
 
 def scored_batches(model: nn.Module, batches: Iterator[dict]) -> Iterator[dict]:
