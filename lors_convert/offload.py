@@ -71,7 +71,8 @@ def offload_blocks(
         block = model.get_submodule(path)
         setattr(block, OFFLOADED, {"source": source, "names": names, "holders": 0, "dtype": dtype})
         block.register_forward_pre_hook(_onload_hook, with_kwargs=True)
-        block.register_forward_hook(_offload_hook, with_kwargs=True)
+        # always: a hook inside the block may stop the forward (calibration's StopForward)
+        block.register_forward_hook(_offload_hook, with_kwargs=True, always_call=True)
         block._apply = types.MethodType(_apply_to_held, block)
     waiting = {f"{path}.{local}" for path, names in lazy.items() for local in names}
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
@@ -95,6 +96,8 @@ def _onload(block: nn.Module, device: torch.device) -> None:
 
 def _offload(block: nn.Module) -> None:
     state = getattr(block, OFFLOADED)
+    if state["holders"] == 0:  # a forward stopped before the block was read
+        return
     state["holders"] -= 1
     if state["holders"] == 0:
         for local in state["names"]:

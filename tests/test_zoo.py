@@ -28,7 +28,7 @@ from lors_convert import LorsError
 from lors_convert.checkpoint import TensorInfo
 from lors_convert.cli import main
 from lors_convert.lors_format import read_lors, shared_key
-from lors_convert.nn import LorsLinear, is_conv1d, lors_groups, merge_lors
+from lors_convert.nn import LorsLinear, is_conv1d, is_swappable, lors_groups, merge_lors
 from lors_convert.stacks import find_stacks
 
 T = pytest.importorskip("transformers")
@@ -264,6 +264,7 @@ def test_export_loads_with_trust_remote_code_and_without_lors_convert(case, zoo,
 def test_an_offloaded_original_holds_one_block_and_gives_the_same_outputs(case, tmp_path):
     """What calibration and evaluation run for a Hugging Face folder: the blocks read from the (bfloat16)
     checkpoint one at a time, in float32, with the whole model's outputs and generations."""
+    from lors_convert.blocks import StopForward
     from lors_convert.hf import dense_model
     from lors_convert.loading import offloaded_dense_model
     from lors_convert.offload import OFFLOADED
@@ -293,6 +294,16 @@ def test_an_offloaded_original_holds_one_block_and_gives_the_same_outputs(case, 
     assert all(t.is_meta for block in blocks for t in block.parameters())  # dropped after use
     if case.generates:
         assert torch.equal(generated(offloaded, case), generated(whole, case))
+    inner = next(m for m in blocks[0].modules() if is_swappable(m))  # a Linear (or Conv1D), which runs
+
+    def stop(module, args):
+        raise StopForward
+
+    handle = inner.register_forward_pre_hook(stop)
+    with torch.no_grad(), pytest.raises(StopForward):  # a forward stopped inside a block (calibration's hooks)
+        offloaded(**case.inputs)
+    handle.remove()
+    assert all(t.is_meta for block in blocks for t in block.parameters())
 
 
 @pytest.mark.parametrize("case", params(LOADABLE))
