@@ -12,7 +12,8 @@ A row is REDUCTION:METHOD, METHOD one of: weight (no calibration), calibrated, f
 Fisher), fisher-mean / fisher-none (--shared mean / none), target=R (--max-ppl-increase R, REDUCTION ignored),
 compress (compress's own conversion, then --finetune-minutes of distillation; compress=N: N minutes, 0 for the
 conversion alone, whose wall is then compress's conversion time), int8 (no conversion: the original's stacked weights
-rounded to int8, per row; REDUCTION ignored). Options after a space go to that row's command as they are, e.g.
+rounded to int8, per row; REDUCTION ignored), file=PATH (a LORS file converted elsewhere, e.g. by another version of
+lors-convert, scored the same way; REDUCTION ignored). Options after a space go to that row's command as they are, e.g.
 "0.2:compress=15 --lr 5e-5" or "0.2:fisher --calib-samples 512". --keep DIR keeps each row's model as
 DIR/ROW.lors.safetensors (for scripts/llm_answers.py). Prints a markdown table.
 """
@@ -170,7 +171,10 @@ def main() -> None:
                 results.append({"row": row, "removed": 0.0, "held": held, "fortunes": fortune, "wall_s": 0.0})
                 print(json.dumps(results[-1]), flush=True)
                 continue
-            out = Path(tmp) / "model.lors.safetensors"
+            if method.startswith("file="):
+                out, wall, peak = Path(method.split("=", 1)[1]), 0.0, 0.0
+            else:
+                out = Path(tmp) / "model.lors.safetensors"
             common = ["--calib-samples", str(args.calib_samples), "--dtype", "bfloat16", "-o", out, "--quiet"]
             if method.split("=")[0] == "compress":
                 minutes = method.split("=")[1] if "=" in method else str(args.finetune_minutes)
@@ -179,9 +183,10 @@ def main() -> None:
                 cli += ["--finetune-minutes", minutes]
             elif method.startswith("target="):
                 cli = [gguf, "--calibrate", calib, "--fisher", "--max-ppl-increase", method.split("=")[1], *common]
-            else:
+            elif not method.startswith("file="):
                 cli = [gguf, *[a.format(calib=calib) for a in METHODS[method]], "--reduction", reduction, *common]
-            wall, peak, log = run_cli([str(a) for a in [*cli, *options]])
+            if not method.startswith("file="):
+                wall, peak, _ = run_cli([str(a) for a in [*cli, *options]])
             model = lors_convert.load(out).eval().to(device)
             meta = read_lors(out)[1]
             result = {
@@ -196,6 +201,8 @@ def main() -> None:
             }
             results.append(result)
             print(json.dumps(result), flush=True)
+            if method.startswith("file="):
+                continue
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 out.replace(args.keep / f"{row.replace(':', '-').replace(' ', '')}.lors.safetensors")
