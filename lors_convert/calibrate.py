@@ -486,7 +486,7 @@ def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: Co
     available = available_memory()
     # a model-written sample is up to a prompt and an answer
     tokens = round(settings.calib_samples * settings.calib_max_length * (1 + settings.calib_generated))
-    offloaded = can_offload(source, settings.model_factory)
+    offloaded = can_offload(source, settings.model_factory) and not settings.sequential
     needed = calibration_bytes(source, stacks, settings.fisher, tokens, offloaded)
     if available is None or sum(needed.values()) <= available:
         return
@@ -511,16 +511,17 @@ def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: Co
 
 
 def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[torch.nn.Module, list[dict], str]:
-    """The dense model with the source's weights, the calibration batches, and the words that say which lines
-    (or rows) they are."""
+    """The dense model with the source's weights (its blocks read as they run, where it can be; whole for
+    --sequential, which writes converted weights into a copy of it), the calibration batches, and the words that
+    say which lines (or rows) they are."""
     from lors_convert.data import tensor_batches, text_batches
-    from lors_convert.hf import architecture_dir, load_tokenizer
+    from lors_convert.hf import architecture_dir, dense_model, load_tokenizer
     from lors_convert.loading import offloaded_dense_model
 
     if source.model is not None and not settings.model_factory:
         model = source.model()
     else:
-        model = offloaded_dense_model(source.path, settings.model_factory)
+        model = (dense_model if settings.sequential else offloaded_dense_model)(source.path, settings.model_factory)
     if settings.model_factory:
         return model, *tensor_batches(settings.calibrate, settings.calib_samples, settings.seed)
     tokenizer = load_tokenizer(architecture_dir(source.path))
