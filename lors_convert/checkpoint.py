@@ -687,7 +687,7 @@ def remove_checkpoint(path: Path) -> None:
     """Delete the checkpoint this tool wrote under `path`: the single file, or the index (first, so no half
     checkpoint is left readable) and the shards it names. Files without lors-convert's mark stay."""
     index = index_path(path)
-    files = [index, *open_checkpoint(index).files] if index.is_file() else [path]
+    files = [index, *_read_index(index)[0]] if index.is_file() else [path]  # the index alone names the shards
     for file in files:
         if file.is_file() and written_by_lors_convert(file):
             file.unlink()
