@@ -29,6 +29,7 @@ from lors_convert.plan import ConvertConfig, GroupPlan, bias_name
 from lors_convert.runtime import call_model, compute_device, fast_precision, is_causal_lm
 from lors_convert.sampling import sampled_labels, with_model_written
 from lors_convert.stacks import Stack
+from lors_convert.threads import revise_threads
 
 
 @dataclass
@@ -640,6 +641,7 @@ def calibrate_plans(
             store.put(f"K:{name}", covariance)
         for name, g in fisher.items():
             store.put(f"F:{name}", psd_factor(damped(g, FISHER_DAMPING)).mT)
+        revise_threads()  # once a block
 
     calibration = collect(
         model, stacks, batches, device, settings.seed if settings.fisher else None, finish, spill=scratch

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -18,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lors_convert import LorsError, __version__
 from lors_convert.console import stderr
+from lors_convert.threads import choose_threads, revise_threads, threads_are_ours
 
 app = typer.Typer(
     name="lors-convert",
@@ -105,9 +105,10 @@ AllowMismatch = typer.Option(
 
 @contextmanager
 def progress_bars(quiet: bool) -> Iterator:
-    """Yields a `(description, total) -> advance()` factory drawing rich bars on stderr."""
+    """Yields a `(description, total) -> advance()` factory drawing rich bars on stderr; each advance also lets
+    the thread count follow the machine's load (threads.revise_threads)."""
     if quiet:
-        yield lambda description, total: lambda: None
+        yield lambda description, total: revise_threads
         return
     bars = Progress(
         TextColumn("{task.description:>16}"),
@@ -122,7 +123,12 @@ def progress_bars(quiet: bool) -> Iterator:
 
         def start(description: str, total: int):
             task = bars.add_task(description, total=total)
-            return lambda: bars.advance(task)
+
+            def advance() -> None:
+                bars.advance(task)
+                revise_threads()
+
+            return advance
 
         yield start
 
@@ -750,7 +756,7 @@ def launch_torchrun(nproc: int) -> None:
         *args,
     ]
     env = dict(os.environ)
-    if _threads_chosen:  # the free cores are shared by the processes
+    if threads_are_ours():  # the free cores are shared by the processes
         env["OMP_NUM_THREADS"] = str(max(1, int(env["OMP_NUM_THREADS"]) // nproc))
     raise typer.Exit(subprocess.run(command, env=env).returncode)
 
@@ -826,56 +832,6 @@ def default_output(model: Path) -> Path:
 _argv: list[str] | None = None  # the arguments main() was given, for launch_torchrun
 
 
-THREAD_CHOICES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def cpu_times(cpus: set[int]) -> tuple[float, float] | None:
-    """(busy, total) jiffies of these CPUs since boot, from /proc/stat (None where there is none)."""
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
-        return None
-    busy = total = 0.0
-    for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            values = [float(v) for v in fields[:8]]
-            total += sum(values)
-            busy += sum(values) - values[3] - values[4]  # less idle and iowait
-    return (busy, total) if total else None
-
-
-def free_cores(sample_s: float = 0.05) -> int | None:
-    """How many of the CPUs this process may use are not busy with other work right now."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    before = cpu_times(cpus)
-    time.sleep(sample_s)
-    after = cpu_times(cpus)
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    idle_share = 1 - (after[0] - before[0]) / (after[1] - before[1])
-    return max(1, min(len(cpus), round(idle_share * len(cpus))))
-
-
-def threads_for_free_cores() -> None:
-    """One compute thread per free core, unless the user chose a thread count.
-
-    OpenMP's threads wait for each other at every parallel region; with more threads than free cores, each
-    region waits for a thread the OS has parked, and MiniLM's conversion ran 15-18x slower while another process
-    kept the cores busy. Measured by scripts/bench_busy.py (README). Set before torch is first imported (no module
-    the CLI imports at start imports torch), so every library that reads OMP_NUM_THREADS sees it.
-    """
-    global _threads_chosen
-    if any(name in os.environ for name in THREAD_CHOICES):
-        return
-    free = free_cores()
-    if free is not None:
-        os.environ["OMP_NUM_THREADS"], _threads_chosen = str(free), True
-
-
-_threads_chosen = False  # whether OMP_NUM_THREADS is ours (then torchrun's processes share it) or the user's
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `lors-convert MODEL` means convert; user errors print one line."""
     # a kill (a job scheduler's, a container's stop) ends a command as Ctrl-C does: temporary files and
@@ -899,7 +855,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None) -> None:
     global _argv
-    threads_for_free_cores()
+    choose_threads()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]

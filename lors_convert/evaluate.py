@@ -17,6 +17,7 @@ from lors_convert.data import Examples
 from lors_convert.hf import open_source
 from lors_convert.lors_format import LorsMeta, read_lors
 from lors_convert.runtime import autocast, logits_and_hidden
+from lors_convert.threads import revise_threads
 
 
 @dataclass
@@ -157,6 +158,7 @@ def scored_batches(model: nn.Module, batches: Iterator[dict]) -> Iterator[dict]:
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else 0
     for batch in batches:
+        revise_threads()
         ids = batch.get("input_ids")
         if ids is None or not vocab:
             yield batch

@@ -38,6 +38,7 @@ from lors_convert.evaluate import (
 from lors_convert.hf import open_source
 from lors_convert.lors_format import LorsMeta, read_lors
 from lors_convert.runtime import autocast, is_causal_lm, layer_outputs, logits_and_hidden, setup_device, world
+from lors_convert.threads import revise_threads
 
 OBJECTIVES = ("distill", "lm")
 
@@ -561,6 +562,7 @@ def finetune(
                 group["lr"] = learning_rate(settings, step, spent)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            revise_threads()
             losses.append(loss.item())
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) * world_size if mask is not None else len(indices)

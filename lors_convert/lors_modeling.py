@@ -179,10 +179,13 @@ def auto_class_of(base: type) -> str:
 
 
 def __getattr__(name: str) -> type:
-    """`LorsBertModel` and its kind, built on first use: how transformers finds the class config.json names."""
+    """`LorsBertModel` and its kind, built on first use: how transformers finds the class config.json names.
+    Other names fail before transformers is imported (the import system asks every module for `__path__`)."""
+    if not name.startswith("Lors"):
+        raise AttributeError(name)
     import transformers
 
-    base = getattr(transformers, name.removeprefix("Lors"), None) if name.startswith("Lors") else None
+    base = getattr(transformers, name.removeprefix("Lors"), None)
     if base is None:
         raise AttributeError(name)
     return lors_model_class(base)

@@ -143,7 +143,7 @@ class GroupPlan:
     # objective ‖G^{1/2}(R − B A)K^{1/2}‖² = ‖Fᵀ(R − B A)K^{1/2}‖², solved as the one-sided problem on FᵀR, B = F⁻ᵀB'
     output_roots: tuple[torch.Tensor, ...] | None = None
     shared: bool = True
-    shared_matrix: torch.Tensor | None = None  # float32, out x in, already rounded to the storage dtype
+    shared_matrix: torch.Tensor | None = None  # out x in, in the storage dtype
     ranks: tuple[int | None, ...] = ()  # None: the layer is stored dense
 
     @property

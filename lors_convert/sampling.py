@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lors_convert.runtime import fast_precision
+from lors_convert.threads import revise_threads
 
 BATCH = 32  # prompts answered together (SmolLM2: 48 no faster, 96 slower: each pads to its longest prompt)
 FREE_BATCH = 96  # texts sampled together from the start token: no padding, so larger batches share each step's weights
@@ -111,6 +112,7 @@ def sample(
     `skip`; left padding and the padding after an end of text are dropped."""
     from lors_convert.hf import logits_processors
 
+    revise_threads()
     with fast_precision(ids.device):  # as calibration's passes: bf16 where the CPU multiplies it natively
         out = model.generate(
             input_ids=ids,

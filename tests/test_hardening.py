@@ -185,8 +185,8 @@ def test_kept_dense_groups_are_labelled_and_a_lossy_conversion_hints_at_recovery
 
 def test_one_thread_per_free_core_unless_the_user_chose():
     code = (
-        "import os, sys; from lors_convert import cli; assert 'torch' not in sys.modules; "
-        "cli.threads_for_free_cores(); print(os.environ.get('OMP_NUM_THREADS'))"
+        "import os, sys; from lors_convert import cli, threads; assert 'torch' not in sys.modules; "
+        "threads.choose_threads(); print(os.environ.get('OMP_NUM_THREADS'))"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     run = lambda extra: subprocess.run(
@@ -199,6 +199,52 @@ def test_one_thread_per_free_core_unless_the_user_chose():
     assert 1 <= int(run({})) <= len(os.sched_getaffinity(0))
     assert run({"OMP_NUM_THREADS": "3"}) == "3"
     assert run({"MKL_NUM_THREADS": "2"}) == "None"
+
+
+def test_the_thread_count_follows_the_load_while_a_command_runs(monkeypatch):
+    """Another job starting after the command started takes a core; when it ends, the core comes back. The
+    machine's CPU seconds are scripted: (busy, total) of two CPUs and this process's own."""
+    from lors_convert import threads
+
+    clock, machine = [0.0], [(0.0, 0.0, 0.0)]
+    monkeypatch.setattr(threads, "usable_cpus", lambda: {0, 1})
+    monkeypatch.setattr(threads, "look", lambda: machine[0])
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(threads, "_chosen", {"ours": False, "last": None})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    kept = torch.get_num_threads()
+
+    def elapse(seconds: float, others: float = 0, own: float = 0) -> None:
+        """`seconds` pass; other processes keep `others` cores busy, this one `own`."""
+        busy, total, mine = machine[0]
+        clock[0] += seconds
+        machine[0] = (busy + (others + own) * seconds, total + 2 * seconds, mine + own * seconds)
+
+    monkeypatch.setattr(threads.time, "sleep", elapse)
+    try:
+        threads.choose_threads()  # an idle machine: both cores
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+        torch.set_num_threads(2)
+        elapse(5, others=0, own=2)  # this command alone, on both cores: still both
+        threads.revise_threads()
+        assert torch.get_num_threads() == 2
+        elapse(5, others=1, own=1)  # another job takes a core
+        threads.revise_threads()
+        assert torch.get_num_threads() == 1
+        elapse(1, others=0, own=1)  # it ends, but the next look is not due yet
+        threads.revise_threads()
+        assert torch.get_num_threads() == 1
+        elapse(4, others=0, own=1)
+        threads.revise_threads()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "_chosen", {"ours": False, "last": None})  # the user's own count: never revised
+        torch.set_num_threads(2)
+        elapse(5, others=2, own=0)
+        threads.revise_threads()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(kept)
 
 
 # ---------------------------------------------------------------- the typed format model

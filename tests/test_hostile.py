@@ -337,6 +337,14 @@ def test_factors_that_overflow_the_storage_dtype_are_refused(tmp_path, cli):
     assert_refused(cli, tmp_path, [tmp_path / "m.safetensors", "--rank", "2", "--dtype", "float16"], "overflow")
 
 
+@pytest.mark.parametrize("shared", ["mean", "refit"])
+def test_a_shared_matrix_that_overflows_the_storage_dtype_is_refused_by_name(tmp_path, cli, shared):
+    sd = {f"layers.{i}.w": rand(16, 16, seed=i) + 1e5 for i in range(4)}  # S about 1e5: float16 ends at 65,504
+    save_file(sd, tmp_path / "m.safetensors")
+    options = ["--rank", "2", "--dtype", "float16", "--shared", shared]
+    assert_refused(cli, tmp_path, [tmp_path / "m.safetensors", *options], "layers.lors_shared.w")
+
+
 # ---------------------------------------------------------------- options
 
 
