@@ -73,10 +73,23 @@ GPT2 = hf("GPT2LMHeadModel", "GPT2Config", vocab_size=64, n_embd=32, n_layer=3, 
 T5 = dict(vocab_size=64, d_model=32, d_ff=64, num_layers=3, num_heads=4, d_kv=8, decoder_start_token_id=0)
 CAUSAL, SEQ2SEQ, BASE = "AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModel"
 LLAMA = dict(SMALL, num_key_value_heads=2)  # GQA: k and v narrower than q
+HEADS = dict(LLAMA, head_dim=8)
+# layers 0 and 2 see the last 4 tokens, layer 1 all of them (transformers 4.57 and 5 both read `layer_types`)
+MIXED = ["sliding_attention", "full_attention", "sliding_attention"]
+GEMMA = dict(HEADS, query_pre_attn_scalar=8, sliding_window=4, layer_types=MIXED)
 TEXT, PIXELS = {"input_ids": IDS}, {"pixel_values": x(2, 3, 16, 16)["x"]}
 # fmt: off
 CASES = [
     Case("llama", hf("LlamaForCausalLM", "LlamaConfig", **LLAMA, tie_word_embeddings=True), TEXT, CAUSAL),  # SmolLM2's
+    # the LLM families transformers also reads from GGUF
+    Case("mistral", hf("MistralForCausalLM", "MistralConfig", **HEADS, sliding_window=4), TEXT, CAUSAL),
+    Case("qwen2", hf("Qwen2ForCausalLM", "Qwen2Config", **LLAMA), TEXT, CAUSAL),  # biased q, k and v
+    Case("qwen3", hf("Qwen3ForCausalLM", "Qwen3Config", **HEADS), TEXT, CAUSAL),  # q and k normed
+    # Gemma: post-norms, tied embeddings; 2 soft-caps attention scores and logits, 3 norms q and k
+    Case("gemma2", hf("Gemma2ForCausalLM", "Gemma2Config", **GEMMA), TEXT, CAUSAL),
+    Case("gemma3-text", hf("Gemma3ForCausalLM", "Gemma3TextConfig", **GEMMA), TEXT, CAUSAL),
+    # fused qkv_proj and gate_up_proj; its default pad and end tokens (32,000) are outside a 64-token vocabulary
+    Case("phi3", hf("Phi3ForCausalLM", "Phi3Config", **LLAMA, pad_token_id=0, eos_token_id=2), TEXT, CAUSAL),
     # GPT-2's Conv1D stores weights in x out; with and without a shared matrix
     Case("gpt2", GPT2, TEXT, CAUSAL),
     Case("gpt2-no-shared", GPT2, TEXT, CAUSAL, ("--rank", "2", "--shared", "none")),
