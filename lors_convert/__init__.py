@@ -30,9 +30,9 @@ def convert(source, output, config=None, *, force=False):
     says. Returns the files written; `lors-convert report FILE` prints what was saved and what it cost."""
     from pathlib import Path
 
+    from lors_convert.config import ConvertConfig
     from lors_convert.conversion import convert as convert_checkpoint
     from lors_convert.hf import open_source
-    from lors_convert.plan import ConvertConfig
 
     files, _ = convert_checkpoint(open_source(source), Path(output), config or ConvertConfig(), force=force)
     return files
@@ -57,18 +57,18 @@ def merge(model):
 
 # name -> the module that defines it; imported on first use, so `import lors_convert` stays light
 _LAZY = {
-    "ConvertConfig": "plan",
+    "ConvertConfig": "config",
     "load": "loading",
     "save": "loading",
     "finetune": "finetuning",
-    "FinetuneConfig": "finetuning",
+    "FinetuneConfig": "config",
     "compress": "compression",
-    "CompressConfig": "compression",
+    "CompressConfig": "config",
     "export": "exporting",
-    "ExportConfig": "exporting",
-    "InitConfig": "scratch",
+    "ExportConfig": "config",
+    "InitConfig": "config",
     "lorsify": "nn",
-    "LorsifyConfig": "nn",
+    "LorsifyConfig": "config",
     "LorsLinear": "nn",
     "AdaptiveLors": "nn",
 }

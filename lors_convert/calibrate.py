@@ -21,11 +21,12 @@ from torch import nn
 from lors_convert import LorsError
 from lors_convert.blocks import StopForward, block_chain, first_tensor, run_until_seen
 from lors_convert.checkpoint import TensorSource
+from lors_convert.config import ConvertConfig
 from lors_convert.factorize import psd_factor
 from lors_convert.loading import layer_module, own_names
 from lors_convert.nn import is_conv1d
 from lors_convert.offload import held
-from lors_convert.plan import ConvertConfig, GroupPlan, bias_name
+from lors_convert.plan import GroupPlan, bias_name
 from lors_convert.runtime import call_model, compute_device, fast_precision, is_causal_lm
 from lors_convert.sampling import sampled_labels, with_model_written
 from lors_convert.stacks import Stack

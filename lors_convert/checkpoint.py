@@ -22,13 +22,13 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from lors_convert import LorsError
+from lors_convert.config import SHARD_SIZE, parse_size
 
 DTYPES = {
     "F64": torch.float64,
@@ -52,17 +52,6 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces too
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None  # for madvise on mapped checkpoints
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in DTYPE_NAMES:
-        raise LorsError(f"unknown floating dtype {name!r} (try float32, float16 or bfloat16)")
-    return dtype
 
 
 @dataclass
@@ -628,7 +617,7 @@ class SafetensorsWriter:
         self.cleanup()
 
 
-SHARD_SIZE = 5 * 10**9  # output above this size is sharded, unless told otherwise (the CLI's --shard-size 5GB)
+SHARD_BYTES = parse_size(SHARD_SIZE)  # output above this size is sharded, unless told otherwise
 
 
 def write_safetensors(
@@ -637,7 +626,7 @@ def write_safetensors(
     metadata: dict[str, str],
     *,
     layout: Layout | None = None,
-    shard_size: int = SHARD_SIZE,
+    shard_size: int = SHARD_BYTES,
     advance: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Write a safetensors checkpoint atomically (SafetensorsWriter) and return its files: a dict of tensors, in
@@ -729,30 +718,3 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
                 f"{candidate}: exists and was not written by lors-convert; --force replaces only lors-convert's own "
                 "checkpoints (choose another output name)"
             )
-
-
-SIZE_UNITS = {
-    "": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-}
-# Built from the table, so every unit it matches has an entry; ASCII digits only, at most 20 on each side.
-SIZE_PATTERN = re.compile(
-    r"\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*(" + "|".join(sorted(SIZE_UNITS, key=len, reverse=True)) + r")b?\s*"
-)
-
-
-def parse_size(text: str) -> int:
-    found = SIZE_PATTERN.fullmatch(text.lower())
-    if not found:
-        raise LorsError(f"cannot read size {text!r} (try 5GB, 500MB or a number of bytes)")
-    size = int(Fraction(found.group(1)) * SIZE_UNITS[found.group(2)])  # exact: 1.005kB is 1005 bytes
-    if size <= 0:
-        raise LorsError(f"shard size must be positive, got {text!r}")
-    return size

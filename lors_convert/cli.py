@@ -16,6 +16,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lors_convert import LorsError, __version__
+from lors_convert.config import (
+    DEFAULT_REDUCTION,
+    LM_LR,
+    LR,
+    SHARD_SIZE,
+    CompressConfig,
+    ConvertConfig,
+    ExportConfig,
+    FinetuneConfig,
+    InitConfig,
+)
 from lors_convert.console import stderr
 from lors_convert.threads import choose_threads, revise_threads, threads_are_ours
 
@@ -33,7 +44,6 @@ COMMANDS = {"convert", "compress", "init", "report", "inspect", "expand", "expor
 
 FLAG = ""  # metavar of on/off options: newer typer versions would otherwise show them as taking a <bool>
 Quiet = typer.Option(False, "--quiet", "-q", metavar=FLAG, help="No progress bars or third-party progress output.")
-# checkpoint.SHARD_SIZE as the option spells it (importing checkpoint here would load torch for --help)
 MaxPplIncrease = typer.Option(
     None,
     "--max-ppl-increase",
@@ -45,7 +55,7 @@ MaxPplIncrease = typer.Option(
 # compress warns a language model has lost much of its function above this factor of the original's perplexity,
 # or below this fraction of positions where both predict the same next token
 PPL_WARNING, TOP1_WARNING = 2.0, 0.5
-ShardSize = typer.Option("5GB", "--shard-size", metavar="SIZE", help="Shard the output above this size.")
+ShardSize = typer.Option(SHARD_SIZE, "--shard-size", metavar="SIZE", help="Shard the output above this size.")
 Force = typer.Option(
     False,
     "--force",
@@ -85,7 +95,7 @@ Plot = typer.Option(
     help='Also draw it as a PNG (replaced if it exists; needs matplotlib: pip install "lors-convert\\[plot]").',
 )
 CalibGenerated = typer.Option(
-    0.75,  # plan.ConvertConfig.calib_generated (importing plan here would load torch for --help)
+    ConvertConfig.calib_generated,
     "--calib-generated",
     metavar="F",
     help="A causal LM's share of the calibration samples written by the model itself (sampled: half from its "
@@ -95,8 +105,8 @@ CalibGenerated = typer.Option(
 LearningRate = typer.Option(
     None,
     "--lr",
-    help="Peak AdamW learning rate (linear warmup, then cosine decay); default 1e-4 to distil a causal language "
-    "model, 5e-4 otherwise.",
+    help=f"Peak AdamW learning rate (linear warmup, then cosine decay); default {LM_LR:g} to distil a causal "
+    f"language model, {LR:g} otherwise.",
 )
 AllowMismatch = typer.Option(
     False, "--allow-teacher-mismatch", metavar=FLAG, help="Use a teacher whose sha256 differs from the recorded source."
@@ -176,7 +186,7 @@ def convert(
         None,
         "--reduction",
         metavar="F",
-        show_default="0.5",
+        show_default=str(DEFAULT_REDUCTION),
         help="Remove this fraction of the stacked parameters, ranks allocated to minimise error.",
     ),
     energy: Optional[float] = typer.Option(
@@ -206,7 +216,7 @@ def convert(
     ),
     shard_size: str = ShardSize,
     shared: str = typer.Option(
-        "auto",
+        ConvertConfig.shared,
         "--shared",
         metavar="auto|mean|refit|none",
         help="Shared matrix per group: "
@@ -224,17 +234,21 @@ def convert(
         "not its weights; a layer's bias takes its mean output shift.",
     ),
     calib_samples: int = typer.Option(
-        256, "--calib-samples", help="Calibration lines (or tensor rows); a causal LM's are packed into 512-token rows."
+        ConvertConfig.calib_samples,
+        "--calib-samples",
+        help="Calibration lines (or tensor rows); a causal LM's are packed into 512-token rows.",
     ),
-    calib_max_length: int = typer.Option(128, "--calib-max-length", help="Tokens per calibration line, at most."),
+    calib_max_length: int = typer.Option(
+        ConvertConfig.calib_max_length, "--calib-max-length", help="Tokens per calibration line, at most."
+    ),
     calib_generated: float = CalibGenerated,
     damping: float = typer.Option(
-        0.01,
+        ConvertConfig.damping,
         "--damping",
         help="Calibration damping λ, relative to the mean input energy: the objective is ‖(W − Ŵ)X‖² + λ‖W − Ŵ‖².",
     ),
     sequential: bool = typer.Option(
-        False,
+        ConvertConfig.sequential,
         "--sequential",
         metavar=FLAG,
         help="With --calibrate: factor layer after layer, "
@@ -242,7 +256,7 @@ def convert(
         "correcting their error (one more pass over the samples per layer).",
     ),
     fisher: bool = typer.Option(
-        False,
+        ConvertConfig.fisher,
         "--fisher",
         metavar=FLAG,
         help="With --calibrate: weight each layer's output error by how much it moves the model's output "
@@ -255,7 +269,9 @@ def convert(
         metavar="MODULE:FUNCTION",
         help="package.module:function building the model, for checkpoints without a config.json.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD and of calibration sampling."),
+    seed: int = typer.Option(
+        ConvertConfig.seed, "--seed", help="Seed of the randomized SVD and of calibration sampling."
+    ),
     device: Optional[str] = typer.Option(
         None,
         "--device",
@@ -269,7 +285,6 @@ def convert(
 ) -> None:
     """Convert a checkpoint to LORS and print what was saved and what it cost."""
     from lors_convert.checkpoint import check_output_path, parse_size, return_freed_memory
-    from lors_convert.conversion import ConvertConfig
     from lors_convert.conversion import convert as run_convert
     from lors_convert.factorize import check_device
     from lors_convert.hf import open_source
@@ -350,29 +365,35 @@ def compress(
         ..., "--output", "-o", metavar="FILE", help="The final LORS .safetensors.", show_default=False
     ),
     reduction: Optional[float] = typer.Option(
-        None, "--reduction", metavar="F", show_default="0.5", help="Fraction of stacked parameters removed."
+        None,
+        "--reduction",
+        metavar="F",
+        show_default=str(DEFAULT_REDUCTION),
+        help="Fraction of stacked parameters removed.",
     ),
     max_ppl_increase: Optional[float] = MaxPplIncrease,
     finetune_minutes: float = typer.Option(
-        0.0,
+        CompressConfig.finetune_minutes,
         "--finetune-minutes",
         metavar="N",
         help="Distil for N minutes after converting (0: convert and evaluate only).",
     ),
-    batch_size: int = typer.Option(32, "--batch-size", help="Examples per fine-tuning step."),
+    batch_size: int = typer.Option(CompressConfig.batch_size, "--batch-size", help="Examples per fine-tuning step."),
     lr: Optional[float] = LearningRate,
     calib_samples: int = typer.Option(
-        256, "--calib-samples", help="Calibration lines (MiniLM: 1,024 gain 0.01 cos, at 4x the time)."
+        CompressConfig.calib_samples,
+        "--calib-samples",
+        help="Calibration lines (MiniLM: 1,024 gain 0.01 cos, at 4x the time).",
     ),
     calib_generated: float = CalibGenerated,
     fisher: bool = typer.Option(
-        True,
+        CompressConfig.fisher,
         "--fisher/--no-fisher",
         help="Weight each layer's error by its effect on the model's output (see convert --fisher); "
         "--no-fisher for models whose out x out matrices per layer do not fit in memory.",
     ),
     seed: int = typer.Option(
-        0, "--seed", help="Seed of calibration sampling and training (not of the held-out lines)."
+        CompressConfig.seed, "--seed", help="Seed of calibration sampling and training (not of the held-out lines)."
     ),
     shard_size: str = ShardSize,
     force: bool = Force,
@@ -384,7 +405,6 @@ def compress(
     Fidelity is measured on held-out lines of the data. Run it again after an interruption: a finished
     conversion is reused and training resumes."""
     from lors_convert.checkpoint import return_freed_memory
-    from lors_convert.compression import CompressConfig
     from lors_convert.compression import compress as run_compress
     from lors_convert.evaluate import print_fidelity
     from lors_convert.lors_format import read_lors
@@ -444,8 +464,10 @@ def init(
         metavar="F",
         help="Instead of --rank: the rank per group that stores this fraction fewer stacked numbers.",
     ),
-    shared: bool = typer.Option(True, "--shared/--no-shared", help="A shared matrix per group (the paper's form)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation."),
+    shared: bool = typer.Option(
+        InitConfig.shared, "--shared/--no-shared", help="A shared matrix per group (the paper's form)."
+    ),
+    seed: int = typer.Option(InitConfig.seed, "--seed", help="Seed of the initialisation."),
     force: bool = Force,
     quiet: bool = Quiet,
     as_json: bool = AsJson,
@@ -456,7 +478,7 @@ def init(
     (with --no-shared, B random: B A has the variance of the layer's own initialisation)."""
     from lors_convert.lors_format import read_lors
     from lors_convert.report import build_report, print_report
-    from lors_convert.scratch import InitConfig, init_checkpoint
+    from lors_convert.scratch import init_checkpoint
 
     files, _ = init_checkpoint(config, output, InitConfig(rank, reduction, shared, seed), force=force)
     print_report(build_report(*read_lors(files[-1])), as_json)
@@ -591,7 +613,6 @@ def export(
 
     from_pretrained(DIR, trust_remote_code=True) loads the LORS model with only torch and transformers
     installed; with --dense, the plain dense model loads with no remote code."""
-    from lors_convert.exporting import ExportConfig
     from lors_convert.exporting import export as run_export
 
     folder = run_export(lors, output, ExportConfig(dense, architecture), force=force)
@@ -637,19 +658,29 @@ def finetune(
     teacher: Optional[Path] = Teacher,
     model_factory: Optional[str] = Factory,
     allow_teacher_mismatch: bool = AllowMismatch,
-    steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Examples per step in each process."),
-    lr: Optional[float] = LearningRate,
-    warmup: int = typer.Option(50, "--warmup", help="Warmup steps."),
-    max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order (not of the held-out lines)."),
-    objective: str = typer.Option(
-        "distill", "--objective", help="distill (match the teacher) or lm (next-token loss on the text, causal LMs)."
+    steps: int = typer.Option(FinetuneConfig.steps, "--steps", help="Optimizer steps."),
+    batch_size: int = typer.Option(
+        FinetuneConfig.batch_size, "--batch-size", help="Examples per step in each process."
     ),
-    eval_examples: int = typer.Option(256, "--eval-examples", help="Held-out examples (at most a fifth)."),
-    save_every: int = typer.Option(0, "--save-every", help="Save the training state every N steps (0: never)."),
+    lr: Optional[float] = LearningRate,
+    warmup: int = typer.Option(FinetuneConfig.warmup, "--warmup", help="Warmup steps."),
+    max_length: int = typer.Option(
+        FinetuneConfig.max_length, "--max-length", help="Truncate text examples to this many tokens."
+    ),
+    seed: int = typer.Option(FinetuneConfig.seed, "--seed", help="Seed of the data order (not of the held-out lines)."),
+    objective: str = typer.Option(
+        FinetuneConfig.objective,
+        "--objective",
+        help="distill (match the teacher) or lm (next-token loss on the text, causal LMs).",
+    ),
+    eval_examples: int = typer.Option(
+        FinetuneConfig.eval_examples, "--eval-examples", help="Held-out examples (at most a fifth)."
+    ),
+    save_every: int = typer.Option(
+        FinetuneConfig.save_every, "--save-every", help="Save the training state every N steps (0: never)."
+    ),
     minutes: float = typer.Option(
-        0.0,
+        FinetuneConfig.minutes,
         "--minutes",
         metavar="N",
         help="Stop training after N minutes, then evaluate and save; the learning rate decays to zero over "
@@ -657,7 +688,7 @@ def finetune(
     ),
     resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="Continue from OUTPUT.train-state.pt."),
     pack: bool = typer.Option(
-        True,
+        FinetuneConfig.pack,
         "--pack/--no-pack",
         help="A causal LM trains on its lines joined end to end (end-of-text between them) and cut into rows of "
         "--max-length, not on padded lines.",
@@ -684,7 +715,6 @@ def finetune(
         launch_torchrun(nproc_per_node)
     from lors_convert.checkpoint import parse_size, return_freed_memory
     from lors_convert.evaluate import print_fidelity
-    from lors_convert.finetuning import FinetuneConfig
     from lors_convert.finetuning import finetune as run_finetune
 
     return_freed_memory()
@@ -769,7 +799,9 @@ def evaluate(
     model_factory: Optional[str] = Factory,
     allow_teacher_mismatch: bool = AllowMismatch,
     batch_size: int = typer.Option(32, "--batch-size", help="Examples per forward pass."),
-    max_length: int = typer.Option(128, "--max-length", help="Truncate text examples to this many tokens."),
+    max_length: int = typer.Option(
+        FinetuneConfig.max_length, "--max-length", help="Truncate text examples to this many tokens."
+    ),
     held_out: bool = typer.Option(
         False,
         "--held-out",
@@ -781,7 +813,7 @@ def evaluate(
         None,
         "--eval-examples",
         min=2,
-        show_default="the fine-tune's, else 256",
+        show_default=f"the fine-tune's, else {FinetuneConfig.eval_examples}",
         help="With --held-out: how many examples were held out (at most a fifth).",
     ),
     as_json: bool = AsJson,

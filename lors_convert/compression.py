@@ -5,12 +5,10 @@ trained on. Run again after an interruption, it reuses the finished conversion a
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
 
 from lors_convert.checkpoint import (
-    SHARD_SIZE,
     TensorSource,
     check_output_path,
     index_path,
@@ -18,60 +16,16 @@ from lors_convert.checkpoint import (
     remove_checkpoint,
     sha256_files,
 )
+from lors_convert.config import CompressConfig, ConvertConfig
 from lors_convert.conversion import convert
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import fidelity, load_student_teacher
-from lors_convert.finetuning import FinetuneConfig, finetune, fit_training, state_path
+from lors_convert.finetuning import finetune, fit_training, state_path
 from lors_convert.hf import open_source
 from lors_convert.lors_format import read_lors
-from lors_convert.plan import ConvertConfig, Progress, no_progress
+from lors_convert.plan import Progress, no_progress
 from lors_convert.runtime import setup_device
 from lors_convert.stacks import find_stacks
-
-
-@dataclass
-class CompressConfig:
-    """`compress`'s choices; each field is the CLI option of the same name (`lors-convert compress --help`):
-    `calibrate` text files (calibration, fine-tuning and the held-out lines), `reduction` or `max_ppl_increase`
-    (none: `reduction` 0.5), `finetune_minutes` (0: convert and evaluate), the training's `batch_size` and `lr`,
-    calibration's `calib_samples`, `calib_generated` and `fisher`, `seed`, and `shard_size` (bytes, or "5GB")."""
-
-    calibrate: list[Path | str] = field(default_factory=list)
-    reduction: float | None = None
-    max_ppl_increase: float | None = None
-    finetune_minutes: float = 0.0
-    batch_size: int = 32
-    lr: float | None = None
-    calib_samples: int = 256
-    calib_generated: float = 0.75
-    fisher: bool = True
-    seed: int = 0
-    shard_size: int | str = SHARD_SIZE
-
-    def conversion(self) -> ConvertConfig:
-        settings = ConvertConfig(
-            reduction=self.reduction,
-            max_ppl_increase=self.max_ppl_increase,
-            calibrate=list(self.calibrate),
-            calib_samples=self.calib_samples,
-            calib_generated=self.calib_generated,
-            fisher=self.fisher,
-            seed=self.seed,
-        )
-        settings.validate()
-        return settings
-
-    def training(self) -> FinetuneConfig:
-        settings = FinetuneConfig(  # the state a rerun resumes from is saved every 50 steps
-            steps=10**6,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=self.seed,
-            minutes=self.finetune_minutes,
-            save_every=50,
-        )
-        settings.validate()
-        return settings
 
 
 def compress(

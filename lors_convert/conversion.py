@@ -22,14 +22,14 @@ import torch
 from lors_convert import LorsError, __version__
 from lors_convert.calibrate import calibrate_plans, calibration_inputs, refuse_beyond_memory, selection_batches
 from lors_convert.checkpoint import (
-    SHARD_SIZE,
+    SHARD_BYTES,
     SafetensorsWriter,
     TensorSource,
     check_output_path,
-    dtype_name,
     hashing_in_background,
     metadata_bytes,
 )
+from lors_convert.config import ConvertConfig, dtype_name
 from lors_convert.factorize import (
     allocate_ranks,
     as_matrix,
@@ -56,7 +56,6 @@ from lors_convert.lors_format import (
     shared_key,
 )
 from lors_convert.plan import (
-    ConvertConfig,
     GroupPlan,
     Progress,
     bias_name,
@@ -373,7 +372,7 @@ def convert(
     output: Path,
     settings: ConvertConfig,
     *,
-    shard_size: int = SHARD_SIZE,
+    shard_size: int = SHARD_BYTES,
     force: bool = False,
     progress: Progress = no_progress,
 ) -> tuple[list[Path], LorsMeta]:

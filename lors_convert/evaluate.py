@@ -10,13 +10,14 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import sha256_files
 from lors_convert.data import Examples
 from lors_convert.hf import open_source
 from lors_convert.lors_format import LorsMeta, read_lors
-from lors_convert.runtime import autocast, logits_and_hidden
+from lors_convert.runtime import Logits, autocast, lazy_logits, output_head, vocab_size
 from lors_convert.threads import revise_threads
 
 
@@ -113,23 +114,60 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-def token_log_probs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token negative log-likelihoods, number of predicted tokens): predictions of a real token made
-    at a real token (never at padding, on either side)."""
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    keep = (mask[:, 1:] * mask[:, :-1]).flatten().float()
-    return (nll * keep).sum(), keep.sum()
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), -1)
 
 
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-token KL(teacher ‖ student), summed; divide by the token count for a mean."""
-    kl = F.kl_div(
-        F.log_softmax(student_logits.float(), -1),
-        F.log_softmax(teacher_logits.float(), -1),
-        log_target=True,
-        reduction="none",
-    ).sum(-1)
-    return (kl * mask).sum() if mask is not None else kl.sum()
+def token_nll(log_p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's negative log-likelihood of its label."""
+    return -log_p.gather(-1, labels[:, None])[:, 0]
+
+
+def token_kl(student_log_p: torch.Tensor, teacher_log_p: torch.Tensor) -> torch.Tensor:
+    """Each row's KL(teacher ‖ student)."""
+    return F.kl_div(student_log_p, teacher_log_p, log_target=True, reduction="none").sum(-1)
+
+
+def next_tokens(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the token after each flat position, whether its prediction is scored): a real token's, made at a real
+    token (never at padding, on either side)."""
+    scored = torch.zeros_like(ids, dtype=torch.bool)
+    scored[:, :-1] = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    return ids.roll(-1, 1).flatten(), scored.flatten()
+
+
+# float32 logits of one chunk of positions, per model (32 positions of a 262k vocabulary): scoring or distilling a
+# chunk holds about seven times that, less than calibrating on a row of 128 tokens holds (compress peaks there)
+LOGITS_BYTES = 2**25
+
+
+def chunk_positions(vocab: int) -> int:
+    """The positions of a chunk of logits: LOGITS_BYTES of them."""
+    return max(1, LOGITS_BYTES // (4 * max(vocab, 1)))
+
+
+def chunk_sums(score, positions: torch.Tensor, vocab: int, *logits: Logits) -> torch.Tensor:
+    """The sum over chunks of `positions` of score(chunk, each model's logits at them): a 256k vocabulary's
+    float32 logits are 4.3 GB for 32 rows of 128 tokens, per model and copy. With gradients on, a chunk's logits
+    are made again in the backward rather than kept for it (torch.utils.checkpoint)."""
+    total = 0
+    for chunk in positions.split(chunk_positions(vocab)):
+        run = lambda chunk: score(chunk, *(logits_at(chunk) for logits_at in logits))
+        if torch.is_grad_enabled():
+            total = total + checkpoint(run, chunk, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + run(chunk)
+    return total
+
+
+def next_token_loss(logits: Logits, batch: dict, vocab: int) -> tuple[torch.Tensor, int]:
+    """(summed next-token negative log-likelihood, tokens predicted) of a batch's logits (runtime.lazy_logits)."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels, scored = next_tokens(ids, mask if mask is not None else torch.ones_like(ids))
+    positions = scored.nonzero()[:, 0]
+    total = chunk_sums(lambda chunk, s: token_nll(log_probs(s), labels[chunk]).sum(), positions, vocab, logits)
+    return total, len(positions)
 
 
 def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 10) -> float:
@@ -149,14 +187,10 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 1
     return (hits / k).mean().item()
 
 
-LOGITS_BYTES = 2**27  # a scored batch's float32 logits at most: its scoring holds about eight times that
-
-
-def scored_batches(model: nn.Module, batches: Iterator[dict]) -> Iterator[dict]:
-    """The batches cut into fewer rows where their logits would pass LOGITS_BYTES (a 256k vocabulary: 4.3 GB for
-    32 rows of 128 tokens, per model, before the scoring's own copies)."""
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else 0
+def scored_batches(models: list[nn.Module], batches: Iterator[dict]) -> Iterator[dict]:
+    """The batches, cut into fewer rows where a model makes its logits whole (output_head finds no head) and they
+    would pass LOGITS_BYTES."""
+    vocab = max((vocab_size(model) for model in models if output_head(model) is None), default=0)
     for batch in batches:
         revise_threads()
         ids = batch.get("input_ids")
@@ -173,15 +207,15 @@ def next_token_nll(model: nn.Module, batches: Iterable[dict], device: torch.devi
     """(summed next-token negative log-likelihood, tokens predicted) of a causal LM over the batches: the one
     perplexity loop (held-out loss, --max-ppl-increase's choice)."""
     nll = tokens = 0.0
-    for batch in scored_batches(model, batches):
+    head, vocab = output_head(model), vocab_size(model)
+    for batch in scored_batches([model], batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device):
-            logits, _ = logits_and_hidden(model, batch)
-        if logits is None or "input_ids" not in batch:
-            raise LorsError("a next-token loss needs a causal language model and token ids")
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-        total, count = token_log_probs(logits, batch["input_ids"], mask)
-        nll, tokens = nll + total.item(), tokens + count.item()
+            logits, _ = lazy_logits(model, batch, head)
+            if logits is None or "input_ids" not in batch:
+                raise LorsError("a next-token loss needs a causal language model and token ids")
+            total, count = next_token_loss(logits, batch, vocab)
+        nll, tokens = nll + total.item(), tokens + count
     return nll, tokens
 
 
@@ -216,22 +250,34 @@ def fidelity(
     s_emb, t_emb = [], []
     nll_s = nll_t = kl = agree = tokens = positions = 0.0
     lm = False
-    for batch in scored_batches(teacher, examples.batches(batch_size, tokenizer, max_length, device)):
+    s_head, t_head, vocab = output_head(student), output_head(teacher), vocab_size(teacher)
+    for batch in scored_batches([student, teacher], examples.batches(batch_size, tokenizer, max_length, device)):
         mask = batch.get("attention_mask")
         with autocast(device):
-            s_logits, s_hidden = logits_and_hidden(student, batch)
-            t_logits, t_hidden = logits_and_hidden(teacher, batch)
+            s_logits, s_hidden = lazy_logits(student, batch, s_head)
+            t_logits, t_hidden = lazy_logits(teacher, batch, t_head)
         s_emb.append(mean_pool(s_hidden, mask).cpu())
         t_emb.append(mean_pool(t_hidden, mask).cpu())
         if s_logits is not None and "input_ids" in batch:
             lm = True
             mask = mask if mask is not None else torch.ones_like(batch["input_ids"])
-            nll, count = token_log_probs(s_logits, batch["input_ids"], mask)
-            nll_s, tokens = nll_s + nll.item(), tokens + count.item()
-            nll_t += token_log_probs(t_logits, batch["input_ids"], mask)[0].item()
-            kl += token_kl(s_logits, t_logits, mask).item()
-            agree += ((s_logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum().item()
-            positions += mask.sum().item()
+            labels, scored = next_tokens(batch["input_ids"], mask)
+
+            def sums(chunk: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                s_log, t_log, keep = log_probs(s), log_probs(t), scored[chunk]
+                return torch.stack(
+                    [
+                        (token_nll(s_log, labels[chunk]) * keep).sum(),
+                        (token_nll(t_log, labels[chunk]) * keep).sum(),
+                        token_kl(s_log, t_log).sum(),
+                        (s.argmax(-1) == t.argmax(-1)).sum().float(),
+                    ]
+                )
+
+            with autocast(device):
+                totals = chunk_sums(sums, mask.flatten().nonzero()[:, 0], vocab, s_logits, t_logits).tolist()
+            nll_s, nll_t, kl, agree = (a + b for a, b in zip((nll_s, nll_t, kl, agree), totals))
+            tokens, positions = tokens + scored.sum().item(), positions + mask.sum().item()
     s_all, t_all = torch.cat(s_emb), torch.cat(t_emb)
     result = {
         "examples": len(examples),

@@ -6,27 +6,18 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import WRITTEN_BY, WRITTEN_BY_KEY, TensorSource, gguf_file, write_safetensors
+from lors_convert.config import ExportConfig
 from lors_convert.hf import save_gguf_description
 from lors_convert.loading import architecture_folder, load
 from lors_convert.lors_format import LorsMeta, read_lors
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".msgpack", ".h5")
-
-
-@dataclass
-class ExportConfig:
-    """`dense`: write the plain dense model instead of the LORS one; `architecture`: the Hugging Face folder (or
-    GGUF) the checkpoint came from, when the one its metadata records has moved."""
-
-    dense: bool = False
-    architecture: str | Path | None = None
 
 
 def export(path: str | Path, output: str | Path, config: ExportConfig | None = None, *, force: bool = False) -> Path:

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,60 +24,34 @@ import torch.distributed as dist
 from torch import nn
 
 from lors_convert import LorsError, __version__
-from lors_convert.checkpoint import SHARD_SIZE, TensorSource, fsync_folder
+from lors_convert.checkpoint import SHARD_BYTES, TensorSource, fsync_folder
+from lors_convert.config import LM_LR, LR, FinetuneConfig
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import (
     StudentTeacher,
+    chunk_positions,
+    chunk_sums,
     fidelity,
     held_out_loss,
     load_student_teacher,
+    log_probs,
+    next_token_loss,
     teacher_path_of,
     token_kl,
-    token_log_probs,
 )
 from lors_convert.hf import open_source
 from lors_convert.lors_format import LorsMeta, read_lors
-from lors_convert.runtime import autocast, is_causal_lm, layer_outputs, logits_and_hidden, setup_device, world
+from lors_convert.runtime import (
+    autocast,
+    is_causal_lm,
+    layer_outputs,
+    lazy_logits,
+    output_head,
+    setup_device,
+    vocab_size,
+    world,
+)
 from lors_convert.threads import revise_threads
-
-OBJECTIVES = ("distill", "lm")
-
-
-# Peak learning rates. MiniLM (all-MiniLM-L6-v2 at 50%) was tuned at LR. SmolLM2-135M at 20%, 5 minutes of
-# distillation, ppl on held-out lines / fortune passages (from 102.8 / 168.5): 92.6 / 172.4 at 5e-4, 87.9 / 164.1
-# at 1e-4: a pretrained LM's function is lost less at a lower rate (README, Decoder LLMs)
-LR, LM_LR = 5e-4, 1e-4
-
-
-@dataclass
-class FinetuneConfig:
-    """`finetune`'s choices; each field is the CLI option of the same name (`lors-convert finetune --help`)."""
-
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float | None = None  # None: LM_LR to distil a causal language model, LR otherwise
-    warmup: int = 50
-    weight_decay: float = 0.0
-    max_length: int = 128
-    seed: int = 0
-    objective: str = "distill"
-    eval_examples: int = 256
-    save_every: int = 0
-    minutes: float = 0.0  # stop after this much training time (0: run every step); evaluation and saving follow
-    pack: bool = True  # a causal LM trains on lines packed into full rows (data.packed), not padded ones
-
-    def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
-            raise LorsError("--steps and --batch-size must be at least 1, --max-length at least 2")
-        if not self.minutes >= 0:
-            raise LorsError("--minutes must be 0 or more")
-        if self.lr is not None and not self.lr > 0:
-            raise LorsError("--lr must be positive")
-        if self.warmup < 0 or self.save_every < 0 or self.eval_examples < 2:
-            raise LorsError("--warmup and --save-every must be 0 or more, --eval-examples at least 2")
-        if self.objective not in OBJECTIVES:
-            raise LorsError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-
 
 # ---------------------------------------------------------------- processes and devices
 
@@ -85,9 +59,10 @@ class FinetuneConfig:
 # ---------------------------------------------------------------- memory
 
 # One step's activations kept for the backward, per token, layer and hidden unit: Korthikanti et al.'s 34 bytes at
-# 16 bits, in float32; the attention scores per head and pair of positions; the logits, in float32, of the student
-# and the teacher, a log-softmax of each and the logits' gradient.
-ACTIVATION_BYTES, SCORE_BYTES, LOGIT_COPIES = 68, 10, 5
+# 16 bits, in float32; the attention scores per head and pair of positions; the float32 logits of one chunk of
+# positions, at their most in the backward that makes them again: the student's and the teacher's, a log-softmax of
+# each, the KL's terms and their gradients (7 copies measured at a 262k vocabulary).
+ACTIVATION_BYTES, SCORE_BYTES, LOGIT_COPIES = 68, 10, 7
 
 
 def training_bytes(
@@ -95,7 +70,8 @@ def training_bytes(
 ) -> dict[str, float]:
     """What fine-tuning holds at its peak in one process: the student's weights, gradients and AdamW state (16
     bytes a parameter, all trained: an upper bound), the teacher's weights in float32 (`teacher_numel`: what is
-    resident of it), and one step's activations at `batch_size` rows of `max_length` tokens (ACTIVATION_BYTES)."""
+    resident of it), and one step's activations at `batch_size` rows of `max_length` tokens (ACTIVATION_BYTES) and
+    logits, a chunk of positions at a time (LOGIT_COPIES)."""
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     hidden, layers = getattr(text, "hidden_size", 0), getattr(text, "num_hidden_layers", 0)
     heads, vocab = getattr(text, "num_attention_heads", 0), getattr(text, "vocab_size", 0)
@@ -104,7 +80,7 @@ def training_bytes(
         "student": student_numel * 16,
         "teacher": teacher_numel * 4,
         "activations": tokens * layers * (hidden * ACTIVATION_BYTES + heads * max_length * SCORE_BYTES),
-        "logits": tokens * vocab * 4 * LOGIT_COPIES if causal else 0,
+        "logits": min(tokens, chunk_positions(vocab)) * vocab * 4 * LOGIT_COPIES if causal else 0,
     }
 
 
@@ -173,24 +149,26 @@ def normalised_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
 
 def step_loss(student: nn.Module, teacher: nn.Module, batch: dict, paths: list[str], objective: str) -> torch.Tensor:
     """Distillation: hidden states of each stacked layer plus the final output (KL on logits with an LM head,
-    else normalised MSE + (1 − cosine) of the last hidden state). `lm`: next-token cross-entropy."""
+    else normalised MSE + (1 − cosine) of the last hidden state). `lm`: next-token cross-entropy. Logits are
+    made a chunk of positions at a time (evaluate.chunk_sums)."""
     mask = batch.get("attention_mask")
+    s_head, vocab = output_head(student), vocab_size(student)
     if objective == "lm":
-        logits, _ = logits_and_hidden(student, batch)
+        logits, _ = lazy_logits(student, batch, s_head)
         if logits is None or "input_ids" not in batch:
             raise LorsError("--objective lm needs a causal language model and text data")
-        nll, count = token_log_probs(
-            logits, batch["input_ids"], mask if mask is not None else torch.ones_like(batch["input_ids"])
-        )
-        return nll / count.clamp(min=1)
+        nll, count = next_token_loss(logits, batch, vocab)
+        return nll / max(count, 1)
+    t_head = output_head(teacher)  # before the hooks: a model's first call runs it
     with torch.no_grad(), layer_outputs(teacher, paths) as t_layers:
-        t_logits, t_hidden = logits_and_hidden(teacher, batch)
+        t_logits, t_hidden = lazy_logits(teacher, batch, t_head)
     with layer_outputs(student, paths) as s_layers:
-        s_logits, s_hidden = logits_and_hidden(student, batch)
+        s_logits, s_hidden = lazy_logits(student, batch, s_head)
     layers = sum(normalised_mse(s, t, mask) for s, t in zip(s_layers, t_layers)) / max(len(paths), 1)
     if s_logits is not None:
-        tokens = mask.sum() if mask is not None else s_logits.shape[0] * s_logits.shape[1]
-        return layers + token_kl(s_logits, t_logits, mask) / tokens
+        positions = mask.flatten().nonzero()[:, 0] if mask is not None else torch.arange(s_hidden.shape[:2].numel())
+        kl = lambda chunk, s, t: token_kl(log_probs(s), log_probs(t)).sum()
+        return layers + chunk_sums(kl, positions.to(s_hidden.device), vocab, s_logits, t_logits) / len(positions)
     cosine = nn.functional.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)
     if mask is not None and mask.shape == cosine.shape:
         cosine = (cosine * mask).sum() / mask.sum()
@@ -229,6 +207,7 @@ def freeze_unreached(
     names. A module that did not run on this batch keeps its parameters: an MoE expert no token of it was routed
     to is reached by other batches."""
     ran = set()
+    output_head(student), output_head(teacher)  # a model's first call runs it: not under the hook, which counts
     hook = nn.modules.module.register_module_forward_hook(lambda module, args, output: ran.add(module))
     try:
         step_loss(student, teacher, batch, paths, objective).backward()
@@ -462,7 +441,7 @@ def finetune(
     allow_teacher_mismatch: bool = False,
     resume: bool = False,
     fsdp: bool = False,
-    shard_size: int = SHARD_SIZE,
+    shard_size: int = SHARD_BYTES,
     force: bool = False,
     quiet: bool = False,
     log=print,

@@ -5,12 +5,12 @@ itself (`LorsLinear`) lives in lors_modeling.py, the file export copies into mod
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from lors_convert.config import LorsifyConfig
 from lors_convert.lors_modeling import SHARED_ATTRIBUTE, LorsLinear
 
 __all__ = [
@@ -95,18 +95,6 @@ def lors_groups(model: nn.Module) -> dict[int, list[LorsLinear]]:
 # ---------------------------------------------------------------- training LORS models from scratch (the paper's form)
 
 INITS = ("scratch", "convert")
-
-
-@dataclass
-class LorsifyConfig:
-    """`lorsify`'s choices: per-layer `rank`, a shared matrix per group (`shared`), `init` ("scratch" or "convert",
-    see `lorsify`), and globs over group templates to `include`/`exclude`."""
-
-    rank: int
-    shared: bool = True
-    init: str = "scratch"
-    include: list[str] | None = None
-    exclude: list[str] | None = None
 
 
 def scratch_factors(weight: torch.Tensor, rank: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,122 +4,19 @@ orientation, its metric K_i, and its low-rank factors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from lors_convert import LorsError
-from lors_convert.checkpoint import TensorSource, dtype_name, parse_dtype
+from lors_convert.checkpoint import TensorSource
+from lors_convert.config import dtype_name
 from lors_convert.factorize import as_matrix, lors_params, metric_energy, metric_low_rank, seed_for
 from lors_convert.lors_format import factor_keys, shared_key
 from lors_convert.stacks import Stack
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
-SHARED_CHOICES = ("auto", "mean", "refit", "none")
-
-
-@dataclass
-class ConvertConfig:
-    """`convert`'s choices; each field is the CLI option of the same name (`lors-convert convert --help`). At most
-    one of `rank`, `reduction`, `energy`, `max_ppl_increase` (none: `reduction` 0.5). `calibrate` takes text files
-    (tensor files with `model_factory`); `dtype` a torch dtype or its name."""
-
-    rank: int | None = None
-    reduction: float | None = None
-    energy: float | None = None
-    shared: str = "auto"
-    dtype: torch.dtype | str | None = None
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    seed: int = 0
-    calibrate: list[Path | str] = field(default_factory=list)
-    calib_samples: int = 256
-    calib_max_length: int = 128
-    # Of a causal LM's calibration samples, the share written by the model (sampling.py). SmolLM2 at 20%, ppl on
-    # held-out lines / fortune passages: 102.6 / 178.7 at 0.5, 103.8 / 173.3 at 0.75, 107.3 / 173.0 at 1; after
-    # compress's 15 minutes of distillation 85.9 / 150.8 at 0.5, 86.0 / 148.0 at 0.75 (README, Decoder LLMs)
-    calib_generated: float = 0.75
-    damping: float = 0.01
-    sequential: bool = False
-    fisher: bool = False
-    max_ppl_increase: float | None = None  # choose the reduction: the largest keeping ppl within this factor
-    model_factory: str | None = None
-    device: str = "cpu"  # where matrices are factored; not part of the output's description
-
-    def validate(self) -> None:
-        self.calibrate = [Path(p) for p in self.calibrate]
-        if isinstance(self.dtype, str):
-            self.dtype = parse_dtype(self.dtype)
-        chosen = [
-            n
-            for n, v in (("--rank", self.rank), ("--reduction", self.reduction), ("--energy", self.energy))
-            if v is not None
-        ]
-        if self.max_ppl_increase is not None:
-            chosen.append("--max-ppl-increase")
-        if len(chosen) > 1:
-            raise LorsError(
-                f"choose one of --rank, --reduction, --energy, --max-ppl-increase (got {' and '.join(chosen)})"
-            )
-        if self.max_ppl_increase is not None and not self.max_ppl_increase > 1:
-            raise LorsError(
-                f"--max-ppl-increase is a factor above 1 (1.2: at most 20% higher), got {self.max_ppl_increase}"
-            )
-        if self.max_ppl_increase is not None and not (self.calibrate and self.fisher and self.model_factory is None):
-            raise LorsError("--max-ppl-increase needs --calibrate TEXT and --fisher on a language model")
-        if not chosen:
-            self.reduction = 0.5
-        if self.rank is not None and self.rank < 0:
-            raise LorsError(f"--rank must be 0 or more, got {self.rank}")
-        if self.reduction is not None and not 0 <= self.reduction < 1:
-            raise LorsError(f"--reduction must be in [0, 1), got {self.reduction}")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise LorsError(f"--energy must be in (0, 1], got {self.energy}")
-        if self.shared not in SHARED_CHOICES:
-            raise LorsError(f"--shared must be one of {', '.join(SHARED_CHOICES)}, got {self.shared!r}")
-        if self.calib_samples < 1 or self.calib_max_length < 1:
-            raise LorsError("--calib-samples and --calib-max-length must be at least 1")
-        if not 0 <= self.calib_generated <= 1:
-            raise LorsError(f"--calib-generated is a fraction in [0, 1], got {self.calib_generated}")
-        if self.sequential and not self.calibrate:
-            raise LorsError("--sequential needs --calibrate (it recalibrates layer after layer)")
-        if self.fisher and not self.calibrate:
-            raise LorsError("--fisher needs --calibrate (it measures the output's gradients on those samples)")
-        if self.fisher and (self.sequential or self.shared == "refit"):
-            raise LorsError("--fisher does not combine with --sequential or --shared refit")
-        if not 0 <= self.damping:
-            raise LorsError(f"--damping must be 0 or more, got {self.damping}")
-        if not 0 <= self.seed < 2**32:
-            raise LorsError(f"--seed must be in [0, 2**32), got {self.seed}")
-
-    def as_json(self) -> dict:
-        calibration = (
-            {
-                "calibrate": [str(p) for p in self.calibrate],
-                "calib_samples": self.calib_samples,
-                "calib_max_length": self.calib_max_length,
-                "calib_generated": self.calib_generated,
-                "damping": self.damping,
-                "sequential": self.sequential,
-                "fisher": self.fisher,
-                "max_ppl_increase": self.max_ppl_increase,
-            }
-            if self.calibrate
-            else {}
-        )
-        return {
-            "rank": self.rank,
-            "reduction": self.reduction,
-            "energy": self.energy,
-            "shared": self.shared,
-            "dtype": dtype_name(self.dtype) if self.dtype else None,
-            "include": self.include,
-            "exclude": self.exclude,
-            "seed": self.seed,
-            **calibration,
-        }
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
-"""Running a model: devices, torchrun's world and process group, autocast, handing a batch to a model (one rule)
-and the outputs of its layers."""
+"""Running a model: devices, torchrun's world and process group, autocast, handing a batch to a model (one rule),
+its logits made outside its forward (a chunk of positions at a time) and the outputs of its layers."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,70 @@ def logits_and_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor | Non
             f"--model-factory models must return a tensor (or a tuple starting with one), got {type(out).__name__}"
         )
     return None, out
+
+
+Logits = Callable[[torch.Tensor], torch.Tensor]  # flat positions (row * length + column) -> their logits
+HEAD_CHECKED = "_lors_head_checked"  # a model's attribute: whether output_head's check found its logits
+
+
+def logit_transform(config) -> Logits:
+    """What transformers' causal LMs do to their head's output, by their config: Gemma 2's soft cap, Cohere's
+    scale, Granite's divisor. Any other is caught by output_head's check."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits * scale if scale is not None else logits
+        logits = logits / divisor if divisor is not None else logits
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return transform
+
+
+def output_head(model: nn.Module | None) -> Logits | None:
+    """The function from a causal LM's final hidden states to its logits, so that they can be made a chunk of
+    positions at a time outside its forward; None where they cannot: any model but transformers' causal LMs that
+    take `logits_to_keep` (the positions their forward makes logits for), a model FSDP shards (its
+    head's weights are gathered for its forward only), one whose logits the check does not find. The check, on a
+    model's first call: the head and logit_transform give its forward's own logits, on two tokens. Being a forward,
+    it runs the model's hooks: call this before registering any that collect outputs."""
+    inner = unwrap(model) if model is not None else None
+    if not is_causal_lm(inner) or "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return None
+    from torch.distributed import fsdp
+
+    head = inner.get_output_embeddings()
+    if head is None or isinstance(inner, getattr(fsdp, "FSDPModule", ())):
+        return None
+    transform = logit_transform(inner.config.get_text_config())
+    apply = lambda hidden: transform(head(hidden))
+    if not hasattr(inner, HEAD_CHECKED):
+        ids = torch.arange(2, device=head.weight.device)[None]
+        with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
+            out = call_model(inner, {"input_ids": ids}, output_hidden_states=True, logits_to_keep=1)
+            made = apply(out.hidden_states[-1][:, -1:])
+        setattr(inner, HEAD_CHECKED, torch.allclose(made.float(), out.logits.float(), rtol=1e-4, atol=1e-6))
+    return apply if getattr(inner, HEAD_CHECKED) else None
+
+
+def lazy_logits(model: nn.Module, batch: dict, head: Logits | None) -> tuple[Logits | None, torch.Tensor]:
+    """(the logits of flat positions, or None for a model without logits; final hidden states) of a model on a
+    batch. With `head` (output_head's), the forward makes none (`logits_to_keep`: no position) and they are made
+    as they are asked for; without, they are the forward's, whole."""
+    if head is None:
+        logits, hidden = logits_and_hidden(model, batch)
+        return (None if logits is None else lambda positions: logits.flatten(0, 1)[positions]), hidden
+    none = torch.zeros(0, dtype=torch.long, device=next(iter(batch.values())).device)
+    hidden = call_model(model, batch, output_hidden_states=True, logits_to_keep=none).hidden_states[-1]
+    return (lambda positions: head(hidden.flatten(0, 1)[positions])), hidden
+
+
+def vocab_size(model: nn.Module) -> int:
+    """The width of a model's logits (0 without an output head)."""
+    model = unwrap(model)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    return head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else 0
 
 
 @contextmanager

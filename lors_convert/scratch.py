@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lors_convert import LorsError
 from lors_convert.checkpoint import check_output_path, write_safetensors
+from lors_convert.config import InitConfig
 from lors_convert.hf import _transformers, checkpoint_names, model_class, one_line
 from lors_convert.lors_format import GroupMeta, LorsMeta, factor_keys, header_metadata, shared_key
 from lors_convert.nn import scratch_factors, swappable_weights
@@ -19,23 +19,6 @@ def scratch_ranks(rows: int, cols: int, layers: int, reduction: float, shared: b
     dense layers."""
     budget = (1 - reduction) * layers * rows * cols - (rows * cols if shared else 0)
     return max(0, int(budget // (layers * (rows + cols))))
-
-
-@dataclass
-class InitConfig:
-    """`init`'s choices: one of `rank` (every layer's) and `reduction` (per group, the rank storing this fraction
-    fewer stacked numbers); `shared`: a shared matrix per group (the paper's form); `seed` of the initialisation."""
-
-    rank: int | None = None
-    reduction: float | None = None
-    shared: bool = True
-    seed: int = 0
-
-    def validate(self) -> None:
-        if (self.rank is None) == (self.reduction is None):
-            raise LorsError("choose one of --rank and --reduction")
-        if (self.rank is not None and self.rank < 1) or (self.reduction is not None and not 0 < self.reduction < 1):
-            raise LorsError("--rank must be at least 1 and --reduction in (0, 1)")
 
 
 def init_checkpoint(

@@ -12,8 +12,9 @@ from torch import nn
 from lors_convert.blocks import StopForward, block_chain, first_tensor
 from lors_convert.calibrate import collect_pair, damped, modules_named, paired_inputs
 from lors_convert.checkpoint import TensorSource
+from lors_convert.config import ConvertConfig
 from lors_convert.loading import own_names
-from lors_convert.plan import ConvertConfig, GroupPlan, Progress, factor_layer, read_matrix
+from lors_convert.plan import GroupPlan, Progress, factor_layer, read_matrix
 from lors_convert.runtime import compute_device
 
 # --sequential's correction is a regression from the drifted inputs to the original ones; with the metric's small

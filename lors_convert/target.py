@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from lors_convert.checkpoint import TensorSource
+from lors_convert.config import ConvertConfig
 from lors_convert.factorize import tail
 from lors_convert.loading import own_names
-from lors_convert.plan import ConvertConfig, GroupPlan, Progress, factor_layer, input_metric, read_matrix
+from lors_convert.plan import GroupPlan, Progress, factor_layer, input_metric, read_matrix
 
 LOWEST, HIGHEST = 0.0, 0.9  # the reductions searched
 MEASUREMENTS = 5  # real perplexity measurements at most: each factors every layer once

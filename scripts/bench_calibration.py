@@ -27,10 +27,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_finetune import fortune_passages, minilm_dir
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.conversion import ConvertConfig, convert
+from lors_convert.config import ConvertConfig, FinetuneConfig
+from lors_convert.conversion import convert
 from lors_convert.data import Examples
 from lors_convert.evaluate import fidelity, load_student_teacher
-from lors_convert.finetuning import FinetuneConfig, finetune
+from lors_convert.finetuning import finetune
 from lors_convert.runtime import setup_device
 
 METHODS = {  # name -> (shared, calibrated, sequential, fisher)

@@ -30,10 +30,11 @@ from bench_lors_forward import fastest_seconds
 from bench_step import training_step
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.conversion import ConvertConfig, convert
+from lors_convert.config import ConvertConfig, FinetuneConfig
+from lors_convert.conversion import convert
 from lors_convert.data import Examples, TextLines, load_examples, split_examples
 from lors_convert.evaluate import fidelity, load_student_teacher
-from lors_convert.finetuning import FinetuneConfig, finetune, stacked_layer_paths
+from lors_convert.finetuning import finetune, stacked_layer_paths
 from lors_convert.lors_format import read_lors
 from lors_convert.report import build_report
 from lors_convert.runtime import setup_device

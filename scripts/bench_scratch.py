@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lors_convert.checkpoint import TensorInfo
-from lors_convert.nn import SHARED_ATTRIBUTE, AdaptiveLors, LorsifyConfig, LorsLinear, lorsify
+from lors_convert.config import LorsifyConfig
+from lors_convert.nn import SHARED_ATTRIBUTE, AdaptiveLors, LorsLinear, lorsify
 from lors_convert.scratch import scratch_ranks
 from lors_convert.stacks import find_stacks
 

@@ -37,10 +37,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_finetune import fortune_passages, minilm_dir
 
 from lors_convert.checkpoint import open_checkpoint
-from lors_convert.conversion import ConvertConfig, convert
+from lors_convert.config import ConvertConfig, FinetuneConfig
+from lors_convert.conversion import convert
 from lors_convert.data import Examples, TextLines
 from lors_convert.evaluate import fidelity, load_student_teacher
-from lors_convert.finetuning import FinetuneConfig, budget_spent, finetune, learning_rate, step_loss
+from lors_convert.finetuning import budget_spent, finetune, learning_rate, step_loss
 from lors_convert.hf import dense_model, load_tokenizer
 from lors_convert.runtime import autocast, setup_device
 

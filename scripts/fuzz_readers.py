@@ -194,7 +194,8 @@ def make_corpus() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from lors_convert.conversion import ConvertConfig, convert
+    from lors_convert.config import ConvertConfig
+    from lors_convert.conversion import convert
 
     torch.manual_seed(0)
     sd = {"emb.weight": torch.randn(6, 4), "norm.weight": torch.ones(4), "ids": torch.arange(3)}

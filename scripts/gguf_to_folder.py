@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_llm import smollm2_gguf
 
-from lors_convert.checkpoint import dtype_name, parse_dtype
+from lors_convert.config import dtype_name, parse_dtype
 from lors_convert.hf import dense_model, save_gguf_description
 
 

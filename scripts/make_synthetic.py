@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lors_convert.checkpoint import parse_size, write_safetensors
+from lors_convert.checkpoint import write_safetensors
+from lors_convert.config import parse_size
 
 # name: (layers, hidden, mlp, heads, kv_heads, vocab)
 PRESETS = {

@@ -412,9 +412,10 @@ def test_each_metric_is_the_damped_centred_covariance_read_from_disk(tmp_path):
     """K = C - n μμᵀ + λI per layer, where the layer's bias takes the mean shift; the plan reads it from disk."""
     pytest.importorskip("transformers")
     from lors_convert.calibrate import calibrate_plans, collect, damping_term
+    from lors_convert.config import ConvertConfig
     from lors_convert.data import text_batches
     from lors_convert.hf import dense_model, load_tokenizer
-    from lors_convert.plan import ConvertConfig, GroupPlan
+    from lors_convert.plan import GroupPlan
 
     folder, calib = hf_dir(tmp_path, "bert")
     source = open_checkpoint(folder)

@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 transformers = pytest.importorskip("transformers")
 
 import lors_convert
+from lors_convert.config import FinetuneConfig
 from lors_convert.evaluate import load_student_teacher
-from lors_convert.finetuning import FinetuneConfig, learning_rate, stacked_layer_paths, step_loss
+from lors_convert.finetuning import learning_rate, stacked_layer_paths, step_loss
 from lors_convert.lors_format import read_lors, shared_key
 from lors_convert.nn import lors_groups, merge_lors
 
@@ -31,8 +34,8 @@ WORDS = (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(kind: str, layers: int = 3):
-    common = dict(vocab_size=len(WORDS) + 4, initializer_range=0.2)  # large weights: layers matter
+def tiny_config(kind: str, layers: int = 3, **overrides):
+    common = dict(vocab_size=len(WORDS) + 4, initializer_range=0.2) | overrides  # large weights: layers matter
     if kind == "bert":
         return transformers.BertConfig(
             hidden_size=32,
@@ -55,7 +58,7 @@ def tiny_config(kind: str, layers: int = 3):
     )
 
 
-def make_model_dir(folder: Path, kind: str, layers: int = 3) -> Path:
+def make_model_dir(folder: Path, kind: str, layers: int = 3, **overrides) -> Path:
     """A tiny random model saved with save_pretrained, with a word-level tokenizer (no network)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -63,7 +66,7 @@ def make_model_dir(folder: Path, kind: str, layers: int = 3) -> Path:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     torch.manual_seed(0)
-    config = tiny_config(kind, layers)
+    config = tiny_config(kind, layers, **overrides)
     model = transformers.BertModel(config) if kind == "bert" else transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     transformers.PreTrainedTokenizerFast(
@@ -99,8 +102,9 @@ def test_scores_do_not_depend_on_the_tokenizers_padding_side(tmp_path, cli):
 
 
 def test_scoring_a_large_vocabulary_holds_a_few_rows_of_logits_at_a_time(tmp_path, cli, monkeypatch):
-    """Defect: 32 rows of a 256k vocabulary's float32 logits are 4.3 GB per model; eval cuts a batch into fewer
-    rows where its logits would pass LOGITS_BYTES, with the same scores."""
+    """Defect: 32 rows of a 256k vocabulary's float32 logits are 4.3 GB per model; where a model makes its logits
+    whole (this forward names no `logits_to_keep`: they cannot be made a chunk of positions at a time), eval cuts
+    a batch into fewer rows where its logits would pass LOGITS_BYTES, with the same scores."""
     from lors_convert import evaluate
 
     folder = make_model_dir(tmp_path / "llama", "llama")
@@ -122,6 +126,83 @@ def test_scoring_a_large_vocabulary_holds_a_few_rows_of_logits_at_a_time(tmp_pat
     assert rows and max(rows) == 1
     for key in ("ppl_teacher", "ppl_student", "kl", "top1", "cos", "top10"):
         assert cut[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
+VOCAB = 262_144  # Gemma 3's
+
+
+class LargestLogits(TorchDispatchMode):
+    """Records the bytes of the largest tensor torch makes while it is on (a new one, not a view of or a write
+    into another) whose last dimension is VOCAB's: logits, their softmaxes and their gradients, forward and
+    backward, whichever code makes them."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        storage = lambda t: t.untyped_storage().data_ptr()
+        inputs = {storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and not t.is_meta}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.dim() >= 2 and t.shape[-1] == VOCAB:
+                if storage(t) not in inputs:
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.fixture
+def vocab_256k(tmp_path, cli, monkeypatch):
+    """(model dir, its LORS file, text) of a Llama with a 256k vocabulary (hidden 32, 2 layers, tied embeddings),
+    its logits made 16 positions at a time: 16 MiB a chunk, where a batch of 8 rows of 32 tokens makes 256 MiB."""
+    from lors_convert import evaluate
+
+    folder = make_model_dir(tmp_path / "llama", "llama", 2, vocab_size=VOCAB, tie_word_embeddings=True)
+    data = text_file(tmp_path / "t.txt")
+    lors = tmp_path / "m.lors.safetensors"
+    assert cli(folder, "-o", lors, "--rank", "4", "--quiet").code == 0
+    monkeypatch.setattr(evaluate, "LOGITS_BYTES", 16 * VOCAB * 4)
+    return folder, lors, data
+
+
+def test_a_256k_vocabulary_fine_tunes_and_evaluates_a_chunk_of_logits_at_a_time(tmp_path, cli, vocab_256k):
+    """Defect: distillation held the whole batch's logits of both models, log-softmaxes of each and the logits'
+    gradient (a real 262k-vocabulary model was killed at 24 GB); its evaluations before and after each held a
+    row's at least. Every logits-sized tensor of a fine-tune, its backward's included, is a chunk's at most."""
+    _, lors, data = vocab_256k
+    run = ("-d", data, "--steps", "2", "--batch-size", "8", "--max-length", "32", "--eval-examples", "8")
+    with LargestLogits() as seen:
+        result = cli("finetune", lors, "-o", tmp_path / "ft.safetensors", *run, "--lr", "1e-3", "--quiet", "--json")
+    assert result.code == 0, result.err
+    assert math.isfinite(result.json()["after"]["kl"])
+    assert 0 < seen.largest <= 16 * VOCAB * 4  # 16 MiB, where a step's batch makes 256 MiB a copy
+
+
+def test_a_256k_vocabularys_eval_and_compress_evaluate_a_chunk_of_logits_at_a_time(tmp_path, cli, vocab_256k):
+    """eval, and compress's own evaluation after its conversion: every logits-sized tensor is a chunk's at most,
+    no larger than the conversion's own (its calibration's, a row at a time). On main, eval made a row's whole."""
+    from lors_convert import compression
+
+    folder, lors, data = vocab_256k
+    with LargestLogits() as seen:
+        evaluated = cli("eval", lors, "--data", data, "--batch-size", "16", "--max-length", "32", "--quiet", "--json")
+    assert evaluated.code == 0, evaluated.err
+    assert math.isfinite(evaluated.json()["kl"]) and 0 < seen.largest <= 16 * VOCAB * 4
+    fidelity, largest = compression.fidelity, {}
+
+    def measured(*args, **kwargs):
+        largest["conversion"], seen.largest = seen.largest, 0
+        result = fidelity(*args, **kwargs)
+        largest["evaluation"] = seen.largest
+        return result
+
+    compression.fidelity = measured
+    try:
+        out = tmp_path / "c.lors.safetensors"
+        with LargestLogits() as seen:
+            compressed = cli("compress", folder, "--calibrate", data, "-o", out, "--calib-samples", "8", "--quiet")
+    finally:
+        compression.fidelity = fidelity
+    assert compressed.code == 0, compressed.err
+    assert 0 < largest["evaluation"] <= min(16 * VOCAB * 4, largest["conversion"]), largest
 
 
 def test_a_fine_tune_that_cannot_fit_offloads_the_teacher_or_refuses_before_it_starts(tmp_path, cli, monkeypatch):

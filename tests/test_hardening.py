@@ -581,3 +581,25 @@ def test_an_existing_output_is_refused_before_the_source_is_opened(tmp_path, cli
     result = cli(*args[:1], tmp_path / "m.safetensors", *args[1:], "-o", tmp_path / "o.safetensors")
     assert result.code == 1 and "already exists" in result.err, result.err
     assert (tmp_path / "o.safetensors").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize(
+    "command, config",
+    [("convert", "ConvertConfig"), ("compress", "CompressConfig"), ("finetune", "FinetuneConfig"),
+     ("init", "InitConfig"), ("export", "ExportConfig")],
+)  # fmt: skip
+def test_every_cli_default_is_its_config_fields(command, config):
+    """The CLI restates no default: an option named as a config field defaults to the field's value (but
+    --device, which the CLI chooses: cuda where there is one)."""
+    import typer
+
+    from lors_convert import config as configs
+    from lors_convert.cli import app
+
+    fields = {f.name: f for f in dataclasses.fields(getattr(configs, config))}
+    params = typer.main.get_command(app).commands[command].params
+    shared = [p for p in params if p.name in fields and fields[p.name].default is not dataclasses.MISSING]
+    shared = [p for p in shared if p.name != "device"]
+    assert len(shared) >= 2
+    for param in shared:
+        assert param.default == fields[param.name].default, (command, param.name)

@@ -26,7 +26,8 @@ from torch import nn
 
 from lors_convert import LorsError
 from lors_convert.calibrate import collect_pair
-from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files, parse_size
+from lors_convert.checkpoint import TensorInfo, open_checkpoint, open_pickle_files
+from lors_convert.config import parse_size
 from lors_convert.runtime import call_model
 from lors_convert.stacks import find_stacks
 

@@ -9,7 +9,8 @@ import torch
 from factory_models import StackedMLP
 from torch import nn
 
-from lors_convert.nn import AdaptiveLors, LorsifyConfig, LorsLinear, lors_groups, lorsify, merge_lors
+from lors_convert.config import LorsifyConfig
+from lors_convert.nn import AdaptiveLors, LorsLinear, lors_groups, lorsify, merge_lors
 
 
 def stacked(layers: int = 4, dim: int = 16) -> nn.Module:

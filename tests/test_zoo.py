@@ -406,3 +406,96 @@ def test_an_export_loads_in_a_fresh_interpreter(zoo, tmp_path, cli):
     assert done.returncode == 0, done.stderr[-2000:]
     with torch.no_grad():
         assert close(torch.load(tmp_path / "out.pt"), output(model(**case.inputs)), case.rel)
+
+
+# causal LMs that transform their head's output otherwise than Gemma's soft cap: Cohere scales it, Granite divides it
+SCALED = [
+    Case("cohere", hf("CohereForCausalLM", "CohereConfig", **LLAMA), TEXT, CAUSAL),
+    Case("granite", hf("GraniteForCausalLM", "GraniteConfig", **LLAMA, logits_scaling=4.0), TEXT, CAUSAL),
+]
+PADDED = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])  # IDS's second row right-padded
+
+
+def distilled(student: nn.Module, teacher: nn.Module, objective: str) -> tuple[torch.Tensor, dict, list[int]]:
+    """step_loss on IDS with 4 positions of logits a chunk: (loss, the student's gradients, the positions each
+    call of either model's head made logits for)."""
+    from lors_convert import evaluate
+    from lors_convert.finetuning import step_loss
+
+    rows = []
+    hooks = [m.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(out[..., 0].numel()))
+             for m in (student, teacher)]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "LOGITS_BYTES", 4 * 4 * teacher.config.get_text_config().vocab_size)
+        loss = step_loss(student, teacher, {"input_ids": IDS, "attention_mask": PADDED}, [], objective)
+        loss.backward()
+    for hook in hooks:
+        hook.remove()
+    grads = {name: p.grad for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    return loss.detach(), grads, rows
+
+
+def whole_logits_loss(student: nn.Module, teacher: nn.Module, objective: str) -> tuple[torch.Tensor, dict]:
+    """The same loss from the models' whole logits, as transformers makes them: (loss, the student's gradients)."""
+    F = nn.functional
+    s = student(input_ids=IDS, attention_mask=PADDED).logits
+    if objective == "lm":
+        keep = (PADDED[:, 1:] * PADDED[:, :-1]).flatten()
+        loss = (F.cross_entropy(s[:, :-1].flatten(0, 1), IDS[:, 1:].flatten(), reduction="none") * keep).sum()
+        loss = loss / keep.sum()
+    else:
+        with torch.no_grad():
+            t = teacher(input_ids=IDS, attention_mask=PADDED).logits
+        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+        loss = (kl * PADDED).sum() / PADDED.sum()
+    loss.backward()
+    grads = {name: p.grad for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def student_of(case: Case) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    teacher = case.build().eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return student, teacher
+
+
+def same_gradients(got: dict, expected: dict) -> bool:
+    present = lambda grads: {name for name, g in grads.items() if g is not None}
+    return present(got) == present(expected) and all(
+        (got[name] - g).norm() <= 1e-4 * g.norm() + 1e-9 for name, g in expected.items() if g is not None
+    )
+
+
+@pytest.mark.parametrize("case", params([case for case in CASES if case.auto == CAUSAL] + SCALED))
+def test_distillation_makes_logits_a_few_positions_at_a_time_with_the_whole_logits_loss_and_gradients(case):
+    """Defect: distillation made both models' logits for the whole batch (a 256k vocabulary: 4.3 GB a copy at 32 x
+    128 tokens, five copies and more). A chunk of positions' logits is made from the final hidden states, with
+    the model's own transform of them (Gemma 2's soft cap, Cohere's scale, Granite's divisor), and again in the
+    backward: the same loss and gradients as from the whole logits, for the distillation and the lm objective."""
+    student, teacher = student_of(case)
+    for objective in ("distill", "lm"):
+        loss, grads, rows = distilled(student, teacher, objective)
+        expected, expected_grads = whole_logits_loss(student, teacher, objective)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5), objective
+        assert same_gradients(grads, expected_grads), objective
+        assert max(rows) <= 4 < PADDED.sum(), objective  # the check's position, the chunks
+
+
+@pytest.mark.parametrize("case", params(SCALED))
+def test_a_model_whose_logits_are_made_otherwise_than_known_is_distilled_from_its_whole_logits(case, monkeypatch):
+    """Where the head and the known transforms do not give a model's own logits (here: none are known), they
+    come from its forward, whole, rather than wrong."""
+    from lors_convert import runtime
+
+    monkeypatch.setattr(runtime, "logit_transform", lambda config: lambda logits: logits)
+    student, teacher = student_of(case)
+    loss, grads, rows = distilled(student, teacher, "distill")
+    expected, expected_grads = whole_logits_loss(student, teacher, "distill")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and same_gradients(grads, expected_grads)
+    assert max(rows) == IDS.numel()
