@@ -17,10 +17,13 @@ A row is REDUCTION:METHOD, METHOD one of: weight (no calibration), calibrated, f
 Fisher), fisher-mean / fisher-none (--shared mean / none), target=R (--max-ppl-increase R, REDUCTION ignored),
 compress (compress's own conversion, then --finetune-minutes of distillation; compress=N: N minutes, 0 for the
 conversion alone, whose wall is then compress's conversion time), int8 (no conversion: the original's stacked weights
-rounded to int8, per row; REDUCTION ignored), file=PATH (a LORS file converted elsewhere, e.g. by another version of
-lors-convert, scored the same way; REDUCTION ignored). Options after a space go to that row's command as they are, e.g.
-"0.2:compress=15 --lr 5e-5" or "0.2:fisher --calib-samples 512". --keep DIR keeps each row's model as
-DIR/ROW.lors.safetensors (for scripts/llm_answers.py). Prints a markdown table.
+rounded to int8, per row; REDUCTION ignored), drop=N (no conversion: the original with round(REDUCTION x layers) of
+its blocks removed, those that change their input least on calibration rows (never the last), then N minutes of
+distillation with fine-tuning's own loop settings: the alternative at equal parameters; its loss is the logits' KL
+alone, since the removed layers have no student layer to match), file=PATH (a LORS file converted elsewhere,
+e.g. by another version of lors-convert, scored the same way; REDUCTION ignored). Options after a space go to that
+row's command as they are, e.g. "0.2:compress=15 --lr 5e-5" or "0.2:fisher --calib-samples 512". --keep DIR
+keeps each row's LORS model as DIR/ROW.lors.safetensors (for scripts/llm_answers.py). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -117,6 +120,54 @@ def int8_weights(model: torch.nn.Module) -> None:
             module.weight.copy_((module.weight / scale).round().clamp(-127, 127) * scale)
 
 
+def dropped_layers(model, rows: dict, count: int) -> list[int]:
+    """The `count` blocks whose output differs least from their input (1 - cosine, over the rows' tokens), never
+    the last (its output is read after the final norm)."""
+    with torch.no_grad():
+        states = model(**rows, output_hidden_states=True).hidden_states
+    mask = rows["attention_mask"].bool()
+    change = [
+        1 - torch.nn.functional.cosine_similarity(states[i][mask], states[i + 1][mask], dim=-1).mean().item()
+        for i in range(len(states) - 2)
+    ]
+    return sorted(sorted(range(len(change)), key=change.__getitem__)[:count])
+
+
+def layer_drop(source: Path, calibration: Path, tokenizer, reduction: float, minutes: float, device) -> tuple:
+    """(the original with its least-changing blocks removed and distilled for `minutes` as `finetune` distils: the
+    same held-out split, packed rows, batch size, peak rate and schedule; the blocks removed)."""
+    from lors_convert.config import LM_LR, FinetuneConfig
+    from lors_convert.data import load_examples, split_examples
+    from lors_convert.finetuning import batch_indices, learning_rate, step_loss
+    from lors_convert.hf import dense_model
+
+    teacher, student = dense_model(source).to(device), dense_model(source).to(device)
+    settings = FinetuneConfig(steps=10**6, minutes=minutes, lr=LM_LR)
+    train, _ = split_examples(load_examples([calibration], tokenizer), settings.eval_examples)
+    batch = lambda indices: train.batch(indices, tokenizer, settings.max_length, device, pack=True)
+    layers = student.model.layers
+    dropped = dropped_layers(teacher, batch(list(range(settings.batch_size))), round(reduction * len(layers)))
+    student.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in dropped)
+    for index, layer in enumerate(student.model.layers):  # the KV cache is indexed by layer
+        layer.self_attn.layer_idx = index
+    student.config.num_hidden_layers = len(student.model.layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [t for i, t in enumerate(student.config.layer_types) if i not in dropped]
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    student.train()
+    started, step, spent = time.perf_counter(), 0, 0.0
+    while spent < 1:
+        indices = batch_indices(step, len(train), settings.batch_size, settings.seed)
+        step_loss(student, teacher, batch(indices), [], "distill").backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings, step, spent)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, spent = step + 1, (time.perf_counter() - started) / (minutes * 60)
+    print(f"layer drop: removed blocks {dropped}, {step} steps in {minutes} min", flush=True)
+    return student.eval(), dropped
+
+
 def run_cli(args: list[str], check: bool = True) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in GB of this child alone, its output) of one CLI run in its own process; with
     `check`, a failed run stops the benchmark."""
@@ -187,6 +238,15 @@ def main() -> None:
                     {"row": row, "removed": 0.0, "ppl": perplexities(model, tokenizer, texts), "wall_s": 0.0}
                 )
                 print(json.dumps(results[-1]), flush=True)
+                continue
+            if method.startswith("drop="):
+                started = time.time()
+                model, dropped = layer_drop(source, calib, tokenizer, float(reduction), float(method[5:]), device)
+                removed = len(dropped) / (len(dropped) + model.config.num_hidden_layers)  # every block: equal shares
+                ppl = perplexities(model, tokenizer, texts)
+                results.append({"row": row, "removed": removed, "ppl": ppl, "wall_s": time.time() - started})
+                print(json.dumps(results[-1]), flush=True)
+                del model
                 continue
             if method.startswith("file="):
                 out, wall, peak = Path(method.split("=", 1)[1]), 0.0, 0.0
