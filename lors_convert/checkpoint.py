@@ -76,6 +76,9 @@ class TensorSource:
     # a source read out of a loaded model (a GGUF, which transformers dequantizes): that model, loaded on the first
     # call, so calibration runs the model the tensors come from instead of loading a second one
     model: Callable[[], torch.nn.Module] | None = None
+    # the dtype a conversion writes unless told (None: each tensor's own): a quantized GGUF's tensors are its
+    # dequantization, and in float32 a 4-bit model's conversion would be several times its size
+    written_dtype: torch.dtype | None = None
 
     def get(self, name: str) -> torch.Tensor:
         return self.read(name)

@@ -315,7 +315,9 @@ def plan_conversion(
     """Every group's plan (S, shared or not, ranks), the calibration summary, and --sequential's factors; what
     calibration warns about, and why --sequential had to run the whole model per layer, is added to `warnings`."""
     plans = [
-        GroupPlan(stack, settings.dtype or stack.dtype, settings.device, shared=settings.shared != "none")
+        GroupPlan(
+            stack, written_dtype(source, settings) or stack.dtype, settings.device, shared=settings.shared != "none"
+        )
         for stack in stacks
     ]
     calibration, model, batches = None, None, []
@@ -412,8 +414,23 @@ def convert(
             tool=f"lors-convert {__version__}",
         )
         return write_lors(
-            source, output, factored, meta, settings.dtype, shard_size, factors, settings.seed, source_sha256, progress
+            source,
+            output,
+            factored,
+            meta,
+            written_dtype(source, settings),
+            shard_size,
+            factors,
+            settings.seed,
+            source_sha256,
+            progress,
         )
+
+
+def written_dtype(source: TensorSource, settings: ConvertConfig) -> torch.dtype | None:
+    """The dtype every floating tensor of the output is stored in (None: each its source's): --dtype, else the
+    source's choice (a quantized GGUF: bfloat16)."""
+    return settings.dtype or source.written_dtype
 
 
 def kept_tensors(

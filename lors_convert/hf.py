@@ -96,7 +96,9 @@ def open_gguf(path: Path) -> TensorSource:
     Names and shapes come from the config (the model built on the meta device). The first `get` loads the whole
     model in float32 (transformers dequantizes) and keeps its weights until the source is dropped: memory is the
     model's float32 size, fine up to a few billion parameters. Tensors are given in the GGUF's own float type
-    where all its matrices have one (F32, F16, BF16), else (quantized) in float32."""
+    where all its matrices have one (F32, F16, BF16), else (quantized) in float32, and then a conversion writes
+    bfloat16 (rounding SmolLM2's Q4_1 dequantization to bf16 costs its 20% conversion under 0.1% perplexity,
+    docs/benchmarks.md)."""
     config = auto_config(path)
     try:
         with torch.device("meta"):
@@ -119,7 +121,8 @@ def open_gguf(path: Path) -> TensorSource:
             raise LorsError(f"{path}: transformers' model of it has no tensor {names[name]!r}")
         return tensor.detach().to("cpu", dtype, copy=True)  # a copy: calibration may move the model to a GPU
 
-    return TensorSource(path, [path], info, read, model=model)
+    written = torch.bfloat16 if dtype == torch.float32 and gguf_quantized(path) else None
+    return TensorSource(path, [path], info, read, model=model, written_dtype=written)
 
 
 @contextlib.contextmanager
@@ -169,6 +172,14 @@ def gguf_reader(path: Path):
         return _gguf_reader(file_stamp(path))
     except Exception as e:  # a truncated or corrupt file
         raise LorsError(f"{path}: not a readable GGUF file ({one_line(e)})") from e
+
+
+def gguf_quantized(path: Path) -> bool:
+    """Whether any of a GGUF's matrices is stored in a quantized type (not F32, F16 or BF16)."""
+    import gguf
+
+    floats = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    return any(t.tensor_type not in floats for t in gguf_reader(path).tensors if len(t.shape) >= 2)
 
 
 def gguf_dtype(path: Path) -> torch.dtype:

@@ -35,8 +35,11 @@ def byte_alphabet() -> list[str]:
     return [spelled[b] for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, dtype=np.float32, seed: int = 0, tokenizer: bool = True) -> dict[str, np.ndarray]:
-    """A 3-layer Llama (hidden 64, GQA 4/2 heads) as llama.cpp writes one; returns the matrices written."""
+def write_tiny_gguf(
+    path: Path, dtype=np.float32, seed: int = 0, tokenizer: bool = True, quantized=None
+) -> dict[str, np.ndarray]:
+    """A 3-layer Llama (hidden 64, GQA 4/2 heads) as llama.cpp writes one, its matrices in `dtype` or, given a
+    `quantized` type (gguf.GGMLQuantizationType), in that; returns the matrices written (before quantizing)."""
     merges = ["Ġ t", "h e", "Ġt he", "i n", "a n", "e r", "Ġ a", "o n", "a t", "Ġ c"]
     tokens = byte_alphabet() + ["".join(m.split()) for m in merges] + ["<|endoftext|>"]
     rng = np.random.default_rng(seed)
@@ -44,7 +47,10 @@ def write_tiny_gguf(path: Path, dtype=np.float32, seed: int = 0, tokenizer: bool
 
     def matrix(name: str, rows: int, cols: int) -> None:
         written[name] = (rng.standard_normal((rows, cols)) * 0.05).astype(dtype)
-        writer.add_tensor(name, written[name])
+        if quantized is None:
+            writer.add_tensor(name, written[name])
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(written[name], quantized), raw_dtype=quantized)
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(128)
@@ -227,3 +233,22 @@ def test_a_calibrated_conversion_dequantizes_the_gguf_once_and_matches_its_folde
     assert from_gguf.keys() == from_folder.keys()
     for name in from_gguf:
         torch.testing.assert_close(from_gguf[name], from_folder[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "dtype, quantized, written",
+    [(np.float16, None, torch.float16), (np.float32, gguf.GGMLQuantizationType.Q8_0, torch.bfloat16)],
+)
+def test_a_quantized_gguf_converts_to_bfloat16_and_a_float_one_to_its_own_type(
+    tmp_path, cli, dtype, quantized, written
+):
+    """A quantized GGUF's tensors are its dequantization: in float32 a 4-bit model's conversion came out 4.9x its
+    size (SmolLM2's 93 MB Q4_1, 453 MB). --dtype still decides when given."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, dtype, quantized=quantized)
+    for options, expected in (([], written), (["--dtype", "float32"], torch.float32)):
+        out = tmp_path / f"out{len(options)}.lors.safetensors"
+        result = cli(path, "-o", out, "--reduction", "0.3", "--quiet", *options)
+        assert result.code == 0, result.err
+        dtypes = {info.dtype for info in read_lors(out)[0].info.values() if info.dtype.is_floating_point}
+        assert dtypes == {expected}, (options, dtypes)
