@@ -746,3 +746,36 @@ def test_fidelity_of_a_model_against_itself_agrees_everywhere(tmp_path, converte
     same = fidelity(pair.teacher, pair.teacher, examples, pair.tokenizer)
     assert same["top1"] == 1.0 and abs(same["kl"]) < 1e-6
     assert fidelity(pair.student, pair.teacher, examples, pair.tokenizer)["top1"] < 1.0
+
+
+def test_a_bf16_source_converts_as_its_float32_twin_and_fine_tunes(tmp_path, cli):
+    """The source's dtype never decides precision: the same weights as float32 and as bfloat16 safetensors convert
+    (calibrated, with --fisher) to the same model within bf16 rounding, and fine-tuning the bf16 source's
+    conversion lowers its distance to the teacher."""
+    f32 = make_model_dir(tmp_path / "f32", "llama")
+    weights = {name: t.bfloat16() for name, t in load_file(f32 / "model.safetensors").items()}
+    save_file({name: t.float() for name, t in weights.items()}, f32 / "model.safetensors", metadata={"format": "pt"})
+    bf16 = make_model_dir(tmp_path / "bf16", "llama", torch_dtype="bfloat16")
+    save_file(weights, bf16 / "model.safetensors", metadata={"format": "pt"})
+    text = text_file(tmp_path / "text.txt")
+    options = ["--calibrate", text, "--fisher", "--rank", "4", "--calib-samples", "16", "--dtype", "float32", "-q"]
+    merged = {}
+    for folder in (f32, bf16):
+        result = cli(folder, "-o", folder / "m.lors.safetensors", *options)
+        assert result.code == 0, result.err
+        merged[folder] = merge_lors(lors_convert.load(folder / "m.lors.safetensors")).state_dict()
+    for name, weight in merged[f32].items():
+        assert (merged[bf16][name] - weight).norm() <= 1e-2 * weight.norm(), name
+    tuned = cli(
+        "finetune",
+        bf16 / "m.lors.safetensors",
+        "--data",
+        text,
+        "-o",
+        tmp_path / "ft.safetensors",
+        "--steps",
+        "60",
+        "--json",
+    )
+    assert tuned.code == 0, tuned.err
+    assert tuned.json()["after"]["kl"] < tuned.json()["before"]["kl"]
