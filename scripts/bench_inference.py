@@ -62,7 +62,7 @@ PRESETS = {
         3,
     ),
 }
-DECODE_TARGET = {"cpu": 1.0, "cuda": 1.15}  # x dense time per token: the CPU issue's bar, the GPU issue's
+DECODE_TARGET = {"cpu": 1.0, "cuda": 1.15}  # the most a LORS token may take, in dense tokens, per device
 PROMPT, PREFILL_BATCH, PREFILL_LEN, ENCODE_BATCH, ENCODE_LEN = 8, 8, 512, 32, 128
 
 
