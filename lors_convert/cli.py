@@ -822,7 +822,7 @@ def evaluate(
     """Fidelity against the dense teacher: cos, top10 and, for LM heads, ppl_teacher, ppl_student, kl."""
     from lors_convert.checkpoint import return_freed_memory
     from lors_convert.data import HELD_OUT, held_out_words, load_examples, split_examples
-    from lors_convert.evaluate import fidelity, held_out_loss, load_student_teacher, print_fidelity
+    from lors_convert.evaluate import fidelity, load_student_teacher, print_fidelity
     from lors_convert.runtime import setup_device
 
     return_freed_memory()
@@ -844,12 +844,9 @@ def evaluate(
         words = held_out_words(examples, data)
     device = setup_device(1)
     options = {"batch_size": batch_size, "max_length": max_length, "device": device}
-    if pair.teacher is None:  # a model from `lors-convert init`: its own next-token loss
-        result = held_out_loss(pair.student.to(device), examples, pair.tokenizer, **options)
-        what = "next-token loss"
-    else:
-        result = fidelity(pair.student.to(device), pair.teacher.to(device), examples, pair.tokenizer, **options)
-        what = "fidelity against the teacher"
+    teacher_model = None if pair.teacher is None else pair.teacher.to(device)  # none: a model from `init`
+    result = fidelity(pair.student.to(device), teacher_model, examples, pair.tokenizer, **options)
+    what = "next-token loss" if teacher_model is None else "fidelity against the teacher"
     print_fidelity({"student": result}, as_json, f"{what} on {words}")
 
 

@@ -219,25 +219,10 @@ def next_token_nll(model: nn.Module, batches: Iterable[dict], device: torch.devi
     return nll, tokens
 
 
-def held_out_loss(
-    model: nn.Module,
-    examples: Examples,
-    tokenizer,
-    *,
-    batch_size: int = 32,
-    max_length: int = 128,
-    device: torch.device = torch.device("cpu"),
-) -> dict:
-    """Next-token loss and perplexity on held-out examples (for models trained without a teacher)."""
-    nll, tokens = next_token_nll(model, examples.batches(batch_size, tokenizer, max_length, device), device)
-    loss = nll / max(tokens, 1)
-    return {"examples": len(examples), "loss": loss, "ppl": float(torch.tensor(loss).exp())}
-
-
 @torch.no_grad()
 def fidelity(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     examples: Examples,
     tokenizer,
     *,
@@ -246,7 +231,12 @@ def fidelity(
     device: torch.device = torch.device("cpu"),
 ) -> dict:
     """cos, top10 and, where the model has an LM head, ppl_teacher, ppl_student, kl (teacher ‖ student, per token)
-    and top1 (the fraction of positions where both predict the same next token)."""
+    and top1 (the fraction of positions where both predict the same next token). With no teacher (a model trained
+    from scratch): the student's own next-token loss and perplexity."""
+    if teacher is None:
+        nll, tokens = next_token_nll(student, examples.batches(batch_size, tokenizer, max_length, device), device)
+        loss = nll / max(tokens, 1)
+        return {"examples": len(examples), "loss": loss, "ppl": float(torch.tensor(loss).exp())}
     s_emb, t_emb = [], []
     nll_s = nll_t = kl = agree = tokens = positions = 0.0
     lm = False

@@ -32,7 +32,6 @@ from lors_convert.evaluate import (
     chunk_positions,
     chunk_sums,
     fidelity,
-    held_out_loss,
     load_student_teacher,
     log_probs,
     next_token_loss,
@@ -497,10 +496,7 @@ def finetune(
     )
     batch_of = lambda ex, idx, where=device: ex.batch(idx, pair.tokenizer, settings.max_length, where, pack)
     options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
-    if teacher_model is None:
-        evaluate = lambda: held_out_loss(student, held_out, pair.tokenizer, **options)
-    else:
-        evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
+    evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
 
     probe = batch_of(train, [0, 1], torch.device("cpu") if fsdp else device)  # under --fsdp, before sharding
     frozen = freeze_unreached(student, teacher_model, probe, paths, settings.objective)

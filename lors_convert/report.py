@@ -136,32 +136,15 @@ def print_report(report: dict, as_json: bool = False) -> None:
         table.add_row(
             k["template"], str(len(k["layers"])), "", "", "kept dense", "", "", "not factored", "-", style="dim"
         )
-    s, t, b = report["stacked"], report["total"], report["bytes"]
+    b = report["bytes"]
     table.add_section()
-    table.add_row(
-        "stacked total",
-        "",
-        "",
-        "",
-        "",
-        human(s["dense_params"]),
-        human(s["lors_params"]),
-        f"{s['reduction']:.1%}",
-        "" if report["from_scratch"] else f"{s['rel_error']:.4f}",
-        style="bold",
-    )
-    table.add_row(
-        "whole checkpoint",
-        "",
-        "",
-        "",
-        "",
-        human(t["dense_params"]),
-        human(t["lors_params"]),
-        f"{t['reduction']:.1%}",
-        "",
-        style="bold",
-    )
+    stacked_error = "" if report["from_scratch"] else f"{report['stacked']['rel_error']:.4f}"
+    for label, totals, error in (
+        ("stacked total", report["stacked"], stacked_error),
+        ("whole checkpoint", report["total"], ""),
+    ):
+        dense, lors = human(totals["dense_params"]), human(totals["lors_params"])
+        table.add_row(label, "", "", "", "", dense, lors, f"{totals['reduction']:.1%}", error, style="bold")
     stdout.print(table)
     stdout.print(
         f"file size: {human_bytes(b['before'])} -> {human_bytes(b['after'])}"

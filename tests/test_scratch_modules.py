@@ -152,7 +152,9 @@ def test_init_then_finetune_lm_lowers_the_loss_and_the_checkpoint_works_like_any
     )
     assert cli("expand", tmp_path / "ft.safetensors", "-o", tmp_path / "dense.safetensors", "--quiet").code == 0
     assert cli("export", tmp_path / "ft.safetensors", "-o", tmp_path / "exported", "--quiet").code == 0
-    assert cli("eval", tmp_path / "ft.safetensors", "-d", tmp_path / "data.safetensors", "--quiet").code == 0
+    evaluated = cli("eval", tmp_path / "ft.safetensors", "-d", tmp_path / "data.safetensors", "--held-out", "--json")
+    assert evaluated.code == 0, evaluated.err
+    assert evaluated.json()["loss"] == pytest.approx(tuned.json()["after"]["loss"], rel=1e-4)
 
 
 def test_lorsify_leaves_the_layers_biases_as_they_were():
