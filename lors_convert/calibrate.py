@@ -409,8 +409,8 @@ def sampled_label_loss(logits: torch.Tensor, mask: torch.Tensor | None, generato
 
 # ---------------------------------------------------------------- calibrating the plans
 
-# --fisher's G is damped more than the inputs' K: its estimate from one probe per sample is noisy (MiniLM at 50%,
-# text of another kind: cos 0.737 / 0.740 / 0.724 at 0.01 / 0.1 / 1, README)
+# --fisher's G is damped more than the inputs' K: its estimate from one probe per sample is noisy
+# (docs/benchmarks.md, MiniLM zero-shot)
 FISHER_DAMPING = 0.1
 
 

@@ -79,9 +79,8 @@ class ConvertConfig:
     calibrate: list[Path | str] = field(default_factory=list)
     calib_samples: int = 256
     calib_max_length: int = 128
-    # Of a causal LM's calibration samples, the share written by the model (sampling.py). SmolLM2 at 20%, ppl on
-    # held-out lines / fortune passages: 102.6 / 178.7 at 0.5, 103.8 / 173.3 at 0.75, 107.3 / 173.0 at 1; after
-    # compress's 15 minutes of distillation 85.9 / 150.8 at 0.5, 86.0 / 148.0 at 0.75 (README, Decoder LLMs)
+    # Of a causal LM's calibration samples, the share written by the model (sampling.py): plain lines never show
+    # the model its chat template; 0.75 kept text of another kind best after distillation (docs/benchmarks.md)
     calib_generated: float = 0.75
     damping: float = 0.01
     sequential: bool = False
@@ -167,9 +166,8 @@ class ConvertConfig:
 OBJECTIVES = ("distill", "lm")
 
 
-# Peak learning rates. MiniLM (all-MiniLM-L6-v2 at 50%) was tuned at LR. SmolLM2-135M at 20%, 5 minutes of
-# distillation, ppl on held-out lines / fortune passages (from 102.8 / 168.5): 92.6 / 172.4 at 5e-4, 87.9 / 164.1
-# at 1e-4: a pretrained LM's function is lost less at a lower rate (README, Decoder LLMs)
+# Peak learning rates: LR for encoders; a pretrained LM loses less of its function at the lower LM_LR
+# (docs/finetune.md)
 LR, LM_LR = 5e-4, 1e-4
 
 

@@ -1,6 +1,6 @@
-"""The review's defects (issue: hardening), each a test that failed before its fix: LORS checkpoints as input,
---rank under auto, per-layer break-even, --force onto another layout, name collisions, the CLI's help and
-messages, the typed format model and its documentation, OpenMP waiting."""
+"""Defects, each a test that failed before its fix: LORS checkpoints as input, --rank under auto, per-layer
+break-even, --force onto another layout, name collisions, the CLI's help and messages, the typed format model and its
+documentation, OpenMP waiting."""
 
 from __future__ import annotations
 
