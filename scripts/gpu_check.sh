@@ -10,22 +10,23 @@
 #     minilm    MiniLM at 50% by compress's conversion, MINUTES of fine-tuning, fidelity on held-out lines and
 #               fortune passages
 #     smollm2   SmolLM2-135M at 20% by compress with MINUTES of fine-tuning: perplexity on held-out lines and
-#               fortune passages against dense (the GPU row of the README's LLM table)
+#               fortune passages against dense (a GPU row for docs/benchmarks.md's SmolLM2 table)
 #   scripts/gpu_check.sh PART...         # some of them
 #   MINUTES=5                            # fine-tuning minutes of minilm and smollm2 [5]
+#   DATA=FILE                            # mixed_en.txt [../shared/data/mixed_en.txt, the scripts' --data default]
 #   DEVICE=cpu PRESET=small MINUTES=0.2  # a smoke run of the whole script on a CPU (bench_inference's small preset)
 #
 # One log per part under $OUT (or gpu-results/), and summary.txt: each part's exit status and wall time. A part that
-# fails does not stop the next. Models and text come from the installed packages and ../shared/data, or from .gpu/.
+# fails does not stop the next. Models and text come from the installed packages and $DATA, or from .gpu/.
 #
-# For a GPU machine that reaches no network and takes the inputs in parts (each under 62 MB):
-#   scripts/gpu_check.sh prepare         # here: .gpu/a, .gpu/b, .gpu/c, one call's load each (under 62 MB)
-# then one run after another on that machine (what a run leaves in .gpu/ stays there for the next), in order of
-# what matters most:
-#   carry .gpu/a:  scripts/gpu_check.sh tests decode step         (the GGUF's first part rides along; step without
-#                                                                  MiniLM, which is in .gpu/c)
-#   carry .gpu/b:  MINUTES=3 scripts/gpu_check.sh smollm2         (its second part, gguf's wheel, the LLM text)
-#   carry .gpu/c:  MINUTES=3 scripts/gpu_check.sh minilm step
+# For a GPU machine with no network, the inputs travel in three smaller folders:
+#   scripts/gpu_check.sh prepare         # on a machine with the packages: writes .gpu/a, .gpu/b, .gpu/c
+# then, on the GPU machine, with each folder copied there (what a run leaves in .gpu/ stays for the next), in order
+# of what matters most:
+#   with .gpu/a:  scripts/gpu_check.sh tests decode step          (the GGUF's first part; step without MiniLM,
+#                                                                  which is in .gpu/c)
+#   with .gpu/b:  MINUTES=3 scripts/gpu_check.sh smollm2          (the GGUF's second part, gguf's wheel, the text)
+#   with .gpu/c:  MINUTES=3 scripts/gpu_check.sh minilm step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -35,10 +36,11 @@ preset=${PRESET:-tinyllama}
 work=/tmp/gpu-check
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
+export DATA=${DATA:-../shared/data/mixed_en.txt}
 
 prepare() {
     python3 - <<'PY'
-import hashlib, importlib.util, shutil, sys
+import hashlib, importlib.util, os, shutil, sys
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -47,7 +49,7 @@ sys.path.insert(0, "scripts")
 from bench_finetune import fortune_passages, minilm_dir
 from bench_llm import smollm2_gguf
 
-gpu, data = Path(".gpu"), Path("..") / "shared" / "data" / "mixed_en.txt"
+gpu, data = Path(".gpu"), Path(os.environ["DATA"])
 shutil.rmtree(gpu, ignore_errors=True)
 for load in "abc":
     (gpu / load).mkdir(parents=True)
@@ -104,13 +106,13 @@ PY
     fi
 }
 
-text() {  # the prepared text file of this name, or ../shared/data/mixed_en.txt (its first $2 lines, if given)
+text() {  # the prepared text file of this name, or $DATA (its first $2 lines, if given)
     if [ -f ".gpu/$1" ]; then
         echo ".gpu/$1"
     elif [ -n "${2:-}" ]; then
-        head -n "$2" ../shared/data/mixed_en.txt >"$work/head-$2.txt" && echo "$work/head-$2.txt"
+        head -n "$2" "$DATA" >"$work/head-$2.txt" && echo "$work/head-$2.txt"
     else
-        echo ../shared/data/mixed_en.txt
+        echo "$DATA"
     fi
 }
 
