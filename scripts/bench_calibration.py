@@ -3,10 +3,15 @@ and what the same fine-tuning budget reaches from each 50% starting point.
 
     python scripts/bench_calibration.py [--model DIR] [--data FILE] [--finetune-minutes 1] [--out FILE.json]
 
+    python scripts/bench_calibration.py --reductions 0.5 --methods "auto, calibrated (recommended)" --damping 0.1
+    python scripts/bench_calibration.py --reductions 0.5 --methods "auto, calibrated, fisher" --fisher-damping 1
+
 Calibration uses the first --calib-lines lines of --data (pydocs_en.txt); fidelity (eval's cos and top10)
 is measured on the last --eval-lines lines (never seen by calibration or fine-tuning) and on text of another
-kind (package descriptions, as in bench_finetune.py). Fine-tuning trains on the lines in between.
-Prints a markdown table; CUDA is used for calibration, evaluation and fine-tuning when present.
+kind (fortune passages, as in bench_finetune.py). Fine-tuning trains on the lines in between. --damping is
+convert's option; --fisher-damping sets calibrate.FISHER_DAMPING, the damping of --fisher's G, for the run.
+Prints a markdown table under a line naming the machine and the version; CUDA is used for calibration,
+evaluation and fine-tuning when present.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_finetune import fortune_passages, minilm_dir
+from machine import describe
 
+from lors_convert import calibrate
 from lors_convert.checkpoint import open_checkpoint
 from lors_convert.config import ConvertConfig, FinetuneConfig
 from lors_convert.conversion import convert
@@ -57,8 +62,11 @@ def main() -> None:
     parser.add_argument("--eval-lines", type=int, default=512)
     parser.add_argument("--finetune-minutes", type=float, default=0.0, help="per 50%% starting point; 0: skip")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--damping", type=float, default=ConvertConfig.damping, help="convert's --damping")
+    parser.add_argument("--fisher-damping", type=float, default=calibrate.FISHER_DAMPING, help="G's damping")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
+    calibrate.FISHER_DAMPING = args.fisher_damping
     model = args.model or minilm_dir()
     device = setup_device(1)
     work = Path(tempfile.mkdtemp(prefix="bench_calibration_"))
@@ -68,9 +76,8 @@ def main() -> None:
     train.write_text("\n".join(lines[args.calib_lines : -args.eval_lines]))
     held_out, other = Examples(texts=lines[-args.eval_lines :]), Examples(texts=fortune_passages())
     print(
-        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; calibration "
-        f"{args.calib_lines} lines ({args.calib_samples} sampled), held-out {len(held_out)} lines, other text "
-        f"{len(other)} lines"
+        f"machine: {describe(device)}; calibration {args.calib_lines} lines ({args.calib_samples} sampled, damping "
+        f"{args.damping}, --fisher's {args.fisher_damping}), held-out {len(held_out)} lines, other text {len(other)}"
     )
 
     def measure(lors: Path) -> dict:
@@ -92,6 +99,7 @@ def main() -> None:
                 shared=shared,
                 calibrate=[calib] if calibrated else [],
                 calib_samples=args.calib_samples,
+                damping=args.damping,
                 sequential=sequential,
                 fisher=fisher,
                 device=device.type,

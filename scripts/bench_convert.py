@@ -142,11 +142,11 @@ def main() -> None:
         errors = json.loads((out / "naive.json").read_text())["layer_errors"]
         runs["naive (exact SVD)"] = (wall, rss, sum(errors) / len(errors))
 
-    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    from machine import describe
+
     print(
         f"\n{args.preset} ({checkpoint}), --rank {args.rank} --shared {args.shared or 'auto (default)'}, "
-        f"device {device}{f' ({gpu})' if gpu else ''}, "
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
+        f"device {device}; {describe(torch.device(device))}; load average {os.getloadavg()[0]:.1f}"
     )
     print("| run | wall (s) | peak RSS (MB) | mean rel. error |")
     print("|---|---:|---:|---:|")

@@ -33,7 +33,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_finetune import fortune_passages, narrative_passages
+from machine import describe
 
 import lors_convert
 from lors_convert.lors_format import read_lors
@@ -214,8 +214,7 @@ def main() -> None:
         texts["narrative"] = narrative_passages(args.narrative)
     tokenizer = smollm2_tokenizer(source)
     device = compute_device()  # where the scoring runs; each CLI run picks the same by itself
-    gpu = f"{torch.cuda.get_device_name(device)} + " if device.type == "cuda" else ""
-    machine = f"{gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = describe(device)
     print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -33,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_llm import run_cli, smollm2_gguf
+from machine import describe
 from make_synthetic import PRESETS, checkpoint_shapes
 
 from lors_convert.calibrate import GB, block_bytes, calibration_bytes
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=ROWS)
     parser.add_argument("--estimates-only", action="store_true")
     args = parser.parse_args()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = describe()
     print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
     measured = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,9 +27,7 @@ import argparse
 import importlib.util
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from machine import describe
 from make_synthetic import SHARED_ENERGY, layer_shapes, tensor_seed, trained_like
 
-from lors_convert import __version__, factorize
+from lors_convert import factorize
 from lors_convert.checkpoint import TensorInfo
 from lors_convert.factorize import _gram_factors, orthonormal, randomized_factors, seed_for, spectrum, use_randomized
 from lors_convert.stacks import find_stacks
@@ -85,26 +84,8 @@ def best(fn, repeats: int) -> float:
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        git = ["git", "-C", str(ROOT)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "lors_convert"], capture_output=True).returncode
-        version = f"at {commit.stdout.strip()}" + (" with local changes to lors_convert/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        version = "(no git checkout)"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"machine: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load average {load}; "
-        f"torch {torch.__version__}; lors-convert {__version__} {version}"
-    )
+    return f"machine: {describe()}; {torch.get_num_threads()} torch threads, load average {load}"
 
 
 def gemm_rate(size: int, repeats: int) -> float:

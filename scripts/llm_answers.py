@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_llm import smollm2_gguf, smollm2_tokenizer
+from machine import describe
 
 import lors_convert
 from lors_convert.runtime import compute_device
@@ -166,8 +166,7 @@ def main() -> None:
     source = args.source or smollm2_gguf()
     tokenizer = smollm2_tokenizer(source)
     device = compute_device()
-    gpu = f"{torch.cuda.get_device_name(device)} + " if device.type == "cuda" else ""
-    machine = f"{gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = describe(device)
     print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
     columns, seconds = {}, {}
     for name in ["dense", *map(str, args.lors)]:
