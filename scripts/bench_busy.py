@@ -5,7 +5,7 @@ the CPU, once per setting, and prints wall times and their ratio to the same set
 
     python scripts/bench_busy.py [--repeat 2] [--busy 0 1 2]
 
-ConvertConfig: `lors-convert` as shipped (no OpenMP variables set: the CLI starts one thread per free core), OpenMP's
+Settings: `lors-convert` as shipped (no OpenMP variables set: the CLI starts one thread per free core), OpenMP's
 own default (a thread per core, threads spin a while before they sleep), passive waiting (threads sleep at
 once), and one thread. A user's OMP_NUM_THREADS (or MKL_NUM_THREADS) always wins over the CLI's choice.
 """
@@ -75,8 +75,9 @@ def main() -> None:
             finally:
                 for p in spinners:
                     p.terminate()
-    cpus = multiprocessing.cpu_count()
-    print(f"\nall-MiniLM-L6-v2, default conversion, {cpus} CPUs, median of {args.repeat} (wall s; x = / idle)")
+    from machine import describe
+
+    print(f"\n{describe()}\nall-MiniLM-L6-v2, default conversion, median of {args.repeat} (wall s; x = / idle)")
     print("| setting | " + " | ".join(f"{b} busy" for b in args.busy) + " |")
     print("|---|" + "---:|" * len(args.busy))
     for name in args.settings:
