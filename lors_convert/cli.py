@@ -113,12 +113,29 @@ AllowMismatch = typer.Option(
 )
 
 
+_killed_by: list[int] = []  # the signal of a kill, kept for when its exit was raised where Python ignores it
+
+
+def exit_on_kill(signum: int, frame: object) -> None:
+    _killed_by.append(signum)
+    sys.exit(128 + signum)
+
+
+def step() -> None:
+    """Called at each step of long work: exits again after a kill whose exit was swallowed (a signal handler's
+    exception raised inside a finalizer or a weakref callback is printed and ignored), and lets the thread count
+    follow the machine's load (threads.revise_threads)."""
+    if _killed_by:
+        sys.exit(128 + _killed_by[0])
+    revise_threads()
+
+
 @contextmanager
 def progress_bars(quiet: bool) -> Iterator:
     """Yields a `(description, total) -> advance()` factory drawing rich bars on stderr; each advance also lets
-    the thread count follow the machine's load (threads.revise_threads)."""
+    the thread count follow the machine's load and carries out a kill (`step`)."""
     if quiet:
-        yield lambda description, total: revise_threads
+        yield lambda description, total: step
         return
     bars = Progress(
         TextColumn("{task.description:>16}"),
@@ -136,7 +153,7 @@ def progress_bars(quiet: bool) -> Iterator:
 
             def advance() -> None:
                 bars.advance(task)
-                revise_threads()
+                step()
 
             return advance
 
@@ -866,7 +883,7 @@ def main(argv: list[str] | None = None) -> None:
     # a kill (a job scheduler's, a container's stop) ends a command as Ctrl-C does: temporary files and
     # unfinished outputs are removed on the way out
     if threading.current_thread() is threading.main_thread():  # the only thread that may set a handler
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, exit_on_kill)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return run(argv)
     # A torchrun worker leaves without the interpreter's shutdown: gloo's threads outlive destroy_process_group

@@ -151,6 +151,22 @@ def slow_mlp():
 """
 
 
+KILLED_IN_A_FINALIZER = """
+import signal
+from factory_models import StackedMLP
+
+class KillInAFinalizer:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # the handler's exit is raised here, where Python prints and ignores it
+
+def killed_mlp():
+    model = StackedMLP()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(KillInAFinalizer()) or calls.clear())
+    return model
+"""
+
+
 def test_a_killed_conversion_leaves_nothing_behind(tmp_path):
     """A kill (SIGTERM: a job scheduler's, a container's stop) ends a command as Ctrl-C does: the calibration's
     temporary folder and the unfinished output are removed, and it exits non-zero."""
@@ -177,4 +193,35 @@ def test_a_killed_conversion_leaves_nothing_behind(tmp_path):
     assert process.poll() is None, "the conversion ended before it could be killed"
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) != 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
+
+
+def test_a_kill_whose_exit_python_swallowed_still_ends_the_conversion(tmp_path):
+    """A kill can arrive while Python runs a finalizer or a weakref callback (an import lock's, say), where the
+    exit the handler raises is printed and ignored: the conversion must still stop at its next step, exit non-zero
+    and leave nothing behind, not run on and write its output."""
+    import subprocess
+    import sys
+
+    from factory_models import stacked_mlp
+
+    (tmp_path / "killed_models.py").write_text(KILLED_IN_A_FINALIZER)
+    torch.manual_seed(0)
+    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
+    save_file({"x": torch.randn(64, 5, 16)}, tmp_path / "inputs.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "lors_convert", tmp_path / "mlp.safetensors", "-o", tmp_path / "o.safetensors"]
+    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "killed_models:killed_mlp"]
+    result = subprocess.run(
+        [*command, *options, "--rank", "2", "--quiet"],
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert "Exception ignored" in result.stderr  # the swallowed exit happened
+    assert result.returncode == 128 + 15
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
