@@ -1,7 +1,7 @@
 """Benchmark lors-convert against a naive reference on a synthetic Llama-shaped checkpoint, in one run.
 
 The naive reference loads every tensor, stacks each group in float32 and runs a full torch.linalg.svd per
-layer residual. Each run is its own subprocess, so wall time and peak RSS (from os.wait4) are per run.
+layer residual. Each run is its own subprocess, so wall time and peak RSS (measure.py: the process's own) are per run.
 lors-convert runs twice: the table shows the first run, and the two outputs must be byte-identical.
 
     python scripts/bench_convert.py --preset 200m --rank 64
@@ -15,28 +15,18 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def timed(cmd: list[str], env: dict[str, str] = ENV) -> tuple[float, float]:
-    """Run a command; returns (wall seconds, peak RSS in MB) of that process alone.
-
-    Linux keeps the high-water mark of the memory a process had before it exec'd, and subprocess starts a child
-    from this process's memory, so a child's peak is never below this process's peak so far: this process reads
-    no output (and imports no more than torch) until every run is done."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
+    """Run a command; returns (wall seconds, peak RSS in MB) of that process alone."""
+    return run_measured(cmd, env)[:2]
 
 
 def naive(checkpoint: Path, rank: int, device: str, out: Path) -> None:
@@ -142,7 +132,6 @@ def main() -> None:
         )
         errors = json.loads((out / "naive.json").read_text())["layer_errors"]
         runs["naive (exact SVD)"] = (wall, rss, sum(errors) / len(errors))
-    # the outputs are read only now: a child's peak RSS counts the parent's own (below)
     hashes = [sha256_of(list((args.workdir / f"out{attempt}").iterdir())) for attempt in (1, 2)]
     files = list((args.workdir / "out1").iterdir())
     errors = lors_errors(

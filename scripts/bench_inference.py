@@ -9,7 +9,7 @@ Causal LM (a synthetic Llama-shaped checkpoint from make_synthetic.py, generated
     one by one);
   - prefill throughput, batch 8 x 512 tokens (logits for the last position only, as generation does);
   - memory held by weights (parameter + buffer bytes, a shared S counted once) next to the LORS file's tensor
-    bytes, the process's RSS once loaded and its peak RSS (ru_maxrss of the child process).
+    bytes, the process's RSS once loaded and its peak RSS (the child process's own, measure.py).
 The dense model is transformers' own `from_pretrained` of the folder (`lors_convert.hf.dense_model`); the LORS
 model is `lors_convert.load(file)`, built on the meta device with its LORS layers, so no dense copy is held.
 Optionally (`--merged`) the LORS model merged back to dense in memory with `merge_lors`.
@@ -40,14 +40,14 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from measure import run_measured
+
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 # preset: (make_synthetic.py arguments, decode tokens, decode runs, prefill runs, MiniLM runs)
@@ -255,16 +255,8 @@ def child(args) -> None:
 
 
 def run(cmd: list) -> tuple[float, float]:
-    """Run a command to completion, its output kept unless it fails; (wall seconds, peak RSS MB of that
-    process alone)."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([str(c) for c in cmd], env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            log.seek(0)
-            sys.exit(f"failed: {' '.join(map(str, cmd))}\n{log.read().decode(errors='replace')[-3000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    """Run a command to completion; (wall seconds, peak RSS MB of that process alone)."""
+    return run_measured(cmd, ENV)[:2]
 
 
 def measure(task: str, variant: str, folder: Path, lors: Path | None, args) -> dict:

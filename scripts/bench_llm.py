@@ -33,7 +33,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_finetune import fortune_passages, narrative_passages
 from machine import describe
+from measure import run_measured
 
 import lors_convert
 from lors_convert.lors_format import read_lors
@@ -171,21 +171,11 @@ def layer_drop(source: Path, calibration: Path, tokenizer, reduction: float, min
 def run_cli(args: list[str], check: bool = True) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in GB of this child alone, its output) of one CLI run in its own process; with
     `check`, a failed run stops the benchmark."""
-    start = time.time()
     # a fixed thread count: the CLI otherwise takes one thread per core it finds idle at its start, which the
     # benchmark's own evaluation a moment before can make one
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    with tempfile.TemporaryFile("w+") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "lors_convert", *args], stdout=log, stderr=log, env=os.environ | threads
-        )
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak (RUSAGE_CHILDREN is the largest so far)
-        log.seek(0)
-        output = log.read()
-    wall = time.time() - start
-    if check and os.waitstatus_to_exitcode(status):
-        sys.exit(f"lors-convert {' '.join(args)} failed:\n{output}")
-    return wall, usage.ru_maxrss / 2**20, output
+    wall, peak_mb, _, output = run_measured([sys.executable, "-m", "lors_convert", *args], os.environ | threads, check)
+    return wall, peak_mb / 1024, output
 
 
 def main() -> None:
