@@ -2,7 +2,8 @@
 
 The naive reference loads every tensor, stacks each group in float32 and runs a full torch.linalg.svd per
 layer residual. Each run is its own subprocess, so wall time and peak RSS (measure.py: the process's own) are per run.
-lors-convert runs twice: the table shows the first run, and the two outputs must be byte-identical.
+lors-convert runs twice: the table shows the first run, and the two outputs must be byte-identical. Every run
+gets a thread per core (OMP_NUM_THREADS, unless set).
 
     python scripts/bench_convert.py --preset 200m --rank 64
     python scripts/bench_convert.py --preset tinyllama --rank 64 --skip-naive
@@ -22,6 +23,9 @@ from measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+# both runs get a thread per core (the naive one's default): the CLI otherwise counts the cores it finds idle at its
+# start, which the run just before can make one
+ENV.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
 
 
 def timed(cmd: list[str], env: dict[str, str] = ENV) -> tuple[float, float]:
