@@ -55,7 +55,7 @@ METHODS = {  # name -> (shared, calibrated, sequential, fisher)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pydocs_en.txt")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "pydocs_en.txt")
     parser.add_argument("--reductions", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--calib-lines", type=int, default=3000)
     parser.add_argument("--calib-samples", type=int, default=256)

@@ -94,7 +94,7 @@ def narrative_passages(limit: int = 150, seed: int = 0) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="dense model directory [installed MiniLM]")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pydocs_en.txt")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "pydocs_en.txt")
     parser.add_argument("--lors", type=Path, default=None, help="a LORS file of --model [convert at 50%%]")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=32)

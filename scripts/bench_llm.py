@@ -181,7 +181,7 @@ def run_cli(args: list[str], check: bool = True) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, default=None, help="a GGUF or Hugging Face folder [SmolLM2's GGUF]")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mixed_en.txt")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "mixed_en.txt")
     parser.add_argument("--calib-lines", type=int, default=20000)
     parser.add_argument("--eval-lines", type=int, default=2000)
     parser.add_argument("--fortunes", type=int, default=500)

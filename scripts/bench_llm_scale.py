@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=None, help="where the model is (made there if missing)")
     parser.add_argument("--preset", default="tinyllama", help="scripts/make_synthetic.py's size")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mixed_en.txt")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "mixed_en.txt")
     parser.add_argument("--calib-lines", type=int, default=20000)
     parser.add_argument("--rows", nargs="+", default=ROWS)
     parser.add_argument("--estimates-only", action="store_true")

@@ -44,7 +44,7 @@ from lors_convert.nn import SHARED_ATTRIBUTE, AdaptiveLors, LorsLinear, lorsify
 from lors_convert.scratch import scratch_ranks
 from lors_convert.stacks import find_stacks
 
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "data"
 
 SCALES = {
     "cpu": {

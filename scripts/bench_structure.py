@@ -109,7 +109,7 @@ def drop_layers_and_distil(teacher: nn.Module, train: Examples, tokenizer, minut
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="dense model directory [installed MiniLM]")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mixed_en.txt")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "mixed_en.txt")
     parser.add_argument("--calib-lines", type=int, default=20000)
     parser.add_argument("--train-lines", type=int, default=60000)
     parser.add_argument("--eval-lines", type=int, default=512)

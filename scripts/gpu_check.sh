@@ -13,7 +13,7 @@
 #               fortune passages against dense (a GPU row for docs/benchmarks.md's SmolLM2 table)
 #   scripts/gpu_check.sh PART...         # some of them
 #   MINUTES=5                            # fine-tuning minutes of minilm and smollm2 [5]
-#   DATA=FILE                            # mixed_en.txt [../shared/data/mixed_en.txt, the scripts' --data default]
+#   DATA=FILE                            # mixed_en.txt [data/mixed_en.txt, the scripts' --data default]
 #   DEVICE=cpu PRESET=small MINUTES=0.2  # a smoke run of the whole script on a CPU (bench_inference's small preset)
 #
 # One log per part under $OUT (or gpu-results/), and summary.txt: each part's exit status and wall time. A part that
@@ -36,7 +36,7 @@ preset=${PRESET:-tinyllama}
 work=/tmp/gpu-check
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
-export DATA=${DATA:-../shared/data/mixed_en.txt}
+export DATA=${DATA:-data/mixed_en.txt}
 
 prepare() {
     python3 - <<'PY'

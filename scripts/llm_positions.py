@@ -31,7 +31,7 @@ BINS = [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 128)]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", type=Path)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mixed_en.txt")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "mixed_en.txt")
     parser.add_argument("--eval-lines", type=int, default=400)
     parser.add_argument("--fortunes", type=int, default=300)
     args = parser.parse_args()
