@@ -29,7 +29,9 @@ ENV.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
 
 
 def timed(cmd: list[str], env: dict[str, str] = ENV) -> tuple[float, float]:
-    """Run a command; returns (wall seconds, peak RSS in MB) of that process alone."""
+    """Run a command; returns (wall seconds, peak RSS in MB) of that process alone. Every run starts with nothing
+    left to write back to disk, so that none pays for the one before (the generated checkpoint, an output)."""
+    os.sync()
     return run_measured(cmd, env)[:2]
 
 
