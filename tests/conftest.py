@@ -202,6 +202,15 @@ def cli(capsys):
 
 
 @pytest.fixture(autouse=True)
+def fixed_threads(monkeypatch):
+    """Every in-process CLI run keeps this process's thread count. The CLI otherwise counts the cores the machine
+    leaves idle and sets the count (and OMP_NUM_THREADS, for the tests after it) by the load of the moment, and a
+    conversion asked for through the CLI and through the API would then differ in their last bits on a busy
+    machine. The tests of that choice (test_hardening) clear the variable themselves."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
 def float32_calibration(monkeypatch):
     """Calibration in float32 whatever this CPU is: on one that multiplies bf16 natively, collect's passes run in
     bf16 (runtime.fast_precision), and tests comparing them with float32 computations would pass or fail by machine.
