@@ -144,7 +144,7 @@ SLOW_MODEL = """
 import time
 from factory_models import StackedMLP
 
-def slow_mlp():
+def model():
     model = StackedMLP()
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.2))
     return model
@@ -159,7 +159,7 @@ class KillInAFinalizer:
     def __del__(self):
         signal.raise_signal(signal.SIGTERM)  # the handler's exit is raised here, where Python prints and ignores it
 
-def killed_mlp():
+def model():
     model = StackedMLP()
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(KillInAFinalizer()) or calls.clear())
@@ -167,26 +167,34 @@ def killed_mlp():
 """
 
 
+def conversion_to_kill(tmp_path: Path, factory_source: str, samples: int) -> tuple[list, dict, list[str]]:
+    """A calibrated conversion of a stacked MLP built by `factory_source`'s `model` function, as a CLI command:
+    (its arguments, its environment, the folder's file names before it runs)."""
+    import sys
+
+    from factory_models import stacked_mlp
+
+    (tmp_path / "kill_models.py").write_text(factory_source)
+    torch.manual_seed(0)
+    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
+    save_file({"x": torch.randn(samples, 5, 16)}, tmp_path / "inputs.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "lors_convert", tmp_path / "mlp.safetensors", "-o", tmp_path / "o.safetensors"]
+    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "kill_models:model", "--rank", "2"]
+    return [*command, *options, "--calib-samples", str(samples), "--quiet"], env, before
+
+
 def test_a_killed_conversion_leaves_nothing_behind(tmp_path):
     """A kill (SIGTERM: a job scheduler's, a container's stop) ends a command as Ctrl-C does: the calibration's
     temporary folder and the unfinished output are removed, and it exits non-zero."""
     import signal
     import subprocess
-    import sys
     import time
 
-    from factory_models import stacked_mlp
-
-    (tmp_path / "slow_models.py").write_text(SLOW_MODEL)
-    torch.manual_seed(0)
-    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
-    save_file({"x": torch.randn(512, 5, 16)}, tmp_path / "inputs.safetensors")
-    before = sorted(p.name for p in tmp_path.iterdir())
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "lors_convert", tmp_path / "mlp.safetensors", "-o", tmp_path / "o.safetensors"]
-    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "slow_models:slow_mlp", "--rank", "2"]
-    process = subprocess.Popen([*command, *options, "--calib-samples", "512", "--quiet"], env=env, cwd=tmp_path)
+    command, env, before = conversion_to_kill(tmp_path, SLOW_MODEL, 512)
+    process = subprocess.Popen(command, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".o.safetensors.*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -201,27 +209,9 @@ def test_a_kill_whose_exit_python_swallowed_still_ends_the_conversion(tmp_path):
     exit the handler raises is printed and ignored: the conversion must still stop at its next step, exit non-zero
     and leave nothing behind, not run on and write its output."""
     import subprocess
-    import sys
 
-    from factory_models import stacked_mlp
-
-    (tmp_path / "killed_models.py").write_text(KILLED_IN_A_FINALIZER)
-    torch.manual_seed(0)
-    save_file(stacked_mlp().state_dict(), tmp_path / "mlp.safetensors")
-    save_file({"x": torch.randn(64, 5, 16)}, tmp_path / "inputs.safetensors")
-    before = sorted(p.name for p in tmp_path.iterdir())
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "lors_convert", tmp_path / "mlp.safetensors", "-o", tmp_path / "o.safetensors"]
-    options = ["--calibrate", tmp_path / "inputs.safetensors", "--model-factory", "killed_models:killed_mlp"]
-    result = subprocess.run(
-        [*command, *options, "--rank", "2", "--quiet"],
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-        capture_output=True,
-        text=True,
-    )
+    command, env, before = conversion_to_kill(tmp_path, KILLED_IN_A_FINALIZER, 64)
+    result = subprocess.run(command, env=env, cwd=tmp_path, timeout=120, capture_output=True, text=True)
     assert "Exception ignored" in result.stderr  # the swallowed exit happened
     assert result.returncode == 128 + 15
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == before
