@@ -12,7 +12,6 @@ gets a thread per core (OMP_NUM_THREADS, unless set).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -71,16 +70,6 @@ def lors_errors(output: Path) -> list[float]:
     return [e for group in meta.groups for e in group.layer_errors]
 
 
-def sha256_of(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(files):
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="200m", help="a make_synthetic.py preset (100m, 200m, tinyllama, 3b, 7b)")
@@ -104,7 +93,9 @@ def main() -> None:
         print(f"generating {checkpoint} ...", flush=True)
         gen_wall, _ = timed([python, str(ROOT / "scripts" / "make_synthetic.py"), args.preset, str(checkpoint)])
         print(f"generated in {gen_wall:.0f} s", flush=True)
-    runs = {}
+    from lors_convert.checkpoint import sha256_files
+
+    runs, hashes = {}, []
     for attempt in (1, 2):
         out = args.workdir / f"out{attempt}"
         shutil.rmtree(out, ignore_errors=True)
@@ -127,7 +118,13 @@ def main() -> None:
                 "--json",
             ]
         )
-        runs.setdefault("lors-convert", (wall, rss))
+        files = list(out.iterdir())
+        hashes.append(sha256_files(sorted(files)))  # the same names in both runs: the bytes decide
+        if attempt == 1:
+            errors = lors_errors(
+                out / ("model.lors.safetensors.index.json" if len(files) > 1 else "model.lors.safetensors")
+            )
+            runs["lors-convert"] = (wall, rss, sum(errors) / len(errors))
         print(f"lors-convert run {attempt}: {wall:.1f} s, {rss:.0f} MB", flush=True)
     if not args.skip_naive:
         out = args.workdir / "naive"
@@ -138,12 +135,6 @@ def main() -> None:
         )
         errors = json.loads((out / "naive.json").read_text())["layer_errors"]
         runs["naive (exact SVD)"] = (wall, rss, sum(errors) / len(errors))
-    hashes = [sha256_of(list((args.workdir / f"out{attempt}").iterdir())) for attempt in (1, 2)]
-    files = list((args.workdir / "out1").iterdir())
-    errors = lors_errors(
-        args.workdir / "out1" / ("model.lors.safetensors.index.json" if len(files) > 1 else "model.lors.safetensors")
-    )
-    runs["lors-convert"] = (*runs["lors-convert"], sum(errors) / len(errors))
 
     from machine import describe
 
