@@ -175,14 +175,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[TensorInfo, int
 
 
 def read_tensor_bytes(path: Path, offset: int, nbytes: int, info: TensorInfo) -> torch.Tensor:
-    buf = bytearray(nbytes)
+    buf = torch.empty(nbytes, dtype=torch.uint8)  # torch's allocator: no zero-fill, memory it can reuse
     with open(path, "rb") as f:
         f.seek(offset)
-        if f.readinto(buf) != nbytes:
+        if f.readinto(buf.numpy()) != nbytes:
             raise LorsError(f"{path}: file changed or truncated while reading")
-    if nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+    return buf.view(info.dtype).reshape(info.shape)
 
 
 def _owning_shards(

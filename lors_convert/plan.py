@@ -89,9 +89,11 @@ def check_finite(matrix: torch.Tensor, name: str) -> None:
         )
 
 
-def read_matrix(source: TensorSource, plan: GroupPlan, i: int) -> torch.Tensor:
+def read_matrix(
+    source: TensorSource, plan: GroupPlan, i: int, dtype: torch.dtype | None = torch.float32
+) -> torch.Tensor:
     name = plan.stack.names[i]
-    matrix = as_matrix(source.get(name), plan.device)
+    matrix = as_matrix(source.get(name), plan.device, dtype)
     check_finite(matrix, name)
     return matrix.T if plan.transposed else matrix
 

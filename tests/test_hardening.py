@@ -201,6 +201,20 @@ def test_one_thread_per_free_core_unless_the_user_chose():
     assert run({"MKL_NUM_THREADS": "2"}) == "None"
 
 
+def test_commands_put_large_torch_buffers_on_huge_pages_unless_the_user_chose():
+    """torch reads THP_MEM_ALLOC_ENABLE at its first allocation, so the CLI sets it before torch is imported."""
+    code = (
+        "import os, sys; from lors_convert import cli\ntry: cli.run(['--version'])\nexcept SystemExit: pass\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    run = lambda extra: subprocess.run(
+        [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, check=True
+    ).stdout.split()[-2:]
+    assert run({}) == ["1", "False"]
+    assert run({"THP_MEM_ALLOC_ENABLE": "0"}) == ["0", "False"]
+
+
 def test_the_thread_count_follows_the_load_while_a_command_runs(monkeypatch):
     """Another job starting after the command started takes a core; when it ends, the core comes back. The
     machine's CPU seconds are scripted: (busy, total) of two CPUs and this process's own."""
