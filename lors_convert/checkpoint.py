@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -444,13 +445,22 @@ def sha256_files(files: Iterable[Path], stop: threading.Event | None = None) -> 
     return digest.hexdigest()
 
 
+def sha256_at_idle_priority(files: list[Path], stop: threading.Event) -> str:
+    """sha256_files from a thread at the lowest CPU priority (Linux sets it per thread), so that hashing takes only
+    what the computation it overlaps leaves idle: a team of compute threads that loses a core to it waits for the
+    slowest at every barrier (a 200M conversion ran 0.8 s faster on 2 cores)."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    return sha256_files(files, stop)
+
+
 @contextlib.contextmanager
 def hashing_in_background(files: list[Path]) -> Iterator[Callable[[], str]]:
     """Hash the files in a thread while the caller works (hashlib releases the GIL on large chunks); yields a
     function that waits for the hex digest. Leaving the block early stops the thread at its next chunk."""
     stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(sha256_files, files, stop)
+        future = pool.submit(sha256_at_idle_priority, files, stop)
         try:
             yield future.result
         finally:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,26 @@ def test_one_thread_per_free_core_unless_the_user_chose():
     assert 1 <= int(run({})) <= len(os.sched_getaffinity(0))
     assert run({"OMP_NUM_THREADS": "3"}) == "3"
     assert run({"MKL_NUM_THREADS": "2"}) == "None"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are Linux's")
+def test_the_source_is_hashed_at_idle_priority_while_the_conversion_computes(tmp_path, monkeypatch):
+    """The background hash must not take a core from the compute threads: its thread runs at nice 19."""
+    from lors_convert import checkpoint
+
+    seen = []
+    hash_files = checkpoint.sha256_files
+
+    def recording(files, stop=None):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return hash_files(files, stop)
+
+    monkeypatch.setattr(checkpoint, "sha256_files", recording)
+    path = tmp_path / "m.safetensors"
+    save_file({f"layers.{i}.w": torch.randn(8, 8) for i in range(3)}, path)
+    with checkpoint.hashing_in_background([path]) as digest:
+        assert digest() == hash_files([path])
+    assert seen == [19] and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
 
 
 def test_commands_put_large_torch_buffers_on_huge_pages_unless_the_user_chose():
