@@ -448,7 +448,7 @@ def sha256_files(files: Iterable[Path], stop: threading.Event | None = None) -> 
 def sha256_at_idle_priority(files: list[Path], stop: threading.Event) -> str:
     """sha256_files from a thread at the lowest CPU priority (Linux sets it per thread), so that hashing takes only
     what the computation it overlaps leaves idle: a team of compute threads that loses a core to it waits for the
-    slowest at every barrier (a 200M conversion ran 0.8 s faster on 2 cores)."""
+    slowest at every barrier (docs/method.md, memory pages)."""
     if sys.platform == "linux":
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     return sha256_files(files, stop)

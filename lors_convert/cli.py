@@ -903,8 +903,7 @@ def run(argv: list[str] | None) -> None:
     global _argv
     choose_threads()
     # torch puts its buffers of 2 MB and more on transparent huge pages (read at its first allocation): a fresh
-    # layer-sized buffer then costs one page fault per 2 MB, not one per 4 KB, which were a fifth of the CPU time of
-    # a 200M conversion (docs/benchmarks.md, conversion speed)
+    # layer-sized buffer then costs one page fault per 2 MB, not one per 4 KB (docs/method.md, memory pages)
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
