@@ -400,7 +400,8 @@ def compress(
     calib_samples: int = typer.Option(
         CompressConfig.calib_samples,
         "--calib-samples",
-        help="Calibration lines (MiniLM: 1,024 gain 0.01 cos, at 4x the time).",
+        help="Calibration lines, four times convert's default: fewer convert faster and cost quality, most on "
+        "text unlike the calibration text (docs/benchmarks.md, calibration settings).",
     ),
     calib_generated: float = CalibGenerated,
     fisher: bool = typer.Option(

@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--fortunes", type=int, default=500)
     parser.add_argument("--fortunes-file", type=Path, default=None, help="passages one per line [the package's]")
     parser.add_argument("--narrative", type=int, default=0, help="passages of the third kind of text [none]")
-    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--calib-samples", type=int, default=None, help="for every row [each command's default]")
     parser.add_argument("--rows", nargs="+", default=["0.1:fisher", "0.2:fisher", "0.3:fisher", "0.5:fisher"])
     parser.add_argument("--finetune-minutes", type=float, default=15.0, help="for compress rows")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
@@ -241,11 +241,12 @@ def main() -> None:
                 out, wall, peak = Path(method.split("=", 1)[1]), 0.0, 0.0
             else:
                 out = Path(tmp) / "model.lors.safetensors"
-            common = ["--calib-samples", str(args.calib_samples), "--dtype", "bfloat16", "-o", out, "--quiet"]
+            samples = ["--calib-samples", str(args.calib_samples)] if args.calib_samples else []
+            common = [*samples, "--dtype", "bfloat16", "-o", out, "--quiet"]
             if method.split("=")[0] == "compress":
                 minutes = method.split("=")[1] if "=" in method else str(args.finetune_minutes)
                 cli = ["compress", source, "--calibrate", calib, "--reduction", reduction]
-                cli += ["--calib-samples", str(args.calib_samples), "-o", out, "--quiet", "--force"]
+                cli += [*samples, "-o", out, "--quiet", "--force"]
                 cli += ["--finetune-minutes", minutes]
             elif method.startswith("target="):
                 cli = [source, "--calibrate", calib, "--fisher", "--max-ppl-increase", method.split("=")[1], *common]
