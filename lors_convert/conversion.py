@@ -82,11 +82,11 @@ def squared_norm(matrix: torch.Tensor) -> float:
 
 
 def mean_matrix(source: TensorSource, plan: GroupPlan) -> torch.Tensor:
-    """The shared matrix in the storage dtype (residuals are taken against what is stored). Each layer is added
-    in its own dtype into one sum in float32 (or the source's, where wider): no widened copy of each."""
-    total = torch.zeros(plan.out_in, dtype=torch.promote_types(plan.stack.dtype, torch.float32), device=plan.device)
+    """The shared matrix in the storage dtype (residuals are taken against what is stored)."""
+    total = None
     for i in range(len(plan.stack.names)):
-        total.add_(read_matrix(source, plan, i, dtype=None))
+        matrix = read_matrix(source, plan, i)
+        total = matrix.clone() if total is None else total.add_(matrix)  # a copy: the first may be the source's
     return stored_shared(total / len(plan.stack.names), plan)
 
 

@@ -20,9 +20,9 @@ CHOLQR_COST, EIGH_COST = 8, 30  # see use_randomized
 RANDOMIZED_CALLS_COST = 2e7  # ~1 ms of the ~40 small kernel calls, which decide for tiny matrices
 
 
-def as_matrix(weight: torch.Tensor, device: str = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """The 2-D view on `device` in `dtype` (None: its own; moved before widening: half the bytes cross the bus)."""
-    return weight.reshape(weight.shape[0], -1).to(device).to(dtype or weight.dtype)
+def as_matrix(weight: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """The float32 2-D view on `device` (moved before widening: half the bytes cross the bus)."""
+    return weight.reshape(weight.shape[0], -1).to(device).float()
 
 
 def check_device(device: str | None) -> str:

@@ -89,11 +89,9 @@ def check_finite(matrix: torch.Tensor, name: str) -> None:
         )
 
 
-def read_matrix(
-    source: TensorSource, plan: GroupPlan, i: int, dtype: torch.dtype | None = torch.float32
-) -> torch.Tensor:
+def read_matrix(source: TensorSource, plan: GroupPlan, i: int) -> torch.Tensor:
     name = plan.stack.names[i]
-    matrix = as_matrix(source.get(name), plan.device, dtype)
+    matrix = as_matrix(source.get(name), plan.device)
     check_finite(matrix, name)
     return matrix.T if plan.transposed else matrix
 
