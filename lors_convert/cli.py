@@ -887,17 +887,14 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, exit_on_kill)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return run(argv)
-    # A torchrun worker leaves without the interpreter's shutdown: gloo's threads outlive destroy_process_group
-    # (which does not stop them) and can free tensors while Python shuts down, which aborts the process
-    # ("terminate called without an active exception": CI once, and 1 of about 140 two-process runs here).
     try:
         run(argv)
         code = 0
     except SystemExit as e:
         code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from lors_convert.runtime import exit_worker  # here: run() has set torch's environment before its import
+
+    exit_worker(code)
 
 
 def run(argv: list[str] | None) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from lors_convert.evaluate import load_student_teacher
 from lors_convert.finetuning import freeze_unreached, shard, stacked_layer_paths, step_loss
-from lors_convert.runtime import setup_device, world
+from lors_convert.runtime import exit_worker, setup_device, world
 
 
 def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,4 +49,4 @@ if rank == 0:
         shared = max(v for (k, n), v in worst.items() if k == kind and n.startswith("lors_shared."))
         overall = max(v for (k, _), v in worst.items() if k == kind)
         print(f"{kind}: largest relative gradient difference {overall:.2e}, shared matrices {shared:.2e}")
-sys.exit(int(max(worst.values()) > 1e-5))
+exit_worker(int(max(worst.values()) > 1e-5))
