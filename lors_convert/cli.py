@@ -711,6 +711,14 @@ def finetune(
         help="A causal LM trains on its lines joined end to end (end-of-text between them) and cut into rows of "
         "--max-length, not on padded lines.",
     ),
+    generated: float = typer.Option(
+        FinetuneConfig.generated,
+        "--generated",
+        metavar="F",
+        help="A causal LM's share of each step's examples written by the teacher as fine-tuning goes (sampled as "
+        "--calib-generated's: half from its start token, half its answers to training lines in its chat "
+        "template), so distillation covers more than the file's kind of text. 0: the file's lines only.",
+    ),
     nproc_per_node: int = typer.Option(
         0,
         "--nproc-per-node",
@@ -749,6 +757,7 @@ def finetune(
         save_every=save_every,
         minutes=minutes,
         pack=pack,
+        generated=generated,
     )
     results = run_finetune(
         lors,

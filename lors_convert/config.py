@@ -187,6 +187,7 @@ class FinetuneConfig:
     save_every: int = 0
     minutes: float = 0.0  # stop after this much training time (0: run every step); evaluation and saving follow
     pack: bool = True  # a causal LM trains on lines packed into full rows (data.packed), not padded ones
+    generated: float = 0.0  # a causal LM's share of each step's examples written by the teacher (sampling.py)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
@@ -197,6 +198,8 @@ class FinetuneConfig:
             raise LorsError("--lr must be positive")
         if self.warmup < 0 or self.save_every < 0 or self.eval_examples < 2:
             raise LorsError("--warmup and --save-every must be 0 or more, --eval-examples at least 2")
+        if not 0 <= self.generated <= 1:
+            raise LorsError(f"--generated is a fraction in [0, 1], got {self.generated}")
         if self.objective not in OBJECTIVES:
             raise LorsError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 

@@ -381,6 +381,69 @@ def test_resume_continues_where_the_run_stopped(tmp_path, cli, converted, monkey
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_a_causal_lm_distils_partly_on_text_its_teacher_writes(tmp_path, cli, converted, monkeypatch):
+    """--generated F: F of each step's examples are texts the teacher writes (half from its start token, half its
+    chat answers to training lines), a function of the seed, the process and the step: a resumed run trains on the
+    same texts, and another process on others."""
+    import lors_convert.data
+    import lors_convert.sampling
+    from lors_convert.hf import dense_model, load_tokenizer
+    from lors_convert.sampling import teacher_written
+
+    folder, lors, _ = converted("llama")
+    tokenizer = load_tokenizer(folder)
+    tokenizer.eos_token = "[SEP]"  # packing (and so --generated) needs an end-of-text token
+    tokenizer.chat_template = "{% for m in messages %}[CLS] {{ m['content'] }} [SEP] {% endfor %}[CLS]"
+    tokenizer.save_pretrained(folder)
+    data = text_file(tmp_path / "train.txt")
+    file_lines = set(data.read_text().splitlines())
+    real_packed, real_written, steps, written = lors_convert.data.packed, lors_convert.sampling.model_written, [], []
+    record_packed = lambda lines, *args, **kwargs: (steps.append(lines), real_packed(lines, *args, **kwargs))[1]
+
+    def record_written(*args):
+        written.extend(real_written(*args))
+        return written[-64:]
+
+    monkeypatch.setattr(lors_convert.data, "packed", record_packed)
+    monkeypatch.setattr(lors_convert.sampling, "model_written", record_written)
+    args = finetune_args(lors, data, tmp_path / "straight.safetensors", "--generated", "0.5", "--save-every", "3")
+    result = cli(*args)
+    assert result.code == 0, result.err
+    training = [lines for lines in steps if len(lines) == 8]  # the probe packs 2 lines
+    assert len(training) == 6 and len(written) == 64  # 6 steps x 4 texts: one chunk
+    assert all(line in file_lines for lines in training for line in lines[:4])
+    assert [line for lines in training for line in lines[4:]] == written[:24]
+    assert sum("[CLS]" in text for text in written[:24]) > 0  # answers in the chat template
+    meta = read_lors(tmp_path / "straight.safetensors")[1].finetune
+    assert meta["settings"]["generated"] == 0.5 and meta["loss_last"] < meta["loss_first"]
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def interrupted_step(self, *args, **kwargs):  # Ctrl-C during the 5th optimizer step
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    out = tmp_path / "resumed.safetensors"
+    assert cli(*args[:5], out, *args[6:]).code != 0
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert cli(*args[:5], out, *args[6:], "--resume").code == 0
+    straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # the same texts after the resume
+    assert cli(*finetune_args(lors, data, tmp_path / "plain.safetensors")).code == 0
+    plain = load_file(tmp_path / "plain.safetensors")
+    assert any(not torch.equal(straight[k], plain[k]) for k in straight)
+
+    model, lines = dense_model(folder), lambda indices: [f"line {i}" for i in indices]
+    one = teacher_written(model, tokenizer, lines, 100, seed=0, rank=0)
+    assert one(1, 4) == teacher_written(model, tokenizer, lines, 100, seed=0, rank=0)(1, 4)
+    assert one(1, 4) != teacher_written(model, tokenizer, lines, 100, seed=0, rank=1)(1, 4)
+    bad = cli(*finetune_args(lors, data, tmp_path / "bad.safetensors", "--generated", "1.5"))
+    assert bad.code == 1 and "--generated" in bad.err and not (tmp_path / "bad.safetensors").exists()
+
+
 def test_objective_lm_and_lm_metrics_on_a_causal_model(tmp_path, cli, converted):
     folder, lors, _ = converted("llama")
     data = text_file(tmp_path / "train.txt")
