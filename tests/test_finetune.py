@@ -75,6 +75,18 @@ def make_model_dir(folder: Path, kind: str, layers: int = 3, **overrides) -> Pat
     return folder
 
 
+def with_chat_tokenizer(folder: Path):
+    """The tokenizer of a make_model_dir folder given an end-of-text token (packing, and so --generated, needs one)
+    and a chat template, saved there; returned."""
+    from lors_convert.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.chat_template = "{% for m in messages %}[CLS] {{ m['content'] }} [SEP] {% endfor %}[CLS]"
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 def text_file(path: Path, lines: int = 120, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(4, 20))) for _ in range(lines)) + "\n")
@@ -387,14 +399,11 @@ def test_a_causal_lm_distils_partly_on_text_its_teacher_writes(tmp_path, cli, co
     same texts, and another process on others."""
     import lors_convert.data
     import lors_convert.sampling
-    from lors_convert.hf import dense_model, load_tokenizer
+    from lors_convert.hf import dense_model
     from lors_convert.sampling import teacher_written
 
     folder, lors, _ = converted("llama")
-    tokenizer = load_tokenizer(folder)
-    tokenizer.eos_token = "[SEP]"  # packing (and so --generated) needs an end-of-text token
-    tokenizer.chat_template = "{% for m in messages %}[CLS] {{ m['content'] }} [SEP] {% endfor %}[CLS]"
-    tokenizer.save_pretrained(folder)
+    tokenizer = with_chat_tokenizer(folder)
     data = text_file(tmp_path / "train.txt")
     file_lines = set(data.read_text().splitlines())
     real_packed, real_written, steps, written = lors_convert.data.packed, lors_convert.sampling.model_written, [], []
@@ -742,6 +751,25 @@ def test_two_process_gloo_ddp_and_fsdp_train_experts_that_one_process_does_not_r
         assert read_lors(out)[1].finetune["frozen"] == []
         old, new = load_file(lors), load_file(out)
         assert {k for k in old if torch.equal(old[k], new[k])} == set(), mode
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_and_fsdp_distil_on_text_the_teacher_writes(tmp_path):
+    """Under DDP and FSDP each process's teacher writes its own texts, at the same steps as the other's: a sharded
+    teacher's generation is a collective, whose processes run forward passes until every one has finished."""
+    from lors_convert.cli import main
+
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    with_chat_tokenizer(folder)
+    lors = tmp_path / "llama.lors.safetensors"
+    main([str(a) for a in (folder, "-o", lors, "--rank", "4", "--shared", "mean", "--quiet", "--json")])
+    data = text_file(tmp_path / "train.txt")
+    for mode in ((), ("--fsdp",)):
+        out = tmp_path / f"ft{len(mode)}.safetensors"
+        done = two_processes(*finetune_args(lors, data, out, "--batch-size", "4", "--generated", "0.5"), *mode)
+        assert done.returncode == 0, done.stderr[-3000:]
+        meta = read_lors(out)[1].finetune
+        assert meta["settings"]["generated"] == 0.5 and meta["loss_last"] < meta["loss_first"], mode
 
 
 def test_fsdp_needs_several_processes(tmp_path, cli, converted):
