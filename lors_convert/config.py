@@ -208,7 +208,8 @@ class FinetuneConfig:
 class CompressConfig:
     """`compress`'s choices; each field is the CLI option of the same name (`lors-convert compress --help`):
     `calibrate` text files (calibration, fine-tuning and the held-out lines), `reduction` or `max_ppl_increase`
-    (none: `reduction` 0.5), `finetune_minutes` (0: convert and evaluate), the training's `batch_size` and `lr`,
+    (none: `reduction` 0.5), `finetune_minutes` (0: convert and evaluate), the training's `batch_size`, `lr` and
+    `finetune_generated` (finetune's `generated`),
     calibration's `calib_samples`, `calib_generated` and `fisher`, `seed`, and `shard_size` (bytes, or "5GB")."""
 
     calibrate: list[Path | str] = field(default_factory=list)
@@ -217,6 +218,7 @@ class CompressConfig:
     finetune_minutes: float = 0.0
     batch_size: int = 32
     lr: float | None = None
+    finetune_generated: float = 0.0
     calib_samples: int = 1024  # four times convert's: the recipe spends minutes where they buy quality
     calib_generated: float = 0.75
     fisher: bool = True
@@ -237,6 +239,10 @@ class CompressConfig:
         return settings
 
     def training(self) -> FinetuneConfig:
+        if not self.finetune_minutes >= 0:  # in compress's names: finetune's would name options compress lacks
+            raise LorsError("--finetune-minutes must be 0 or more")
+        if not 0 <= self.finetune_generated <= 1:
+            raise LorsError(f"--finetune-generated is a fraction in [0, 1], got {self.finetune_generated}")
         settings = FinetuneConfig(  # the state a rerun resumes from is saved every 50 steps
             steps=10**6,
             batch_size=self.batch_size,
@@ -244,6 +250,7 @@ class CompressConfig:
             seed=self.seed,
             minutes=self.finetune_minutes,
             save_every=50,
+            generated=self.finetune_generated,
         )
         settings.validate()
         return settings
