@@ -469,6 +469,7 @@ def finetune(
         say(
             "the teacher's blocks are read from its checkpoint as they run: with all of it in memory, training "
             "would not fit"
+            + ("; it writes no text (--generated: every token it wrote would read them all)" * bool(settings.generated))
         )
     pair = load_student_teacher(lors, teacher, factory, allow_teacher_mismatch, warn=say, offload_teacher=offload)
     check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
@@ -497,7 +498,7 @@ def finetune(
     )
     batch_of = lambda ex, idx, where=device: ex.batch(idx, pair.tokenizer, settings.max_length, where, pack)
     # the teacher's own texts, part of each step: its answers as a chat model, and text unlike the file's
-    own = round(settings.generated * settings.batch_size) if pack and teacher_model is not None else 0
+    own = round(settings.generated * settings.batch_size) if pack and teacher_model is not None and not offload else 0
     options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
     evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
 

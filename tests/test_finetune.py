@@ -240,7 +240,11 @@ def test_a_fine_tune_that_cannot_fit_offloads_the_teacher_or_refuses_before_it_s
     monkeypatch.setattr(calibrate, "available_memory", lambda: needed(teacher, 8) - 1)  # all but the whole teacher
     result = cli(*run, "-o", tmp_path / "a.lors.safetensors")
     assert result.code == 0, result.err
-    assert "the teacher's blocks are read from its checkpoint" in result.err
+    assert "the teacher's blocks are read from its checkpoint" in result.err and "writes no text" not in result.err
+    with_chat_tokenizer(folder)  # packing, so --generated could write text
+    monkeypatch.setattr("lors_convert.sampling.model_written", lambda *args: pytest.fail("an offloaded teacher wrote"))
+    result = cli(*run, "--generated", "0.5", "-o", tmp_path / "a.lors.safetensors", "--force")
+    assert result.code == 0 and "it writes no text (--generated" in result.err, result.err
     monkeypatch.setattr(calibrate, "available_memory", lambda: needed(0, 2) + 4 * teacher)  # batch 2 fits, 4 not
     refused = cli(*run, "-o", tmp_path / "b.lors.safetensors")
     assert refused.code == 1 and len(refused.err.strip().splitlines()) == 1
