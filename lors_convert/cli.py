@@ -102,11 +102,6 @@ CalibGenerated = typer.Option(
     "start token, half its answers to calibration lines in its chat template), so calibration covers more than "
     "the file's kind of text. 0: the file's lines only.",
 )
-GENERATED_HELP = (
-    "A causal LM's share of each fine-tuning step's examples written by the teacher as training goes (sampled as "
-    "--calib-generated's: half from its start token, half its answers to training lines in its chat template), so "
-    "distillation covers more than the file's kind of text. 0: the file's lines only."
-)
 LearningRate = typer.Option(
     None,
     "--lr",
@@ -402,9 +397,6 @@ def compress(
     ),
     batch_size: int = typer.Option(CompressConfig.batch_size, "--batch-size", help="Examples per fine-tuning step."),
     lr: Optional[float] = LearningRate,
-    finetune_generated: float = typer.Option(
-        CompressConfig.finetune_generated, "--finetune-generated", metavar="F", help=GENERATED_HELP
-    ),
     calib_samples: int = typer.Option(
         CompressConfig.calib_samples,
         "--calib-samples",
@@ -443,7 +435,6 @@ def compress(
         finetune_minutes=finetune_minutes,
         batch_size=batch_size,
         lr=lr,
-        finetune_generated=finetune_generated,
         calib_samples=calib_samples,
         calib_generated=calib_generated,
         fisher=fisher,
@@ -720,7 +711,6 @@ def finetune(
         help="A causal LM trains on its lines joined end to end (end-of-text between them) and cut into rows of "
         "--max-length, not on padded lines.",
     ),
-    generated: float = typer.Option(FinetuneConfig.generated, "--generated", metavar="F", help=GENERATED_HELP),
     nproc_per_node: int = typer.Option(
         0,
         "--nproc-per-node",
@@ -759,7 +749,6 @@ def finetune(
         save_every=save_every,
         minutes=minutes,
         pack=pack,
-        generated=generated,
     )
     results = run_finetune(
         lors,

@@ -187,7 +187,6 @@ class FinetuneConfig:
     save_every: int = 0
     minutes: float = 0.0  # stop after this much training time (0: run every step); evaluation and saving follow
     pack: bool = True  # a causal LM trains on lines packed into full rows (data.packed), not padded ones
-    generated: float = 0.0  # a causal LM's share of each step's examples written by the teacher (sampling.py)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
@@ -198,8 +197,6 @@ class FinetuneConfig:
             raise LorsError("--lr must be positive")
         if self.warmup < 0 or self.save_every < 0 or self.eval_examples < 2:
             raise LorsError("--warmup and --save-every must be 0 or more, --eval-examples at least 2")
-        if not 0 <= self.generated <= 1:
-            raise LorsError(f"--generated is a fraction in [0, 1], got {self.generated}")
         if self.objective not in OBJECTIVES:
             raise LorsError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
@@ -208,8 +205,7 @@ class FinetuneConfig:
 class CompressConfig:
     """`compress`'s choices; each field is the CLI option of the same name (`lors-convert compress --help`):
     `calibrate` text files (calibration, fine-tuning and the held-out lines), `reduction` or `max_ppl_increase`
-    (none: `reduction` 0.5), `finetune_minutes` (0: convert and evaluate), the training's `batch_size`, `lr` and
-    `finetune_generated` (finetune's `generated`),
+    (none: `reduction` 0.5), `finetune_minutes` (0: convert and evaluate), the training's `batch_size` and `lr`,
     calibration's `calib_samples`, `calib_generated` and `fisher`, `seed`, and `shard_size` (bytes, or "5GB")."""
 
     calibrate: list[Path | str] = field(default_factory=list)
@@ -218,7 +214,6 @@ class CompressConfig:
     finetune_minutes: float = 0.0
     batch_size: int = 32
     lr: float | None = None
-    finetune_generated: float = 0.0
     calib_samples: int = 1024  # four times convert's: the recipe spends minutes where they buy quality
     calib_generated: float = 0.75
     fisher: bool = True
@@ -241,8 +236,6 @@ class CompressConfig:
     def training(self) -> FinetuneConfig:
         if not self.finetune_minutes >= 0:  # in compress's names: finetune's would name options compress lacks
             raise LorsError("--finetune-minutes must be 0 or more")
-        if not 0 <= self.finetune_generated <= 1:
-            raise LorsError(f"--finetune-generated is a fraction in [0, 1], got {self.finetune_generated}")
         settings = FinetuneConfig(  # the state a rerun resumes from is saved every 50 steps
             steps=10**6,
             batch_size=self.batch_size,
@@ -250,7 +243,6 @@ class CompressConfig:
             seed=self.seed,
             minutes=self.finetune_minutes,
             save_every=50,
-            generated=self.finetune_generated,
         )
         settings.validate()
         return settings

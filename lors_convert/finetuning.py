@@ -26,7 +26,7 @@ from torch import nn
 from lors_convert import LorsError, __version__
 from lors_convert.checkpoint import SHARD_BYTES, TensorSource, fsync_folder
 from lors_convert.config import LM_LR, LR, FinetuneConfig
-from lors_convert.data import Examples, held_out_words, load_examples, split_examples
+from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import (
     StudentTeacher,
     chunk_positions,
@@ -50,7 +50,6 @@ from lors_convert.runtime import (
     vocab_size,
     world,
 )
-from lors_convert.sampling import teacher_written
 from lors_convert.threads import revise_threads
 
 # ---------------------------------------------------------------- processes and devices
@@ -469,7 +468,6 @@ def finetune(
         say(
             "the teacher's blocks are read from its checkpoint as they run: with all of it in memory, training "
             "would not fit"
-            + ("; it writes no text (--generated: every token it wrote would read them all)" * bool(settings.generated))
         )
     pair = load_student_teacher(lors, teacher, factory, allow_teacher_mismatch, warn=say, offload_teacher=offload)
     check_output_path(output, [*pair.source.files, *teacher_files(pair)], force)
@@ -497,8 +495,6 @@ def finetune(
         and pair.tokenizer.eos_token_id is not None
     )
     batch_of = lambda ex, idx, where=device: ex.batch(idx, pair.tokenizer, settings.max_length, where, pack)
-    # the teacher's own texts, part of each step: its answers as a chat model, and text unlike the file's
-    own = round(settings.generated * settings.batch_size) if pack and teacher_model is not None and not offload else 0
     options = {"batch_size": settings.batch_size, "max_length": settings.max_length, "device": device}
     evaluate = lambda: fidelity(student, teacher_model, held_out, pair.tokenizer, **options)
 
@@ -525,15 +521,6 @@ def finetune(
     # whose experts they all reached, so it is always on (torch warns once where a step used every parameter).
     ddp = lambda model: nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     trained = ddp(student) if world_size > 1 and not fsdp else student
-    written = teacher_written(teacher_model, pair.tokenizer, train.lines, len(train), settings.seed, rank)
-
-    def step_batch(step: int) -> dict:
-        indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
-        mine = indices[rank * settings.batch_size : (rank + 1) * settings.batch_size]
-        if not own:
-            return batch_of(train, mine)
-        texts = train.lines(mine[own:]) + written(step, own)
-        return batch_of(Examples(texts=texts), list(range(len(texts))))
 
     before = evaluate()
     update, stop = train_progress(quiet or rank != 0, settings.steps, start)
@@ -541,7 +528,8 @@ def finetune(
     writing = None  # rank 0's thread writing the last --save-every state
     try:
         for step in range(start, settings.steps):
-            batch = step_batch(step)
+            indices = batch_indices(step, len(train), settings.batch_size * world_size, settings.seed)
+            batch = batch_of(train, indices[rank * settings.batch_size : (rank + 1) * settings.batch_size])
             with autocast(device):
                 loss = step_loss(trained, teacher_model, batch, paths, settings.objective)
             loss.backward()
@@ -552,7 +540,7 @@ def finetune(
             revise_threads()
             losses.append(loss.item())
             mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) * world_size if mask is not None else settings.batch_size * world_size
+            tokens += int(mask.sum()) * world_size if mask is not None else len(indices)
             update(step + 1, losses[-1], tokens / (time.perf_counter() - started))
             done = step + 1
             spent = budget_spent(started, spent_before, settings.minutes, world_size, device)

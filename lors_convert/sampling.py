@@ -9,10 +9,7 @@ the model (64 tokens each), and every chat answer in form again (scripts/bench_l
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lors_convert.runtime import fast_precision
@@ -48,34 +45,6 @@ def with_model_written(model: nn.Module, tokenizer, lines: list[str], share: flo
     how = "its answers to" if getattr(tokenizer, "chat_template", None) else "its continuations of"
     words = f"; {count} of them written by the model ({free} from its start token, {how} {len(prompts)} lines)"
     return kept + model_written(model, tokenizer, prompts, free, seed), words
-
-
-CHUNK = 64  # texts a fine-tuning teacher writes at a time: half from its start token, half answers to lines
-
-
-def teacher_written(
-    model: nn.Module, tokenizer, lines: Callable[[list[int]], list[str]], n: int, seed: int, rank: int
-) -> Callable[[int, int], list[str]]:
-    """written(step, count): the `count` texts the teacher writes for one step of fine-tuning, as calibration
-    samples them (model_written: half from its start token, half its answers to `lines` of the n training lines).
-    Written a chunk at a time, and a function of (seed, rank, step) alone, so a resumed run sees the same texts and
-    every process writes at the same steps (the generation of a sharded teacher is a collective)."""
-    chunks: dict[int, list[str]] = {}
-
-    def written(step: int, count: int) -> list[str]:
-        first = step * count
-        texts = []
-        for position in range(first, first + count):
-            chunk, offset = divmod(position, CHUNK)
-            if chunk not in chunks:
-                chunks.clear()
-                generator = torch.Generator().manual_seed((seed * 1_000_003 + chunk) * 1_009 + rank)
-                picked = torch.randint(n, (CHUNK - CHUNK // 2,), generator=generator).tolist()
-                chunks[chunk] = model_written(model, tokenizer, lines(picked), CHUNK // 2, generator.initial_seed())
-            texts.append(chunks[chunk][offset])
-        return texts
-
-    return written
 
 
 def model_written(model: nn.Module, tokenizer, prompts: list[str], free: int, seed: int) -> list[str]:
@@ -153,7 +122,6 @@ def sample(
             max_new_tokens=NEW_TOKENS,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=dist.is_initialized(),  # processes step together until all have finished (FSDP's gathers)
         )
     texts = []
     for row, row_mask in zip(out, mask):

@@ -75,18 +75,6 @@ def make_model_dir(folder: Path, kind: str, layers: int = 3, **overrides) -> Pat
     return folder
 
 
-def with_chat_tokenizer(folder: Path):
-    """The tokenizer of a make_model_dir folder given an end-of-text token (packing, and so --generated, needs one)
-    and a chat template, saved there; returned."""
-    from lors_convert.hf import load_tokenizer
-
-    tokenizer = load_tokenizer(folder)
-    tokenizer.eos_token = "[SEP]"
-    tokenizer.chat_template = "{% for m in messages %}[CLS] {{ m['content'] }} [SEP] {% endfor %}[CLS]"
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
 def text_file(path: Path, lines: int = 120, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(4, 20))) for _ in range(lines)) + "\n")
@@ -240,11 +228,7 @@ def test_a_fine_tune_that_cannot_fit_offloads_the_teacher_or_refuses_before_it_s
     monkeypatch.setattr(calibrate, "available_memory", lambda: needed(teacher, 8) - 1)  # all but the whole teacher
     result = cli(*run, "-o", tmp_path / "a.lors.safetensors")
     assert result.code == 0, result.err
-    assert "the teacher's blocks are read from its checkpoint" in result.err and "writes no text" not in result.err
-    with_chat_tokenizer(folder)  # packing, so --generated could write text
-    monkeypatch.setattr("lors_convert.sampling.model_written", lambda *args: pytest.fail("an offloaded teacher wrote"))
-    result = cli(*run, "--generated", "0.5", "-o", tmp_path / "a.lors.safetensors", "--force")
-    assert result.code == 0 and "it writes no text (--generated" in result.err, result.err
+    assert "the teacher's blocks are read from its checkpoint" in result.err
     monkeypatch.setattr(calibrate, "available_memory", lambda: needed(0, 2) + 4 * teacher)  # batch 2 fits, 4 not
     refused = cli(*run, "-o", tmp_path / "b.lors.safetensors")
     assert refused.code == 1 and len(refused.err.strip().splitlines()) == 1
@@ -395,66 +379,6 @@ def test_resume_continues_where_the_run_stopped(tmp_path, cli, converted, monkey
     assert read_lors(out)[1].finetune["resumed_at"] == 3
     straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-
-
-def test_a_causal_lm_distils_partly_on_text_its_teacher_writes(tmp_path, cli, converted, monkeypatch):
-    """--generated F: F of each step's examples are texts the teacher writes (half from its start token, half its
-    chat answers to training lines), a function of the seed, the process and the step: a resumed run trains on the
-    same texts, and another process on others."""
-    import lors_convert.data
-    import lors_convert.sampling
-    from lors_convert.hf import dense_model
-    from lors_convert.sampling import teacher_written
-
-    folder, lors, _ = converted("llama")
-    tokenizer = with_chat_tokenizer(folder)
-    data = text_file(tmp_path / "train.txt")
-    file_lines = set(data.read_text().splitlines())
-    real_packed, real_written, steps, written = lors_convert.data.packed, lors_convert.sampling.model_written, [], []
-    record_packed = lambda lines, *args, **kwargs: (steps.append(lines), real_packed(lines, *args, **kwargs))[1]
-
-    def record_written(*args):
-        written.extend(real_written(*args))
-        return written[-64:]
-
-    monkeypatch.setattr(lors_convert.data, "packed", record_packed)
-    monkeypatch.setattr(lors_convert.sampling, "model_written", record_written)
-    args = finetune_args(lors, data, tmp_path / "straight.safetensors", "--generated", "0.5", "--save-every", "3")
-    result = cli(*args)
-    assert result.code == 0, result.err
-    training = [lines for lines in steps if len(lines) == 8]  # the probe packs 2 lines
-    assert len(training) == 6 and len(written) == 64  # 6 steps x 4 texts: one chunk
-    assert all(line in file_lines for lines in training for line in lines[:4])
-    assert [line for lines in training for line in lines[4:]] == written[:24]
-    assert sum("[CLS]" in text for text in written[:24]) > 0  # answers in the chat template
-    meta = read_lors(tmp_path / "straight.safetensors")[1].finetune
-    assert meta["settings"]["generated"] == 0.5 and meta["loss_last"] < meta["loss_first"]
-
-    real_step, calls = torch.optim.AdamW.step, []
-
-    def interrupted_step(self, *args, **kwargs):  # Ctrl-C during the 5th optimizer step
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
-    out = tmp_path / "resumed.safetensors"
-    assert cli(*args[:5], out, *args[6:]).code != 0
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    assert cli(*args[:5], out, *args[6:], "--resume").code == 0
-    straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(out)
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # the same texts after the resume
-    assert cli(*finetune_args(lors, data, tmp_path / "plain.safetensors")).code == 0
-    plain = load_file(tmp_path / "plain.safetensors")
-    assert any(not torch.equal(straight[k], plain[k]) for k in straight)
-
-    model, lines = dense_model(folder), lambda indices: [f"line {i}" for i in indices]
-    one = teacher_written(model, tokenizer, lines, 100, seed=0, rank=0)
-    assert one(1, 4) == teacher_written(model, tokenizer, lines, 100, seed=0, rank=0)(1, 4)
-    assert one(1, 4) != teacher_written(model, tokenizer, lines, 100, seed=0, rank=1)(1, 4)
-    bad = cli(*finetune_args(lors, data, tmp_path / "bad.safetensors", "--generated", "1.5"))
-    assert bad.code == 1 and "--generated" in bad.err and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_objective_lm_and_lm_metrics_on_a_causal_model(tmp_path, cli, converted):
@@ -755,25 +679,6 @@ def test_two_process_gloo_ddp_and_fsdp_train_experts_that_one_process_does_not_r
         assert read_lors(out)[1].finetune["frozen"] == []
         old, new = load_file(lors), load_file(out)
         assert {k for k in old if torch.equal(old[k], new[k])} == set(), mode
-
-
-@pytest.mark.slow
-def test_two_process_gloo_ddp_and_fsdp_distil_on_text_the_teacher_writes(tmp_path):
-    """Under DDP and FSDP each process's teacher writes its own texts, at the same steps as the other's: a sharded
-    teacher's generation is a collective, whose processes run forward passes until every one has finished."""
-    from lors_convert.cli import main
-
-    folder = make_model_dir(tmp_path / "llama", "llama")
-    with_chat_tokenizer(folder)
-    lors = tmp_path / "llama.lors.safetensors"
-    main([str(a) for a in (folder, "-o", lors, "--rank", "4", "--shared", "mean", "--quiet", "--json")])
-    data = text_file(tmp_path / "train.txt")
-    for mode in ((), ("--fsdp",)):
-        out = tmp_path / f"ft{len(mode)}.safetensors"
-        done = two_processes(*finetune_args(lors, data, out, "--batch-size", "4", "--generated", "0.5"), *mode)
-        assert done.returncode == 0, done.stderr[-3000:]
-        meta = read_lors(out)[1].finetune
-        assert meta["settings"]["generated"] == 0.5 and meta["loss_last"] < meta["loss_first"], mode
 
 
 def test_fsdp_needs_several_processes(tmp_path, cli, converted):

@@ -586,7 +586,7 @@ def test_compress_shards_resumes_and_ends_with_one_checkpoint(tmp_path, cli, mon
 def test_compress_refuses_bad_training_options_before_converting(tmp_path, cli):
     folder = bert_folder(tmp_path, with_tokenizer=True)
     (tmp_path / "t.txt").write_text("\n".join(f"w{i % 59} w{i // 59}" for i in range(80)))
-    for option, value in (("--lr", "-1"), ("--finetune-minutes", "-1"), ("--finetune-generated", "2")):
+    for option, value in (("--lr", "-1"), ("--finetune-minutes", "-1")):
         result = cli(*compress_args(folder, tmp_path / "t.txt", tmp_path / "o.safetensors", option, value))
         assert result.code == 1 and len(result.err.strip().splitlines()) == 1
         assert f"error: {option} " in result.err  # compress's own name of the option
