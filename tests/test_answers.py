@@ -1,11 +1,14 @@
-"""The fact probe's questions and scoring (scripts/llm_answers.py), without a model."""
+"""The fact probe (scripts/llm_answers.py): its questions and scoring, without a model, and the models --per-group
+scores."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from llm_answers import QUESTIONS, is_right, scored
+import pytest
+import torch
+from llm_answers import QUESTIONS, is_right, one_group_models, scored
 
 
 def test_questions_are_many_and_never_answer_themselves():
@@ -25,3 +28,27 @@ def test_whole_words_any_case():
 def test_a_cut_reply_loses_its_last_word():
     assert not is_right(scored("equal to 100", cut=True), ["100"])
     assert is_right(scored("equal to 100", cut=False), ["100"])
+
+
+def test_per_group_models_take_one_group_from_the_checkpoint_and_every_other_weight_from_the_original(tmp_path, cli):
+    pytest.importorskip("transformers")
+    from test_finetune import make_model_dir
+
+    import lors_convert
+    from lors_convert.hf import dense_model
+    from lors_convert.lors_format import read_lors
+    from lors_convert.nn import merge_lors
+
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    lors = tmp_path / "m.lors.safetensors"
+    assert cli(folder, "-o", lors, "--rank", "2", "--quiet").code == 0
+    original, converted = dense_model(folder).state_dict(), merge_lors(lors_convert.load(lors)).state_dict()
+    groups = read_lors(lors)[1].groups
+    models = one_group_models(folder, lors)
+    assert [name for name, _ in models] == [f"{lors} (only {g.template})" for g in groups]
+    for (_, make), group in zip(models, groups):
+        weights = make().state_dict()
+        assert set(weights) == set(original)
+        for name, weight in weights.items():
+            assert torch.equal(weight, converted[name] if name in group.names else original[name]), name
+        assert not all(torch.equal(weights[name], original[name]) for name in group.names)
