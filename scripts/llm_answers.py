@@ -19,6 +19,7 @@ every reply, one row per question and one column per model; --out writes them, s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -162,17 +163,19 @@ def one_group_models(source: Path, lors: Path) -> list[tuple[str, Callable[[], t
     from lors_convert.lors_format import read_lors
     from lors_convert.nn import merge_lors
 
-    converted = merge_lors(lors_convert.load(lors)).state_dict()
+    groups = [g for g in read_lors(lors)[1].groups if any(rank is not None for rank in g.ranks)]  # not kept dense
+    merged = merge_lors(lors_convert.load(lors)).state_dict()
+    converted = {name: merged[name] for g in groups for name in g.names}  # only the groups' layers are held
+    original = dense_model(source)  # read once: a GGUF is dequantized at each read
 
     def only(group) -> torch.nn.Module:
-        model = dense_model(source)
+        model = copy.deepcopy(original)
         weights = model.state_dict()
         with torch.no_grad():
             for name in group.names:
                 weights[name].copy_(converted[name])
         return model
 
-    groups = [g for g in read_lors(lors)[1].groups if any(rank is not None for rank in g.ranks)]  # not kept dense
     return [(f"{lors} (only {g.template})", lambda g=g: only(g)) for g in groups]
 
 
