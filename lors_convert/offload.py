@@ -36,14 +36,21 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
+def _slot(module: nn.Module, path: str) -> tuple[dict, str, bool]:
+    """The table (parameters or buffers) holding the tensor at `path` under `module`, its key, and whether it is
+    the parameters'."""
+    owner, _, leaf = path.rpartition(".")
+    owner_module = module.get_submodule(owner) if owner else module
+    is_parameter = leaf in owner_module._parameters
+    return (owner_module._parameters if is_parameter else owner_module._buffers), leaf, is_parameter
+
+
 def _set(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
     """Put `tensor` in the place of the parameter or buffer at `path`, in that one's shape (a LORS file stores
     a shared matrix in the group's layer shape)."""
-    owner, _, leaf = path.rpartition(".")
-    owner_module = module.get_submodule(owner) if owner else module
-    table = owner_module._parameters if leaf in owner_module._parameters else owner_module._buffers
+    table, leaf, is_parameter = _slot(module, path)
     tensor = tensor.reshape(table[leaf].shape) if table.get(leaf) is not None else tensor
-    table[leaf] = nn.Parameter(tensor, requires_grad=False) if table is owner_module._parameters else tensor
+    table[leaf] = nn.Parameter(tensor, requires_grad=False) if is_parameter else tensor
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -101,9 +108,7 @@ def _offload(block: nn.Module) -> None:
     state["holders"] -= 1
     if state["holders"] == 0:
         for local in state["names"]:
-            owner, _, leaf = local.rpartition(".")
-            owner_module = block.get_submodule(owner) if owner else block
-            table = owner_module._parameters if leaf in owner_module._parameters else owner_module._buffers
+            table, leaf, _ = _slot(block, local)
             kept = table[leaf]
             empty = torch.empty(kept.shape, dtype=kept.dtype, device="meta")
             table[leaf] = nn.Parameter(empty, requires_grad=False) if isinstance(kept, nn.Parameter) else empty
@@ -126,6 +131,38 @@ def _onload_hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _offload_hook(block: nn.Module, args: tuple, kwargs: dict, output) -> None:
     _offload(block)
+
+
+def _offloading_block(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
+    """The offloaded block holding the tensor at `path` (the model's name) and its path, if one does."""
+    for block_path, block in model.named_modules():
+        if hasattr(block, OFFLOADED) and path.startswith(f"{block_path}."):
+            return block_path, block
+    return None
+
+
+@contextmanager
+def replaced(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The model's parameters at these paths (its own names) replaced by `tensors` while inside, restored on exit.
+    An offloaded block holds its replacements and reads only its other tensors from the checkpoint: a weight
+    swapped into it the plain way would be overwritten by the checkpoint's when the block runs."""
+    restore = []
+    try:
+        for path, tensor in tensors.items():
+            block_path, block = _offloading_block(model, path) or ("", model)
+            local = path.removeprefix(f"{block_path}.") if block_path else path
+            table, leaf, _ = _slot(block, local)
+            kept, names = table[leaf], getattr(block, OFFLOADED)["names"] if block_path else {}
+            restore.append((table, leaf, kept, names, local, names.pop(local, None)))
+            # an offloaded weight not read yet is on the meta device: its replacement stays where it is
+            device = tensor.device if kept.is_meta else kept.device
+            table[leaf] = nn.Parameter(tensor.reshape(kept.shape).to(kept.dtype).to(device), requires_grad=False)
+        yield
+    finally:
+        for table, leaf, kept, names, local, checkpoint_name in reversed(restore):
+            table[leaf] = kept
+            if checkpoint_name is not None:
+                names[local] = checkpoint_name
 
 
 @contextmanager

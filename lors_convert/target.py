@@ -10,16 +10,15 @@ perplexity alone.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
-import torch
 from torch import nn
 
 from lors_convert.checkpoint import TensorSource
 from lors_convert.config import ConvertConfig
 from lors_convert.factorize import tail
 from lors_convert.loading import own_names
+from lors_convert.offload import replaced
 from lors_convert.plan import GroupPlan, Progress, factor_layer, input_metric, read_matrix
 
 LOWEST, HIGHEST = 0.0, 0.9  # the reductions searched
@@ -34,30 +33,20 @@ def perplexity(model: nn.Module, batches: list[dict]) -> float:
     return math.exp(nll / max(tokens, 1))
 
 
-@contextmanager
-def converted_weights(model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int) -> Iterator[None]:
-    """The dense model with every factored layer's weight replaced by S + B A, restored on exit. The weights are
-    swapped, not written into: the model may be the one the source's tensors are read from (a GGUF's)."""
+def converted_weights(model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int):
+    """The dense model with every factored layer's weight replaced by S + B A while inside, restored on exit. The
+    weights are swapped, not written into: the model may be the one the source's tensors are read from (a GGUF's),
+    or read them from the checkpoint as its blocks run."""
     own = own_names(model, [n for p in plans for n in p.stack.names])
-    saved = {}
-    try:
-        with torch.no_grad():
-            for plan in plans:
-                for i, name in enumerate(plan.stack.names):
-                    if plan.ranks[i] is None or name not in own:
-                        continue
-                    b, a = factor_layer(
-                        plan, i, plan.residual(read_matrix(source, plan, i)), input_metric(plan, i), seed
-                    )
-                    approx = b.float() @ a.float() + (plan.shared_matrix if plan.shared else 0)
-                    module = model.get_submodule(own[name].removesuffix(".weight"))
-                    saved[name] = module.weight
-                    approx = (approx.T if plan.transposed else approx).reshape(module.weight.shape)
-                    module.weight = nn.Parameter(approx.to(module.weight), requires_grad=False)
-        yield
-    finally:
-        for name, original in saved.items():
-            model.get_submodule(own[name].removesuffix(".weight")).weight = original
+    approximations = {}
+    for plan in plans:
+        for i, name in enumerate(plan.stack.names):
+            if plan.ranks[i] is None or name not in own:
+                continue
+            b, a = factor_layer(plan, i, plan.residual(read_matrix(source, plan, i)), input_metric(plan, i), seed)
+            approx = b.float() @ a.float() + (plan.shared_matrix if plan.shared else 0)
+            approximations[own[name]] = approx.T if plan.transposed else approx
+    return replaced(model, approximations)
 
 
 def choose_reduction(

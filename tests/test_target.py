@@ -4,6 +4,7 @@ original's, chosen on lines that are neither calibration samples nor held out; t
 from __future__ import annotations
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -12,8 +13,14 @@ from test_finetune import make_model_dir, text_file
 import lors_convert
 from lors_convert.data import TextLines, calibration_choice, roles
 from lors_convert.hf import load_tokenizer
+from lors_convert.loading import offloaded_dense_model
 from lors_convert.lors_format import read_lors
+from lors_convert.offload import OFFLOADED, replaced
 from lors_convert.target import perplexity
+
+
+def meta_of(path) -> dict:
+    return read_lors(path)[1].calibration["quality_target"]
 
 
 def batches_of(tokenizer, lines: list[str]) -> list[dict]:
@@ -48,6 +55,9 @@ def test_max_ppl_increase_keeps_perplexity_within_the_factor_on_the_lines_it_cho
     dense = perplexity(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), selection)
     student = perplexity(lors_convert.load(tmp_path / "loose.safetensors"), selection)
     assert student <= 1.5 * dense * 1.01
+    # and the trial that chose it measured this model, not the original (factors rounded to the stored dtype aside)
+    trial = next(t for t in meta_of(tmp_path / "loose.safetensors")["trials"] if t["reduction"] == chosen["loose"])
+    assert trial["ppl_ratio"] == pytest.approx(student / dense, rel=2e-3)
 
 
 def test_max_ppl_increase_refuses_what_it_cannot_serve(tmp_path, cli):
@@ -78,3 +88,15 @@ def test_compress_warns_when_a_language_model_lost_its_function(tmp_path, cli):
         assert result.code == 0 and out.is_file(), result.err
         warned[reduction] = "warning: perplexity" in result.err and "--max-ppl-increase" in result.err
     assert warned == {"0.2": False, "0.9": True}
+
+
+def test_replaced_weights_reach_an_offloaded_model_and_leave_it_as_it_was(tmp_path):
+    model = offloaded_dense_model(make_model_dir(tmp_path / "llama", "llama"))
+    gate = "model.layers.1.mlp.gate_proj.weight"
+    assert hasattr(model.model.layers[1], OFFLOADED)  # the case a plain swap misses
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    before = model(input_ids=ids).logits
+    with replaced(model, {gate: torch.zeros(model.get_parameter(gate).shape)}):
+        inside = model(input_ids=ids).logits
+    assert not torch.allclose(inside, before)
+    assert torch.equal(model(input_ids=ids).logits, before) and model.get_parameter(gate).is_meta
