@@ -10,6 +10,7 @@ perplexity alone.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from typing import Callable
 
 from torch import nn
@@ -33,7 +34,9 @@ def perplexity(model: nn.Module, batches: list[dict]) -> float:
     return math.exp(nll / max(tokens, 1))
 
 
-def converted_weights(model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int):
+def converted_weights(
+    model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int
+) -> AbstractContextManager[None]:
     """The dense model with every factored layer's weight replaced by S + B A while inside, restored on exit. The
     weights are swapped, not written into: the model may be the one the source's tensors are read from (a GGUF's),
     or read them from the checkpoint as its blocks run."""
