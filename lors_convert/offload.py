@@ -156,7 +156,7 @@ def replaced(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[Non
             restore.append((table, leaf, kept, names, local, names.pop(local, None)))
             # an offloaded weight not read yet is on the meta device: its replacement stays where it is
             device = tensor.device if kept.is_meta else kept.device
-            table[leaf] = nn.Parameter(tensor.reshape(kept.shape).to(kept.dtype).to(device), requires_grad=False)
+            table[leaf] = nn.Parameter(tensor.reshape(kept.shape).to(device, kept.dtype), requires_grad=False)
         yield
     finally:
         for table, leaf, kept, names, local, checkpoint_name in reversed(restore):
