@@ -350,6 +350,7 @@ def plan_conversion(
             measured,
             settings,
             progress,
+            scratch,
         )
         settings, model = replace(settings, reduction=reduction), None
         plans = ranks_for(with_mean, measured, settings)

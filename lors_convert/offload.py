@@ -65,18 +65,19 @@ def offload_blocks(
     the tensors under the module paths `blocks` are read when their block runs, the others now, all in `dtype`.
     Returns the model's tensors the checkpoint has nothing for (the model cannot run offloaded then)."""
     prefixes = tuple(f"{path}." for path in blocks)
-    lazy: dict[str, dict[str, str]] = {path: {} for path in blocks}
+    lazy: dict[str, dict[str, tuple[TensorSource, str]]] = {path: {} for path in blocks}
     for name, target in own.items():
         if target.startswith(prefixes):
             path = next(p for p in blocks if target.startswith(f"{p}."))
-            lazy[path][target.removeprefix(f"{path}.")] = name
+            lazy[path][target.removeprefix(f"{path}.")] = (source, name)
         else:
             _set(model, target, _as(source.get(name), dtype))
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head takes the embedding just read
     for path, names in lazy.items():
         block = model.get_submodule(path)
-        setattr(block, OFFLOADED, {"source": source, "names": names, "holders": 0, "dtype": dtype})
+        # names: each tensor's local path -> where it is read from (a source and its name there)
+        setattr(block, OFFLOADED, {"names": names, "holders": 0, "dtype": dtype})
         block.register_forward_pre_hook(_onload_hook, with_kwargs=True)
         # always: a hook inside the block may stop the forward (calibration's StopForward)
         block.register_forward_hook(_offload_hook, with_kwargs=True, always_call=True)
@@ -93,8 +94,7 @@ def _onload(block: nn.Module, device: torch.device) -> None:
         # would round float32 matrices back to what is stored: they are read as stored, at half the cost (norms'
         # weights, which some kernels want in float32 beside float32 inputs, are not)
         autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
-        source, names = state["source"], state["names"]
-        for local, name in names.items():
+        for local, (source, name) in state["names"].items():
             info = source.info[name]
             as_stored = info.dtype == autocast and len(info.shape) >= 2
             _set(block, local, _as(source.get(name), info.dtype if as_stored else state["dtype"]).to(device))
@@ -142,27 +142,29 @@ def _offloading_block(model: nn.Module, path: str) -> tuple[str, nn.Module] | No
 
 
 @contextmanager
-def replaced(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """The model's parameters at these paths (its own names) replaced by `tensors` while inside, restored on exit.
-    An offloaded block holds its replacements and reads only its other tensors from the checkpoint: a weight
-    swapped into it the plain way would be overwritten by the checkpoint's when the block runs."""
+def replaced(model: nn.Module, source: TensorSource, names: dict[str, str]) -> Iterator[None]:
+    """The model's parameters at these paths (its own names) replaced by `source`'s tensors of the given names
+    while inside, restored on exit. An offloaded block reads its replacements from `source` when it runs, as it
+    reads its other tensors from the checkpoint, so memory holds one block's, not all of them; any other
+    parameter is read now. (A weight swapped into an offloaded block would be overwritten by the checkpoint's.)"""
     restore = []
     try:
-        for path, tensor in tensors.items():
-            block_path, block = _offloading_block(model, path) or ("", model)
-            local = path.removeprefix(f"{block_path}.") if block_path else path
-            table, leaf, _ = _slot(block, local)
-            kept, names = table[leaf], getattr(block, OFFLOADED)["names"] if block_path else {}
-            restore.append((table, leaf, kept, names, local, names.pop(local, None)))
-            # an offloaded weight not read yet is on the meta device: its replacement stays where it is
-            device = tensor.device if kept.is_meta else kept.device
-            table[leaf] = nn.Parameter(tensor.reshape(kept.shape).to(device, kept.dtype), requires_grad=False)
+        for path, name in names.items():
+            found = _offloading_block(model, path)
+            if found:
+                block_path, block = found
+                lazy, local = getattr(block, OFFLOADED)["names"], path.removeprefix(f"{block_path}.")
+                restore.append((lazy, local, lazy[local]))
+                lazy[local] = (source, name)
+                continue
+            table, leaf, _ = _slot(model, path)
+            kept = table[leaf]
+            restore.append((table, leaf, kept))
+            table[leaf] = nn.Parameter(source.get(name).reshape(kept.shape).to(kept.device, kept.dtype), False)
         yield
     finally:
-        for table, leaf, kept, names, local, checkpoint_name in reversed(restore):
-            table[leaf] = kept
-            if checkpoint_name is not None:
-                names[local] = checkpoint_name
+        for table, key, kept in reversed(restore):
+            table[key] = kept
 
 
 @contextmanager

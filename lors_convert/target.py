@@ -10,12 +10,15 @@ perplexity alone.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
-from typing import Callable
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
-from lors_convert.checkpoint import TensorSource
+from lors_convert.checkpoint import TensorSource, open_safetensors_files, write_safetensors
 from lors_convert.config import ConvertConfig
 from lors_convert.factorize import tail
 from lors_convert.loading import own_names
@@ -34,22 +37,35 @@ def perplexity(model: nn.Module, batches: list[dict]) -> float:
     return math.exp(nll / max(tokens, 1))
 
 
+@contextmanager
 def converted_weights(
-    model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int
-) -> AbstractContextManager[None]:
-    """The dense model with every factored layer's weight replaced by S + B A while inside, restored on exit. The
-    weights are swapped, not written into: the model may be the one the source's tensors are read from (a GGUF's),
-    or read them from the checkpoint as its blocks run."""
+    model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int, scratch: Path
+) -> Iterator[None]:
+    """The dense model with every factored layer's weight replaced by S + B A while inside, restored on exit.
+    The approximations are factored one layer at a time into a file in `scratch` (in the dtype the output stores
+    the group in), which an offloaded model's blocks read as they run: memory holds one layer's approximation
+    and one block's weights, not every layer's (a model held whole reads them all in). The weights are swapped,
+    not written into: the model may be the one the source's tensors are read from (a GGUF's)."""
     own = own_names(model, [n for p in plans for n in p.stack.names])
-    approximations = {}
-    for plan in plans:
-        for i, name in enumerate(plan.stack.names):
-            if plan.ranks[i] is None or name not in own:
-                continue
+    factored = [(plan, i, name) for plan in plans for i, name in enumerate(plan.stack.names)]
+    factored = [(plan, i, name) for plan, i, name in factored if plan.ranks[i] is not None and name in own]
+    shapes = {name: tuple(model.get_parameter(own[name]).shape) for _, _, name in factored}
+
+    def approximations() -> Iterator[tuple[str, torch.Tensor]]:
+        for plan, i, name in factored:
             b, a = factor_layer(plan, i, plan.residual(read_matrix(source, plan, i)), input_metric(plan, i), seed)
             approx = b.float() @ a.float() + (plan.shared_matrix if plan.shared else 0)
-            approximations[own[name]] = approx.T if plan.transposed else approx
-    return replaced(model, approximations)
+            yield name, (approx.T if plan.transposed else approx).reshape(shapes[name]).to(plan.dtype).cpu()
+
+    path = scratch / "trial.safetensors"
+    layout = [(name, plan.dtype, shapes[name]) for plan, _, name in factored]
+    files = write_safetensors(path, approximations(), {}, layout=layout, shard_size=sys.maxsize)
+    try:
+        with replaced(model, open_safetensors_files(path, files), {own[name]: name for _, _, name in factored}):
+            yield
+    finally:
+        for file in files:
+            file.unlink(missing_ok=True)
 
 
 def choose_reduction(
@@ -60,10 +76,12 @@ def choose_reduction(
     measured: list,
     settings: ConvertConfig,
     progress: Progress,
+    scratch: Path,
 ) -> tuple[float, dict]:
     """The largest reduction in [LOWEST, HIGHEST] whose converted model's perplexity on `selection` is at most
     settings.max_ppl_increase times the dense model's; and what was measured, for the report. `planned(f)` gives
-    the plans at reduction f, from `measured`, each group's spectra (convert.Spectra)."""
+    the plans at reduction f, from `measured`, each group's spectra (convert.Spectra); each measurement's
+    approximations wait in `scratch`."""
     dense = perplexity(model, selection)
     allowed = math.log(settings.max_ppl_increase)
 
@@ -92,7 +110,7 @@ def choose_reduction(
         reduction = min(max(solve(lambda f: scale * estimate(f)), met), failed)
         if trials and not met < reduction < failed:
             reduction = (met + failed) / 2  # the estimate points outside what is known: bisect instead
-        with converted_weights(model, source, planned(reduction), settings.seed):
+        with converted_weights(model, source, planned(reduction), settings.seed, scratch):
             ratio = perplexity(model, selection) / dense
         trials.append({"reduction": round(reduction, 4), "ppl_ratio": round(ratio, 4)})
         advance()

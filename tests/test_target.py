@@ -4,6 +4,7 @@ original's, chosen on lines that are neither calibration samples nor held out; t
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -11,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from test_finetune import make_model_dir, text_file
 
 import lors_convert
+from lors_convert.checkpoint import open_checkpoint
 from lors_convert.data import TextLines, calibration_choice, roles
 from lors_convert.hf import load_tokenizer
 from lors_convert.loading import offloaded_dense_model
@@ -89,13 +91,37 @@ def test_compress_warns_when_a_language_model_lost_its_function(tmp_path, cli):
     assert warned == {"0.2": False, "0.9": True}
 
 
-def test_replaced_weights_reach_an_offloaded_model_and_leave_it_as_it_was(tmp_path):
-    model = offloaded_dense_model(make_model_dir(tmp_path / "llama", "llama"))
-    gate = "model.layers.1.mlp.gate_proj.weight"
-    assert hasattr(model.model.layers[1], OFFLOADED)  # the case a plain swap misses
+def test_replaced_weights_reach_an_offloaded_model_one_block_at_a_time_and_leave_it_as_it_was(tmp_path):
+    folder = make_model_dir(tmp_path / "llama", "llama")
+    model, plain = offloaded_dense_model(folder), transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    depth = len(model.model.layers)
+    gates = {f"model.layers.{k}.mlp.gate_proj.weight": f"gate{k}" for k in range(depth)}
+    assert all(hasattr(layer, OFFLOADED) for layer in model.model.layers)  # the case a plain swap misses
+    new = {name: torch.randn(model.get_parameter(path).shape) for path, name in gates.items()}
+    replacements = open_checkpoint(save(new, tmp_path / "new.safetensors"))
     ids = torch.tensor([[1, 5, 7, 9, 11]])
     before = model(input_ids=ids).logits
-    with replaced(model, {gate: torch.zeros(model.get_parameter(gate).shape)}):
+    held = []  # while each block runs: how many of the replaced weights are in memory
+    hooks = [
+        layer.mlp.register_forward_hook(lambda *_: held.append(resident(model, gates))) for layer in model.model.layers
+    ]
+    with replaced(model, replacements, gates):
+        assert resident(model, gates) == 0  # read when their block runs, not when swapped in
         inside = model(input_ids=ids).logits
-    assert not torch.allclose(inside, before)
-    assert torch.equal(model(input_ids=ids).logits, before) and model.get_parameter(gate).is_meta
+    for hook in hooks:
+        hook.remove()
+    assert held == [1] * depth
+    with torch.no_grad():
+        for path, name in gates.items():
+            plain.get_parameter(path).copy_(new[name])
+    assert torch.allclose(inside, plain(input_ids=ids).logits, atol=1e-5)
+    assert torch.equal(model(input_ids=ids).logits, before) and resident(model, gates) == 0
+
+
+def resident(model, paths) -> int:
+    return sum(not model.get_parameter(path).is_meta for path in paths)
+
+
+def save(tensors: dict, path):
+    safetensors.torch.save_file(tensors, path)
+    return path
