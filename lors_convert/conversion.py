@@ -62,6 +62,7 @@ from lors_convert.plan import (
     factor_layer,
     input_energy,
     input_metric,
+    mean_shift,
     no_progress,
     output_weighted,
     read_matrix,
@@ -575,9 +576,8 @@ def write_group(
         layer_errors.append(round(rel_error(layer_err_sq, layer_norm_sq), 6))
         if calibrated:
             out_err_sq += input_energy(plan, i, error)
-            mean = plan.means[i] if plan.ranks[i] is not None else None
-            if mean is not None:  # the bias takes the mean shift: what is left is the error on centred inputs
-                mean_error = error.double() @ mean.to(error.device)
+            mean_error = mean_shift(plan, i, error)
+            if mean_error is not None:  # the bias takes the mean shift: what is left is the error on centred inputs
                 shifts[bias_name(source, name, plan.out_in[0])] = mean_error if shift is None else shift
                 out_err_sq -= plan.rows[i] * mean_error.square().sum().item()
         advance()

@@ -124,6 +124,13 @@ def bias_name(source: TensorSource, name: str, rows: int) -> str | None:
     return bias if info is not None and tuple(info.shape) == (rows,) else None
 
 
+def mean_shift(plan: GroupPlan, i: int, error: torch.Tensor) -> torch.Tensor | None:
+    """(W − Ŵ)μ_i, layer i's mean output error, which its bias takes where calibration kept its mean input μ_i
+    (the factors were fitted to the centred inputs); None elsewhere."""
+    mean = plan.means[i] if plan.means is not None and plan.ranks[i] is not None else None
+    return None if mean is None else error.double() @ mean.to(error.device)
+
+
 def factor_layer(
     plan: GroupPlan, i: int, residual: torch.Tensor, k: torch.Tensor | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,15 @@ from lors_convert.config import ConvertConfig
 from lors_convert.factorize import tail
 from lors_convert.loading import own_names
 from lors_convert.offload import replaced
-from lors_convert.plan import GroupPlan, Progress, factor_layer, input_metric, read_matrix
+from lors_convert.plan import (
+    GroupPlan,
+    Progress,
+    bias_name,
+    factor_layer,
+    input_metric,
+    mean_shift,
+    read_matrix,
+)
 
 LOWEST, HIGHEST = 0.0, 0.9  # the reductions searched
 MEASUREMENTS = 5  # real perplexity measurements at most: each factors every layer once
@@ -41,27 +49,43 @@ def perplexity(model: nn.Module, batches: list[dict]) -> float:
 def converted_weights(
     model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int, scratch: Path
 ) -> Iterator[None]:
-    """The dense model with every factored layer's weight replaced by S + B A while inside, restored on exit.
+    """The dense model with every factored layer's weight replaced by S + B A (and its bias as the written file
+    has it) while inside, restored on exit.
     The approximations are factored one layer at a time into a file in `scratch` (in the dtype the output stores
     the group in), which an offloaded model's blocks read as they run: memory holds one layer's approximation
     and one block's weights, not every layer's (a model held whole reads them all in). The weights are swapped,
     not written into: the model may be the one the source's tensors are read from (a GGUF's)."""
-    own = own_names(model, [n for p in plans for n in p.stack.names])
-    factored = [(plan, i, name) for plan in plans for i, name in enumerate(plan.stack.names)]
-    factored = [(plan, i, name) for plan, i, name in factored if plan.ranks[i] is not None and name in own]
-    shapes = {name: tuple(model.get_parameter(own[name]).shape) for _, _, name in factored}
+    weights = [(plan, i, name) for plan in plans for i, name in enumerate(plan.stack.names)]
+    # where calibration kept a layer's mean input, the written file's bias takes its mean output error
+    biases = {
+        name: bias_name(source, name, plan.out_in[0])
+        for plan, i, name in weights
+        if plan.means and plan.means[i] is not None
+    }
+    own = own_names(model, [*(name for _, _, name in weights), *biases.values()])
+    factored = [(plan, i, name) for plan, i, name in weights if plan.ranks[i] is not None and name in own]
+    layout = []  # in the order approximations() yields
+    for plan, _, name in factored:
+        layout.append((name, plan.dtype, tuple(model.get_parameter(own[name]).shape)))
+        if name in biases:
+            layout.append((biases[name], plan.dtype, tuple(source.info[biases[name]].shape)))
+    shapes = {name: shape for name, _, shape in layout}
 
     def approximations() -> Iterator[tuple[str, torch.Tensor]]:
         for plan, i, name in factored:
-            b, a = factor_layer(plan, i, plan.residual(read_matrix(source, plan, i)), input_metric(plan, i), seed)
-            approx = b.float() @ a.float() + (plan.shared_matrix if plan.shared else 0)
+            residual = plan.residual(read_matrix(source, plan, i))
+            b, a = factor_layer(plan, i, residual, input_metric(plan, i), seed)
+            low_rank = b.float() @ a.float()
+            approx = low_rank + (plan.shared_matrix if plan.shared else 0)
             yield name, (approx.T if plan.transposed else approx).reshape(shapes[name]).to(plan.dtype).cpu()
+            if name in biases:
+                shift = mean_shift(plan, i, residual - low_rank).float().cpu()
+                yield biases[name], (source.get(biases[name]).float() + shift).to(plan.dtype)
 
     path = scratch / "trial.safetensors"
-    layout = [(name, plan.dtype, shapes[name]) for plan, _, name in factored]
     files = write_safetensors(path, approximations(), {}, layout=layout, shard_size=sys.maxsize)
     try:
-        with replaced(model, open_safetensors_files(path, files), {own[name]: name for _, _, name in factored}):
+        with replaced(model, open_safetensors_files(path, files), {own[name]: name for name, _, _ in layout}):
             yield
     finally:
         for file in files:

@@ -61,6 +61,24 @@ def test_max_ppl_increase_keeps_perplexity_within_the_factor_on_the_lines_it_cho
     assert trial["ppl_ratio"] == pytest.approx(student / dense, rel=2e-3)
 
 
+@pytest.mark.slow
+def test_max_ppl_increase_measures_the_model_it_writes_where_biases_take_the_mean_shift(tmp_path, cli):
+    """GPT-2's layers have biases: the written file adds each layer's mean output error (W − Ŵ)μ to its bias, and
+    the trials must measure that model, not one without the shift."""
+    folder = make_model_dir(tmp_path / "gpt2", "gpt2")
+    data = text_file(tmp_path / "text.txt", lines=600)
+    out = tmp_path / "o.safetensors"
+    options = ["--calibrate", data, "--calib-samples", "48", "--fisher", "--max-ppl-increase", "1.5", "--quiet"]
+    result = cli(folder, *options, "-o", out)
+    assert result.code == 0, result.err
+    target = meta_of(out)
+    trial = next(t for t in target["trials"] if t["reduction"] == target["chosen_reduction"])
+    picks = calibration_choice(len(TextLines([data])), 128, seed=0, skip=48)
+    selection = batches_of(load_tokenizer(folder), TextLines([data]).read(picks))
+    dense = perplexity(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), selection)
+    assert trial["ppl_ratio"] == pytest.approx(perplexity(lors_convert.load(out), selection) / dense, rel=2e-3)
+
+
 def test_max_ppl_increase_refuses_what_it_cannot_serve(tmp_path, cli):
     folder = make_model_dir(tmp_path / "bert", "bert")
     data = text_file(tmp_path / "text.txt", lines=600)
