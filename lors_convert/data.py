@@ -252,10 +252,10 @@ def text_batches(
     chosen = calibration_choice(len(lines), samples, seed, skip)
     words = calibration_words(len(chosen), len(lines), files)
     if not pack:
-        batches = [
-            dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=max_length)) for t in lines.read(chosen)
+        encoded = [
+            tokenizer(t, return_tensors="pt", truncation=True, max_length=max_length) for t in lines.read(chosen)
         ]
-        return batches, words
+        return [dict(e) for e in encoded if e["input_ids"].shape[1]], words  # a line of no tokens has nothing to run
     texts, how = rewrite(lines.read(chosen)) if rewrite else (lines.read(chosen), "")
     rows = packed(texts, tokenizer, PACKED_ROW, torch.device("cpu"), max_length * (2 if how else 1))
     words += how

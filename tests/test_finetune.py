@@ -60,19 +60,24 @@ def tiny_config(kind: str, layers: int = 3, **overrides):
 
 def make_model_dir(folder: Path, kind: str, layers: int = 3, **overrides) -> Path:
     """A tiny random model saved with save_pretrained, with a word-level tokenizer (no network)."""
+    torch.manual_seed(0)
+    config = tiny_config(kind, layers, **overrides)
+    model = transformers.BertModel(config) if kind == "bert" else transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer of len(WORDS) + 4 entries, saved beside a model (no network)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    config = tiny_config(kind, layers, **overrides)
-    model = transformers.BertModel(config) if kind == "bert" else transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]"
     ).save_pretrained(folder)
-    return folder
 
 
 def text_file(path: Path, lines: int = 120, seed: int = 0) -> Path:
