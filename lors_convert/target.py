@@ -50,11 +50,10 @@ def converted_weights(
     model: nn.Module, source: TensorSource, plans: list[GroupPlan], seed: int, scratch: Path
 ) -> Iterator[None]:
     """The dense model with every factored layer's weight replaced by S + B A (and its bias as the written file
-    has it) while inside, restored on exit.
-    The approximations are factored one layer at a time into a file in `scratch` (in the dtype the output stores
-    the group in), which an offloaded model's blocks read as they run: memory holds one layer's approximation
-    and one block's weights, not every layer's (a model held whole reads them all in). The weights are swapped,
-    not written into: the model may be the one the source's tensors are read from (a GGUF's)."""
+    has it) while inside, restored on exit. The replacements are factored one layer at a time into a file in
+    `scratch` (in the dtype the output stores), which an offloaded model's blocks read as they run: memory holds
+    one layer's and one block's weights, not every layer's (a model held whole reads them all in). The weights
+    are swapped, not written into: the model may be the one the source's tensors are read from (a GGUF's)."""
     weights = [(plan, i, name) for plan in plans for i, name in enumerate(plan.stack.names)]
     # where calibration kept a layer's mean input, the written file's bias takes its mean output error
     biases = {
