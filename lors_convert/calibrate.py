@@ -28,7 +28,7 @@ from lors_convert.nn import is_conv1d
 from lors_convert.offload import held
 from lors_convert.plan import GroupPlan, bias_name
 from lors_convert.runtime import call_model, compute_device, fast_precision, is_causal_lm
-from lors_convert.sampling import sampled_labels, with_model_written
+from lors_convert.sampling import NEW_TOKENS, sampled_labels, with_model_written
 from lors_convert.stacks import Stack
 from lors_convert.threads import revise_threads
 
@@ -481,14 +481,21 @@ def available_memory() -> int | None:
         return None
 
 
+def calibration_tokens(settings: ConvertConfig) -> int:
+    """The most tokens calibration runs: each sample a line of up to calib_max_length tokens and the end-of-text
+    token packing puts after it, a model-written one up to NEW_TOKENS more (its answer to such a line, or as many
+    sampled from the start token)."""
+    written = round(settings.calib_samples * settings.calib_generated)
+    return settings.calib_samples * (settings.calib_max_length + 1) + written * NEW_TOKENS
+
+
 def refuse_beyond_memory(source: TensorSource, stacks: list[Stack], settings: ConvertConfig) -> None:
     """A calibration that cannot fit in memory stops before it starts (and before the model is built), in one
     line that says what it needs and what fits."""
     from lors_convert.loading import can_offload
 
     available = available_memory()
-    # a model-written sample is up to a prompt and an answer
-    tokens = round(settings.calib_samples * settings.calib_max_length * (1 + settings.calib_generated))
+    tokens = calibration_tokens(settings)
     offloaded = can_offload(source, settings.model_factory) and not settings.sequential
     needed = calibration_bytes(source, stacks, settings.fisher, tokens, offloaded)
     if available is None or sum(needed.values()) <= available:
@@ -539,6 +546,7 @@ def calibration_inputs(source: TensorSource, settings: ConvertConfig) -> tuple[t
         settings.seed,
         pack=pack,
         rewrite=rewrite,
+        written=NEW_TOKENS,
     )
 
 

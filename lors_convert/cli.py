@@ -397,11 +397,13 @@ def compress(
     ),
     batch_size: int = typer.Option(CompressConfig.batch_size, "--batch-size", help="Examples per fine-tuning step."),
     lr: Optional[float] = LearningRate,
-    calib_samples: int = typer.Option(
+    calib_samples: Optional[int] = typer.Option(
         CompressConfig.calib_samples,
         "--calib-samples",
-        help="Calibration lines, four times convert's default: fewer convert faster and cost quality, most on "
-        "text unlike the calibration text (docs/benchmarks.md, calibration settings).",
+        show_default=False,
+        help="Calibration samples (default 1024; 512 for a causal LM, which writes three quarters of them, each "
+        "up to 256 tokens longer than a line). Fewer convert faster and cost quality, most on text unlike the "
+        "calibration text (docs/benchmarks.md, calibration settings).",
     ),
     calib_generated: float = CalibGenerated,
     fisher: bool = typer.Option(

@@ -21,7 +21,7 @@ from lors_convert.conversion import convert
 from lors_convert.data import held_out_words, load_examples, split_examples
 from lors_convert.evaluate import fidelity, load_student_teacher
 from lors_convert.finetuning import finetune, fit_training, state_path
-from lors_convert.hf import open_source
+from lors_convert.hf import is_causal_lm_source, open_source
 from lors_convert.lors_format import read_lors
 from lors_convert.plan import Progress, no_progress
 from lors_convert.runtime import setup_device
@@ -49,6 +49,7 @@ def compress(
     check_output_path(output, [source_path], force)
     weights = open_source(source_path)
     check_output_path(output, weights.files, force)
+    settings = config.conversion(causal_lm=is_causal_lm_source(source_path))
     if config.finetune_minutes > 0:  # a fine-tune that cannot fit is refused before the conversion starts
         stacked = sum(weights.info[name].numel for stack in find_stacks(weights.info)[0] for name in stack.names)
         student = sum(info.numel for info in weights.info.values()) - round((settings.reduction or 0) * stacked)

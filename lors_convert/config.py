@@ -214,18 +214,22 @@ class CompressConfig:
     finetune_minutes: float = 0.0
     batch_size: int = 32
     lr: float | None = None
-    calib_samples: int = 1024  # four times convert's: the recipe spends minutes where they buy quality
+    # None: four times convert's (the recipe spends minutes where they buy quality), or twice for a causal LM
+    # that writes its samples: each of those is up to NEW_TOKENS longer (docs/benchmarks.md, calibration settings)
+    calib_samples: int | None = None
     calib_generated: float = 0.75
     fisher: bool = True
     seed: int = 0
     shard_size: int | str = SHARD_SIZE
 
-    def conversion(self) -> ConvertConfig:
+    def conversion(self, causal_lm: bool = False) -> ConvertConfig:
+        """The conversion's settings, for a causal language model or not (the default sample count)."""
+        samples = 2 if causal_lm and self.calib_generated else 4
         settings = ConvertConfig(
             reduction=self.reduction,
             max_ppl_increase=self.max_ppl_increase,
             calibrate=list(self.calibrate),
-            calib_samples=self.calib_samples,
+            calib_samples=samples * ConvertConfig.calib_samples if self.calib_samples is None else self.calib_samples,
             calib_generated=self.calib_generated,
             fisher=self.fisher,
             seed=self.seed,

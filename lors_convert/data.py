@@ -243,11 +243,12 @@ def text_batches(
     skip: int = 0,
     pack: bool = False,
     rewrite: Callable[[list[str]], tuple[list[str], str]] | None = None,
+    written: int = 0,
 ) -> tuple[list[dict], str]:
     """Calibration: `samples` seeded lines of the files (streamed; after `skip` picks), each cut to `max_length`
     tokens, one unpadded sequence per batch, so padding never enters the statistics; with `pack`, the lines
-    packed into unpadded rows of PACKED_ROW tokens (texts `rewrite` returns for the chosen lines, up to twice
-    `max_length`: a prompt and its answer). And the words that say which."""
+    packed into unpadded rows of PACKED_ROW tokens (texts `rewrite` returns for the chosen lines, up to
+    `max_length` + `written` tokens: a prompt and the model's answer). And the words that say which."""
     lines = TextLines(files)
     chosen = calibration_choice(len(lines), samples, seed, skip)
     words = calibration_words(len(chosen), len(lines), files)
@@ -257,7 +258,7 @@ def text_batches(
         ]
         return [dict(e) for e in encoded if e["input_ids"].shape[1]], words  # a line of no tokens has nothing to run
     texts, how = rewrite(lines.read(chosen)) if rewrite else (lines.read(chosen), "")
-    rows = packed(texts, tokenizer, PACKED_ROW, torch.device("cpu"), max_length * (2 if how else 1))
+    rows = packed(texts, tokenizer, PACKED_ROW, torch.device("cpu"), max_length + (written if how else 0))
     words += how
     lengths = rows["attention_mask"].sum(1).tolist()
     batches = [{k: v[i : i + 1, :n] for k, v in rows.items()} for i, n in enumerate(lengths)]

@@ -265,6 +265,18 @@ def checkpoint_names(model: nn.Module) -> dict[str, str]:
     return {k: v for k, v in mapping.items() if v is not None}
 
 
+def names_causal_lm(config) -> bool:
+    """Whether a config names a model that predicts the next token (*ForCausalLM, GPT-2's *LMHeadModel)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+
+
+def is_causal_lm_source(path: Path) -> bool:
+    """Whether `path` is a GGUF file or a Hugging Face folder of a causal LM."""
+    if gguf_file(path) is None and not (Path(path) / "config.json").is_file():
+        return False
+    return names_causal_lm(auto_config(Path(path)))
+
+
 def model_class(config, names: set[str] | None = None):
     """The class config.json names (its `architectures`), else the auto class for its kind. Given the
     checkpoint's tensor names: where they are the base model's alone and hold none of the named task class's
@@ -276,8 +288,7 @@ def model_class(config, names: set[str] | None = None):
         cls = getattr(transformers, name, None)
         if cls is not None:
             return base if names is not None and base is not None and headless(cls, base, config, names) else cls
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    auto = transformers.AutoModelForCausalLM if names_causal_lm(config) else transformers.AutoModel
     return auto._model_mapping[type(config)]
 
 

@@ -17,11 +17,13 @@ from lors_convert.threads import revise_threads
 
 BATCH = 32  # prompts answered together (SmolLM2: 48 no faster, 96 slower: each pads to its longest prompt)
 FREE_BATCH = 96  # texts sampled together from the start token: no padding, so larger batches share each step's weights
-# Tokens written per sample. SmolLM2 at 20% (scripts/bench_llm.py, AVX512-BF16 CPU, commit 4ca2c5e), ppl on
-# held-out lines / fortunes: 64 tokens 104.6 / 168.8 zero-shot and 86.2 / 148.1 after `compress --finetune-minutes
-# 15`, 32 tokens 104.7 / 175.2 and 87.2 / 151.9: text of another kind loses most after its first few tokens, where
-# the model reads long context that short samples calibrate little (scripts/llm_positions.py; docs/benchmarks.md)
-NEW_TOKENS = 64
+# Tokens written per sample. Text of another kind loses most after its first few tokens, where the model reads long
+# context that short samples calibrate little (scripts/llm_positions.py). SmolLM2 at 20% (scripts/bench_llm.py from
+# its GGUF, Intel Xeon), ppl x dense on held-out lines / fortunes / narrative prose, from 256 calibration samples:
+# 64 tokens 1.38 / 1.49 / 1.96 in 3.4 minutes, 128 1.36 / 1.44 / 1.77 in 5.7, 256 (an answer cut at 256 with its
+# prompt) 1.37 / 1.40 / 1.63 in 11.6;
+# compress's 512 at 256 tokens 1.37 / 1.36 / 1.59 in 19.7, where 1,024 at 64 gave 1.34 / 1.43 / 1.84 in 16.9
+NEW_TOKENS = 256
 
 
 def prompt_of(tokenizer, line: str) -> str:

@@ -11,7 +11,7 @@ is shown with its message. The weights are not trained, so no perplexity is prin
 anything here.
 
 Estimated: SmolLM2-135M (its GGUF is dequantized whole), the 1.1B and a Llama-2-7B-shaped model (32 layers, hidden
-4096, MLP 11008, vocabulary 32,000) by their shapes: calibration's peak with --fisher, 256 samples of 128 tokens
+4096, MLP 11008, vocabulary 32,000) by their shapes: calibration's peak with --fisher and convert's default samples
 (on a GPU the same terms are on the device: the resident parts of the model, one block, one block's statistics;
 the CPU holds the block being read), and fine-tuning's at --batch-size 32 and 8 (student at 20% fewer stacked
 parameters with gradients and AdamW state, the teacher offloaded, activations and logits). Prints markdown tables.
@@ -35,8 +35,9 @@ from bench_llm import run_cli, smollm2_gguf
 from machine import describe
 from make_synthetic import PRESETS, checkpoint_shapes
 
-from lors_convert.calibrate import GB, block_bytes, calibration_bytes
+from lors_convert.calibrate import GB, block_bytes, calibration_bytes, calibration_tokens
 from lors_convert.checkpoint import TensorInfo, TensorSource
+from lors_convert.config import ConvertConfig
 from lors_convert.finetuning import training_bytes
 from lors_convert.hf import open_source
 from lors_convert.stacks import find_stacks
@@ -79,7 +80,7 @@ class Shape:
 
 def estimates(name: str, source: TensorSource, shape: Shape, offloaded: bool) -> list[str]:
     stacks = find_stacks(source.info)[0]
-    calibration = calibration_bytes(source, stacks, True, round(256 * 128 * 1.75), offloaded)  # 3/4 model-written
+    calibration = calibration_bytes(source, stacks, True, calibration_tokens(ConvertConfig()), offloaded)
     stacked = sum(source.info[n].numel for s in stacks for n in s.names)
     student = sum(info.numel for info in source.info.values()) - round(0.2 * stacked)
     outside, largest, _ = block_bytes(source, stacks)
@@ -137,8 +138,8 @@ def main() -> None:
         ("Llama-2-7B-shaped", by_shapes(*LLAMA2_7B), Shape(*LLAMA2_7B), True),
     ]
     print(
-        "\nestimates by shapes, GB (calibration with --fisher, 256 samples of up to 128 tokens, 3/4 of them "
-        "model-written prompts and answers; fine-tuning at 20%)\n"
+        "\nestimates by shapes, GB (calibration with --fisher and convert's defaults: 256 samples, lines of up to "
+        "128 tokens, 3/4 of them model-written, up to 256 tokens more; fine-tuning at 20%)\n"
     )
     print(
         "| model | parameters | calibration holds the model | its weights | one block's K, G and a factor "

@@ -780,6 +780,27 @@ def test_a_causal_lm_calibrates_on_its_lines_packed_into_rows(tmp_path, cli, kin
     assert (calibration["samples"] < 32) is packed
 
 
+@pytest.mark.slow
+def test_the_memory_check_counts_every_token_calibration_runs(tmp_path, cli):
+    """The memory check bounds the tokens calibration runs: lines cut to --calib-max-length, the model's answers
+    kept whole after their prompt (not cut to the prompts' length), an end-of-text token after each text."""
+    from lors_convert.calibrate import calibration_tokens
+    from lors_convert.config import ConvertConfig
+    from lors_convert.hf import load_tokenizer
+    from lors_convert.sampling import NEW_TOKENS
+
+    folder, options = model_and_calibration(tmp_path, "llama", layers=2)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.eos_token = "[SEP]"  # packing and the model's samples end texts with it
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "lors.safetensors"
+    report = convert_json(cli, folder, *options, "--calib-max-length", "16", "--rank", "2", "-o", out)
+    assert "24 of them written by the model" in report["calibration_data"]
+    tokens = read_lors(out)[1].calibration["tokens"]
+    settings = ConvertConfig(calib_samples=32, calib_max_length=16)
+    assert 32 * 2 * 16 < tokens <= calibration_tokens(settings) < 32 * (16 + NEW_TOKENS)
+
+
 def test_a_calibration_beyond_memory_is_refused_before_it_starts(tmp_path, cli, monkeypatch):
     """A calibration that does not fit must stop at once, in one line, with numbers and what fits, not after
     minutes of forward passes or in the kernel's OOM killer."""

@@ -507,6 +507,26 @@ def test_compress_converts_finetunes_and_shows_before_and_after(tmp_path, cli):
 
 
 @pytest.mark.slow
+def test_compress_calibrates_a_causal_lm_on_half_the_samples_it_gives_an_encoder(tmp_path, cli):
+    """compress's default sample count: 1,024, or 512 for a causal LM, three quarters of whose samples are texts
+    it writes (each up to 256 tokens longer than a line). A count the user gives is taken as it is, and a causal
+    LM that writes none gets the encoder's."""
+    from test_finetune import make_model_dir, text_file
+
+    data = text_file(tmp_path / "t.txt", lines=64)
+    folders = {kind: make_model_dir(tmp_path / kind, kind, 2) for kind in ("llama", "bert")}
+
+    def samples(kind, *more) -> int:
+        out = tmp_path / f"{kind}{len(more)}.lors.safetensors"
+        result = cli(*compress_args(folders[kind], data, out, "--finetune-minutes", "0", *more))
+        assert result.code == 0, result.err
+        return read_lors(out)[1].settings["calib_samples"]
+
+    assert samples("llama") == 512 and samples("bert") == 1024
+    assert samples("llama", "--calib-generated", "0") == 1024 and samples("bert", "--calib-samples", "300") == 300
+
+
+@pytest.mark.slow
 def test_compress_holds_out_lines_it_never_calibrates_or_trains_on(tmp_path, cli, monkeypatch):
     """Defect 1: calibration and the held-out split each drew their own permutation of the same file, so compress
     measured "held-out" fidelity on its calibration lines. Every line compress reads is recorded with its role
