@@ -411,7 +411,8 @@ def sampled_label_loss(logits: torch.Tensor, mask: torch.Tensor | None, generato
 
 # --fisher's G is damped more than the inputs' K: its estimate from one probe per sample is noisy
 # (docs/benchmarks.md, MiniLM zero-shot). SmolLM2 at 20% from 256 samples with this constant changed, scored by
-# scripts/bench_llm.py at 9de0d07: 0.03 within 0.4% of 0.1 on every text, 0.01 breaks the model (ppl x16)
+# scripts/bench_llm.py at 9de0d07: 0.03 within 0.4% of 0.1 on every text, 0.01 breaks the model (ppl x16); at
+# a22993d 0.3 within 1.6% of 0.1 (no better on any text)
 FISHER_DAMPING = 0.1
 
 
