@@ -49,7 +49,7 @@ def compress(
     check_output_path(output, [source_path], force)
     weights = open_source(source_path)
     check_output_path(output, weights.files, force)
-    settings = config.conversion(causal_lm=is_causal_lm_source(source_path))
+    settings = config.conversion(causal_lm=is_causal_lm_source(source_path))  # its default sample count
     if config.finetune_minutes > 0:  # a fine-tune that cannot fit is refused before the conversion starts
         stacked = sum(weights.info[name].numel for stack in find_stacks(weights.info)[0] for name in stack.names)
         student = sum(info.numel for info in weights.info.values()) - round((settings.reduction or 0) * stacked)
