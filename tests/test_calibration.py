@@ -998,14 +998,16 @@ def test_the_model_written_tokens_are_drawn_from_its_own_distribution(monkeypatc
     assert texts == sampling.model_written(model, tokenizer, [], free=4000, seed=0)
 
 
-def test_the_model_writes_the_same_texts_from_the_same_weights_rounded_to_bf16():
+def test_the_model_writes_the_same_texts_from_the_same_weights_rounded_to_bf16(monkeypatch):
     """Defect: a token was drawn by inverse CDF over the whole vocabulary, where a boundary moves with the sum of
     every earlier probability's rounding, so the same weights given as float32 and as bf16 wrote different texts
     from the same seed (none of SmolLM2's 18 texts for 24 lines was the same) and a GGUF and its bf16 folder
     calibrated on different samples. A draw by the largest perturbed logit moves only where two of them nearly
     tie."""
+    from lors_convert import sampling
     from lors_convert.sampling import model_written
 
+    monkeypatch.setattr(sampling, "NEW_TOKENS", 64)  # one flip changes the rest of a text: the count is per length
     model, _ = tiny_llama(vocab_size=4096, hidden_size=32, intermediate_size=48, heads=4, init=0.2)
     tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0, decode=lambda ids, **_: str(ids))
     texts = model_written(model, tokenizer, [], free=32, seed=0)
@@ -1014,7 +1016,7 @@ def test_the_model_writes_the_same_texts_from_the_same_weights_rounded_to_bf16()
             parameter.copy_(parameter.bfloat16())
     rounded = model_written(model, tokenizer, [], free=32, seed=0)
     same = sum(a == b for a, b in zip(texts, rounded))
-    assert same >= 12, f"{same} of 32 texts are the same"  # 20 here; 0 by inverse CDF
+    assert same >= 12, f"{same} of 32 texts are the same"  # 20 here; 0 by inverse CDF (10 of 32 at 256 tokens)
 
 
 def test_a_lossy_conversion_of_a_language_model_hints_at_the_fisher_not_calibration_alone(tmp_path, cli):
