@@ -215,7 +215,8 @@ class CompressConfig:
     batch_size: int = 32
     lr: float | None = None
     # None: four times convert's (the recipe spends minutes where they buy quality), or twice for a causal LM
-    # that writes its samples: each of those is up to NEW_TOKENS longer (docs/benchmarks.md, calibration settings)
+    # that writes its samples: each of those is up to NEW_TOKENS longer (docs/benchmarks.md, how long the model's
+    # texts are)
     calib_samples: int | None = None
     calib_generated: float = 0.75
     fisher: bool = True
