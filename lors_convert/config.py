@@ -225,12 +225,12 @@ class CompressConfig:
 
     def conversion(self, causal_lm: bool = False) -> ConvertConfig:
         """The conversion's settings, for a causal language model or not (the default sample count)."""
-        samples = 2 if causal_lm and self.calib_generated else 4
+        times = 2 if causal_lm and self.calib_generated else 4  # convert's default samples
         settings = ConvertConfig(
             reduction=self.reduction,
             max_ppl_increase=self.max_ppl_increase,
             calibrate=list(self.calibrate),
-            calib_samples=samples * ConvertConfig.calib_samples if self.calib_samples is None else self.calib_samples,
+            calib_samples=times * ConvertConfig.calib_samples if self.calib_samples is None else self.calib_samples,
             calib_generated=self.calib_generated,
             fisher=self.fisher,
             seed=self.seed,
