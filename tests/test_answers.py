@@ -52,3 +52,24 @@ def test_per_group_models_take_one_group_from_the_checkpoint_and_every_other_wei
         for name, weight in weights.items():
             assert torch.equal(weight, converted[name] if name in group.names else original[name]), name
         assert not all(torch.equal(weights[name], original[name]) for name in group.names)
+
+
+def test_a_layer_drop_model_kept_by_bench_llm_is_scored_from_its_folder(tmp_path):
+    """bench_llm.py --keep writes a layer-drop row's model as a Hugging Face folder; llm_answers.py reads it back
+    as it was, with its blocks removed."""
+    pytest.importorskip("transformers")
+    from bench_llm import keep_model, layer_drop, smollm2_tokenizer
+    from llm_answers import load_model
+    from test_finetune import make_model_dir, text_file
+
+    folder = make_model_dir(tmp_path / "llama", "llama", layers=3)
+    tokenizer = smollm2_tokenizer(folder)
+    tokenizer.eos_token = "[SEP]"  # distillation packs lines, ended by it
+    dropped_model, dropped = layer_drop(folder, text_file(tmp_path / "t.txt"), tokenizer, 0.34, 0.001, "cpu")
+    kept = keep_model(dropped_model, tmp_path / "keep", "0.34:drop=0")
+    assert kept == tmp_path / "keep" / "0.34-drop=0" and len(dropped) == 1
+    read = load_model(kept).eval()
+    assert read.config.num_hidden_layers == len(read.model.layers) == 2
+    ids = torch.tensor([[4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(read(ids).logits, dropped_model(ids).logits, atol=1e-5)
